@@ -1,0 +1,568 @@
+"""The configuration: YAML in, frozen attrs classes out.
+
+All validation lives here. Every mistake raises :class:`ConfigError` whose
+message starts with the key path that is wrong, for instance
+``model_routes.gpt-4.urls[1]: not an http(s) URL: 'ftp://x'``, so that the
+daemon can print one line and exit before it listens. The rest of the code
+never sees raw dicts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import attrs
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "PoolConfig",
+    "RateLimitConfig",
+    "RouteConfig",
+    "TimeoutsConfig",
+    "load_config",
+    "parse_config",
+    "parse_config_text",
+    "redact_url",
+]
+
+T = TypeVar("T")
+
+DEFAULT_PORT = 8000
+_ENV_PATTERN = re.compile(r"\$\{([^}]*)\}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
+
+
+class ConfigError(Exception):
+    """A configuration mistake, worded for the person who made it.
+
+    Attributes:
+        key: The key path that is wrong (``rate_limit.burst``), or the file
+            name when the file itself cannot be used.
+        message: What is wrong with it.
+    """
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+@attrs.frozen
+class RouteConfig:
+    """Where one route (a path or a model) sends requests.
+
+    Attributes:
+        urls: One or more base URLs, without a trailing slash; the request
+            path is appended to the chosen one.
+    """
+
+    urls: tuple[str, ...]
+
+
+@attrs.frozen
+class RateLimitConfig:
+    """The seed's per-client token bucket.
+
+    Attributes:
+        rate: Tokens added per second (may be fractional).
+        burst: Bucket size.
+    """
+
+    rate: float
+    burst: int
+
+
+@attrs.frozen
+class TimeoutsConfig:
+    """Time limits, in seconds.
+
+    Attributes:
+        response_header: Longest wait for the upstream's response headers
+            before answering 504 (the seed's 900 s).
+        connect: Longest wait for a TCP connection to an upstream.
+    """
+
+    response_header: float = 900.0
+    connect: float = 10.0
+
+
+@attrs.frozen
+class PoolConfig:
+    """The persistent upstream connection pool.
+
+    Attributes:
+        max_per_host: Idle persistent connections kept per upstream host.
+        idle_timeout: Seconds an idle pooled connection is kept; keep it
+            below the upstream's own keep-alive timeout.
+    """
+
+    max_per_host: int = 64
+    idle_timeout: float = 50.0
+
+
+@attrs.frozen
+class Config:
+    """The whole, validated configuration.
+
+    Attributes:
+        listen: The public listener as a Twisted server endpoint string.
+        target_map: Request path (exact, or a prefix ending in ``/``) to
+            route, in file order.
+        model_routes: Model name to route, in file order.
+        proxy_url: The outbound HTTP proxy, if any.
+        rate_limit: The per-client token bucket, if any.
+        timeouts: Time limits.
+        pool: Upstream connection pool settings.
+        demo_upstream: If set, an endpoint string on which the bundled fake
+            upstream runs inside the daemon (for demos).
+        source: Where the config came from (a file name), for messages.
+    """
+
+    listen: str
+    target_map: Mapping[str, RouteConfig]
+    model_routes: Mapping[str, RouteConfig] = attrs.field(
+        factory=lambda: MappingProxyType({})
+    )
+    proxy_url: str | None = attrs.field(default=None, repr=lambda url: redact_url(url))
+    rate_limit: RateLimitConfig | None = None
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    pool: PoolConfig = PoolConfig()
+    demo_upstream: str | None = None
+    source: str = "<config>"
+
+
+def redact_url(url: str | None) -> str:
+    """Hide the password of a URL's ``user:password@`` part.
+
+    The password may hold unencoded delimiters (``#``, ``?``, ``/``), so the
+    URL is split at its last ``@`` rather than parsed.
+
+    Args:
+        url: A URL, or None.
+
+    Returns:
+        The URL's repr with any password replaced by ``***``.
+    """
+    if url is None:
+        return "None"
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hostport = rest.rpartition("@")
+    if not at:
+        return repr(url)
+    user, colon, _ = userinfo.partition(":")
+    return repr(f"{scheme}{sep}{user}{':***' if colon else ''}@{hostport}")
+
+
+def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML config file.
+
+    Args:
+        path: The file to read.
+        environ: Where ``${NAME}`` values come from (default ``os.environ``).
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: The file is missing, unreadable, not YAML, or wrong.
+    """
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(path, f"cannot read config file: {e.strerror}") from None
+    return parse_config_text(text, environ, source=path)
+
+
+def parse_config_text(
+    text: str | bytes,
+    environ: Mapping[str, str] | None = None,
+    source: str = "<config>",
+) -> Config:
+    """Validate a config given as YAML text.
+
+    Args:
+        text: The YAML document.
+        environ: Where ``${NAME}`` values come from (default ``os.environ``).
+        source: A name for the document, used in messages.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: The text is not YAML, or the config is wrong.
+    """
+    loader = _LOADER(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _check_duplicates(node, "")
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = (e.problem or "").strip() or "cannot parse"
+        raise ConfigError(source, f"invalid YAML{where}: {problem}") from None
+    except yaml.reader.ReaderError as e:
+        line = _line_of(text, e.position)
+        raise ConfigError(
+            source, f"invalid YAML at line {line}: {e.reason} (character {e.character!r})"
+        ) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(source, "invalid YAML: " + " ".join(str(e).split())) from None
+    finally:
+        loader.dispose()
+    return parse_config(data, environ, source=source)
+
+
+def parse_config(
+    data: Any,
+    environ: Mapping[str, str] | None = None,
+    source: str = "<config>",
+) -> Config:
+    """Validate a config given as already-parsed YAML data.
+
+    Args:
+        data: The document: a mapping of top-level keys.
+        environ: Where ``${NAME}`` values come from (default ``os.environ``).
+        source: A name for the document, used in messages.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: Naming the first key that is wrong.
+    """
+    if data is None:
+        raise ConfigError(source, "the config file is empty")
+    env = os.environ if environ is None else environ
+    top = _Mapping(_expand(data, "", env), "", source)
+    top.check_keys(_TOP_KEYS)
+
+    port = top.get("port", _port)
+    listen = top.get("listen", _endpoint)
+    if port is not None and listen is not None:
+        raise ConfigError("listen", "give either 'port' or 'listen', not both")
+    if listen is None:
+        listen = f"tcp:{DEFAULT_PORT if port is None else port}"
+
+    target_map = top.get("target_map", _routes)
+    if not target_map:
+        raise ConfigError(
+            "target_map", "required: at least one path mapped to a base URL"
+        )
+    for path in target_map:
+        if not path.startswith("/"):
+            raise ConfigError(
+                _join("target_map", path), "a path must start with '/'"
+            )
+    return Config(
+        listen=listen,
+        target_map=target_map,
+        model_routes=top.get("model_routes", _routes) or MappingProxyType({}),
+        proxy_url=top.get("proxy_url", _proxy_url),
+        rate_limit=top.get("rate_limit", _rate_limit),
+        timeouts=top.get("timeouts", _timeouts) or TimeoutsConfig(),
+        pool=top.get("pool", _pool) or PoolConfig(),
+        demo_upstream=top.get("demo_upstream", _endpoint),
+        source=source,
+    )
+
+
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _line_of(text: str | bytes, position: int) -> int:
+    """The 1-based line holding character ``position`` of ``text``."""
+    newline = b"\n" if isinstance(text, bytes) else "\n"
+    return text[:position].count(newline) + 1
+
+
+def _check_duplicates(node: yaml.Node, path: str) -> None:
+    """Refuse a mapping that names the same key twice (YAML keeps the last)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = str(key_node.value)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise ConfigError(
+                        _join(path, key),
+                        f"duplicate key (lines {seen[key]} and {line}); give it once",
+                    )
+                seen[key] = line
+                _check_duplicates(value_node, _join(path, key))
+            else:
+                _check_duplicates(value_node, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicates(item, f"{path}[{i}]")
+
+
+# -- the schema ------------------------------------------------------------
+
+_TOP_KEYS = (
+    "port",
+    "listen",
+    "proxy_url",
+    "rate_limit",
+    "target_map",
+    "model_routes",
+    "timeouts",
+    "pool",
+    "demo_upstream",
+)
+
+
+def _join(parent: str, key: str) -> str:
+    """Append a mapping key to a key path, quoting keys that need it."""
+    if not _PLAIN_KEY.match(key):
+        part = '["' + key.replace('"', '\\"') + '"]'
+        return parent + part if parent else part
+    return f"{parent}.{key}" if parent else key
+
+
+def _describe(value: Any) -> str:
+    """Name a YAML value's type for a message, with the value if short."""
+    names = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+        type(None): "nothing (null)",
+    }
+    name = names.get(type(value), type(value).__name__)
+    if isinstance(value, (bool, int, float, str)):
+        shown = repr(value)
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        return f"{name} {shown}"
+    return name
+
+
+def _expand(value: Any, path: str, env: Mapping[str, str]) -> Any:
+    """Expand ``${NAME}`` in every string value, recursively."""
+    if isinstance(value, str):
+        return _expand_string(value, path, env)
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(
+                    _join(path, str(k)), f"keys must be strings, got {_describe(k)}"
+                )
+            out[k] = _expand(v, _join(path, k), env)
+        return out
+    if isinstance(value, list):
+        return [_expand(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+    return value
+
+
+def _expand_string(value: str, path: str, env: Mapping[str, str]) -> str:
+    """Replace each ``${NAME}`` with the environment variable's value."""
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if not _ENV_NAME.match(name):
+            raise ConfigError(path, f"'${{{name}}}' is not a valid variable name")
+        try:
+            return env[name]
+        except KeyError:
+            raise ConfigError(
+                path, f"environment variable {name} is not set"
+            ) from None
+
+    if "${" not in value:
+        return value
+    return _ENV_PATTERN.sub(replace, value)
+
+
+class _Mapping:
+    """A YAML mapping being validated, remembering its key path."""
+
+    def __init__(self, value: Any, path: str, source: str = "<config>") -> None:
+        if not isinstance(value, dict):
+            raise ConfigError(
+                path or source, f"expected a mapping, got {_describe(value)}"
+            )
+        self.value = value
+        self.path = path
+
+    def check_keys(self, known: tuple[str, ...]) -> None:
+        """Refuse keys outside ``known``, suggesting the nearest one."""
+        for key in self.value:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                allowed = ", ".join(known)
+                raise ConfigError(
+                    _join(self.path, key), f"unknown key{hint} (known keys: {allowed})"
+                )
+
+    def get(self, key: str, convert: Callable[[Any, str], T]) -> T | None:
+        """Convert one key's value, or return None when it is absent/null."""
+        if key not in self.value or self.value[key] is None:
+            return None
+        return convert(self.value[key], _join(self.path, key))
+
+
+def _string(value: Any, path: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(path, f"expected a string, got {_describe(value)}")
+    if not value.strip():
+        raise ConfigError(path, "must not be empty")
+    return value
+
+
+def _number(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(path, f"expected a number, got {_describe(value)}")
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(path, f"must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _positive_int(value: Any, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(path, f"expected an integer, got {_describe(value)}")
+    if value < 1:
+        raise ConfigError(path, f"must be at least 1, got {value}")
+    return value
+
+
+def _port(value: Any, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(path, f"expected an integer port, got {_describe(value)}")
+    if not 1 <= value <= 65535:
+        raise ConfigError(path, f"port out of range (1-65535): {value}")
+    return value
+
+
+def _endpoint(value: Any, path: str) -> str:
+    return _string(value, path).strip()
+
+
+def _url(value: Any, path: str, schemes: tuple[str, ...] = ("http", "https")) -> str:
+    text = _string(value, path).strip()
+    what = "an http(s) URL"
+    try:
+        parts = urlsplit(text)
+    except ValueError as e:
+        raise ConfigError(path, f"not {what}: {text!r} ({e})") from None
+    try:
+        port = parts.port
+    except ValueError as e:
+        if "out of range" in str(e):
+            raise ConfigError(path, f"port out of range (1-65535) in {text!r}") from None
+        raise ConfigError(path, f"not {what}: {text!r} (the port is not a number)") from None
+    if parts.scheme.lower() not in schemes or not parts.hostname:
+        raise ConfigError(path, f"not {what}: {text!r}")
+    if port == 0:
+        raise ConfigError(path, f"port out of range (1-65535) in {text!r}")
+    if parts.fragment or text.endswith("#"):
+        raise ConfigError(path, f"a base URL cannot have a #fragment: {text!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(
+            path, "credentials in a base URL are never sent upstream: remove 'user:password@'"
+        )
+    if parts.query:
+        raise ConfigError(path, f"a base URL cannot have a ?query: {text!r}")
+    return text.rstrip("/")
+
+
+def _proxy_url(value: Any, path: str) -> str:
+    text = _string(value, path).strip()
+    # Credentials are allowed here (they become Proxy-Authorization), may
+    # hold unencoded delimiters, and never appear in a message.
+    scheme, sep, rest = text.partition("://")
+    userinfo, at, hostport = rest.rpartition("@")
+    shown = f"{scheme}{sep}{'***@' if at else ''}{hostport}"
+    if not sep:
+        hidden, has_at, tail = text.rpartition("@")
+        shown = "***@" + tail if has_at else text
+        raise ConfigError(
+            path, f"not an http(s) URL: {shown!r} (write http://[user:pass@]host:port)"
+        )
+    if hostport.rstrip("/").count("/") or "?" in hostport or "#" in hostport:
+        raise ConfigError(
+            path, f"a proxy URL has no path, query or fragment: http(s)://[user:pass@]host:port, got {shown!r}"
+        )
+    try:
+        _url(f"{scheme}://{hostport}", path)
+    except ConfigError as e:
+        raise ConfigError(path, e.message) from None
+    return text.rstrip("/")
+
+
+def _route(value: Any, path: str) -> RouteConfig:
+    if isinstance(value, str):
+        return RouteConfig(urls=(_url(value, path),))
+    if not isinstance(value, dict):
+        raise ConfigError(
+            path, f"expected a URL or a mapping with 'urls', got {_describe(value)}"
+        )
+    route = _Mapping(value, path)
+    route.check_keys(("urls",))
+    urls = route.value.get("urls")
+    upath = _join(path, "urls")
+    if urls is None:
+        raise ConfigError(upath, "required: a list of base URLs")
+    if isinstance(urls, str):
+        urls = [urls]
+    if not isinstance(urls, list):
+        raise ConfigError(upath, f"expected a list of URLs, got {_describe(urls)}")
+    if not urls:
+        raise ConfigError(upath, "must list at least one URL")
+    return RouteConfig(urls=tuple(_url(u, f"{upath}[{i}]") for i, u in enumerate(urls)))
+
+
+def _routes(value: Any, path: str) -> Mapping[str, RouteConfig]:
+    table = _Mapping(value, path)
+    routes = {}
+    for key, route in table.value.items():
+        if not key:
+            raise ConfigError(_join(path, key), "an empty key is not allowed")
+        routes[key] = _route(route, _join(path, key))
+    return MappingProxyType(routes)
+
+
+def _rate_limit(value: Any, path: str) -> RateLimitConfig:
+    table = _Mapping(value, path)
+    table.check_keys(("rate", "burst"))
+    rate = table.get("rate", _number)
+    burst = table.get("burst", _positive_int)
+    if rate is None:
+        raise ConfigError(_join(path, "rate"), "required: tokens per second")
+    if burst is None:
+        burst = max(1, int(rate))
+    return RateLimitConfig(rate=rate, burst=burst)
+
+
+def _timeouts(value: Any, path: str) -> TimeoutsConfig:
+    table = _Mapping(value, path)
+    fields = ("response_header", "connect")
+    table.check_keys(fields)
+    given = {k: table.get(k, _number) for k in fields}
+    return TimeoutsConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def _pool(value: Any, path: str) -> PoolConfig:
+    table = _Mapping(value, path)
+    table.check_keys(("max_per_host", "idle_timeout"))
+    given = {
+        "max_per_host": table.get("max_per_host", _positive_int),
+        "idle_timeout": table.get("idle_timeout", _number),
+    }
+    return PoolConfig(**{k: v for k, v in given.items() if v is not None})
