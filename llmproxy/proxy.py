@@ -1,0 +1,443 @@
+"""One proxied request's life.
+
+:class:`ProxyResource` reads the (already size-limited) body, asks the
+:class:`~llmproxy.routing.Router` where it goes, forwards it with the Agent
+and streams the response back as it arrives: the upstream connection is the
+downstream request's streaming producer, so a slow client pauses the
+upstream socket instead of growing a buffer here. When the client leaves, the
+upstream request is cancelled or its connection closed. Failures become
+OpenAI-shaped JSON errors.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from twisted.internet import error as ierror
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+from llmproxy.config import TimeoutsConfig
+from llmproxy.routing import Router, extract_model
+
+__all__ = ["ProxyResource", "error_body", "request_id_for"]
+
+log = Logger()
+
+#: Headers that describe one connection, never the message (RFC 9110 7.6.1).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"proxy-connection",
+    }
+)
+
+# Request headers the Agent writes itself from the request it sends.
+_REQUEST_OWN = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+
+_MAX_REQUEST_ID = 128
+
+
+def request_id_for(given: bytes | None) -> str:
+    """Return the request id to use for a request.
+
+    Args:
+        given: The client's ``X-Request-ID`` header, if any.
+
+    Returns:
+        The client's id, trimmed, when it is 1-128 printable ASCII
+        characters; otherwise a new uuid4.
+    """
+    if given is not None:
+        value = given.strip()
+        if 0 < len(value) <= _MAX_REQUEST_ID and all(0x20 < c < 0x7F for c in value):
+            return value.decode("ascii")
+    return str(uuid.uuid4())
+
+
+def error_body(message: str, type_: str, code: str, request_id: str) -> bytes:
+    """Render an error in the OpenAI shape.
+
+    Args:
+        message: What went wrong, for a person.
+        type_: The error type (``invalid_request_error``, ``upstream_error``).
+        code: A stable machine-readable code.
+        request_id: The request's id.
+
+    Returns:
+        The JSON body ``{"error": {"message", "type", "code", "request_id"}}``.
+    """
+    return json.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": type_,
+                "code": code,
+                "request_id": request_id,
+            }
+        }
+    ).encode("utf-8")
+
+
+def send_error(
+    request: Request, status: int, message: str, type_: str, code: str, rid: str
+) -> None:
+    """Answer a request with a JSON error and finish it.
+
+    Args:
+        request: The downstream request.
+        status: The HTTP status code.
+        message: What went wrong.
+        type_: The error type.
+        code: The error code.
+        rid: The request id.
+    """
+    body = error_body(message, type_, code, rid)
+    request.setResponseCode(status)
+    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    request.responseHeaders.setRawHeaders(b"x-request-id", [rid.encode("ascii")])
+    request.write(body)
+    request.finish()
+
+
+def _connection_tokens(headers: Headers) -> set[bytes]:
+    """Header names listed in ``Connection`` (hop-by-hop by declaration)."""
+    tokens: set[bytes] = set()
+    for value in headers.getRawHeaders(b"connection", ()):
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                tokens.add(token)
+    return tokens
+
+
+def _end_to_end(headers: Headers, drop: frozenset[bytes] | set[bytes]) -> list:
+    """The (name, values) pairs of ``headers`` that may cross the proxy."""
+    extra = _connection_tokens(headers) if headers.hasHeader(b"connection") else ()
+    return [
+        (name, values)
+        for name, values in headers.getAllRawHeaders()
+        if name.lower() not in drop and name.lower() not in extra
+    ]
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """Sends a request body that is already in memory, as it was received."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        """Nothing to pause: the body was written in one piece."""
+
+    def resumeProducing(self) -> None:
+        """Nothing to resume: the body was written in one piece."""
+
+    def stopProducing(self) -> None:
+        """Nothing to stop: the body was written in one piece."""
+
+
+class _Exchange:
+    """The state of one proxied request, from render to finish."""
+
+    def __init__(self, request: Request, rid: str, upstream: str) -> None:
+        self.request = request
+        self.rid = rid
+        self.upstream = upstream
+        self.client_gone = False
+        self.timed_out = False
+        self.timer: Any = None
+        self.pending: Deferred[IResponse] | None = None
+        self.body: _StreamToClient | None = None
+
+    def on_client_gone(self, reason: Failure) -> None:
+        """The client closed its connection before we finished: stop paying."""
+        self.client_gone = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.cancel()
+        if self.body is not None:
+            self.body.stop()
+
+
+class _StreamToClient(Protocol):
+    """Receives an upstream response body and writes it to the client.
+
+    The upstream connection is registered as the downstream request's
+    streaming producer, so a client that reads slowly pauses the upstream
+    socket.
+    """
+
+    def __init__(self, exchange: _Exchange) -> None:
+        self.exchange = exchange
+        self.request = exchange.request
+        self.producing = False
+
+    def connectionMade(self) -> None:
+        if self.exchange.client_gone:
+            self.transport.stopProducing()
+            return
+        self.request.registerProducer(self.transport, True)
+        self.producing = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.exchange.client_gone:
+            self.request.write(data)
+
+    def stop(self) -> None:
+        """Close the upstream connection: nobody reads this response."""
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        exchange = self.exchange
+        exchange.body = None
+        if self.producing:
+            self.producing = False
+            if not exchange.client_gone:
+                self.request.unregisterProducer()
+        if exchange.client_gone:
+            return
+        if reason.check(ResponseDone, http.PotentialDataLoss):
+            self.request.finish()
+            return
+        # The upstream died mid-body: close the client's connection without
+        # the final chunk so that it sees a truncated response, never a
+        # complete-looking one.
+        log.warn(
+            "upstream {upstream} broke off the response body of request "
+            "{request_id}: {reason}",
+            upstream=exchange.upstream,
+            request_id=exchange.rid,
+            reason=_describe_failure(reason),
+        )
+        self.request.loseConnection()
+
+
+def _describe_failure(failure: Failure) -> str:
+    """One line about why an upstream exchange failed."""
+    if failure.check(ResponseFailed, ResponseNeverReceived):
+        reasons = getattr(failure.value, "reasons", None) or []
+        if reasons:
+            return "; ".join(_describe_failure(r) for r in reasons)
+    value = failure.value
+    text = str(value).strip() or type(value).__name__
+    return text.splitlines()[0]
+
+
+class ProxyResource(Resource):
+    """Forwards every request to the upstream its route names.
+
+    The routed path is the part of the request path below the resource:
+    ``/chat/completions`` whether the resource is the site root or mounted
+    under ``/llm/``.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        router: Router,
+        agent: IAgent,
+        reactor: IReactorTime,
+        timeouts: TimeoutsConfig,
+    ) -> None:
+        """Set up the proxy.
+
+        Args:
+            router: Chooses the upstream pool for each request.
+            agent: Sends requests upstream.
+            reactor: Schedules timeouts.
+            timeouts: Time limits.
+        """
+        super().__init__()
+        self.router = router
+        self.agent = agent
+        self.reactor = reactor
+        self.timeouts = timeouts
+
+    def render(self, request: Request) -> Any:
+        """Forward ``request`` upstream; the response follows later.
+
+        Args:
+            request: The downstream request, whose body was read already.
+
+        Returns:
+            ``NOT_DONE_YET``.
+        """
+        rid = request_id_for(request.getHeader(b"x-request-id"))
+        path = b"/" + b"/".join(request.postpath)
+        request.content.seek(0)
+        body = request.content.read()
+        route = self.router.route(path, extract_model(body))
+        if route is None:
+            send_error(
+                request,
+                404,
+                f"no route for path {path.decode('utf-8', 'replace')!r}",
+                "invalid_request_error",
+                "route_not_found",
+                rid,
+            )
+            return NOT_DONE_YET
+        base = route.pool.pick()
+        _, question, query = request.uri.partition(b"?")
+        url = base.encode("utf-8") + path + question + query
+        exchange = _Exchange(request, rid, base)
+        request.notifyFinish().addErrback(exchange.on_client_gone)
+
+        d = self.agent.request(
+            request.method,
+            url,
+            self._upstream_headers(request, rid),
+            _BytesProducer(body) if body else None,
+        )
+        exchange.pending = d
+        exchange.timer = self.reactor.callLater(
+            self.timeouts.response_header, self._headers_timed_out, exchange
+        )
+        d.addCallbacks(
+            self._got_response,
+            self._failed,
+            callbackArgs=(exchange,),
+            errbackArgs=(exchange,),
+        )
+        d.addErrback(self._bug, exchange)
+        return NOT_DONE_YET
+
+    def _upstream_headers(self, request: Request, rid: str) -> Headers:
+        """The headers to send upstream: end-to-end ones plus forwarding."""
+        headers = Headers()
+        for name, values in _end_to_end(request.requestHeaders, _REQUEST_OWN):
+            headers.setRawHeaders(name, values)
+        peer = request.getClientAddress()
+        host = getattr(peer, "host", None)
+        if host:
+            forwarded = headers.getRawHeaders(b"x-forwarded-for")
+            chain = b", ".join(forwarded + [host.encode("ascii")]) if forwarded else host.encode("ascii")
+            headers.setRawHeaders(b"x-forwarded-for", [chain])
+        headers.setRawHeaders(
+            b"x-forwarded-proto", [b"https" if request.isSecure() else b"http"]
+        )
+        headers.setRawHeaders(b"x-request-id", [rid.encode("ascii")])
+        return headers
+
+    def _headers_timed_out(self, exchange: _Exchange) -> None:
+        exchange.timer = None
+        if exchange.pending is not None:
+            exchange.timed_out = True
+            exchange.pending.cancel()
+
+    def _got_response(self, response: IResponse, exchange: _Exchange) -> None:
+        exchange.pending = None
+        if exchange.timer is not None:
+            exchange.timer.cancel()
+            exchange.timer = None
+        request = exchange.request
+        if exchange.client_gone:
+            response.deliverBody(_StreamToClient(exchange))
+            return
+        request.setResponseCode(response.code, response.phrase)
+        out = request.responseHeaders
+        for name, values in _end_to_end(response.headers, HOP_BY_HOP):
+            out.setRawHeaders(name, values)
+        # Twisted's client keeps Content-Length out of response.headers: a
+        # known length is kept, so that a body cut short upstream is visibly
+        # short for the client too.
+        if (
+            response.length is not UNKNOWN_LENGTH
+            and request.method != b"HEAD"
+            and response.code not in http.NO_BODY_CODES
+        ):
+            out.setRawHeaders(b"content-length", [b"%d" % response.length])
+        out.setRawHeaders(b"x-request-id", [exchange.rid.encode("ascii")])
+        request.defaultContentType = None
+        exchange.body = _StreamToClient(exchange)
+        response.deliverBody(exchange.body)
+
+    def _failed(self, failure: Failure, exchange: _Exchange) -> None:
+        exchange.pending = None
+        if exchange.timer is not None:
+            exchange.timer.cancel()
+            exchange.timer = None
+        if exchange.client_gone:
+            if not failure.check(CancelledError):
+                log.debug("request {request_id} failed after its client left",
+                          request_id=exchange.rid)
+            return
+        status, code, message = self._classify(failure, exchange)
+        log.warn(
+            "request {request_id} to {upstream} failed: {message}",
+            request_id=exchange.rid,
+            upstream=exchange.upstream,
+            message=message,
+        )
+        send_error(exchange.request, status, message, "upstream_error", code, exchange.rid)
+
+    def _classify(self, failure: Failure, exchange: _Exchange) -> tuple[int, str, str]:
+        """Map an upstream failure to (status, code, message)."""
+        where = exchange.upstream
+        if exchange.timed_out:
+            return (
+                504,
+                "upstream_timeout",
+                f"upstream {where} sent no response headers within "
+                f"{self.timeouts.response_header:g} s",
+            )
+        if failure.check(ierror.DNSLookupError):
+            return 502, "upstream_dns_error", f"upstream host name of {where} does not resolve"
+        if failure.check(ierror.ConnectionRefusedError):
+            return 502, "upstream_refused", f"upstream {where} refused the connection"
+        if failure.check(ierror.TimeoutError, ierror.TCPTimedOutError):
+            return (
+                504,
+                "upstream_connect_timeout",
+                f"connecting to upstream {where} timed out after "
+                f"{self.timeouts.connect:g} s",
+            )
+        if failure.check(ierror.ConnectError):
+            return 502, "upstream_unreachable", (
+                f"upstream {where} is unreachable: {_describe_failure(failure)}"
+            )
+        return 502, "upstream_failed", (
+            f"upstream {where} failed before responding: {_describe_failure(failure)}"
+        )
+
+    def _bug(self, failure: Failure, exchange: _Exchange) -> None:
+        log.failure(
+            "bug while proxying request {request_id}",
+            failure,
+            request_id=exchange.rid,
+        )
+        if not exchange.client_gone and not exchange.request.finished:
+            exchange.request.loseConnection()

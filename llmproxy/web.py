@@ -1,0 +1,135 @@
+"""The HTTP face: the root resource and the Site.
+
+:func:`build_resource` is the public entry for embedding llmproxy in an
+existing twisted.web application::
+
+    root = build_resource(config, reactor)
+    my_root.putChild(b"llm", root)          # serves /llm/chat/completions ...
+
+The resource answers ``/healthz`` and ``/readyz`` itself and proxies every
+other path, routed by the part of the path below where it is mounted.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.web.iweb import IAgent
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from llmproxy import __version__
+from llmproxy.config import Config
+from llmproxy.egress import build_egress, close_pool
+from llmproxy.proxy import ProxyResource
+from llmproxy.routing import Router
+
+__all__ = ["LLMProxySite", "RootResource", "build_resource", "build_site"]
+
+_HEALTH = json.dumps({"status": "ok", "version": __version__}).encode()
+_READY = json.dumps({"status": "ready"}).encode()
+
+
+class RootResource(Resource):
+    """llmproxy's root: health checks, and the proxy for everything else.
+
+    Attributes:
+        proxy: The proxy resource.
+        close: Call on shutdown to close the upstream connection pool when
+            the resource built its own; returns a Deferred.
+    """
+
+    isLeaf = True
+
+    def __init__(self, proxy: ProxyResource, close: Any = None) -> None:
+        """Wrap the proxy.
+
+        Args:
+            proxy: The proxy resource.
+            close: A callable closing owned upstream connections.
+        """
+        super().__init__()
+        self.proxy = proxy
+        self._close = close
+
+    def close(self) -> Deferred[None] | None:
+        """Close the upstream connections this resource owns.
+
+        Returns:
+            A Deferred that fires when they are closed, or None.
+        """
+        return self._close() if self._close is not None else None
+
+    def render(self, request: Request) -> Any:
+        """Answer health checks, proxy the rest.
+
+        Args:
+            request: The request; ``postpath`` is the path below this
+                resource.
+
+        Returns:
+            The body for health checks, else ``NOT_DONE_YET``.
+        """
+        postpath = request.postpath
+        if len(postpath) == 1 and request.method in (b"GET", b"HEAD"):
+            if postpath[0] == b"healthz":
+                return _json(request, _HEALTH)
+            if postpath[0] == b"readyz":
+                return _json(request, _READY)
+        return self.proxy.render(request)
+
+
+def _json(request: Request, body: bytes) -> bytes:
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return body
+
+
+def build_resource(
+    config: Config, reactor: Any, agent: IAgent | None = None
+) -> RootResource:
+    """Build llmproxy's root resource for a configuration.
+
+    Args:
+        config: The validated configuration.
+        reactor: The reactor for connections and timers.
+        agent: Send upstream requests with this agent instead of building
+            one (and a pool) from the config.
+
+    Returns:
+        The root resource; mount it anywhere in a twisted.web tree.
+    """
+    close = None
+    if agent is None:
+        egress = build_egress(config, reactor)
+        agent = egress.agent
+
+        def close() -> Deferred[None]:
+            return close_pool(egress.pool, reactor)
+
+    proxy = ProxyResource(Router.from_config(config), agent, reactor, config.timeouts)
+    return RootResource(proxy, close)
+
+
+class LLMProxySite(Site):
+    """The Site llmproxy listens with: no tracebacks, no server banner."""
+
+    displayTracebacks = False
+
+
+def build_site(config: Config, reactor: Any, resource: Resource | None = None) -> LLMProxySite:
+    """Build the public Site.
+
+    Args:
+        config: The validated configuration.
+        reactor: The reactor.
+        resource: The root resource (default: :func:`build_resource`).
+
+    Returns:
+        The Site to listen with.
+    """
+    root = resource if resource is not None else build_resource(config, reactor)
+    site = LLMProxySite(root, reactor=reactor)
+    return site

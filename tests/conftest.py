@@ -1,0 +1,140 @@
+"""Shared fixtures: the reactor, loopback listeners, and a failure trap."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.logger import globalLogPublisher
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from llmproxy.config import Config, parse_config_text
+from llmproxy.resolver import ResolvingReactor
+from llmproxy.testing.resolver import FakeResolver
+from llmproxy.web import build_resource, build_site
+
+#: Seconds any single wait in a loopback test may take.
+WAIT = 10.0
+
+
+@pytest.fixture(scope="session")
+def reactor() -> Any:
+    """The reactor pytest-twisted runs the tests on."""
+    from twisted.internet import reactor as global_reactor
+
+    return global_reactor
+
+
+@pytest.fixture(autouse=True)
+def fail_on_logged_failures(request: pytest.FixtureRequest) -> Any:
+    """Fail the test if anything logged a failure (an unhandled error).
+
+    Tests that provoke a logged failure on purpose mark themselves with
+    ``@pytest.mark.allow_logged_failures``.
+    """
+    failures: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if "log_failure" in event:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield failures
+    globalLogPublisher.removeObserver(observe)
+    if failures and not request.node.get_closest_marker("allow_logged_failures"):
+        details = "\n".join(e["log_failure"].getTraceback() for e in failures)
+        pytest.fail(f"failures were logged:\n{details}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "allow_logged_failures: the test logs failures on purpose"
+    )
+
+
+def timeout(d: Deferred, reactor: Any, seconds: float = WAIT) -> Deferred:
+    """Bound a wait: ``await timeout(d, reactor)``."""
+    return d.addTimeout(seconds, reactor)
+
+
+class Upstreams:
+    """Fake upstreams started on loopback for one test."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.ports: list[Any] = []
+
+    async def start(self, interface: str = "127.0.0.1") -> tuple[Any, str]:
+        """Start one fake upstream; returns it and its base URL."""
+        from llmproxy.testing.upstream import listen
+
+        upstream, port = await listen(
+            self.reactor, f"tcp:0:interface={interface}"
+        )
+        self.ports.append(port)
+        return upstream, f"http://{interface}:{port.getHost().port}"
+
+    async def close(self) -> None:
+        for port in self.ports:
+            await port.stopListening()
+
+
+@pytest_twisted.async_yield_fixture
+async def upstreams(reactor: Any) -> AsyncIterator[Upstreams]:
+    """A factory of fake upstreams, stopped after the test."""
+    pool = Upstreams(reactor)
+    yield pool
+    await pool.close()
+
+
+class Proxies:
+    """llmproxy instances started on loopback for one test."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.resolver = FakeResolver({"localhost": ["127.0.0.1"]})
+        self.ports: list[Any] = []
+        self.roots: list[Any] = []
+
+    async def start(self, config: Config | str) -> str:
+        """Serve ``config`` on 127.0.0.1; returns the proxy's base URL.
+
+        Host names in the config resolve through :attr:`resolver`.
+        """
+        if isinstance(config, str):
+            config = parse_config_text(config, environ={})
+        wrapped = ResolvingReactor(self.reactor, self.resolver)
+        root = build_resource(config, wrapped)
+        site = build_site(config, self.reactor, root)
+        port = await TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1").listen(site)
+        self.ports.append(port)
+        self.roots.append(root)
+        return f"http://127.0.0.1:{port.getHost().port}"
+
+    async def close(self) -> None:
+        for port in self.ports:
+            await port.stopListening()
+        for root in self.roots:
+            await root.close()
+
+
+@pytest_twisted.async_yield_fixture
+async def proxies(reactor: Any) -> AsyncIterator[Proxies]:
+    """A factory of proxies, stopped after the test."""
+    pool = Proxies(reactor)
+    yield pool
+    await pool.close()
+
+
+@pytest_twisted.async_yield_fixture
+async def client(reactor: Any) -> AsyncIterator[Agent]:
+    """An HTTP client Agent with its own pool, closed after the test."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    yield Agent(reactor, pool=pool)
+    await pool.closeCachedConnections()
+
+

@@ -1,0 +1,397 @@
+"""Loopback tests of :mod:`llmproxy.testing.upstream`, the fake LLM upstream."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+import pytest
+import pytest_twisted
+import treq
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+
+from llmproxy.testing.upstream import REPLY_TEXT, FakeUpstream, FakeUpstreamService, listen
+
+T = TypeVar("T")
+Served = tuple[FakeUpstream, IListeningPort]
+TIMEOUT = 15.0
+
+
+@pytest_twisted.async_yield_fixture()
+async def served(reactor: Any) -> AsyncIterator[Served]:
+    """A fake upstream listening on 127.0.0.1, port 0."""
+    upstream, port = await wait(reactor, listen(reactor))
+    yield upstream, port
+    await wait(reactor, port.stopListening())
+
+
+@pytest_twisted.async_yield_fixture()
+async def http(reactor: Any) -> AsyncIterator[HTTPClient]:
+    """A treq client with its own non-persistent pool, closed afterwards."""
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    yield HTTPClient(Agent(reactor, pool=pool))
+    await wait(reactor, pool.closeCachedConnections())
+
+
+def wait(reactor: IReactorTime, d: Deferred[T], seconds: float = TIMEOUT) -> Deferred[T]:
+    """Give ``d`` a timeout, as every wait in these tests must have."""
+    return d.addTimeout(seconds, reactor)
+
+
+def base(served: Served) -> str:
+    """The fake's base URL."""
+    return f"http://127.0.0.1:{served[1].getHost().port}"
+
+
+async def post(
+    reactor: Any, http: HTTPClient, url: str, payload: object, **headers: str
+) -> IResponse:
+    """POST JSON with ``X-Fake-*`` style headers (underscores become dashes)."""
+    sent = {name.replace("_", "-"): [value] for name, value in headers.items()}
+    return await wait(reactor, http.post(url, json=payload, headers=sent))
+
+
+def sse(body: bytes) -> list[tuple[str | None, str]]:
+    """Split an SSE body into (event name, data) pairs."""
+    events = []
+    for block in body.decode().split("\n\n"):
+        if block:
+            fields = dict(line.split(": ", 1) for line in block.split("\n"))
+            events.append((fields.get("event"), fields["data"]))
+    return events
+
+
+CHAT = {"model": "gpt-x", "messages": [{"role": "user", "content": "say hello to me"}]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_chat_completion_json(reactor: Any, served: Served, http: HTTPClient) -> None:
+    """A non-streamed chat completion is a valid, deterministic object."""
+    upstream, _ = served
+    response = await post(reactor, http, base(served) + "/v1/chat/completions", CHAT)
+    assert response.code == 200
+    assert response.headers.getRawHeaders("content-type") == ["application/json"]
+    body = await wait(reactor, response.json())
+    assert body["object"] == "chat.completion" and body["model"] == "gpt-x"
+    assert body["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": REPLY_TEXT,
+        "refusal": None,
+    }
+    assert body["choices"][0]["finish_reason"] == "stop"
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == 4
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    record = upstream.requests[-1]
+    assert (record.method, record.uri) == (b"POST", b"/v1/chat/completions")
+    assert json.loads(record.body) == CHAT
+    assert await wait(reactor, record.done) == "finished"
+
+
+@pytest_twisted.ensureDeferred
+async def test_chat_stream(reactor: Any, served: Served, http: HTTPClient) -> None:
+    """A chat stream sends role, content pieces, stop, usage, then [DONE]."""
+    payload = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    response = await post(
+        reactor,
+        http,
+        base(served) + "/v1/chat/completions",
+        payload,
+        X_Fake_Chunks="3",
+        X_Fake_Chunk_Delay="0.01",
+    )
+    assert response.headers.getRawHeaders("content-type") == ["text/event-stream"]
+    assert not response.headers.hasHeader("content-length")
+    events = sse(await wait(reactor, response.content()))
+    assert events[-1] == (None, "[DONE]")
+    chunks = [json.loads(data) for _, data in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    pieces = [c["choices"][0]["delta"]["content"] for c in chunks[1:4]]
+    assert len(pieces) == 3 and "".join(pieces) == REPLY_TEXT
+    assert chunks[4]["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
+    assert chunks[5]["choices"] == [] and chunks[5]["usage"]["completion_tokens"] == 6
+    assert len(chunks) == 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_anthropic_stream_order(reactor: Any, served: Served, http: HTTPClient) -> None:
+    """An Anthropic stream follows the documented event sequence."""
+    payload = {"model": "claude-x", "max_tokens": 10, "stream": True, "messages": CHAT["messages"]}
+    response = await post(reactor, http, base(served) + "/v1/messages", payload, X_Fake_Chunks="2")
+    events = sse(await wait(reactor, response.content()))
+    names = [name for name, _ in events]
+    assert names == [
+        "message_start",
+        "content_block_start",
+        "ping",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    datas = [json.loads(data) for _, data in events]
+    assert [d["type"] for d in datas] == names
+    assert datas[0]["message"]["model"] == "claude-x"
+    assert "".join(d["delta"]["text"] for d in datas[3:5]) == REPLY_TEXT
+    assert datas[6]["delta"]["stop_reason"] == "end_turn"
+
+
+@pytest_twisted.ensureDeferred
+async def test_echo(reactor: Any, served: Served, http: HTTPClient) -> None:
+    """``/echo`` reflects the method, URI, raw headers and body."""
+    url = base(served) + "/echo/x?y=1"
+    d = http.put(url, data=b"\xffbody", headers={"X-Thing": ["a", "b"]})
+    response = await wait(reactor, d)
+    body = await wait(reactor, response.json())
+    assert (body["method"], body["uri"], body["body"]) == ("PUT", "/echo/x?y=1", "\xffbody")
+    assert ["x-thing", "a"] in body["headers"] and ["x-thing", "b"] in body["headers"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_and_errors(reactor: Any, served: Served, http: HTTPClient) -> None:
+    """X-Fake-Status, bad controls and unknown routes give JSON errors."""
+    url = base(served) + "/v1/chat/completions"
+    response = await post(reactor, http, url, CHAT, X_Fake_Status="503")
+    assert response.code == 503
+    assert set((await wait(reactor, response.json()))["error"]) == {"message", "type", "code"}
+    response = await post(reactor, http, url, CHAT, X_Fake_Status="201")
+    assert response.code == 201
+    assert (await wait(reactor, response.json()))["object"] == "chat.completion"
+    response = await post(reactor, http, url, CHAT, X_Fake_Chunks="many")
+    assert response.code == 400
+    assert "x-fake-chunks" in (await wait(reactor, response.json()))["error"]["message"]
+    response = await post(
+        reactor, http, base(served) + "/v2/nothing", {}, X_Fake_Response_Header="X-Extra: yes"
+    )
+    assert response.code == 404 and response.headers.getRawHeaders("x-extra") == ["yes"]
+    assert (await wait(reactor, response.json()))["error"]["code"] == "unknown_url"
+
+
+@pytest_twisted.ensureDeferred
+async def test_abort_after(reactor: Any, served: Served, http: HTTPClient) -> None:
+    """X-Fake-Abort-After truncates JSON and streams; ``done`` says aborted."""
+    upstream, _ = served
+    url = base(served) + "/v1/chat/completions"
+    response = await post(reactor, http, url, CHAT, X_Fake_Abort_After="1")
+    with pytest.raises((ResponseFailed, PotentialDataLoss)):
+        await wait(reactor, response.content())
+    assert await wait(reactor, upstream.requests[-1].done) == "aborted"
+
+    received: list[bytes] = []
+    stream = {**CHAT, "stream": True}
+    response = await post(reactor, http, url, stream, X_Fake_Abort_After="2")
+    with pytest.raises((ResponseFailed, PotentialDataLoss)):
+        await wait(reactor, treq.collect(response, received.append))
+    events = sse(b"".join(received))
+    assert len(events) == 3 and b"[DONE]" not in b"".join(received)
+    assert await wait(reactor, upstream.requests[-1].done) == "aborted"
+
+
+@pytest_twisted.ensureDeferred
+async def test_header_delay_disconnect(reactor: Any, served: Served, http: HTTPClient) -> None:
+    """A client leaving during X-Fake-Header-Delay fires ``done`` "disconnected"."""
+    upstream, _ = served
+    arrived = wait(reactor, upstream.next_request())
+    d = http.get(base(served) + "/v1/models", headers={"X-Fake-Header-Delay": ["30"]})
+    record = await arrived
+    d.cancel()
+    with pytest.raises(ResponseNeverReceived):
+        await d
+    assert await wait(reactor, record.done) == "disconnected"
+
+
+@pytest_twisted.ensureDeferred
+async def test_body_bytes(reactor: Any, served: Served, http: HTTPClient) -> None:
+    """X-Fake-Body-Bytes returns exactly N pattern bytes, chunked or not."""
+    size = 300_005
+    for length in ("0", "1"):
+        headers = {"X-Fake-Body-Bytes": [str(size)], "X-Fake-Content-Length": [length]}
+        response = await wait(reactor, http.get(base(served) + "/v1/models", headers=headers))
+        assert response.code == 200
+        assert response.headers.getRawHeaders("content-type") == ["application/octet-stream"]
+        assert response.length == (size if length == "1" else UNKNOWN_LENGTH)
+        body = await wait(reactor, response.content())
+        assert body == (bytes(range(256)) * (size // 256 + 1))[:size]
+        assert served[0].requests[-1].bytes_sent == size
+
+
+class _SlowReader(Protocol):
+    """A raw HTTP client that stops reading until told to go on."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.received = 0
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        """Send the request, then stop reading."""
+        self.transport.write(self.request)
+        self.transport.pauseProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        """Count the bytes."""
+        self.received += len(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        """Fire ``lost``."""
+        self.lost.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_body_bytes_backpressure(reactor: Any, served: Served) -> None:
+    """A client that stops reading leaves the body producer paused."""
+    upstream, port = served
+    size = 64 * 1024 * 1024
+    request = b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Fake-Body-Bytes: %d\r\n\r\n"
+    reader = _SlowReader(request % size)
+    arrived = wait(reactor, upstream.next_request())
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port, timeout=5)
+    await wait(reactor, connectProtocol(endpoint, reader))
+    record = await arrived
+    await wait(reactor, record.paused)
+    # Socket buffers take a few MB, then the producer must stay paused.
+    sent = -1
+    for _ in range(100):
+        if record.bytes_sent == sent:
+            break
+        sent = record.bytes_sent
+        await wait(reactor, deferLater(reactor, 0.05, lambda: None))
+    assert record.bytes_sent == sent < size // 2
+    reader.transport.resumeProducing()
+    await wait(reactor, reader.lost, 60)
+    assert await wait(reactor, record.done) == "finished"
+    assert record.bytes_sent == size and reader.received > size
+
+
+@pytest_twisted.ensureDeferred
+async def test_service(reactor: Any, http: HTTPClient) -> None:
+    """FakeUpstreamService listens while running and stops on stopService."""
+    service = FakeUpstreamService(reactor)
+    service.startService()
+    assert service.port is not None
+    url = f"http://127.0.0.1:{service.port.getHost().port}/v1/models"
+    response = await wait(reactor, http.get(url))
+    assert (await wait(reactor, response.json()))["data"][0]["id"] == "fake-model"
+    assert await wait(reactor, service.upstream.requests[-1].done) == "finished"
+    await wait(reactor, service.stopService())
+    assert service.port is None and not service.running
+
+
+def _openai_calls(port: int) -> dict[str, Any]:
+    """Use the official openai SDK against the fake (runs in a thread)."""
+    import openai
+
+    http_client = openai.DefaultHttpxClient(trust_env=False)
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1",
+        api_key="test",
+        max_retries=0,
+        timeout=10,
+        http_client=http_client,
+    )
+    with client:
+        messages: Any = CHAT["messages"]
+        completion = client.chat.completions.create(model="gpt-x", messages=messages)
+        stream = client.chat.completions.create(
+            model="gpt-x",
+            messages=messages,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers={"X-Fake-Chunks": "4"},
+        )
+        chunks = list(stream)
+        default = client.embeddings.create(model="emb", input=["one", "two words"])
+        floats = client.embeddings.create(model="emb", input="one", encoding_format="float")
+    return {"completion": completion, "chunks": chunks, "default": default, "floats": floats}
+
+
+@pytest_twisted.async_fixture(params=["direct", "through-llmproxy"])
+async def sdk_port(request: Any, served: Served, proxies: Any) -> int:
+    """The port the SDKs talk to: the fake itself, or llmproxy in front of it."""
+    port = served[1].getHost().port
+    if request.param == "direct":
+        return port
+    proxy = await proxies.start(f'target_map: {{"/v1/": "http://127.0.0.1:{port}"}}\n')
+    return int(proxy.rsplit(":", 1)[1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_openai_sdk(reactor: Any, served: Served, sdk_port: int) -> None:
+    """The openai SDK parses chat completions, streams and embeddings.
+
+    Directly from the fake, and with base_url pointed at llmproxy.
+    """
+    result = await wait(reactor, deferToThread(_openai_calls, sdk_port), 60)
+    completion = result["completion"]
+    assert completion.choices[0].message.content == REPLY_TEXT
+    assert completion.model == "gpt-x" and completion.usage.total_tokens > 0
+    chunks = result["chunks"]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == REPLY_TEXT
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
+    default, floats = result["default"], result["floats"]
+    assert [e.index for e in default.data] == [0, 1]
+    assert all(len(e.embedding) == 8 for e in default.data)
+    assert default.data[0].embedding == floats.data[0].embedding
+    assert default.data[0].embedding != default.data[1].embedding
+    assert json.loads(served[0].requests[-2].body)["encoding_format"] == "base64"
+
+
+def _anthropic_calls(port: int) -> dict[str, Any]:
+    """Use the official anthropic SDK against the fake (runs in a thread)."""
+    import anthropic
+
+    client = anthropic.Anthropic(
+        base_url=f"http://127.0.0.1:{port}",
+        api_key="test",
+        max_retries=0,
+        timeout=10,
+        http_client=anthropic.DefaultHttpxClient(trust_env=False),
+    )
+    with client:
+        messages: Any = CHAT["messages"]
+        message = client.messages.create(model="claude-x", max_tokens=64, messages=messages)
+        with client.messages.stream(
+            model="claude-x",
+            max_tokens=64,
+            messages=messages,
+            extra_headers={"X-Fake-Chunks": "3"},
+        ) as stream:
+            texts = list(stream.text_stream)
+            final = stream.get_final_message()
+    return {"message": message, "texts": texts, "final": final}
+
+
+@pytest_twisted.ensureDeferred
+async def test_anthropic_sdk(reactor: Any, served: Served, sdk_port: int) -> None:
+    """The anthropic SDK parses messages, plain and streamed.
+
+    Directly from the fake, and with base_url pointed at llmproxy.
+    """
+    result = await wait(reactor, deferToThread(_anthropic_calls, sdk_port), 60)
+    message = result["message"]
+    assert message.content[0].text == REPLY_TEXT and message.stop_reason == "end_turn"
+    assert message.model == "claude-x" and message.usage.input_tokens == 4
+    assert len(result["texts"]) == 3 and "".join(result["texts"]) == REPLY_TEXT
+    final = result["final"]
+    assert final.content[0].text == REPLY_TEXT and final.stop_reason == "end_turn"
+    assert final.usage.output_tokens == 6

@@ -1,0 +1,235 @@
+"""The twistd plugin: discovery, options, services, and real twistd runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.application.service import IService, IServiceCollection, IServiceMaker
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+from twisted.plugin import getPlugins
+
+from helpers import NeedleWaiter, collect, send
+from llmproxy import tap
+from llmproxy.config import parse_config_text
+from llmproxy.tap import build_service
+
+ROOT = Path(__file__).resolve().parent.parent
+WAIT = 20.0
+#: Runs twistd with this interpreter (what the `twistd` script does).
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_plugin_is_found() -> None:
+    """twistd finds the llmproxy plugin, and it points at llmproxy.tap."""
+    makers = {m.tapname: m for m in getPlugins(IServiceMaker)}
+    assert "llmproxy" in makers
+    assert makers["llmproxy"].module == "llmproxy.tap"
+
+
+def test_no_init_above_the_dropin() -> None:
+    """twisted/ and twisted/plugins/ must stay namespace folders."""
+    assert not (ROOT / "twisted" / "__init__.py").exists()
+    assert not (ROOT / "twisted" / "plugins" / "__init__.py").exists()
+
+
+def test_options_default_config_path() -> None:
+    """--config defaults to etc/config.yml."""
+    assert dict((p[0], p[2]) for p in tap.Options.optParameters)["config"] == "etc/config.yml"
+
+
+def test_make_service_builds_the_service_tree(tmp_path: Path) -> None:
+    """makeService returns the listener, the pool closer and the demo upstream."""
+    path = tmp_path / "demo.yml"
+    path.write_text((ROOT / "etc" / "demo.yml").read_text())
+    options = tap.Options()
+    options.parseOptions(["--config", str(path)])
+    service = tap.makeService(options)
+    assert IServiceCollection.providedBy(service)
+    names = [s.name for s in service]
+    assert names == ["demo-upstream", "web", "upstream-pool"]
+    assert all(IService.providedBy(s) for s in service)
+
+
+def test_without_demo_upstream_no_demo_service() -> None:
+    """The production config starts no fake upstream."""
+    from twisted.internet import reactor
+
+    config = parse_config_text((ROOT / "etc" / "config.yml").read_text(), environ={})
+    assert [s.name for s in build_service(config, reactor)] == ["web", "upstream-pool"]
+
+
+def test_bad_config_is_one_line_exit(tmp_path: Path) -> None:
+    """A config mistake exits with one line naming the key, no traceback."""
+    path = tmp_path / "bad.yml"
+    path.write_text("target_map:\n  /v1/: ftp://example.test\n")
+    with pytest.raises(SystemExit) as raised:
+        tap.Options().parseOptions(["--config", str(path)])
+    message = str(raised.value.code)
+    assert message.startswith("llmproxy: config error: target_map")
+    assert "not an http(s) URL" in message
+    assert "\n" not in message
+
+
+def test_bad_listen_endpoint_is_one_line_exit() -> None:
+    """An endpoint string Twisted cannot parse names the listen key."""
+    from twisted.internet import reactor
+
+    config = parse_config_text(
+        'listen: "bogus:8000"\ntarget_map: {"/": "http://127.0.0.1:1"}\n', environ={}
+    )
+    with pytest.raises(SystemExit) as raised:
+        build_service(config, reactor)
+    assert str(raised.value.code).startswith("llmproxy: config error: listen: ")
+
+
+class Twistd(ProcessProtocol, NeedleWaiter):
+    """A twistd child process whose output (stdout and stderr) we watch."""
+
+    def __init__(self) -> None:
+        NeedleWaiter.__init__(self)
+        self.ended: Deferred[int | str] = Deferred()
+
+    @property
+    def output(self) -> bytes:
+        return bytes(self.received)
+
+    def outReceived(self, data: bytes) -> None:
+        self.feed(data)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        self.fail_waits(AssertionError(f"twistd ended early:\n{self.output.decode()}"))
+        value = reason.value
+        self.ended.callback(
+            value.exitCode if value.exitCode is not None else f"signal {value.signal}"
+        )
+
+
+def spawn_twistd(reactor: Any, config: Path, cwd: Path) -> Twistd:
+    """Start ``twistd -n llmproxy --config CONFIG`` from this environment."""
+    process = Twistd()
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    # Run this source tree (its dropin and package), installed or not.
+    env["PYTHONPATH"] = str(ROOT)
+    reactor.spawnProcess(
+        process,
+        sys.executable,
+        [*TWISTD, "-n", "--pidfile=", "llmproxy", "--config", str(config)],
+        env=env,
+        path=str(cwd),
+    )
+    return process
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_serves_a_stream_and_stops_on_sigterm(
+    reactor: Any, tmp_path: Path, client: Any
+) -> None:
+    """A real twistd: serves the demo config, streams, exits 0 on SIGTERM."""
+    port, demo_port = free_port(), free_port()
+    config = tmp_path / "demo.yml"
+    config.write_text(
+        f'listen: "tcp:{port}:interface=127.0.0.1"\n'
+        f'demo_upstream: "tcp:{demo_port}:interface=127.0.0.1"\n'
+        f'target_map:\n  "/v1/": "http://127.0.0.1:{demo_port}"\n'
+    )
+    process = spawn_twistd(reactor, config, tmp_path)
+    try:
+        await process.wait_for(b"starting on %d" % port).addTimeout(WAIT, reactor)
+        response = await send(
+            client, reactor, f"http://127.0.0.1:{port}/v1/chat/completions",
+            {"model": "demo", "stream": True, "messages": [{"role": "user", "content": "Hi"}]},
+        )
+        assert response.code == 200
+        body = await collect(response).done.addTimeout(WAIT, reactor)
+        events = [line for line in body.split(b"\n") if line.startswith(b"data: ")]
+        assert events[-1] == b"data: [DONE]"
+        assert json.loads(events[1][6:])["choices"][0]["delta"]["content"]
+    finally:
+        if not process.ended.called:
+            process.transport.signalProcess("TERM")
+        code = await process.ended.addTimeout(WAIT, reactor)
+    # twistd re-raises the signal it stopped on; systemd counts SIGTERM as
+    # a clean exit. (Exit status 0 after a graceful drain: protection issue.)
+    assert code in (0, "signal 15"), process.output.decode()
+    assert b"Server Shut Down." in process.output
+    assert b"Traceback" not in process.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_bad_config_exits_nonzero_with_one_line(
+    reactor: Any, tmp_path: Path
+) -> None:
+    """twistd with a bad config prints one line naming the key and exits 1."""
+    config = tmp_path / "bad.yml"
+    config.write_text("port: 70000\ntarget_map: {'/v1/': 'http://127.0.0.1:1'}\n")
+    process = spawn_twistd(reactor, config, tmp_path)
+    code = await process.ended.addTimeout(WAIT, reactor)
+    assert code != 0
+    text = process.output.decode().strip()
+    assert text == "llmproxy: config error: port: port out of range (1-65535): 70000"
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_port_in_use_fails_clearly(
+    reactor: Any, tmp_path: Path
+) -> None:
+    """A port that is taken stops startup with a non-zero exit."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "taken.yml"
+        config.write_text(
+            f'listen: "tcp:{port}:interface=127.0.0.1"\n'
+            "target_map: {'/v1/': 'http://127.0.0.1:1'}\n"
+        )
+        process = spawn_twistd(reactor, config, tmp_path)
+        code = await process.ended.addTimeout(WAIT, reactor)
+    assert code != 0
+    assert b"Address already in use" in process.output
+
+
+def test_twistd_help_lists_llmproxy() -> None:
+    """`twistd --help` lists the llmproxy command of the installed package.
+
+    Run from / so that only what pip installed is importable.
+    """
+    result = subprocess.run(
+        [*TWISTD, "--help"],
+        capture_output=True, text=True, timeout=60, cwd="/",
+    )
+    assert result.returncode == 0
+    assert "llmproxy" in result.stdout
+
+
+def test_wheel_holds_exactly_the_dropin(tmp_path: Path) -> None:
+    """The wheel ships one file under twisted/: the dropin, no dropin.cache."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True, timeout=300, capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("llmproxy-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert [n for n in names if n.startswith("twisted/")] == [
+        "twisted/plugins/llmproxy_plugin.py"
+    ]
+    assert "llmproxy/testing/upstream.py" in names
