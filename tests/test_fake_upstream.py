@@ -3,25 +3,40 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import pytest_twisted
 import treq
+from helpers import NeedleWaiter
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IListeningPort, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
-from llmproxy.testing.upstream import REPLY_TEXT, FakeUpstream, FakeUpstreamService, listen
+from llmproxy.testing.upstream import (
+    REPLY_TEXT,
+    FakeUpstream,
+    FakeUpstreamService,
+    listen,
+)
 
 T = TypeVar("T")
 Served = tuple[FakeUpstream, IListeningPort]
@@ -395,3 +410,40 @@ async def test_anthropic_sdk(reactor: Any, served: Served, sdk_port: int) -> Non
     final = result["final"]
     assert final.content[0].text == REPLY_TEXT and final.stop_reason == "end_turn"
     assert final.usage.output_tokens == 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_runs_standalone(reactor: Any, tmp_path: Any, http: HTTPClient) -> None:
+    """`python -m llmproxy.testing.upstream --port 0` serves until SIGTERM."""
+    class Child(ProcessProtocol, NeedleWaiter):
+        def __init__(self) -> None:
+            NeedleWaiter.__init__(self)
+            self.ended: Deferred[None] = Deferred()
+
+        def outReceived(self, data: bytes) -> None:
+            self.feed(data)
+
+        errReceived = outReceived
+
+        def processEnded(self, reason: Any) -> None:
+            self.fail_waits(AssertionError(bytes(self.received).decode()))
+            self.ended.callback(None)
+
+    # A log line is one write to the pipe: it arrives whole.
+    child = Child()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    reactor.spawnProcess(
+        child, sys.executable,
+        [sys.executable, "-m", "llmproxy.testing.upstream", "--port", "0"],
+        env=env, path=str(tmp_path),
+    )
+    try:
+        await wait(reactor, child.wait_for(b"fake upstream on 127.0.0.1:"))
+        port = int(re.search(rb"fake upstream on 127\.0\.0\.1:(\d+)", bytes(child.received))[1])
+        response = await wait(reactor, http.get(f"http://127.0.0.1:{port}/v1/models"))
+        assert response.code == 200
+        assert json.loads(await wait(reactor, response.content()))["data"][0]["id"] == "fake-model"
+    finally:
+        if not child.ended.called:
+            child.transport.signalProcess("TERM")
+        await wait(reactor, child.ended)
