@@ -10,6 +10,7 @@ never sees raw dicts.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -39,6 +40,7 @@ DEFAULT_PORT = 8000
 _ENV_PATTERN = re.compile(r"\$\{([^}]*)\}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
+_HOST_PATTERN = re.compile(r"(\*|\.?[A-Za-z0-9_.-]+|\[?[0-9A-Fa-f:.]+\]?)\Z")
 
 
 class ConfigError(Exception):
@@ -63,9 +65,12 @@ class RouteConfig:
     Attributes:
         urls: One or more base URLs, without a trailing slash; the request
             path is appended to the chosen one.
+        via: How to reach them: ``auto`` (decide per host), ``direct`` or
+            ``proxy`` (through ``proxy_url``).
     """
 
     urls: tuple[str, ...]
+    via: str = "auto"
 
 
 @attrs.frozen
@@ -109,6 +114,34 @@ class PoolConfig:
     idle_timeout: float = 50.0
 
 
+#: Addresses reached directly (never through proxy_url) by default.
+DEFAULT_DIRECT_NETWORKS = (
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "100.64.0.0/10",
+    "::1/128",
+    "fc00::/7",
+    "fe80::/10",
+)
+
+VIA_CHOICES = ("auto", "direct", "proxy")
+
+
+@attrs.frozen
+class TLSConfig:
+    """TLS to upstreams (and to an https proxy).
+
+    Attributes:
+        ca_file: A PEM file of extra CA certificates trusted in addition to
+            the system trust store.
+    """
+
+    ca_file: str | None = None
+
+
 @attrs.frozen
 class Config:
     """The whole, validated configuration.
@@ -124,6 +157,12 @@ class Config:
         pool: Upstream connection pool settings.
         demo_upstream: If set, an endpoint string on which the bundled fake
             upstream runs inside the daemon (for demos).
+        no_proxy: Hosts always reached directly: exact names, ``.suffix``
+            domains, IP literals and CIDRs, or ``*`` for all.
+        direct_networks: Upstreams whose address falls in one of these
+            networks are reached directly.
+        dns_cache_ttl: Seconds a DNS answer is cached.
+        tls: TLS settings.
         source: Where the config came from (a file name), for messages.
     """
 
@@ -137,6 +176,10 @@ class Config:
     timeouts: TimeoutsConfig = TimeoutsConfig()
     pool: PoolConfig = PoolConfig()
     demo_upstream: str | None = None
+    no_proxy: tuple[str, ...] = ()
+    direct_networks: tuple[str, ...] = DEFAULT_DIRECT_NETWORKS
+    dns_cache_ttl: float = 300.0
+    tls: TLSConfig = TLSConfig()
     source: str = "<config>"
 
 
@@ -265,15 +308,29 @@ def parse_config(
             raise ConfigError(
                 _join("target_map", path), "a path must start with '/'"
             )
+    proxy_url = top.get("proxy_url", _proxy_url)
+    if proxy_url is None:
+        for table in ("target_map", "model_routes"):
+            for key, route in (top.get(table, _routes) or {}).items():
+                if route.via == "proxy":
+                    raise ConfigError(
+                        _join(_join(table, key), "via"),
+                        "'proxy' needs proxy_url, which is not set",
+                    )
+    direct_networks = top.get("direct_networks", _networks)
     return Config(
         listen=listen,
         target_map=target_map,
         model_routes=top.get("model_routes", _routes) or MappingProxyType({}),
-        proxy_url=top.get("proxy_url", _proxy_url),
+        proxy_url=proxy_url,
         rate_limit=top.get("rate_limit", _rate_limit),
         timeouts=top.get("timeouts", _timeouts) or TimeoutsConfig(),
         pool=top.get("pool", _pool) or PoolConfig(),
         demo_upstream=top.get("demo_upstream", _endpoint),
+        no_proxy=top.get("no_proxy", _no_proxy) or (),
+        direct_networks=DEFAULT_DIRECT_NETWORKS if direct_networks is None else direct_networks,
+        dns_cache_ttl=top.get("dns_cache_ttl", _number) or 300.0,
+        tls=top.get("tls", _tls) or TLSConfig(),
         source=source,
     )
 
@@ -321,6 +378,10 @@ _TOP_KEYS = (
     "timeouts",
     "pool",
     "demo_upstream",
+    "no_proxy",
+    "direct_networks",
+    "dns_cache_ttl",
+    "tls",
 )
 
 
@@ -514,7 +575,12 @@ def _route(value: Any, path: str) -> RouteConfig:
             path, f"expected a URL or a mapping with 'urls', got {_describe(value)}"
         )
     route = _Mapping(value, path)
-    route.check_keys(("urls",))
+    route.check_keys(("urls", "via"))
+    via = route.get("via", _string) or "auto"
+    if via not in VIA_CHOICES:
+        raise ConfigError(
+            _join(path, "via"), f"expected one of {', '.join(VIA_CHOICES)}, got {via!r}"
+        )
     urls = route.value.get("urls")
     upath = _join(path, "urls")
     if urls is None:
@@ -525,7 +591,9 @@ def _route(value: Any, path: str) -> RouteConfig:
         raise ConfigError(upath, f"expected a list of URLs, got {_describe(urls)}")
     if not urls:
         raise ConfigError(upath, "must list at least one URL")
-    return RouteConfig(urls=tuple(_url(u, f"{upath}[{i}]") for i, u in enumerate(urls)))
+    return RouteConfig(
+        urls=tuple(_url(u, f"{upath}[{i}]") for i, u in enumerate(urls)), via=via
+    )
 
 
 def _routes(value: Any, path: str) -> Mapping[str, RouteConfig]:
@@ -566,3 +634,54 @@ def _pool(value: Any, path: str) -> PoolConfig:
         "idle_timeout": table.get("idle_timeout", _number),
     }
     return PoolConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def _string_list(value: Any, path: str) -> list[str]:
+    """A list of strings, or one comma-separated string."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, list):
+        raise ConfigError(path, f"expected a list of strings, got {_describe(value)}")
+    return [_string(item, f"{path}[{i}]").strip() for i, item in enumerate(value)]
+
+
+def _network(value: str, path: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError:
+        raise ConfigError(path, f"not an IP network (CIDR): {value!r}") from None
+
+
+def _networks(value: Any, path: str) -> tuple[str, ...]:
+    items = _string_list(value, path)
+    return tuple(_network(item, f"{path}[{i}]") for i, item in enumerate(items))
+
+
+def _no_proxy(value: Any, path: str) -> tuple[str, ...]:
+    entries = []
+    for i, item in enumerate(_string_list(value, path)):
+        if "/" in item:
+            item = _network(item, f"{path}[{i}]")
+        elif not _HOST_PATTERN.match(item):
+            raise ConfigError(
+                f"{path}[{i}]",
+                f"expected a host name, .suffix, IP address, CIDR or '*', got {item!r}",
+            )
+        entries.append(item.lower())
+    return tuple(entries)
+
+
+def _tls(value: Any, path: str) -> TLSConfig:
+    table = _Mapping(value, path)
+    table.check_keys(("ca_file",))
+    ca_file = table.get("ca_file", _string)
+    if ca_file is not None:
+        key = _join(path, "ca_file")
+        try:
+            with open(ca_file, "rb") as f:
+                pem = f.read()
+        except OSError as e:
+            raise ConfigError(key, f"cannot read {ca_file!r}: {e.strerror}") from None
+        if b"-----BEGIN CERTIFICATE-----" not in pem:
+            raise ConfigError(key, f"{ca_file!r} holds no PEM certificate")
+    return TLSConfig(ca_file=ca_file)

@@ -22,14 +22,18 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
+from twisted.web._newclient import RequestTransmissionFailed
 from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from OpenSSL import SSL
+from service_identity import VerificationError
 from zope.interface import implementer
 
 from llmproxy.config import TimeoutsConfig
+from llmproxy.egress import Egress, TunnelError, TunnelTimeout
 from llmproxy.routing import Router, extract_model
 
 __all__ = ["ProxyResource", "error_body", "request_id_for"]
@@ -164,22 +168,68 @@ class _BytesProducer:
         """Nothing to stop: the body was written in one piece."""
 
 
+def log_request(
+    request: Request,
+    rid: str,
+    path: bytes,
+    status: int | None,
+    outcome: str,
+    **fields: Any,
+) -> None:
+    """Log one finished request: one event per request.
+
+    Args:
+        request: The downstream request.
+        rid: Its request id.
+        path: The routed path.
+        status: The status sent to the client, if any.
+        outcome: ``ok``, ``client_closed``, ``upstream_aborted`` or ``error``.
+        **fields: More fields (upstream, egress, address).
+    """
+    log.info(
+        "{method} {path} -> {status} {outcome} upstream={upstream} "
+        "egress={egress} address={address} request_id={request_id}",
+        method=request.method.decode("ascii", "replace"),
+        path=path.decode("utf-8", "replace"),
+        status=status,
+        outcome=outcome,
+        request_id=rid,
+        **{"upstream": None, "egress": None, "address": None, **fields},
+    )
+
+
 class _Exchange:
     """The state of one proxied request, from render to finish."""
 
-    def __init__(self, request: Request, rid: str, upstream: str) -> None:
+    def __init__(self, request: Request, rid: str, path: bytes, upstream: str) -> None:
         self.request = request
         self.rid = rid
+        self.path = path
         self.upstream = upstream
+        self.status: int | None = None
+        self.egress: str | None = None
+        self.address: str | None = None
+        self.logged = False
         self.client_gone = False
         self.timed_out = False
         self.timer: Any = None
         self.pending: Deferred[IResponse] | None = None
         self.body: _StreamToClient | None = None
 
+    def log_done(self, outcome: str) -> None:
+        """Emit the request's one log event (once)."""
+        if self.logged:
+            return
+        self.logged = True
+        log_request(
+            self.request, self.rid, self.path, self.status, outcome,
+            upstream=self.upstream, egress=self.egress, address=self.address,
+        )
+
     def on_client_gone(self, reason: Failure) -> None:
         """The client closed its connection before we finished: stop paying."""
         self.client_gone = True
+        self.log_done("client_closed")
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -230,6 +280,7 @@ class _StreamToClient(Protocol):
             return
         if reason.check(ResponseDone, http.PotentialDataLoss):
             self.request.finish()
+            exchange.log_done("ok")
             return
         # The upstream died mid-body: close the client's connection without
         # the final chunk so that it sees a truncated response, never a
@@ -241,18 +292,36 @@ class _StreamToClient(Protocol):
             request_id=exchange.rid,
             reason=_describe_failure(reason),
         )
+        exchange.log_done("upstream_aborted")
         self.request.loseConnection()
+
+
+_WRAPPERS = (ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed)
+
+
+def _causes(failure: Failure) -> list[Failure]:
+    """The root failures inside Twisted's wrapper exceptions."""
+    if failure.check(*_WRAPPERS):
+        reasons = getattr(failure.value, "reasons", None) or []
+        found = [cause for reason in reasons for cause in _causes(reason)]
+        if found:
+            return found
+    return [failure]
 
 
 def _describe_failure(failure: Failure) -> str:
     """One line about why an upstream exchange failed."""
-    if failure.check(ResponseFailed, ResponseNeverReceived):
-        reasons = getattr(failure.value, "reasons", None) or []
-        if reasons:
-            return "; ".join(_describe_failure(r) for r in reasons)
-    value = failure.value
-    text = str(value).strip() or type(value).__name__
-    return text.splitlines()[0]
+    texts = []
+    for cause in _causes(failure):
+        value = cause.value
+        text = " ".join(str(value).split()) or type(value).__name__
+        if text not in texts:
+            texts.append(text[:300])
+    return "; ".join(texts)
+
+
+def _is_tls_failure(failure: Failure) -> bool:
+    return failure.check(SSL.Error, VerificationError) is not None
 
 
 class ProxyResource(Resource):
@@ -268,7 +337,7 @@ class ProxyResource(Resource):
     def __init__(
         self,
         router: Router,
-        agent: IAgent,
+        agent: Egress | IAgent,
         reactor: IReactorTime,
         timeouts: TimeoutsConfig,
     ) -> None:
@@ -276,7 +345,8 @@ class ProxyResource(Resource):
 
         Args:
             router: Chooses the upstream pool for each request.
-            agent: Sends requests upstream.
+            agent: Sends requests upstream: the :class:`Egress` (which
+                honours each route's ``via``) or any IAgent.
             reactor: Schedules timeouts.
             timeouts: Time limits.
         """
@@ -309,19 +379,20 @@ class ProxyResource(Resource):
                 "route_not_found",
                 rid,
             )
+            log_request(request, rid, path, 404, "error")
             return NOT_DONE_YET
         base = route.pool.pick()
         _, question, query = request.uri.partition(b"?")
         url = base.encode("utf-8") + path + question + query
-        exchange = _Exchange(request, rid, base)
+        exchange = _Exchange(request, rid, path, base)
         request.notifyFinish().addErrback(exchange.on_client_gone)
 
-        d = self.agent.request(
-            request.method,
-            url,
-            self._upstream_headers(request, rid),
-            _BytesProducer(body) if body else None,
-        )
+        headers = self._upstream_headers(request, rid)
+        producer = _BytesProducer(body) if body else None
+        if isinstance(self.agent, Egress):
+            d = self.agent.request(request.method, url, headers, producer, route.pool.via)
+        else:
+            d = self.agent.request(request.method, url, headers, producer)
         exchange.pending = d
         exchange.timer = self.reactor.callLater(
             self.timeouts.response_header, self._headers_timed_out, exchange
@@ -367,6 +438,9 @@ class ProxyResource(Resource):
         if exchange.client_gone:
             response.deliverBody(_StreamToClient(exchange))
             return
+        exchange.status = response.code
+        exchange.egress = getattr(response, "egress", None)
+        exchange.address = getattr(response, "address", None)
         request.setResponseCode(response.code, response.phrase)
         out = request.responseHeaders
         for name, values in _end_to_end(response.headers, HOP_BY_HOP):
@@ -402,7 +476,9 @@ class ProxyResource(Resource):
             upstream=exchange.upstream,
             message=message,
         )
+        exchange.status = status
         send_error(exchange.request, status, message, "upstream_error", code, exchange.rid)
+        exchange.log_done("error")
 
     def _classify(self, failure: Failure, exchange: _Exchange) -> tuple[int, str, str]:
         """Map an upstream failure to (status, code, message)."""
@@ -414,18 +490,29 @@ class ProxyResource(Resource):
                 f"upstream {where} sent no response headers within "
                 f"{self.timeouts.response_header:g} s",
             )
-        if failure.check(ierror.DNSLookupError):
-            return 502, "upstream_dns_error", f"upstream host name of {where} does not resolve"
-        if failure.check(ierror.ConnectionRefusedError):
-            return 502, "upstream_refused", f"upstream {where} refused the connection"
-        if failure.check(ierror.TimeoutError, ierror.TCPTimedOutError):
-            return (
-                504,
-                "upstream_connect_timeout",
-                f"connecting to upstream {where} timed out after "
-                f"{self.timeouts.connect:g} s",
-            )
-        if failure.check(ierror.ConnectError):
+        causes = _causes(failure)
+        for cause in causes:
+            if cause.check(TunnelTimeout):
+                return 504, "upstream_proxy_timeout", str(cause.value)
+            if cause.check(TunnelError):
+                return 502, "upstream_proxy_error", str(cause.value)
+            if _is_tls_failure(cause):
+                return 502, "upstream_tls_error", (
+                    f"TLS to upstream {where} failed (bad or untrusted certificate?): "
+                    f"{_describe_failure(cause)}"
+                )
+            if cause.check(ierror.DNSLookupError):
+                return 502, "upstream_dns_error", (
+                    f"upstream host name of {where} does not resolve"
+                )
+            if cause.check(ierror.ConnectionRefusedError):
+                return 502, "upstream_refused", f"upstream {where} refused the connection"
+            if cause.check(ierror.TimeoutError, ierror.TCPTimedOutError):
+                return 504, "upstream_connect_timeout", (
+                    f"connecting to upstream {where} timed out after "
+                    f"{self.timeouts.connect:g} s"
+                )
+        if any(cause.check(ierror.ConnectError) for cause in causes):
             return 502, "upstream_unreachable", (
                 f"upstream {where} is unreachable: {_describe_failure(failure)}"
             )

@@ -24,10 +24,12 @@ class UpstreamPool:
         name: The route's name for logs and metrics, such as ``/v1/`` for a
             ``target_map`` entry or ``gpt-4`` for a model route.
         urls: The base URLs, without a trailing slash.
+        via: How to reach them: ``auto``, ``direct`` or ``proxy``.
     """
 
     name: str
     urls: tuple[str, ...]
+    via: str = "auto"
     _turn: int = 0
 
     def pick(self) -> str:
@@ -58,7 +60,7 @@ class Route:
 
 
 def _pool(name: str, route: RouteConfig) -> UpstreamPool:
-    return UpstreamPool(name=name, urls=route.urls)
+    return UpstreamPool(name=name, urls=route.urls, via=route.via)
 
 
 class Router:

@@ -22,7 +22,7 @@ from twisted.web.server import Request, Site
 
 from llmproxy import __version__
 from llmproxy.config import Config
-from llmproxy.egress import build_egress, close_pool
+from llmproxy.egress import Egress
 from llmproxy.proxy import ProxyResource
 from llmproxy.routing import Router
 
@@ -103,12 +103,8 @@ def build_resource(
     """
     close = None
     if agent is None:
-        egress = build_egress(config, reactor)
-        agent = egress.agent
-
-        def close() -> Deferred[None]:
-            return close_pool(egress.pool, reactor)
-
+        egress = Egress(config, reactor)
+        agent, close = egress, egress.close
     proxy = ProxyResource(Router.from_config(config), agent, reactor, config.timeouts)
     return RootResource(proxy, close)
 
@@ -117,6 +113,9 @@ class LLMProxySite(Site):
     """The Site llmproxy listens with: no tracebacks, no server banner."""
 
     displayTracebacks = False
+
+    def log(self, request: Request) -> None:
+        """Proxied requests log one event of their own (see proxy.py)."""
 
 
 def build_site(config: Config, reactor: Any, resource: Resource | None = None) -> LLMProxySite:

@@ -45,7 +45,7 @@ class NeedleWaiter:
             self._waiting.append((needle, d))
         return d
 
-    def fail_waits(self, reason: Exception) -> None:
+    def fail_waits(self, reason: Exception | Failure) -> None:
         """Errback every pending wait (the source has ended)."""
         waiting, self._waiting = self._waiting, []
         for _, d in waiting:
