@@ -142,6 +142,33 @@ class TLSConfig:
     ca_file: str | None = None
 
 
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
+
+@attrs.frozen
+class LogConfig:
+    """Logging.
+
+    Attributes:
+        file: The JSON log file (rotated), or None for no file.
+        max_bytes: Rotate the file when it would grow past this size.
+        backups: Rotated files kept.
+        compress: Gzip rotated files (off the reactor thread).
+        level: Lowest level logged: debug, info, warn, error, critical.
+        access: Log one access record per request.
+    """
+
+    file: str | None = "logs/llmproxy.log"
+    max_bytes: int = 100 * 1024 * 1024
+    backups: int = 20
+    compress: bool = True
+    level: str = "info"
+    access: bool = True
+
+
+DEFAULT_ADMIN_LISTEN = "tcp:9100:interface=127.0.0.1"
+
+
 @attrs.frozen
 class Config:
     """The whole, validated configuration.
@@ -163,6 +190,10 @@ class Config:
             networks are reached directly.
         dns_cache_ttl: Seconds a DNS answer is cached.
         tls: TLS settings.
+        log: Logging settings.
+        admin_listen: The endpoint serving /metrics, /healthz and /readyz,
+            or None for none.
+        metrics: Whether Prometheus metrics are collected.
         source: Where the config came from (a file name), for messages.
     """
 
@@ -180,6 +211,9 @@ class Config:
     direct_networks: tuple[str, ...] = DEFAULT_DIRECT_NETWORKS
     dns_cache_ttl: float = 300.0
     tls: TLSConfig = TLSConfig()
+    log: LogConfig = LogConfig()
+    admin_listen: str | None = DEFAULT_ADMIN_LISTEN
+    metrics: bool = True
     source: str = "<config>"
 
 
@@ -331,6 +365,9 @@ def parse_config(
         direct_networks=DEFAULT_DIRECT_NETWORKS if direct_networks is None else direct_networks,
         dns_cache_ttl=top.get("dns_cache_ttl", _number) or 300.0,
         tls=top.get("tls", _tls) or TLSConfig(),
+        log=top.get("log", _log) or LogConfig(),
+        admin_listen=_admin_listen(top),
+        metrics=True if top.get("metrics", _boolean) is None else top.value["metrics"],
         source=source,
     )
 
@@ -382,6 +419,9 @@ _TOP_KEYS = (
     "direct_networks",
     "dns_cache_ttl",
     "tls",
+    "log",
+    "admin_listen",
+    "metrics",
 )
 
 
@@ -685,3 +725,43 @@ def _tls(value: Any, path: str) -> TLSConfig:
         if b"-----BEGIN CERTIFICATE-----" not in pem:
             raise ConfigError(key, f"{ca_file!r} holds no PEM certificate")
     return TLSConfig(ca_file=ca_file)
+
+
+def _admin_listen(top: _Mapping) -> str | None:
+    """``admin_listen``: an endpoint, the default when absent, None if null."""
+    if "admin_listen" not in top.value:
+        return DEFAULT_ADMIN_LISTEN
+    return top.get("admin_listen", _endpoint)
+
+
+def _boolean(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(path, f"expected true or false, got {_describe(value)}")
+    return value
+
+
+def _log(value: Any, path: str) -> LogConfig:
+    table = _Mapping(value, path)
+    table.check_keys(("file", "max_bytes", "backups", "compress", "level", "access"))
+    defaults = LogConfig()
+    level = table.get("level", _string)
+    if level is not None and level.lower() not in LOG_LEVELS:
+        raise ConfigError(
+            _join(path, "level"), f"expected one of {', '.join(LOG_LEVELS)}, got {level!r}"
+        )
+    backups = table.value.get("backups")
+    if backups is not None and not (isinstance(backups, int) and not isinstance(backups, bool)
+                                    and backups >= 0):
+        raise ConfigError(
+            _join(path, "backups"), f"expected an integer >= 0, got {_describe(backups)}"
+        )
+    compress = table.get("compress", _boolean)
+    access = table.get("access", _boolean)
+    return LogConfig(
+        access=defaults.access if access is None else access,
+        file=table.get("file", _string) if "file" in table.value else defaults.file,
+        max_bytes=table.get("max_bytes", _positive_int) or defaults.max_bytes,
+        backups=defaults.backups if backups is None else backups,
+        compress=defaults.compress if compress is None else compress,
+        level=(level or defaults.level).lower(),
+    )

@@ -1,8 +1,9 @@
 """``twistd llmproxy``: options and the service tree.
 
-``makeService`` loads the config and builds a MultiService: the public
-listener, the demo upstream when ``demo_upstream`` is set, and a service that
-closes the upstream connection pool on stop.
+``makeService`` loads the config and builds a MultiService: the JSON log
+file, the demo upstream when ``demo_upstream`` is set, the public listener,
+the admin listener (metrics, health) and a service that closes the upstream
+connection pools on stop.
 """
 
 from __future__ import annotations
@@ -10,13 +11,17 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
+from collections.abc import Callable
+
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from llmproxy.config import Config, ConfigError, load_config
-from llmproxy.web import build_resource, build_site
+from llmproxy import logs
+from llmproxy.logs import file_log_service
+from llmproxy.web import build_admin_resource, build_resource, build_site
 
 __all__ = ["Options", "makeService"]
 
@@ -46,6 +51,13 @@ class Options(usage.Options):
             self.loaded: Config = load_config(self["config"])
         except ConfigError as e:
             raise _fail(f"config error: {e}") from None
+        parent = getattr(self, "parent", None)
+        if parent is not None and parent.get("nodaemon") and not parent.get("logger"):
+            # In the foreground (systemd, journald), log readable lines to
+            # stdout at log.level instead of twistd's unfiltered default.
+            if parent.get("logfile") in (None, "-"):
+                logs.twistd_console_level = self.loaded.log.level
+                parent["logger"] = "llmproxy.logs.twistd_console_observer"
 
 
 class _CloseService(Service):
@@ -59,16 +71,46 @@ class _CloseService(Service):
         return self._close()
 
 
-def _listener(reactor: Any, description: str, factory: Any, key: str) -> Service:
-    """A service listening on an endpoint string, validated now."""
-    try:
-        endpoint = serverFromString(reactor, description)
-    except (ValueError, KeyError, TypeError) as e:
-        raise _fail(f"config error: {key}: not a valid endpoint {description!r}: {e}") from None
-    service = StreamServerEndpointService(endpoint, factory)
-    # Fail startup (and so twistd) if the port cannot be bound.
-    service._raiseSynchronously = True
-    return service
+class _Listener(Service):
+    """Listens on an endpoint; startup fails if the port cannot be bound.
+
+    Attributes:
+        port: The listening port, once listening.
+    """
+
+    def __init__(
+        self, reactor: Any, description: str, factory: Any, key: str,
+        on_listening: Callable[[], None] | None = None,
+    ) -> None:
+        try:
+            self._endpoint = serverFromString(reactor, description)
+        except (ValueError, KeyError, TypeError) as e:
+            raise _fail(
+                f"config error: {key}: not a valid endpoint {description!r}: {e}"
+            ) from None
+        self._factory = factory
+        self._on_listening = on_listening
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        outcome: list[Any] = []
+        self._endpoint.listen(self._factory).addBoth(outcome.append)
+        # Endpoint listens fail synchronously (port in use, permission):
+        # raising here makes twistd exit non-zero instead of serving nothing.
+        if outcome and isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        if outcome:
+            self.port = outcome[0]
+            if self._on_listening is not None:
+                self._on_listening()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
 
 
 def makeService(options: Options) -> MultiService:
@@ -94,10 +136,22 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         reactor: The reactor to run on.
 
     Returns:
-        A MultiService with the demo upstream (if configured), the public
-        listener and the pool closer.
+        A MultiService with the log file (if configured), the demo upstream
+        (if configured), the public listener, the admin listener and the
+        pool closer.
     """
     top = MultiService()
+    if config.log.file:
+        logs = file_log_service(
+            config.log.file,
+            max_bytes=config.log.max_bytes,
+            backups=config.log.backups,
+            compress=config.log.compress,
+            level=config.log.level,
+            reactor=reactor,
+        )
+        logs.setName("log-file")
+        logs.setServiceParent(top)
     if config.demo_upstream is not None:
         from llmproxy.testing.upstream import FakeUpstreamService
 
@@ -105,9 +159,20 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         demo.setName("demo-upstream")
         demo.setServiceParent(top)
     root = build_resource(config, reactor)
-    listener = _listener(reactor, config.listen, build_site(config, reactor, root), "listen")
+    root.ready = False
+
+    def listening() -> None:
+        root.ready = True
+
+    site = build_site(config, reactor, root)
+    listener = _Listener(reactor, config.listen, site, "listen", listening)
     listener.setName("web")
     listener.setServiceParent(top)
+    if config.admin_listen is not None:
+        admin_site = build_site(config, reactor, build_admin_resource(root))
+        admin = _Listener(reactor, config.admin_listen, admin_site, "admin_listen")
+        admin.setName("admin")
+        admin.setServiceParent(top)
     closer = _CloseService(root.close)
     closer.setName("upstream-pool")
     closer.setServiceParent(top)

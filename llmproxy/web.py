@@ -23,13 +23,21 @@ from twisted.web.server import Request, Site
 from llmproxy import __version__
 from llmproxy.config import Config
 from llmproxy.egress import Egress
+from llmproxy.metrics import Metrics, MetricsResource
 from llmproxy.proxy import ProxyResource
 from llmproxy.routing import Router
 
-__all__ = ["LLMProxySite", "RootResource", "build_resource", "build_site"]
+__all__ = [
+    "LLMProxySite",
+    "RootResource",
+    "build_admin_resource",
+    "build_resource",
+    "build_site",
+]
 
 _HEALTH = json.dumps({"status": "ok", "version": __version__}).encode()
 _READY = json.dumps({"status": "ready"}).encode()
+_NOT_READY = json.dumps({"status": "starting"}).encode()
 
 
 class RootResource(Resource):
@@ -37,21 +45,28 @@ class RootResource(Resource):
 
     Attributes:
         proxy: The proxy resource.
-        close: Call on shutdown to close the upstream connection pool when
-            the resource built its own; returns a Deferred.
+        metrics: The Prometheus instruments (serve them with
+            :func:`build_admin_resource`).
+        ready: Whether ``/readyz`` says ready: true once the daemon listens
+            (an embedding app's resource is ready when built).
     """
 
     isLeaf = True
 
-    def __init__(self, proxy: ProxyResource, close: Any = None) -> None:
+    def __init__(
+        self, proxy: ProxyResource, close: Any = None, metrics: Metrics | None = None
+    ) -> None:
         """Wrap the proxy.
 
         Args:
             proxy: The proxy resource.
             close: A callable closing owned upstream connections.
+            metrics: The instruments the proxy updates.
         """
         super().__init__()
         self.proxy = proxy
+        self.metrics = metrics
+        self.ready = True
         self._close = close
 
     def close(self) -> Deferred[None] | None:
@@ -77,8 +92,48 @@ class RootResource(Resource):
             if postpath[0] == b"healthz":
                 return _json(request, _HEALTH)
             if postpath[0] == b"readyz":
-                return _json(request, _READY)
+                return self.render_ready(request)
         return self.proxy.render(request)
+
+    def render_ready(self, request: Request) -> bytes:
+        """``/readyz``: 200 once listening with a loaded config, else 503."""
+        if not self.ready:
+            request.setResponseCode(503)
+            return _json(request, _NOT_READY)
+        return _json(request, _READY)
+
+
+class _Health(Resource):
+    """``/healthz`` or ``/readyz`` of the admin site."""
+
+    isLeaf = True
+
+    def __init__(self, root: RootResource, ready: bool) -> None:
+        super().__init__()
+        self._root = root
+        self._ready = ready
+
+    def render_GET(self, request: Request) -> bytes:
+        if self._ready:
+            return self._root.render_ready(request)
+        return _json(request, _HEALTH)
+
+
+def build_admin_resource(root: RootResource) -> Resource:
+    """The admin site's root: ``/metrics``, ``/healthz`` and ``/readyz``.
+
+    Args:
+        root: The proxy's root resource (its metrics and readiness).
+
+    Returns:
+        A resource to serve on the admin endpoint, never on the public one.
+    """
+    admin = Resource()
+    if root.metrics is not None:
+        admin.putChild(b"metrics", MetricsResource(root.metrics.registry))
+    admin.putChild(b"healthz", _Health(root, ready=False))
+    admin.putChild(b"readyz", _Health(root, ready=True))
+    return admin
 
 
 def _json(request: Request, body: bytes) -> bytes:
@@ -102,11 +157,16 @@ def build_resource(
         The root resource; mount it anywhere in a twisted.web tree.
     """
     close = None
+    resolver = None
     if agent is None:
         egress = Egress(config, reactor)
-        agent, close = egress, egress.close
-    proxy = ProxyResource(Router.from_config(config), agent, reactor, config.timeouts)
-    return RootResource(proxy, close)
+        agent, close, resolver = egress, egress.close, egress.resolver
+    metrics = Metrics(config, resolver=resolver) if config.metrics else None
+    proxy = ProxyResource(
+        Router.from_config(config), agent, reactor, config.timeouts, metrics,
+        access_log=config.log.access,
+    )
+    return RootResource(proxy, close, metrics)
 
 
 class LLMProxySite(Site):

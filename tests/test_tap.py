@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import socket
@@ -63,7 +64,7 @@ def test_make_service_builds_the_service_tree(tmp_path: Path) -> None:
     service = tap.makeService(options)
     assert IServiceCollection.providedBy(service)
     names = [s.name for s in service]
-    assert names == ["demo-upstream", "web", "upstream-pool"]
+    assert names == ["log-file", "demo-upstream", "web", "admin", "upstream-pool"]
     assert all(IService.providedBy(s) for s in service)
 
 
@@ -72,7 +73,8 @@ def test_without_demo_upstream_no_demo_service() -> None:
     from twisted.internet import reactor
 
     config = parse_config_text((ROOT / "etc" / "config.yml").read_text(), environ={})
-    assert [s.name for s in build_service(config, reactor)] == ["web", "upstream-pool"]
+    names = [s.name for s in build_service(config, reactor)]
+    assert names == ["log-file", "web", "admin", "upstream-pool"]
 
 
 def test_bad_config_is_one_line_exit(tmp_path: Path) -> None:
@@ -150,6 +152,7 @@ async def test_twistd_serves_a_stream_and_stops_on_sigterm(
         f'listen: "tcp:{port}:interface=127.0.0.1"\n'
         f'demo_upstream: "tcp:{demo_port}:interface=127.0.0.1"\n'
         f'target_map:\n  "/v1/": "http://127.0.0.1:{demo_port}"\n'
+        "admin_listen: null\n"
     )
     process = spawn_twistd(reactor, config, tmp_path)
     try:
@@ -200,7 +203,7 @@ async def test_twistd_port_in_use_fails_clearly(
         config = tmp_path / "taken.yml"
         config.write_text(
             f'listen: "tcp:{port}:interface=127.0.0.1"\n'
-            "target_map: {'/v1/': 'http://127.0.0.1:1'}\n"
+            "target_map: {'/v1/': 'http://127.0.0.1:1'}\nadmin_listen: null\n"
         )
         process = spawn_twistd(reactor, config, tmp_path)
         code = await process.ended.addTimeout(WAIT, reactor)
@@ -233,3 +236,56 @@ def test_wheel_holds_exactly_the_dropin(tmp_path: Path) -> None:
         "twisted/plugins/llmproxy_plugin.py"
     ]
     assert "llmproxy/testing/upstream.py" in names
+
+
+@pytest_twisted.ensureDeferred
+async def test_secrets_never_reach_logs_stdout_or_metrics(
+    reactor: Any, tmp_path: Path, client: Any
+) -> None:
+    """Planted credentials appear nowhere: log file, stdout or /metrics."""
+    port, admin_port, demo_port = free_port(), free_port(), free_port()
+    config = tmp_path / "secrets.yml"
+    config.write_text(
+        f'listen: "tcp:{port}:interface=127.0.0.1"\n'
+        f'admin_listen: "tcp:{admin_port}:interface=127.0.0.1"\n'
+        f'demo_upstream: "tcp:{demo_port}:interface=127.0.0.1"\n'
+        'proxy_url: "http://user:PLANTED-PROXY-PW@127.0.0.1:9"\n'
+        f'target_map:\n  "/v1/": "http://127.0.0.1:{demo_port}"\n'
+        "log: {level: debug, max_bytes: 4000, backups: 50}\n"
+    )
+    secrets = {
+        "Authorization": "Bearer PLANTED-AUTH",
+        "X-Api-Key": "PLANTED-XKEY",
+        "Api-Key": "PLANTED-APIKEY",
+        "Cookie": "session=PLANTED-COOKIE",
+        "Proxy-Authorization": "Basic PLANTED-PROXYAUTH",
+    }
+    process = spawn_twistd(reactor, config, tmp_path)
+    try:
+        await process.wait_for(b"starting on %d" % port).addTimeout(WAIT, reactor)
+        base = f"http://127.0.0.1:{port}"
+        chat = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}]}
+        for extra in ({}, {"X-Fake-Status": "500"}, {"X-Fake-Abort-After": "1"}):
+            response = await send(client, reactor, base + "/v1/chat/completions", chat,
+                                  headers={**secrets, **extra})
+            try:
+                await collect(response).done.addTimeout(WAIT, reactor)
+            except Exception:
+                pass  # the aborted one
+        response = await send(client, reactor, base + "/nowhere", chat, headers=secrets)
+        await collect(response).done.addTimeout(WAIT, reactor)
+        response = await send(client, reactor, f"http://127.0.0.1:{admin_port}/metrics",
+                              method=b"GET")
+        metrics = await collect(response).done.addTimeout(WAIT, reactor)
+        assert b"llmproxy_requests_total" in metrics
+    finally:
+        if not process.ended.called:
+            process.transport.signalProcess("TERM")
+        await process.ended.addTimeout(WAIT, reactor)
+    logs = b""
+    for path in (tmp_path / "logs").iterdir():
+        data = path.read_bytes()
+        logs += gzip.decompress(data) if path.suffix == ".gz" else data
+    assert logs.count(b'"log_namespace": "llmproxy.access"') == 4
+    for where, text in (("log file", logs), ("stdout", process.output), ("/metrics", metrics)):
+        assert b"PLANTED" not in text, f"a secret reached the {where}"

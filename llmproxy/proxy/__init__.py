@@ -34,9 +34,11 @@ from zope.interface import implementer
 
 from llmproxy.config import TimeoutsConfig
 from llmproxy.egress import Egress, TunnelError, TunnelTimeout
+from llmproxy.metrics import Metrics
+from llmproxy.proxy._usage import UsageReader
 from llmproxy.routing import Router, extract_model
 
-__all__ = ["ProxyResource", "error_body", "request_id_for"]
+__all__ = ["ACCESS_FORMAT", "ProxyResource", "error_body", "request_id_for"]
 
 log = Logger()
 
@@ -168,63 +170,91 @@ class _BytesProducer:
         """Nothing to stop: the body was written in one piece."""
 
 
-def log_request(
-    request: Request,
-    rid: str,
-    path: bytes,
-    status: int | None,
-    outcome: str,
-    **fields: Any,
-) -> None:
-    """Log one finished request: one event per request.
+_access = Logger(namespace="llmproxy.access")
 
-    Args:
-        request: The downstream request.
-        rid: Its request id.
-        path: The routed path.
-        status: The status sent to the client, if any.
-        outcome: ``ok``, ``client_closed``, ``upstream_aborted`` or ``error``.
-        **fields: More fields (upstream, egress, address).
-    """
-    log.info(
-        "{method} {path} -> {status} {outcome} upstream={upstream} "
-        "egress={egress} address={address} request_id={request_id}",
-        method=request.method.decode("ascii", "replace"),
-        path=path.decode("utf-8", "replace"),
-        status=status,
-        outcome=outcome,
-        request_id=rid,
-        **{"upstream": None, "egress": None, "address": None, **fields},
-    )
+#: The access record's format for readable (console) output.
+ACCESS_FORMAT = (
+    "{method} {path} {status} {outcome} {latency_ms}ms model={model} "
+    "upstream={upstream} egress={egress} request_id={request_id}"
+)
 
 
 class _Exchange:
-    """The state of one proxied request, from render to finish."""
+    """One proxied request, from render to its access record.
 
-    def __init__(self, request: Request, rid: str, path: bytes, upstream: str) -> None:
+    Attributes:
+        record: The access record's fields, filled in as the request goes.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        rid: str,
+        path: bytes,
+        clock: IReactorTime,
+        metrics: Metrics | None,
+        access_log: bool = True,
+    ) -> None:
         self.request = request
+        self.access_log = access_log
         self.rid = rid
-        self.path = path
-        self.upstream = upstream
-        self.status: int | None = None
-        self.egress: str | None = None
-        self.address: str | None = None
+        self.clock = clock
+        self.metrics = metrics
+        self.access_log = access_log
+        self.started = clock.seconds()
+        peer = request.getClientAddress()
+        self.upstream: str | None = None
+        self.record: dict[str, Any] = {
+            "request_id": rid,
+            "client_ip": getattr(peer, "host", None),
+            "method": request.method.decode("ascii", "replace"),
+            "path": path.decode("utf-8", "replace"),
+            "route": None,
+            "model": None,
+            "upstream": None,
+            "status": None,
+            "bytes_in": 0,
+            "bytes_out": 0,
+            "stream": False,
+            "ttfb_ms": None,
+            "egress": None,
+            "address": None,
+        }
+        self.usage: UsageReader | None = None
         self.logged = False
         self.client_gone = False
         self.timed_out = False
         self.timer: Any = None
         self.pending: Deferred[IResponse] | None = None
         self.body: _StreamToClient | None = None
+        if metrics is not None:
+            metrics.inflight.inc()
 
-    def log_done(self, outcome: str) -> None:
-        """Emit the request's one log event (once)."""
+    def elapsed_ms(self) -> float:
+        """Milliseconds since the request arrived."""
+        return round((self.clock.seconds() - self.started) * 1000.0, 3)
+
+    def log_done(self, outcome: str, error_code: str | None = None) -> None:
+        """Emit the request's one access record (once) and count it."""
         if self.logged:
             return
         self.logged = True
-        log_request(
-            self.request, self.rid, self.path, self.status, outcome,
-            upstream=self.upstream, egress=self.egress, address=self.address,
-        )
+        record = self.record
+        record["outcome"] = outcome
+        record["latency_ms"] = self.elapsed_ms()
+        if error_code is not None:
+            record["error_code"] = error_code
+        if self.usage is not None and (self.access_log or self.metrics is not None):
+            usage = self.usage.finish()
+            for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                value = getattr(usage, name)
+                if value is not None:
+                    record[name] = value
+        if self.access_log:
+            _access.info(ACCESS_FORMAT, **record)
+        if self.metrics is not None:
+            self.metrics.inflight.dec()
+            self.metrics.observe(record)
 
     def on_client_gone(self, reason: Failure) -> None:
         """The client closed its connection before we finished: stop paying."""
@@ -261,7 +291,11 @@ class _StreamToClient(Protocol):
         self.producing = True
 
     def dataReceived(self, data: bytes) -> None:
-        if not self.exchange.client_gone:
+        exchange = self.exchange
+        if not exchange.client_gone:
+            exchange.record["bytes_out"] += len(data)
+            if exchange.usage is not None:
+                exchange.usage.feed(data)
             self.request.write(data)
 
     def stop(self) -> None:
@@ -292,7 +326,7 @@ class _StreamToClient(Protocol):
             request_id=exchange.rid,
             reason=_describe_failure(reason),
         )
-        exchange.log_done("upstream_aborted")
+        exchange.log_done("upstream_aborted", "upstream_aborted")
         self.request.loseConnection()
 
 
@@ -340,6 +374,8 @@ class ProxyResource(Resource):
         agent: Egress | IAgent,
         reactor: IReactorTime,
         timeouts: TimeoutsConfig,
+        metrics: Metrics | None = None,
+        access_log: bool = True,
     ) -> None:
         """Set up the proxy.
 
@@ -347,14 +383,18 @@ class ProxyResource(Resource):
             router: Chooses the upstream pool for each request.
             agent: Sends requests upstream: the :class:`Egress` (which
                 honours each route's ``via``) or any IAgent.
-            reactor: Schedules timeouts.
+            reactor: Schedules timeouts and measures latency.
             timeouts: Time limits.
+            metrics: Where finished requests are counted, if anywhere.
+            access_log: Whether to log an access record per request.
         """
         super().__init__()
         self.router = router
         self.agent = agent
         self.reactor = reactor
         self.timeouts = timeouts
+        self.metrics = metrics
+        self.access_log = access_log
 
     def render(self, request: Request) -> Any:
         """Forward ``request`` upstream; the response follows later.
@@ -369,8 +409,13 @@ class ProxyResource(Resource):
         path = b"/" + b"/".join(request.postpath)
         request.content.seek(0)
         body = request.content.read()
-        route = self.router.route(path, extract_model(body))
+        exchange = _Exchange(request, rid, path, self.reactor, self.metrics, self.access_log)
+        exchange.record["bytes_in"] = len(body)
+        model = extract_model(body)
+        exchange.record["model"] = model
+        route = self.router.route(path, model)
         if route is None:
+            exchange.record["status"] = 404
             send_error(
                 request,
                 404,
@@ -379,12 +424,13 @@ class ProxyResource(Resource):
                 "route_not_found",
                 rid,
             )
-            log_request(request, rid, path, 404, "error")
+            exchange.log_done("error")
             return NOT_DONE_YET
         base = route.pool.pick()
+        exchange.upstream = base
+        exchange.record.update(route=route.path_key, upstream=base)
         _, question, query = request.uri.partition(b"?")
         url = base.encode("utf-8") + path + question + query
-        exchange = _Exchange(request, rid, path, base)
         request.notifyFinish().addErrback(exchange.on_client_gone)
 
         headers = self._upstream_headers(request, rid)
@@ -438,9 +484,17 @@ class ProxyResource(Resource):
         if exchange.client_gone:
             response.deliverBody(_StreamToClient(exchange))
             return
-        exchange.status = response.code
-        exchange.egress = getattr(response, "egress", None)
-        exchange.address = getattr(response, "address", None)
+        record = exchange.record
+        record["status"] = response.code
+        record["ttfb_ms"] = exchange.elapsed_ms()
+        record["egress"] = getattr(response, "egress", None)
+        record["address"] = getattr(response, "address", None)
+        content_type = response.headers.getRawHeaders(b"content-type", [None])[0]
+        record["stream"] = bool(content_type) and content_type.lower().startswith(
+            b"text/event-stream"
+        )
+        encoding = response.headers.getRawHeaders(b"content-encoding", [None])[0]
+        exchange.usage = UsageReader(content_type, encoding)
         request.setResponseCode(response.code, response.phrase)
         out = request.responseHeaders
         for name, values in _end_to_end(response.headers, HOP_BY_HOP):
@@ -476,9 +530,9 @@ class ProxyResource(Resource):
             upstream=exchange.upstream,
             message=message,
         )
-        exchange.status = status
+        exchange.record["status"] = status
         send_error(exchange.request, status, message, "upstream_error", code, exchange.rid)
-        exchange.log_done("error")
+        exchange.log_done("error", code)
 
     def _classify(self, failure: Failure, exchange: _Exchange) -> tuple[int, str, str]:
         """Map an upstream failure to (status, code, message)."""

@@ -1,0 +1,257 @@
+"""A benchmark: ``python -m llmproxy.bench``.
+
+Starts the package's fake upstream and llmproxy (a real ``twistd``
+process each), drives load with ``wrk`` (Debian package ``wrk``), and
+reports requests/s and latency for the same load straight to the upstream,
+through the proxy with logging and metrics on, and with them off. With two
+or more cores the proxy is pinned to core 0 and everything else to core 1.
+
+This is a command-line tool, not part of the daemon: it blocks, waits on
+child processes and is never imported by the proxy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+CHAT = json.dumps(
+    {"model": "bench", "messages": [{"role": "user", "content": "Say hello."}]}
+)
+
+_LUA = """
+wrk.method = "POST"
+wrk.body   = [[{body}]]
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["X-Fake-Chunks"] = "{chunks}"
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_listening(
+    port: int, process: subprocess.Popen, log: Path, seconds: float = 20.0
+) -> None:
+    """Wait until something accepts connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(
+                f"bench: a child process exited early (status {process.returncode}):\n"
+                + log.read_text(errors="replace")[-2000:]
+            )
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)  # a CLI tool waiting for a child process
+    raise SystemExit(f"bench: nothing listens on port {port} after {seconds:g} s")
+
+
+def _pin(core: int | None) -> list[str]:
+    """A taskset prefix pinning a command to one core, if possible."""
+    if core is None or not shutil.which("taskset"):
+        return []
+    return ["taskset", "-c", str(core)]
+
+
+def _start(argv: list[str], cwd: str, log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    # The children run the same llmproxy as this process, installed or not.
+    source = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [source, env.get("PYTHONPATH")]))
+    with open(log, "wb") as out:
+        return subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User+system CPU seconds a process used so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def _peak_rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _parse_latency(text: str) -> float:
+    match = re.match(r"([\d.]+)(us|ms|s)", text)
+    if not match:
+        return float("nan")
+    value, unit = float(match[1]), match[2]
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+def _wrk(url: str, connections: int, seconds: float, chunks: int, core: int | None,
+         workdir: Path) -> dict[str, Any]:
+    script = workdir / "post.lua"
+    script.write_text(_LUA.format(body=CHAT, chunks=chunks))
+    argv = [*_pin(core), "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s",
+            "--latency", "-s", str(script), url]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    latency = dict(re.findall(r"^\s+(50|90|99)%\s+(\S+)", out, re.M))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    return {
+        "requests_per_s": float(rate[1]) if rate else 0.0,
+        "p50_ms": _parse_latency(latency.get("50", "")),
+        "p90_ms": _parse_latency(latency.get("90", "")),
+        "p99_ms": _parse_latency(latency.get("99", "")),
+        "errors": int(errors[1]) if errors else 0,
+        "socket_errors": socket_errors[1] if socket_errors else "",
+    }
+
+
+def _proxy_config(path: Path, port: int, upstream: int, observability: bool) -> None:
+    lines = [
+        f'listen: "tcp:{port}:interface=127.0.0.1"',
+        f'target_map: {{"/v1/": "http://127.0.0.1:{upstream}"}}',
+    ]
+    if observability:
+        lines += ["admin_listen: null", "log: {file: logs/llmproxy.log, level: info}"]
+    else:
+        lines += ["admin_listen: null", "metrics: false",
+                  "log: {file: null, access: false, level: warn}"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark and return its results."""
+    if not shutil.which("wrk"):
+        raise SystemExit("bench: wrk is not installed (apt-get install wrk)")
+    cores = os.cpu_count() or 1
+    proxy_core, other_core = (0, 1) if cores >= 2 else (None, None)
+    chunks = 20 if args.scenario == "sse" else 1
+    path = "/v1/chat/completions"
+    results: dict[str, Any] = {
+        "scenario": args.scenario,
+        "connections": args.connections,
+        "seconds": args.duration,
+        "pinned": proxy_core is not None,
+        "python": sys.version.split()[0],
+        "runs": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="llmproxy-bench-") as tmp:
+        work = Path(tmp)
+        upstream_port = _free_port()
+        upstream = _start(
+            [*_pin(other_core), sys.executable, "-m", "llmproxy.testing.upstream",
+             "--port", str(upstream_port)],
+            tmp, work / "upstream.log",
+        )
+        try:
+            _wait_listening(upstream_port, upstream, work / "upstream.log")
+            results["runs"]["direct"] = _wrk(
+                f"http://127.0.0.1:{upstream_port}{path}", args.connections,
+                args.duration, chunks, other_core, work,
+            )
+            for name, observability in (("proxy (logs+metrics on)", True),
+                                        ("proxy (logs+metrics off)", False)):
+                port = _free_port()
+                config = work / f"{observability}.yml"
+                _proxy_config(config, port, upstream_port, observability)
+                proxy = _start(
+                    [*_pin(proxy_core), sys.executable, "-c",
+                     "from twisted.scripts.twistd import run; run()",
+                     "-n", "--pidfile=", "llmproxy", "--config", str(config)],
+                    tmp, work / "proxy.log",
+                )
+                try:
+                    _wait_listening(port, proxy, work / "proxy.log")
+                    cpu_before = _cpu_seconds(proxy.pid)
+                    run_result = _wrk(f"http://127.0.0.1:{port}{path}", args.connections,
+                                      args.duration, chunks, other_core, work)
+                    cpu = _cpu_seconds(proxy.pid) - cpu_before
+                    run_result["proxy_cpu_percent"] = round(100 * cpu / args.duration, 1)
+                    run_result["proxy_peak_rss_mb"] = round(_peak_rss_mb(proxy.pid), 1)
+                    results["runs"][name] = run_result
+                finally:
+                    _stop(proxy)
+        finally:
+            _stop(upstream)
+    on = results["runs"]["proxy (logs+metrics on)"]["requests_per_s"]
+    off = results["runs"]["proxy (logs+metrics off)"]["requests_per_s"]
+    results["observability_cost_percent"] = round(100 * (off - on) / off, 1) if off else None
+    return results
+
+
+def _report(results: dict[str, Any]) -> str:
+    lines = [
+        f"scenario {results['scenario']}, {results['connections']} connections, "
+        f"{results['seconds']:g} s each, proxy pinned to one core: {results['pinned']}",
+        f"{'run':<28}{'req/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
+        f"{'errors':>8}{'CPU %':>7}{'RSS MB':>8}",
+    ]
+    for name, r in results["runs"].items():
+        lines.append(
+            f"{name:<28}{r['requests_per_s']:>10.0f}{r['p50_ms']:>9.2f}{r['p90_ms']:>9.2f}"
+            f"{r['p99_ms']:>9.2f}{r['errors']:>8}"
+            f"{r.get('proxy_cpu_percent', float('nan')):>7.0f}"
+            f"{r.get('proxy_peak_rss_mb', float('nan')):>8.1f}"
+        )
+    lines.append(
+        f"logging+metrics cost: {results['observability_cost_percent']}% of throughput"
+    )
+    direct = results["runs"]["direct"]["requests_per_s"]
+    proxy = results["runs"]["proxy (logs+metrics on)"]["requests_per_s"]
+    if proxy and direct < 3 * proxy:
+        lines.append(
+            "note: the upstream is not 3x faster than the proxy here, so the proxy "
+            "numbers are bounded by the upstream (compare on/off as a ratio only)"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(prog="python -m llmproxy.bench", description=__doc__)
+    parser.add_argument("--scenario", choices=("nonstream", "sse"), default="nonstream")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per run")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    results = run(args)
+    print(_report(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,816 @@
+"""twisted.logger observers: a rotating JSON file and readable console output.
+
+:class:`RotatingJSONLog` writes one JSON line per event (twisted.logger's
+own format, readable back with ``eventsFromJSONLogFile``), rotates the file
+by size, gzips rotated files in a thread pool, one at a time, and keeps a
+bounded number of them.
+
+:func:`level_filtered` and :func:`console_observer` build filtered
+observers; :class:`LogService` adds an observer to a log publisher while the
+application runs and, on stop, waits for the observer to finish its
+background work. :func:`file_log_service` puts the pieces together for the
+daemon; an embedding application may add its own observers instead.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gzip
+import os
+import json
+import re
+import shutil
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import IO, Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogEvent,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    LogPublisher,
+    eventAsJSON,
+    formatTime,
+    globalLogPublisher,
+    textFileLogObserver,
+)
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = [
+    "LEVELS",
+    "LogService",
+    "RotatingJSONLog",
+    "console_observer",
+    "console_observer_factory",
+    "event_line",
+    "file_log_service",
+    "gzip_file",
+    "level_filtered",
+]
+
+log = Logger()
+
+#: The level names accepted by :func:`level_filtered`, lowest first.
+LEVELS = ("debug", "info", "warn", "error", "critical")
+
+#: Bytes copied at a time while compressing.
+_CHUNK = 1024 * 1024
+
+#: The line written when nothing else about an event can be serialised.
+_LAST_RESORT = b'{"log_format": "Unserialisable log event", "log_level": null}\n'
+
+
+def _safe_repr(value: object) -> str:
+    """``repr(value)``, or a placeholder when ``repr`` itself fails.
+
+    Args:
+        value: Any object.
+
+    Returns:
+        A string describing ``value``.
+    """
+    try:
+        return repr(value)
+    except Exception:
+        return f"<unrepresentable {type(value).__name__}>"
+
+
+#: Access records (one per request) get a fast path in both observers.
+ACCESS_NAMESPACE = "llmproxy.access"
+
+_LEVEL_JSON = {
+    level: json.loads(eventAsJSON({"log_level": level}))["log_level"]
+    for level in LogLevel.iterconstants()
+}
+
+
+def _access_line(event: LogEvent) -> bytes | None:
+    """An access record as twisted.logger JSON, without its slow path.
+
+    Access records hold only JSON scalars, so ``json.dumps`` of their fields
+    (plus the format, namespace, time and level, encoded as ``eventAsJSON``
+    does) reads back with ``eventFromJSON`` like any other line.
+    """
+    fields = {
+        k: v for k, v in event.items()
+        if not k.startswith("log_") or k in ("log_format", "log_namespace", "log_time")
+    }
+    fields["log_level"] = _LEVEL_JSON.get(event.get("log_level"))
+    try:
+        return (json.dumps(fields) + "\n").encode("utf-8", "backslashreplace")
+    except (TypeError, ValueError):
+        return None
+
+
+def event_line(event: LogEvent) -> bytes:
+    """Serialise one event as one line of twisted.logger's JSON format.
+
+    The event is not modified. An event that cannot be serialised as it
+    is (a format naming a missing field, a value whose ``str`` raises, a
+    circular structure) still yields a line: the same event without its
+    format, explaining what went wrong, or at least a minimal event with
+    its level, namespace and time.
+
+    Args:
+        event: A log event.
+
+    Returns:
+        UTF-8 JSON followed by ``\\n``, with no newline inside.
+    """
+    if event.get("log_namespace") == ACCESS_NAMESPACE:
+        line = _access_line(event)
+        if line is not None:
+            return line
+    try:
+        return (eventAsJSON(dict(event)) + "\n").encode("utf-8", "backslashreplace")
+    except Exception as e:
+        error = _safe_repr(e)
+    try:
+        fallback = {
+            k: v for k, v in event.items() if k not in ("log_format", "log_flattened")
+        }
+        fallback["log_format"] = (
+            "Unable to format event {log_bad_format}: {log_format_error}"
+        )
+        fallback["log_bad_format"] = _safe_repr(event.get("log_format"))
+        fallback["log_format_error"] = error
+        return (eventAsJSON(fallback) + "\n").encode("utf-8", "backslashreplace")
+    except Exception:
+        pass
+    try:
+        minimal: dict[str, Any] = {
+            "log_format": "Unable to serialise event: {log_format_error}",
+            "log_format_error": error,
+        }
+        level = event.get("log_level")
+        if isinstance(level, type(LogLevel.info)):
+            minimal["log_level"] = level
+        for key, kind in (("log_namespace", str), ("log_time", (int, float))):
+            value = event.get(key)
+            if isinstance(value, kind):
+                minimal[key] = value
+        return (eventAsJSON(minimal) + "\n").encode("utf-8", "backslashreplace")
+    except Exception:
+        return _LAST_RESORT
+
+
+def gzip_file(source: str, target: str) -> None:
+    """Gzip ``source`` into ``target``, reading and writing in chunks.
+
+    Blocking: run it in a thread, not on the reactor.
+
+    Args:
+        source: The file to compress.
+        target: The gzip file to create (overwritten if it exists).
+    """
+    with open(source, "rb") as src, gzip.open(target, "wb", compresslevel=6) as dst:
+        shutil.copyfileobj(src, dst, _CHUNK)
+
+
+def _stamp(seconds: float) -> str:
+    """The UTC time ``seconds`` as used in backup names.
+
+    Args:
+        seconds: A POSIX timestamp.
+
+    Returns:
+        A fixed-width string such as ``20261126T103700.123456Z``.
+    """
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return moment.strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+#: A backup's sort key: its time stamp and its sequence number.
+_Key = tuple[str, int]
+
+
+@implementer(ILogObserver)
+class RotatingJSONLog:
+    """A log observer writing JSON lines to a file rotated by size.
+
+    Each event becomes one line written with one ``write`` system call on
+    an unbuffered, append-mode file descriptor, so a line is in the
+    operating system's hands (not lost if the process dies) as soon as the
+    observer returns, and a line is never split between files.
+
+    Before a line that would take a non-empty file past ``max_bytes`` is
+    written, the file is renamed to a backup named
+    ``<file>.<UTC time stamp>.<sequence>``, for example
+    ``llmproxy.log.20261126T103700.123456Z.0001``, and a fresh file is
+    opened. Backups sort by age even if the wall clock steps back, because
+    a new name never sorts before the newest existing one. With
+    ``compress`` a thread-pool job gzips each backup to ``<backup>.gz``
+    (through ``<backup>.gz.tmp``, renamed when complete); jobs run one at a
+    time. After each job, or right after the rotation without
+    ``compress``, the oldest backups beyond ``backups`` are deleted.
+
+    Backups left uncompressed, or half-compressed ``.gz.tmp`` files, by an
+    earlier process that died are dealt with on construction.
+
+    The observer is thread-safe and never raises: an event that cannot be
+    serialised is still written as a line (see :func:`event_line`), and an
+    I/O error drops the line and counts it in :attr:`dropped`; the first
+    error of a run of them is reported on the process's original stderr
+    (logging it would come back here).
+
+    Attributes:
+        path: The absolute path of the live file.
+        max_bytes: The size a file may not grow past (unless it holds a
+            single longer line).
+        backups: How many backups are kept.
+        compress: Whether backups are gzipped.
+        dropped: Lines lost to I/O errors or written after :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        max_bytes: int = 100 * 1024 * 1024,
+        backups: int = 20,
+        compress: bool = True,
+        reactor: Any,
+        compressor: Callable[[str, str], None] = gzip_file,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        """Create the folder if needed and open the file for appending.
+
+        Args:
+            path: The live log file.
+            max_bytes: Rotate before the file would grow past this size.
+            backups: Rotated files to keep (0 keeps none).
+            compress: Gzip rotated files in the reactor's thread pool.
+            reactor: Provides ``callFromThread`` and ``getThreadPool``;
+                used only with ``compress``, and then compression needs a
+                running reactor.
+            compressor: Compresses ``source`` to ``target`` (blocking); runs
+                in the thread pool.
+            now: The wall clock used for backup names.
+
+        Raises:
+            ValueError: ``max_bytes`` is below 1 or ``backups`` below 0.
+            OSError: The folder cannot be created or the file opened.
+        """
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be at least 1, not {max_bytes!r}")
+        if backups < 0:
+            raise ValueError(f"backups must be at least 0, not {backups!r}")
+        self.path = os.path.abspath(path)
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.compress = compress
+        self.dropped = 0
+        self._reactor = reactor
+        self._compressor = compressor
+        self._now = now
+        self._folder, self._base = os.path.split(self.path)
+        self._pattern = re.compile(
+            re.escape(self._base) + r"\.(\d{8}T\d{6}\.\d{6}Z)\.(\d+)(\.gz)?"
+        )
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._size = 0
+        self._closed = False
+        self._torn = False
+        self._write_failing = False
+        self._rotate_failing = False
+        # Compression jobs: rotated files waiting, whether one runs, and the
+        # close() callers waiting for the queue to drain. Bounded: a backup
+        # that pruning would delete anyway is not worth compressing.
+        self._pending: deque[str] = deque(maxlen=max(backups, 1))
+        self._running = False
+        self._waiters: list[Deferred[None]] = []
+
+        os.makedirs(self._folder, exist_ok=True)
+        self._open()
+        backups_found = self._scan()
+        self._last: _Key | None = backups_found[-1][0] if backups_found else None
+        self._prune()
+        if compress:
+            self._recover()
+
+    # -- the observer ------------------------------------------------------
+
+    def __call__(self, event: LogEvent) -> None:
+        """Write ``event`` as one line, rotating first if needed.
+
+        Args:
+            event: A log event.
+        """
+        try:
+            line = event_line(event)
+            rotated: list[str] = []
+            error: OSError | None = None
+            recovered = report = False
+            with self._lock:
+                if self._closed:
+                    self.dropped += 1
+                    return
+                try:
+                    self._write(line, rotated)
+                except OSError as e:
+                    self.dropped += 1
+                    error = e
+                    report, self._write_failing = not self._write_failing, True
+                else:
+                    recovered, self._write_failing = self._write_failing, False
+            if error is not None and report:
+                self._warn(f"cannot write log file {self.path}: {_safe_repr(error)}")
+            elif recovered:
+                self._warn(f"log file {self.path} is writable again")
+            for backup in rotated:
+                self._rotated(backup)
+        except Exception as e:  # never raise: the publisher would drop us
+            self._warn(f"log observer error: {_safe_repr(e)}")
+
+    def _write(self, line: bytes, rotated: list[str]) -> None:
+        """Write ``line``, rotating first if needed; called with the lock.
+
+        Args:
+            line: A whole line.
+            rotated: Receives the path of the backup if this rotates, even
+                when writing then fails.
+
+        Raises:
+            OSError: The file could not be reopened or written.
+        """
+        if (
+            self._fd is not None
+            and self._size
+            and (self._size + len(line) > self.max_bytes)
+        ):
+            backup = self._rotate()
+            if backup is not None:
+                rotated.append(backup)
+        if self._fd is None:
+            self._open()
+        assert self._fd is not None
+        if self._torn:
+            # An earlier write failed halfway: end that line so this one
+            # stays whole and parseable.
+            line = b"\n" + line
+        view = memoryview(line)
+        while view:
+            try:
+                written = os.write(self._fd, view)
+            except OSError:
+                self._torn = self._torn or len(view) < len(line)
+                # Reopen on the next event: the descriptor may be the problem.
+                fd, self._fd = self._fd, None
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+                raise
+            self._size += written
+            view = view[written:]
+        self._torn = False
+
+    def _open(self) -> None:
+        """Open the live file for appending and learn its size."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(self.path, flags, 0o666)
+        try:
+            self._size = os.fstat(fd).st_size
+        except OSError:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def _rotate(self) -> str | None:
+        """Close the live file and rename it to a new backup name.
+
+        Called with the lock. The caller reopens the live file.
+
+        Returns:
+            The backup's full path, or None if the rename failed (writing
+            then goes on in the old file).
+        """
+        key = self._next_key()
+        backup = os.path.join(self._folder, self._name(key))
+        assert self._fd is not None
+        fd, self._fd = self._fd, None
+        os.close(fd)
+        try:
+            os.rename(self.path, backup)
+        except OSError as e:
+            if not self._rotate_failing:
+                self._rotate_failing = True
+                self._warn(f"cannot rotate log file {self.path}: {_safe_repr(e)}")
+            return None
+        self._rotate_failing = False
+        self._torn = False
+        self._last = key
+        return backup
+
+    def _next_key(self) -> _Key:
+        """A backup key sorting after every existing one.
+
+        Returns:
+            The current time stamp with sequence 0, or, if the clock has
+            not moved past the newest backup, that backup's stamp with the
+            next sequence number.
+        """
+        stamp = _stamp(self._now())
+        if self._last is not None and stamp <= self._last[0]:
+            return (self._last[0], self._last[1] + 1)
+        return (stamp, 0)
+
+    def _name(self, key: _Key) -> str:
+        """The file name of the uncompressed backup with ``key``.
+
+        Args:
+            key: A backup key.
+
+        Returns:
+            A name in the log's folder.
+        """
+        return f"{self._base}.{key[0]}.{key[1]:04d}"
+
+    def _rotated(self, backup: str) -> None:
+        """Compress or prune after a rotation (any thread, no lock held).
+
+        Args:
+            backup: The new backup's path.
+        """
+        if not self.compress:
+            self._prune()
+            return
+        with self._lock:
+            self._pending.append(backup)
+        self._reactor.callFromThread(self._kick)
+
+    def _warn(self, message: str) -> None:
+        """Tell the operator about a problem with the log file itself.
+
+        Goes to the process's original stderr: logging it would come back
+        here.
+
+        Args:
+            message: What happened.
+        """
+        stream = sys.__stderr__
+        if stream is None:
+            return
+        try:
+            stream.write(f"llmproxy.logs: {message}\n")
+            stream.flush()
+        except Exception:
+            pass
+
+    # -- backups -----------------------------------------------------------
+
+    def _scan(self) -> list[tuple[_Key, list[str]]]:
+        """The backups on disk, oldest first.
+
+        Returns:
+            Each backup's key and its file names (the plain and the ``.gz``
+            file may both exist for a moment).
+        """
+        found: dict[_Key, list[str]] = {}
+        try:
+            names = os.listdir(self._folder)
+        except OSError:
+            return []
+        for name in names:
+            match = self._pattern.fullmatch(name)
+            if match:
+                key = (match.group(1), int(match.group(2)))
+                found.setdefault(key, []).append(name)
+        return sorted(found.items())
+
+    def _prune(self) -> None:
+        """Delete the oldest backups beyond :attr:`backups`."""
+        found = self._scan()
+        excess = len(found) - self.backups
+        for _key, names in found[: max(excess, 0)]:
+            for name in names:
+                try:
+                    os.unlink(os.path.join(self._folder, name))
+                except OSError:
+                    pass
+
+    def _recover(self) -> None:
+        """Finish what a previous process left: tmp files, plain backups."""
+        tmp = re.compile(self._pattern.pattern + r"\.tmp")
+        try:
+            names = os.listdir(self._folder)
+        except OSError:
+            return
+        for name in names:
+            if tmp.fullmatch(name):
+                try:
+                    os.unlink(os.path.join(self._folder, name))
+                except OSError:
+                    pass
+        plain = [
+            os.path.join(self._folder, name)
+            for _key, names in self._scan()
+            for name in names
+            if not name.endswith(".gz")
+        ]
+        if plain:
+            with self._lock:
+                self._pending.extend(plain)
+            self._reactor.callFromThread(self._kick)
+
+    def _compress_and_prune(self, backup: str) -> None:
+        """Gzip one backup, then prune; runs in the thread pool.
+
+        Args:
+            backup: The uncompressed backup. If pruning has deleted it
+                meanwhile, there is nothing to compress.
+        """
+        target = backup + ".gz"
+        if os.path.exists(backup):
+            if not os.path.exists(target):
+                tmp = target + ".tmp"
+                try:
+                    self._compressor(backup, tmp)
+                    os.replace(tmp, target)
+                except BaseException:
+                    try:
+                        os.unlink(tmp)
+                    except OSError:
+                        pass
+                    raise
+            os.unlink(backup)
+        self._prune()
+
+    def _kick(self) -> None:
+        """Start the next compression job, or wake :meth:`close` callers.
+
+        Runs on the reactor thread.
+        """
+        with self._lock:
+            if self._running:
+                return
+            if self._pending:
+                backup = self._pending.popleft()
+                self._running = True
+                waiters: list[Deferred[None]] = []
+            else:
+                backup = None
+                waiters, self._waiters = self._waiters, []
+        if backup is None:
+            for waiter in waiters:
+                waiter.callback(None)
+            return
+        reactor = self._reactor
+        try:
+            d = deferToThreadPool(
+                reactor, reactor.getThreadPool(), self._compress_and_prune, backup
+            )
+        except Exception:
+            d = Deferred()
+            d.errback(Failure())
+        d.addErrback(self._failed, backup)
+        d.addBoth(self._done)
+
+    def _failed(self, failure: Failure, backup: str) -> None:
+        """Log a failed compression job; the backup stays uncompressed.
+
+        Args:
+            failure: Why it failed.
+            backup: The backup it was compressing.
+        """
+        log.failure("Could not compress rotated log {backup}", failure, backup=backup)
+
+    def _done(self, _: object) -> None:
+        """A job finished: start the next one (reactor thread).
+
+        Args:
+            _: The job's result, ignored.
+        """
+        with self._lock:
+            self._running = False
+        self._kick()
+
+    # -- closing -----------------------------------------------------------
+
+    def close(self) -> Deferred[None]:
+        """Close the live file; later events are dropped.
+
+        Call it on the reactor thread.
+
+        Returns:
+            A Deferred that fires when pending compression jobs are done.
+        """
+        with self._lock:
+            self._closed = True
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError as e:
+                self._warn(f"cannot close log file {self.path}: {_safe_repr(e)}")
+        if not self.compress:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        with self._lock:
+            self._waiters.append(d)
+        self._kick()
+        return d
+
+
+def _level(level: str) -> LogLevel:
+    """The LogLevel named ``level``.
+
+    Args:
+        level: One of :data:`LEVELS`.
+
+    Returns:
+        The level constant.
+
+    Raises:
+        ValueError: ``level`` is not one of :data:`LEVELS`.
+    """
+    if level not in LEVELS:
+        raise ValueError(
+            f"unknown log level {level!r}: expected one of {', '.join(LEVELS)}"
+        )
+    return LogLevel.levelWithName(level)
+
+
+def level_filtered(observer: ILogObserver, level: str) -> ILogObserver:
+    """Wrap ``observer`` so that it only sees events at ``level`` or above.
+
+    Events without a level are dropped (twisted.logger's rule).
+
+    Args:
+        observer: The observer to wrap.
+        level: One of :data:`LEVELS`.
+
+    Returns:
+        The filtering observer.
+
+    Raises:
+        ValueError: ``level`` is not one of :data:`LEVELS`.
+    """
+    predicate = LogLevelFilterPredicate(defaultLogLevel=_level(level))
+    return FilteringLogObserver(observer, [predicate])
+
+
+def console_observer(
+    level: str = "info", stream: IO[str] | None = None
+) -> ILogObserver:
+    """Readable one-line-per-event text output, filtered by level.
+
+    Args:
+        level: One of :data:`LEVELS`.
+        stream: Where to write; standard output by default.
+
+    Returns:
+        The observer.
+
+    Raises:
+        ValueError: ``level`` is not one of :data:`LEVELS`.
+    """
+    return level_filtered(_Console(stream or sys.stdout), level)
+
+
+@implementer(ILogObserver)
+class _Console:
+    """Twisted's classic text lines, with a fast path for access records."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._text = textFileLogObserver(stream)
+
+    def __call__(self, event: LogEvent) -> None:
+        if event.get("log_namespace") == ACCESS_NAMESPACE:
+            try:
+                text = event["log_format"].format(**event)
+                line = f"{formatTime(event['log_time'])} [{ACCESS_NAMESPACE}#info] {text}\n"
+            except Exception:  # noqa: BLE001 - anything odd takes the slow path
+                self._text(event)
+                return
+            self._stream.write(line)
+            self._stream.flush()
+            return
+        self._text(event)
+
+
+def console_observer_factory(level: str) -> Callable[[], ILogObserver]:
+    """A zero-argument callable making a console observer, as twistd wants.
+
+    Args:
+        level: One of :data:`LEVELS`, checked now.
+
+    Returns:
+        A callable returning ``console_observer(level)``.
+
+    Raises:
+        ValueError: ``level`` is not one of :data:`LEVELS`.
+    """
+    _level(level)
+
+    def make() -> ILogObserver:
+        """A console observer at the chosen level, on standard output."""
+        return console_observer(level)
+
+    return make
+
+
+#: The level :func:`twistd_console_observer` filters at; ``twistd llmproxy``
+#: sets it from ``log.level`` before twistd starts logging.
+twistd_console_level = "info"
+
+
+def twistd_console_observer() -> ILogObserver:
+    """twistd's ``--logger``: readable lines on stdout at ``log.level``.
+
+    twistd wants a dotted name of a zero-argument callable, so the level
+    comes from :data:`twistd_console_level`.
+
+    Returns:
+        A console observer on standard output.
+    """
+    return console_observer(twistd_console_level)
+
+
+class LogService(Service):
+    """Adds an observer to a log publisher while the application runs.
+
+    Attributes:
+        observer: The observer.
+        publisher: Where it is added.
+    """
+
+    def __init__(
+        self,
+        observer: ILogObserver,
+        publisher: LogPublisher | None = None,
+        close: Callable[[], Deferred[None]] | None = None,
+    ) -> None:
+        """Remember what to add where, and how to close it.
+
+        Args:
+            observer: The observer.
+            publisher: The publisher; the global one by default.
+            close: Called on stop, after the observer is removed; its
+                Deferred is returned from :meth:`stopService`.
+        """
+        self.observer = observer
+        self.publisher = publisher if publisher is not None else globalLogPublisher
+        self._close = close
+
+    def startService(self) -> None:
+        """Add the observer."""
+        super().startService()
+        self.publisher.addObserver(self.observer)
+
+    def stopService(self) -> Deferred[None] | None:
+        """Remove the observer and close it.
+
+        Returns:
+            The ``close`` callable's Deferred, if one was given.
+        """
+        super().stopService()
+        self.publisher.removeObserver(self.observer)
+        if self._close is None:
+            return None
+        return self._close()
+
+
+def file_log_service(
+    path: str,
+    *,
+    max_bytes: int = 100 * 1024 * 1024,
+    backups: int = 20,
+    compress: bool = True,
+    level: str = "info",
+    reactor: Any,
+) -> LogService:
+    """A service logging to a rotating JSON file at ``level`` and above.
+
+    Args:
+        path: The live log file; its folder is created if missing.
+        max_bytes: Rotate before the file would grow past this size.
+        backups: Rotated files to keep.
+        compress: Gzip rotated files in the reactor's thread pool.
+        level: One of :data:`LEVELS`.
+        reactor: The reactor.
+
+    Returns:
+        The service; stopping it waits for pending compression.
+
+    Raises:
+        ValueError: A bad ``level``, ``max_bytes`` or ``backups``.
+        OSError: The folder cannot be created or the file opened.
+    """
+    _level(level)
+    observer = RotatingJSONLog(
+        path, max_bytes=max_bytes, backups=backups, compress=compress, reactor=reactor
+    )
+    return LogService(level_filtered(observer, level), close=observer.close)

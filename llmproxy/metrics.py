@@ -1,0 +1,143 @@
+"""Prometheus instruments, and the resource that serves them.
+
+Every instrument lives in one :class:`Metrics` object with its own
+``CollectorRegistry``, so that several proxies in one process (tests, an
+embedding app) never collide. Labels stay bounded: models that no route
+names count as ``other``, routes and upstreams come from the config, and
+client addresses are never labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.twisted import MetricsResource
+
+from llmproxy.config import Config
+
+__all__ = ["Metrics", "MetricsResource"]
+
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+
+
+class _DNSCollector(Collector):
+    """Reports the caching resolver's hit and miss counters."""
+
+    def __init__(self, resolver: Any) -> None:
+        self._resolver = resolver
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "llmproxy_dns_cache_hits",
+            "DNS lookups answered from the cache.",
+            value=getattr(self._resolver, "hits", 0),
+        )
+        yield CounterMetricFamily(
+            "llmproxy_dns_cache_misses",
+            "DNS lookups that needed a query.",
+            value=getattr(self._resolver, "misses", 0),
+        )
+
+
+class Metrics:
+    """llmproxy's Prometheus instruments.
+
+    Attributes:
+        registry: The registry holding them (serve it with
+            :class:`MetricsResource`).
+    """
+
+    def __init__(self, config: Config, resolver: Any = None) -> None:
+        """Create the instruments.
+
+        Args:
+            config: Names the models that get their own label value.
+            resolver: The caching resolver whose hits and misses to report.
+        """
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._models = frozenset(config.model_routes)
+        r = self.registry
+        self.requests = Counter(
+            "llmproxy_requests",
+            "Requests answered, by route, model, upstream and status class.",
+            ["route", "model", "upstream", "status_class"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "llmproxy_request_duration_seconds",
+            "Time from request to the last byte of the response.",
+            ["route", "model"],
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.ttfb = Histogram(
+            "llmproxy_upstream_ttfb_seconds",
+            "Time from request until the upstream's response headers.",
+            ["route", "model", "upstream"],
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "llmproxy_inflight_requests", "Requests being proxied now.", registry=r
+        )
+        self.upstream_errors = Counter(
+            "llmproxy_upstream_errors",
+            "Upstream failures, by kind (the error code) and upstream.",
+            ["kind", "upstream"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "llmproxy_tokens",
+            "Tokens reported by upstreams, by type (prompt, completion) and model.",
+            ["type", "model"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "llmproxy_rate_limited", "Requests refused by the rate limit.", registry=r
+        )
+        if resolver is not None:
+            r.register(_DNSCollector(resolver))
+
+    def model_label(self, model: str | None) -> str:
+        """The bounded label value for a request's model.
+
+        Args:
+            model: The model the request named, if any.
+
+        Returns:
+            The model when a route names it, ``none`` without a model, else
+            ``other``.
+        """
+        if model is None:
+            return "none"
+        return model if model in self._models else "other"
+
+    def observe(self, record: dict[str, Any]) -> None:
+        """Count one finished request from its access record.
+
+        Args:
+            record: The access record's fields (see proxy.py).
+        """
+        route = record.get("route") or "none"
+        model = self.model_label(record.get("model"))
+        upstream = record.get("upstream") or "none"
+        status = record.get("status")
+        status_class = f"{status // 100}xx" if isinstance(status, int) else "none"
+        self.requests.labels(route, model, upstream, status_class).inc()
+        latency = record.get("latency_ms")
+        if latency is not None:
+            self.duration.labels(route, model).observe(latency / 1000.0)
+        ttfb = record.get("ttfb_ms")
+        if ttfb is not None:
+            self.ttfb.labels(route, model, upstream).observe(ttfb / 1000.0)
+        error = record.get("error_code")
+        if error:
+            self.upstream_errors.labels(error, upstream).inc()
+        for kind in ("prompt", "completion"):
+            count = record.get(f"{kind}_tokens")
+            if count:
+                self.tokens.labels(kind, model).inc(count)

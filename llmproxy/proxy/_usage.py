@@ -1,0 +1,451 @@
+"""Token usage read from a response body while it streams through.
+
+The proxy never holds a response back: every chunk goes to the client as it
+arrives. A :class:`UsageReader` looks at the same chunks on the side, with
+bounded memory and little work per chunk, and at the end of the body reports
+the token counts the upstream put in it (:class:`Usage`), for the access log
+and the metrics.
+
+Two body shapes are understood:
+
+* ``text/event-stream``: the body is split into lines across chunk
+  boundaries (``\\n``, ``\\r\\n`` or ``\\r``); only the unfinished last line
+  is kept between chunks, and at most ``max_line`` bytes of it. A ``data:``
+  line is JSON-decoded only when it holds ``"usage": {``. OpenAI chat streams
+  (the ``stream_options.include_usage`` chunk), OpenAI Responses streams
+  (``response.completed``) and Anthropic message streams (``message_start``
+  and ``message_delta``) are read; later values replace earlier ones.
+* JSON (``application/json``, any ``+json`` type, or no content type): only
+  the last ``tail_bytes`` of the body are kept. At the end, the last
+  ``"usage": {...}`` object in that tail is cut out by brace matching and
+  decoded.
+
+Compressed bodies (any ``Content-Encoding`` but ``identity``) and other media
+types are not read. Nothing here raises on bad input: an unreadable body
+simply yields an empty :class:`Usage`. This module is pure logic, with no I/O
+and no reactor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import attrs
+
+__all__ = ["Usage", "UsageReader"]
+
+_EVENT_STREAM = b"text/event-stream"
+_JSON = b"application/json"
+_BOM = b"\xef\xbb\xbf"
+_CR = 0x0D
+
+#: ``"usage"``, optional JSON whitespace, ``:``, optional whitespace, ``{``.
+_USAGE_KEY = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*\{')
+#: The bytes that matter when matching braces outside strings.
+_STRUCTURAL = re.compile(rb'[{}"]')
+#: The bytes that matter inside a JSON string.
+_IN_STRING = re.compile(rb'["\\]')
+#: How many ``"usage"`` objects in a JSON tail are tried, newest first.
+_MAX_CANDIDATES = 8
+
+#: The usage keys read from a usage object (OpenAI and Anthropic names).
+_KEYS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+)
+
+
+@attrs.define
+class Usage:
+    """Token counts an upstream reported for one response.
+
+    Attributes:
+        prompt_tokens: Tokens in the input, cached input included; ``None``
+            if not reported.
+        completion_tokens: Tokens generated; ``None`` if not reported (as for
+            embeddings).
+        total_tokens: Tokens billed in all; the reported total, or the sum of
+            the other two when both are known; ``None`` otherwise.
+    """
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+
+
+class UsageReader:
+    """Reads token usage from a response body, chunk by chunk.
+
+    Call :meth:`feed` with every body chunk as it is passed on to the client
+    and :meth:`finish` once at the end of the body. Memory is bounded by
+    ``max_line`` (event streams) or ``tail_bytes`` (JSON bodies), whatever
+    the size of the body.
+
+    Args:
+        content_type: The response's ``Content-Type`` value, or ``None``.
+        content_encoding: The response's ``Content-Encoding`` value, or
+            ``None``. Anything but ``identity`` turns the reader off.
+        max_line: The longest event-stream line kept, in bytes without its
+            line ending; longer lines are dropped.
+        tail_bytes: How many bytes at the end of a JSON body are kept.
+
+    Raises:
+        ValueError: If ``max_line`` or ``tail_bytes`` is not positive.
+    """
+
+    def __init__(
+        self,
+        content_type: bytes | None,
+        content_encoding: bytes | None = None,
+        *,
+        max_line: int = 1 << 20,
+        tail_bytes: int = 64 * 1024,
+    ) -> None:
+        if max_line < 1:
+            raise ValueError("max_line must be positive")
+        if tail_bytes < 1:
+            raise ValueError("tail_bytes must be positive")
+        self._max_line = max_line
+        self._tail_bytes = tail_bytes
+        self._mode = _mode_for(content_type, content_encoding)
+        # Event streams: the unfinished last line and the line-splitting state.
+        self._partial = bytearray()
+        self._overflow = False  # the current line outgrew max_line: skip it
+        self._skip_lf = False  # the last chunk ended in \r: a leading \n is its pair
+        self._first_line = True  # a BOM may start the stream
+        self._fields: dict[str, int] = {}
+        # JSON bodies: the last tail_bytes of the body.
+        self._tail = bytearray()
+        self._result: Usage | None = None
+
+    @property
+    def buffered(self) -> int:
+        """How many body bytes the reader holds right now."""
+        return len(self._partial) + len(self._tail)
+
+    def feed(self, chunk: bytes) -> None:
+        """Look at the next chunk of the body.
+
+        Args:
+            chunk: The bytes, exactly as they are passed on to the client.
+        """
+        if self._result is not None or not chunk:
+            return
+        if self._mode == "sse":
+            self._feed_sse(chunk)
+        elif self._mode == "json":
+            self._feed_json(chunk)
+
+    def finish(self) -> Usage:
+        """End the body and return the usage found in it.
+
+        Further calls return the same result; chunks fed after it are ignored.
+
+        Returns:
+            The usage; all fields ``None`` if the body reported none (or was
+            not readable).
+        """
+        if self._result is None:
+            if self._mode == "sse":
+                # Be lenient about a missing final line end.
+                if self._partial and not self._overflow:
+                    self._line(bytes(self._partial))
+                usage = _to_usage(self._fields)
+            elif self._mode == "json":
+                usage = _to_usage(_fields_from_tail(bytes(self._tail)))
+            else:
+                usage = Usage()
+            self._result = usage
+            self._partial = bytearray()
+            self._tail = bytearray()
+        return attrs.evolve(self._result)
+
+    # -- JSON bodies ---------------------------------------------------------
+
+    def _feed_json(self, chunk: bytes) -> None:
+        """Keep the last ``tail_bytes`` of the body.
+
+        Args:
+            chunk: The next body bytes.
+        """
+        tail = self._tail
+        if len(chunk) >= self._tail_bytes:
+            tail[:] = chunk[-self._tail_bytes :]
+            return
+        tail += chunk
+        excess = len(tail) - self._tail_bytes
+        if excess > 0:
+            # bytearray drops a prefix without moving the rest.
+            del tail[:excess]
+
+    # -- event streams -------------------------------------------------------
+
+    def _feed_sse(self, chunk: bytes) -> None:
+        """Split the next chunk into lines, joining the carried partial line.
+
+        Only the new bytes are searched for line ends; the complete lines
+        after the first are split apart only if the chunk holds a
+        ``"usage": {`` at all.
+
+        Args:
+            chunk: The next body bytes.
+        """
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+                if not chunk:
+                    return
+        last = max(chunk.rfind(b"\n"), chunk.rfind(b"\r"))
+        if last < 0:
+            self._extend_partial(chunk)
+            return
+        # The first line end in this chunk closes the carried partial line.
+        lf, cr = chunk.find(b"\n"), chunk.find(b"\r")
+        first = lf if cr < 0 else cr if lf < 0 else min(lf, cr)
+        self._end_line(chunk[:first])
+        start = first + 1
+        if chunk[first] == _CR and chunk[start : start + 1] == b"\n":
+            start += 1
+        # Lines wholly inside this chunk.
+        if start <= last and _USAGE_KEY.search(chunk, start, last + 1):
+            max_line = self._max_line
+            for line in chunk[start : last + 1].splitlines():
+                if len(line) <= max_line:
+                    self._line(line)
+        # A chunk ending in \r may have its \n at the start of the next one.
+        if last == len(chunk) - 1:
+            self._skip_lf = chunk[last] == _CR
+        else:
+            self._extend_partial(chunk[last + 1 :])
+
+    def _extend_partial(self, data: bytes) -> None:
+        """Add bytes without a line end to the partial line, within bounds.
+
+        Args:
+            data: Bytes that continue the current line.
+        """
+        if self._overflow:
+            return
+        if len(self._partial) + len(data) > self._max_line:
+            self._overflow = True
+            self._partial.clear()
+        else:
+            self._partial += data
+
+    def _end_line(self, data: bytes) -> None:
+        """Complete the partial line with ``data`` and look at it.
+
+        Args:
+            data: The line's last bytes, without the line ending.
+        """
+        if self._overflow:
+            self._overflow = False
+            return
+        if self._partial:
+            if len(self._partial) + len(data) > self._max_line:
+                self._partial.clear()
+                return
+            self._partial += data
+            line = bytes(self._partial)
+            self._partial.clear()
+        elif len(data) > self._max_line:
+            return
+        else:
+            line = data
+        self._line(line)
+
+    def _line(self, line: bytes) -> None:
+        """Look at one complete event-stream line.
+
+        Args:
+            line: The line, without its line ending.
+        """
+        if self._first_line:
+            self._first_line = False
+            line = line.removeprefix(_BOM)
+        # Cheap checks first: most chunks say "usage": null or nothing.
+        if (
+            b"usage" not in line
+            or not line.startswith(b"data:")
+            or not _USAGE_KEY.search(line)
+        ):
+            return
+        event = _loads(line[5:].removeprefix(b" "))
+        if not isinstance(event, dict):
+            return
+        # Anthropic message_start, then OpenAI Responses response.completed,
+        # then the top-level usage of OpenAI chat and Anthropic message_delta.
+        for holder in (event.get("message"), event.get("response"), event):
+            if isinstance(holder, dict):
+                self._fields.update(_fields_of(holder.get("usage")))
+
+
+def _mode_for(content_type: bytes | None, content_encoding: bytes | None) -> str | None:
+    """Choose how a body with these headers is read.
+
+    Args:
+        content_type: The ``Content-Type`` value, or ``None``.
+        content_encoding: The ``Content-Encoding`` value, or ``None``.
+
+    Returns:
+        ``"sse"``, ``"json"``, or ``None`` for a body that is not read.
+    """
+    if content_encoding is not None:
+        encoding = content_encoding.strip().lower()
+        if encoding and encoding != b"identity":
+            return None
+    if content_type is None:
+        return "json"
+    media_type = content_type.split(b";", 1)[0].strip().lower()
+    if media_type == _EVENT_STREAM:
+        return "sse"
+    if not media_type or media_type == _JSON or media_type.endswith(b"+json"):
+        return "json"
+    return None
+
+
+def _loads(data: bytes) -> Any:
+    """Decode UTF-8 JSON, or return ``None`` if it is not that.
+
+    Args:
+        data: The bytes to decode.
+
+    Returns:
+        The decoded value, or ``None``.
+    """
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+
+
+def _count(value: object) -> int | None:
+    """Return ``value`` as a token count, or ``None`` if it is not one.
+
+    Args:
+        value: A decoded JSON value.
+
+    Returns:
+        A non-negative int (integral floats accepted; bools, other floats and
+        strings refused), or ``None``.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    return None
+
+
+def _fields_of(usage: object) -> dict[str, int]:
+    """Pick the valid token counts out of a decoded usage object.
+
+    Args:
+        usage: The value of a ``usage`` key; anything but a dict yields none.
+
+    Returns:
+        The known keys whose values are token counts.
+    """
+    if not isinstance(usage, dict):
+        return {}
+    fields = {}
+    for key in _KEYS:
+        count = _count(usage.get(key))
+        if count is not None:
+            fields[key] = count
+    return fields
+
+
+def _to_usage(fields: dict[str, int]) -> Usage:
+    """Map OpenAI or Anthropic usage counts to a :class:`Usage`.
+
+    OpenAI names win over Anthropic ones. Anthropic's cache tokens are not
+    part of its ``input_tokens``, so they are added to the prompt.
+
+    Args:
+        fields: Valid token counts by their upstream names.
+
+    Returns:
+        The usage.
+    """
+    prompt = fields.get("prompt_tokens")
+    if prompt is None and "input_tokens" in fields:
+        prompt = (
+            fields["input_tokens"]
+            + fields.get("cache_creation_input_tokens", 0)
+            + fields.get("cache_read_input_tokens", 0)
+        )
+    completion = fields.get("completion_tokens", fields.get("output_tokens"))
+    total = fields.get("total_tokens")
+    if total is None and prompt is not None and completion is not None:
+        total = prompt + completion
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
+
+
+def _fields_from_tail(tail: bytes) -> dict[str, int]:
+    """Find the last decodable ``"usage": {...}`` object in a JSON tail.
+
+    Args:
+        tail: The last bytes of a JSON body.
+
+    Returns:
+        The valid token counts of that object, or an empty dict.
+    """
+    starts = [match.end() - 1 for match in _USAGE_KEY.finditer(tail)]
+    for start in reversed(starts[-_MAX_CANDIDATES:]):
+        end = _object_end(tail, start)
+        if end is None:
+            continue
+        usage = _loads(tail[start:end])
+        if isinstance(usage, dict):
+            return _fields_of(usage)
+    return {}
+
+
+def _object_end(data: bytes, start: int) -> int | None:
+    """Find where the JSON object opening at ``data[start]`` ends.
+
+    Braces inside strings (escapes included) are not counted.
+
+    Args:
+        data: The bytes.
+        start: The index of the opening ``{``.
+
+    Returns:
+        The index just past the matching ``}``, or ``None`` if the data ends
+        first.
+    """
+    depth = 0
+    pos = start
+    structural = _STRUCTURAL.search
+    in_string = _IN_STRING.search
+    while True:
+        match = structural(data, pos)
+        if match is None:
+            return None
+        pos = match.end()
+        char = data[match.start()]
+        if char == 0x7B:  # {
+            depth += 1
+        elif char == 0x7D:  # }
+            depth -= 1
+            if depth == 0:
+                return pos
+        else:  # a string: skip to its closing quote
+            while True:
+                match = in_string(data, pos)
+                if match is None:
+                    return None
+                if data[match.start()] == 0x22:  # "
+                    pos = match.end()
+                    break
+                pos = match.end() + 1  # a backslash and the byte it escapes
