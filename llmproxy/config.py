@@ -156,6 +156,8 @@ class LogConfig:
         compress: Gzip rotated files (off the reactor thread).
         level: Lowest level logged: debug, info, warn, error, critical.
         access: Log one access record per request.
+        console_access: Print access records on stdout too; by default
+            only when there is no log file (the file has them all).
     """
 
     file: str | None = "logs/llmproxy.log"
@@ -164,6 +166,7 @@ class LogConfig:
     compress: bool = True
     level: str = "info"
     access: bool = True
+    console_access: bool = False
 
 
 DEFAULT_ADMIN_LISTEN = "tcp:9100:interface=127.0.0.1"
@@ -742,7 +745,9 @@ def _boolean(value: Any, path: str) -> bool:
 
 def _log(value: Any, path: str) -> LogConfig:
     table = _Mapping(value, path)
-    table.check_keys(("file", "max_bytes", "backups", "compress", "level", "access"))
+    table.check_keys(
+        ("file", "max_bytes", "backups", "compress", "level", "access", "console_access")
+    )
     defaults = LogConfig()
     level = table.get("level", _string)
     if level is not None and level.lower() not in LOG_LEVELS:
@@ -757,9 +762,12 @@ def _log(value: Any, path: str) -> LogConfig:
         )
     compress = table.get("compress", _boolean)
     access = table.get("access", _boolean)
+    console_access = table.get("console_access", _boolean)
+    file = table.get("file", _string) if "file" in table.value else defaults.file
     return LogConfig(
         access=defaults.access if access is None else access,
-        file=table.get("file", _string) if "file" in table.value else defaults.file,
+        console_access=(file is None) if console_access is None else console_access,
+        file=file,
         max_bytes=table.get("max_bytes", _positive_int) or defaults.max_bytes,
         backups=defaults.backups if backups is None else backups,
         compress=defaults.compress if compress is None else compress,

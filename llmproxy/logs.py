@@ -31,12 +31,10 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import (
-    FilteringLogObserver,
     ILogObserver,
     LogEvent,
     Logger,
     LogLevel,
-    LogLevelFilterPredicate,
     LogPublisher,
     eventAsJSON,
     formatTime,
@@ -657,18 +655,36 @@ def level_filtered(observer: ILogObserver, level: str) -> ILogObserver:
     Raises:
         ValueError: ``level`` is not one of :data:`LEVELS`.
     """
-    predicate = LogLevelFilterPredicate(defaultLogLevel=_level(level))
-    return FilteringLogObserver(observer, [predicate])
+    return _LevelFilter(observer, _level(level))
+
+
+@implementer(ILogObserver)
+class _LevelFilter:
+    """Passes on events at a level or above (cheaper than a predicate chain).
+
+    twisted.logger's LogLevelFilterPredicate looks the level up per
+    namespace for every event; llmproxy has one level for everything.
+    """
+
+    def __init__(self, observer: ILogObserver, minimum: LogLevel) -> None:
+        self._observer = observer
+        order = list(LogLevel.iterconstants())
+        self._allowed = frozenset(order[order.index(minimum):])
+
+    def __call__(self, event: LogEvent) -> None:
+        if event.get("log_level") in self._allowed:
+            self._observer(event)
 
 
 def console_observer(
-    level: str = "info", stream: IO[str] | None = None
+    level: str = "info", stream: IO[str] | None = None, access: bool = True
 ) -> ILogObserver:
     """Readable one-line-per-event text output, filtered by level.
 
     Args:
         level: One of :data:`LEVELS`.
         stream: Where to write; standard output by default.
+        access: Whether access records are printed too.
 
     Returns:
         The observer.
@@ -676,22 +692,34 @@ def console_observer(
     Raises:
         ValueError: ``level`` is not one of :data:`LEVELS`.
     """
-    return level_filtered(_Console(stream or sys.stdout), level)
+    return level_filtered(_Console(stream or sys.stdout, access), level)
 
 
 @implementer(ILogObserver)
 class _Console:
     """Twisted's classic text lines, with a fast path for access records."""
 
-    def __init__(self, stream: IO[str]) -> None:
+    def __init__(self, stream: IO[str], access: bool = True) -> None:
         self._stream = stream
+        self._access = access
         self._text = textFileLogObserver(stream)
+        self._second: int | None = None
+        self._stamp = ""
+
+    def _time(self, when: float) -> str:
+        """formatTime(when), which has one-second resolution, cached."""
+        second = int(when)
+        if second != self._second:
+            self._second, self._stamp = second, formatTime(second)
+        return self._stamp
 
     def __call__(self, event: LogEvent) -> None:
         if event.get("log_namespace") == ACCESS_NAMESPACE:
+            if not self._access:
+                return
             try:
                 text = event["log_format"].format(**event)
-                line = f"{formatTime(event['log_time'])} [{ACCESS_NAMESPACE}#info] {text}\n"
+                line = f"{self._time(event['log_time'])} [{ACCESS_NAMESPACE}#info] {text}\n"
             except Exception:  # noqa: BLE001 - anything odd takes the slow path
                 self._text(event)
                 return
@@ -722,9 +750,11 @@ def console_observer_factory(level: str) -> Callable[[], ILogObserver]:
     return make
 
 
-#: The level :func:`twistd_console_observer` filters at; ``twistd llmproxy``
-#: sets it from ``log.level`` before twistd starts logging.
+#: The level :func:`twistd_console_observer` filters at, and whether it
+#: prints access records; ``twistd llmproxy`` sets both from the config
+#: (``log.level``, ``log.console_access``) before twistd starts logging.
 twistd_console_level = "info"
+twistd_console_access = True
 
 
 def twistd_console_observer() -> ILogObserver:
@@ -736,7 +766,7 @@ def twistd_console_observer() -> ILogObserver:
     Returns:
         A console observer on standard output.
     """
-    return console_observer(twistd_console_level)
+    return console_observer(twistd_console_level, access=twistd_console_access)
 
 
 class LogService(Service):

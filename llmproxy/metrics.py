@@ -101,6 +101,8 @@ class Metrics:
         )
         if resolver is not None:
             r.register(_DNSCollector(resolver))
+        # Labelled children by label values (bounded: the labels are).
+        self._children: dict[tuple[str, ...], tuple[Any, ...]] = {}
 
     def model_label(self, model: str | None) -> str:
         """The bounded label value for a request's model.
@@ -127,17 +129,30 @@ class Metrics:
         upstream = record.get("upstream") or "none"
         status = record.get("status")
         status_class = f"{status // 100}xx" if isinstance(status, int) else "none"
-        self.requests.labels(route, model, upstream, status_class).inc()
+        key = (route, model, upstream, status_class)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self.requests.labels(route, model, upstream, status_class),
+                self.duration.labels(route, model),
+                self.ttfb.labels(route, model, upstream),
+                self.tokens.labels("prompt", model),
+                self.tokens.labels("completion", model),
+            )
+        requests, duration, ttfb_histogram, prompt, completion = children
+        requests.inc()
         latency = record.get("latency_ms")
         if latency is not None:
-            self.duration.labels(route, model).observe(latency / 1000.0)
+            duration.observe(latency / 1000.0)
         ttfb = record.get("ttfb_ms")
         if ttfb is not None:
-            self.ttfb.labels(route, model, upstream).observe(ttfb / 1000.0)
+            ttfb_histogram.observe(ttfb / 1000.0)
         error = record.get("error_code")
         if error:
             self.upstream_errors.labels(error, upstream).inc()
-        for kind in ("prompt", "completion"):
-            count = record.get(f"{kind}_tokens")
-            if count:
-                self.tokens.labels(kind, model).inc(count)
+        count = record.get("prompt_tokens")
+        if count:
+            prompt.inc(count)
+        count = record.get("completion_tokens")
+        if count:
+            completion.inc(count)

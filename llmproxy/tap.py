@@ -57,6 +57,7 @@ class Options(usage.Options):
             # stdout at log.level instead of twistd's unfiltered default.
             if parent.get("logfile") in (None, "-"):
                 logs.twistd_console_level = self.loaded.log.level
+                logs.twistd_console_access = self.loaded.log.console_access
                 parent["logger"] = "llmproxy.logs.twistd_console_observer"
 
 

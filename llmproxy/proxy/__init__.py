@@ -12,6 +12,7 @@ OpenAI-shaped JSON errors.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from typing import Any
 
@@ -19,7 +20,7 @@ from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web._newclient import RequestTransmissionFailed
@@ -244,14 +245,24 @@ class _Exchange:
         record["latency_ms"] = self.elapsed_ms()
         if error_code is not None:
             record["error_code"] = error_code
-        if self.usage is not None and (self.access_log or self.metrics is not None):
+        if self.usage is not None:
             usage = self.usage.finish()
             for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
                 value = getattr(usage, name)
                 if value is not None:
                     record[name] = value
         if self.access_log:
-            _access.info(ACCESS_FORMAT, **record)
+            # What Logger.info would emit, built directly: once per request.
+            event = dict(record)
+            event.update(
+                log_logger=_access,
+                log_level=LogLevel.info,
+                log_namespace=_access.namespace,
+                log_source=None,
+                log_format=ACCESS_FORMAT,
+                log_time=time.time(),
+            )
+            _access.observer(event)
         if self.metrics is not None:
             self.metrics.inflight.dec()
             self.metrics.observe(record)
@@ -493,8 +504,9 @@ class ProxyResource(Resource):
         record["stream"] = bool(content_type) and content_type.lower().startswith(
             b"text/event-stream"
         )
-        encoding = response.headers.getRawHeaders(b"content-encoding", [None])[0]
-        exchange.usage = UsageReader(content_type, encoding)
+        if exchange.access_log or exchange.metrics is not None:
+            encoding = response.headers.getRawHeaders(b"content-encoding", [None])[0]
+            exchange.usage = UsageReader(content_type, encoding)
         request.setResponseCode(response.code, response.phrase)
         out = request.responseHeaders
         for name, values in _end_to_end(response.headers, HOP_BY_HOP):

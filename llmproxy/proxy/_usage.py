@@ -42,6 +42,7 @@ _BOM = b"\xef\xbb\xbf"
 _CR = 0x0D
 
 #: ``"usage"``, optional JSON whitespace, ``:``, optional whitespace, ``{``.
+_DECODER = json.JSONDecoder()
 _USAGE_KEY = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*\{')
 #: The bytes that matter when matching braces outside strings.
 _STRUCTURAL = re.compile(rb'[{}"]')
@@ -401,6 +402,14 @@ def _fields_from_tail(tail: bytes) -> dict[str, int]:
         The valid token counts of that object, or an empty dict.
     """
     starts = [match.end() - 1 for match in _USAGE_KEY.finditer(tail)]
+    if starts:
+        # Fast path: let the C decoder find where the last object ends.
+        try:
+            usage, _ = _DECODER.raw_decode(tail[starts[-1]:].decode("utf-8"))
+        except (ValueError, RecursionError):
+            usage = None
+        if isinstance(usage, dict):
+            return _fields_of(usage)
     for start in reversed(starts[-_MAX_CANDIDATES:]):
         end = _object_end(tail, start)
         if end is None:
