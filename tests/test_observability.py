@@ -282,3 +282,44 @@ async def test_readyz_is_503_until_listening(reactor, served, client) -> None:
     s.root.ready = True
     response, body = await fetch(client, reactor, s.admin + "/readyz", method=b"GET")
     assert response.code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_rotation_under_load_keeps_every_access_record(
+    reactor, served, client, access, tmp_path
+) -> None:
+    """Concurrent requests with a tiny max_bytes: each record once, none lost."""
+    import gzip
+
+    from twisted.internet.defer import gatherResults, ensureDeferred
+
+    from llmproxy.logs import file_log_service
+
+    upstream, s = served
+    service = file_log_service(
+        str(tmp_path / "logs" / "llmproxy.log"),
+        max_bytes=3000, backups=1000, compress=True, level="info", reactor=reactor,
+    )
+    service.startService()
+    try:
+        ids = [f"rot-{i:03d}" for i in range(150)]
+        await gatherResults([
+            ensureDeferred(fetch(client, reactor, s.proxy + "/v1/chat/completions", CHAT,
+                                 headers={"X-Request-ID": rid}))
+            for rid in ids
+        ]).addTimeout(WAIT * 3, reactor)
+        await until_logged(reactor, access, len(ids))
+    finally:
+        await service.stopService().addTimeout(WAIT, reactor)
+    files = sorted((tmp_path / "logs").iterdir())
+    assert len(files) > 10, "it rotated"
+    assert all(f.suffix == ".gz" for f in files if f.name != "llmproxy.log")
+    seen = []
+    for path in files:
+        data = path.read_bytes()
+        text = gzip.decompress(data) if path.suffix == ".gz" else data
+        for line in text.decode().splitlines():
+            event = json.loads(line)
+            if event.get("log_namespace") == "llmproxy.access":
+                seen.append(event["request_id"])
+    assert sorted(seen) == ids
