@@ -67,10 +67,17 @@ class RouteConfig:
             path is appended to the chosen one.
         via: How to reach them: ``auto`` (decide per host), ``direct`` or
             ``proxy`` (through ``proxy_url``).
+        api_key: The upstream's credential; when set, it replaces whatever
+            credential the client sent.
+        auth_header: How ``api_key`` is sent: ``bearer``
+            (``Authorization: Bearer``), ``x-api-key``, ``api-key`` or
+            ``none``.
     """
 
     urls: tuple[str, ...]
     via: str = "auto"
+    api_key: str | None = attrs.field(default=None, repr=lambda key: "***" if key else "None")
+    auth_header: str = "bearer"
 
 
 @attrs.frozen
@@ -80,10 +87,12 @@ class RateLimitConfig:
     Attributes:
         rate: Tokens added per second (may be fractional).
         burst: Bucket size.
+        key: What a client is: its ``ip`` or, with auth on, its ``api_key``.
     """
 
     rate: float
     burst: int
+    key: str = "ip"
 
 
 @attrs.frozen
@@ -94,10 +103,16 @@ class TimeoutsConfig:
         response_header: Longest wait for the upstream's response headers
             before answering 504 (the seed's 900 s).
         connect: Longest wait for a TCP connection to an upstream.
+        client_idle: An idle client connection is closed after this long
+            between requests.
+        stream_idle: A response body from which no byte arrives for this
+            long is aborted.
     """
 
     response_header: float = 900.0
     connect: float = 10.0
+    client_idle: float = 60.0
+    stream_idle: float = 300.0
 
 
 @attrs.frozen
@@ -170,6 +185,20 @@ class LogConfig:
 
 
 DEFAULT_ADMIN_LISTEN = "tcp:9100:interface=127.0.0.1"
+AUTH_HEADERS = ("bearer", "x-api-key", "api-key", "none")
+
+
+@attrs.frozen
+class AuthConfig:
+    """Client keys.
+
+    Attributes:
+        keys: Accepted keys (secrets; never shown).
+        keys_file: A file of keys, one a line (``sha256:<hex>`` for a hash).
+    """
+
+    keys: tuple[str, ...] = attrs.field(default=(), repr=lambda keys: f"<{len(keys)} keys>")
+    keys_file: str | None = None
 
 
 @attrs.frozen
@@ -197,6 +226,11 @@ class Config:
         admin_listen: The endpoint serving /metrics, /healthz and /readyz,
             or None for none.
         metrics: Whether Prometheus metrics are collected.
+        trusted_proxies: Peers whose X-Forwarded-For / X-Real-IP are
+            believed.
+        auth: Client keys, or None for an open proxy.
+        max_body_bytes: Largest request body accepted.
+        shutdown_grace: Seconds in-flight requests may take after SIGTERM.
         source: Where the config came from (a file name), for messages.
     """
 
@@ -217,6 +251,10 @@ class Config:
     log: LogConfig = LogConfig()
     admin_listen: str | None = DEFAULT_ADMIN_LISTEN
     metrics: bool = True
+    trusted_proxies: tuple[str, ...] = ()
+    auth: AuthConfig | None = None
+    max_body_bytes: int = 32 * 1024 * 1024
+    shutdown_grace: float = 30.0
     source: str = "<config>"
 
 
@@ -355,12 +393,16 @@ def parse_config(
                         "'proxy' needs proxy_url, which is not set",
                     )
     direct_networks = top.get("direct_networks", _networks)
+    auth = top.get("auth", _auth)
+    rate_limit = top.get("rate_limit", _rate_limit)
+    if rate_limit is not None and rate_limit.key == "api_key" and auth is None:
+        raise ConfigError("rate_limit.key", "'api_key' needs auth (client keys), which is not set")
     return Config(
         listen=listen,
         target_map=target_map,
         model_routes=top.get("model_routes", _routes) or MappingProxyType({}),
         proxy_url=proxy_url,
-        rate_limit=top.get("rate_limit", _rate_limit),
+        rate_limit=rate_limit,
         timeouts=top.get("timeouts", _timeouts) or TimeoutsConfig(),
         pool=top.get("pool", _pool) or PoolConfig(),
         demo_upstream=top.get("demo_upstream", _endpoint),
@@ -371,6 +413,10 @@ def parse_config(
         log=top.get("log", _log) or LogConfig(),
         admin_listen=_admin_listen(top),
         metrics=True if top.get("metrics", _boolean) is None else top.value["metrics"],
+        trusted_proxies=top.get("trusted_proxies", _networks) or (),
+        auth=auth,
+        max_body_bytes=top.get("max_body_bytes", _positive_int) or 32 * 1024 * 1024,
+        shutdown_grace=_grace(top),
         source=source,
     )
 
@@ -425,6 +471,10 @@ _TOP_KEYS = (
     "log",
     "admin_listen",
     "metrics",
+    "trusted_proxies",
+    "auth",
+    "max_body_bytes",
+    "shutdown_grace",
 )
 
 
@@ -618,7 +668,14 @@ def _route(value: Any, path: str) -> RouteConfig:
             path, f"expected a URL or a mapping with 'urls', got {_describe(value)}"
         )
     route = _Mapping(value, path)
-    route.check_keys(("urls", "via"))
+    route.check_keys(("urls", "via", "api_key", "auth_header"))
+    api_key = route.get("api_key", _string)
+    auth_header = route.get("auth_header", _string) or "bearer"
+    if auth_header not in AUTH_HEADERS:
+        raise ConfigError(
+            _join(path, "auth_header"),
+            f"expected one of {', '.join(AUTH_HEADERS)}, got {auth_header!r}",
+        )
     via = route.get("via", _string) or "auto"
     if via not in VIA_CHOICES:
         raise ConfigError(
@@ -635,7 +692,10 @@ def _route(value: Any, path: str) -> RouteConfig:
     if not urls:
         raise ConfigError(upath, "must list at least one URL")
     return RouteConfig(
-        urls=tuple(_url(u, f"{upath}[{i}]") for i, u in enumerate(urls)), via=via
+        urls=tuple(_url(u, f"{upath}[{i}]") for i, u in enumerate(urls)),
+        via=via,
+        api_key=api_key,
+        auth_header=auth_header,
     )
 
 
@@ -651,19 +711,22 @@ def _routes(value: Any, path: str) -> Mapping[str, RouteConfig]:
 
 def _rate_limit(value: Any, path: str) -> RateLimitConfig:
     table = _Mapping(value, path)
-    table.check_keys(("rate", "burst"))
+    table.check_keys(("rate", "burst", "key"))
     rate = table.get("rate", _number)
     burst = table.get("burst", _positive_int)
+    key = table.get("key", _string) or "ip"
+    if key not in ("ip", "api_key"):
+        raise ConfigError(_join(path, "key"), f"expected ip or api_key, got {key!r}")
     if rate is None:
         raise ConfigError(_join(path, "rate"), "required: tokens per second")
     if burst is None:
         burst = max(1, int(rate))
-    return RateLimitConfig(rate=rate, burst=burst)
+    return RateLimitConfig(rate=rate, burst=burst, key=key)
 
 
 def _timeouts(value: Any, path: str) -> TimeoutsConfig:
     table = _Mapping(value, path)
-    fields = ("response_header", "connect")
+    fields = ("response_header", "connect", "client_idle", "stream_idle")
     table.check_keys(fields)
     given = {k: table.get(k, _number) for k in fields}
     return TimeoutsConfig(**{k: v for k, v in given.items() if v is not None})
@@ -773,3 +836,30 @@ def _log(value: Any, path: str) -> LogConfig:
         compress=defaults.compress if compress is None else compress,
         level=(level or defaults.level).lower(),
     )
+
+
+def _grace(top: _Mapping) -> float:
+    value = top.value.get("shutdown_grace")
+    if value is None:
+        return 30.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError("shutdown_grace", f"expected seconds >= 0, got {_describe(value)}")
+    return float(value)
+
+
+def _auth(value: Any, path: str) -> AuthConfig:
+    table = _Mapping(value, path)
+    table.check_keys(("keys", "keys_file"))
+    keys = tuple(table.get("keys", _string_list) or ())
+    keys_file = table.get("keys_file", _string)
+    if keys_file is not None:
+        try:
+            with open(keys_file, "rb"):
+                pass
+        except OSError as e:
+            raise ConfigError(
+                _join(path, "keys_file"), f"cannot read {keys_file!r}: {e.strerror}"
+            ) from None
+    if not keys and keys_file is None:
+        raise ConfigError(path, "give 'keys' or 'keys_file' (or remove 'auth')")
+    return AuthConfig(keys=keys, keys_file=keys_file)

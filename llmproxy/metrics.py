@@ -28,18 +28,27 @@ class _DNSCollector(Collector):
     """Reports the caching resolver's hit and miss counters."""
 
     def __init__(self, resolver: Any) -> None:
-        self._resolver = resolver
+        self.resolver = resolver
+        self._base = {"hits": 0, "misses": 0}
+        self._seen: Any = None
 
     def collect(self) -> Iterator[CounterMetricFamily]:
+        resolver = self.resolver
+        if resolver is not self._seen:
+            # A reload brought a new cache: keep the counters monotonic.
+            if self._seen is not None:
+                for name in self._base:
+                    self._base[name] += getattr(self._seen, name, 0)
+            self._seen = resolver
         yield CounterMetricFamily(
             "llmproxy_dns_cache_hits",
             "DNS lookups answered from the cache.",
-            value=getattr(self._resolver, "hits", 0),
+            value=self._base["hits"] + getattr(resolver, "hits", 0),
         )
         yield CounterMetricFamily(
             "llmproxy_dns_cache_misses",
             "DNS lookups that needed a query.",
-            value=getattr(self._resolver, "misses", 0),
+            value=self._base["misses"] + getattr(resolver, "misses", 0),
         )
 
 
@@ -99,10 +108,20 @@ class Metrics:
         self.rate_limited = Counter(
             "llmproxy_rate_limited", "Requests refused by the rate limit.", registry=r
         )
-        if resolver is not None:
-            r.register(_DNSCollector(resolver))
+        self._dns = _DNSCollector(resolver)
+        r.register(self._dns)
         # Labelled children by label values (bounded: the labels are).
         self._children: dict[tuple[str, ...], tuple[Any, ...]] = {}
+
+    def configure(self, config: Config, resolver: Any = None) -> None:
+        """Follow a reloaded config: its models and its DNS cache.
+
+        Args:
+            config: The new configuration.
+            resolver: The new caching resolver, if any.
+        """
+        self._models = frozenset(config.model_routes)
+        self._dns.resolver = resolver
 
     def model_label(self, model: str | None) -> str:
         """The bounded label value for a request's model.

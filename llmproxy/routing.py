@@ -25,11 +25,16 @@ class UpstreamPool:
             ``target_map`` entry or ``gpt-4`` for a model route.
         urls: The base URLs, without a trailing slash.
         via: How to reach them: ``auto``, ``direct`` or ``proxy``.
+        api_key: The upstream credential that replaces the client's.
+        auth_header: How ``api_key`` is sent (``bearer``, ``x-api-key``,
+            ``api-key``, ``none``).
     """
 
     name: str
     urls: tuple[str, ...]
     via: str = "auto"
+    api_key: str | None = attrs.field(default=None, repr=False)
+    auth_header: str = "bearer"
     _turn: int = 0
 
     def pick(self) -> str:
@@ -60,7 +65,13 @@ class Route:
 
 
 def _pool(name: str, route: RouteConfig) -> UpstreamPool:
-    return UpstreamPool(name=name, urls=route.urls, via=route.via)
+    return UpstreamPool(
+        name=name,
+        urls=route.urls,
+        via=route.via,
+        api_key=route.api_key,
+        auth_header=route.auth_header,
+    )
 
 
 class Router:

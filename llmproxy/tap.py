@@ -13,7 +13,18 @@ from typing import Any
 
 from collections.abc import Callable
 
+import signal
+
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    gatherResults,
+    maybeDeferred,
+    succeed,
+)
+from twisted.logger import Logger
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -26,6 +37,8 @@ from llmproxy.web import build_admin_resource, build_resource, build_site
 __all__ = ["Options", "makeService"]
 
 DEFAULT_CONFIG = "etc/config.yml"
+
+_log = Logger()
 
 
 def _fail(message: str) -> SystemExit:
@@ -114,6 +127,114 @@ class _Listener(Service):
         return None
 
 
+class Daemon(MultiService):
+    """The daemon's services, with a graceful stop and reload on SIGHUP.
+
+    On stop (SIGTERM): stop accepting, let requests in flight finish for up
+    to ``shutdown_grace`` seconds, close the rest, then stop everything else
+    (the log file last). With ``handle_signals``, SIGTERM stops the reactor
+    without twistd re-raising it (exit status 0) and SIGHUP re-reads the
+    config file.
+
+    Attributes:
+        config: The config in force.
+        root: The proxy's root resource.
+    """
+
+    def __init__(self, config: Config, reactor: Any, root: Any, path: str | None) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.root = root
+        self.path = path
+        self.handle_signals = False
+        self._previous: dict[int, Any] = {}
+
+    def startService(self) -> None:
+        super().startService()
+        if self.handle_signals:
+            # The reactor installs its own handlers while it starts; ours
+            # replace them once it has.
+            self.reactor.callLater(0, self._install_signals)
+
+    def _install_signals(self) -> None:
+        if not self.running:
+            return
+        for number, handler in ((signal.SIGTERM, self._on_term), (signal.SIGHUP, self._on_hup)):
+            self._previous[number] = signal.signal(number, handler)
+
+    def _on_term(self, number: int, frame: Any) -> None:
+        # Signal handlers only schedule work on the reactor. Stopping this
+        # way (not Twisted's own SIGTERM handler) ends with exit status 0.
+        _log.info("received SIGTERM: stopping gracefully")
+        self.reactor.callFromThread(self.reactor.stop)
+
+    def _on_hup(self, number: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> bool:
+        """Re-read the config file; apply it to new requests if valid.
+
+        Returns:
+            Whether the new config was applied.
+        """
+        if self.path is None:
+            return False
+        try:
+            config = load_config(self.path)
+            new_root = build_resource(config, self.reactor, metrics=self.root.metrics)
+        except ConfigError as e:
+            _log.error(
+                "config reload refused, the running config stays in force: {error}",
+                error=str(e),
+            )
+            return False
+        for key in ("listen", "admin_listen", "log", "demo_upstream"):
+            if getattr(config, key) != getattr(self.config, key):
+                _log.warn("config reload: {key} changes only on restart", key=key)
+        self.root.replace(new_root)
+        self.config = config
+        _log.info("config reloaded from {path}", path=self.path)
+        return True
+
+    def stopService(self) -> Deferred[None]:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+        listeners = []
+        for name in ("web", "admin"):
+            try:
+                listeners.append(maybeDeferred(self.getServiceNamed(name).stopService))
+            except KeyError:
+                pass
+        stopped = gatherResults(listeners)
+        stopped.addCallback(lambda _: self._drain())
+        stopped.addCallback(lambda _: MultiService.stopService(self))
+        return stopped
+
+    def _drain(self) -> Deferred[Any]:
+        """Wait (up to shutdown_grace) for requests in flight, then close them."""
+        proxies = self.root.proxies()
+        grace = self.config.shutdown_grace
+        if not any(p.inflight for p in proxies):
+            return succeed(None)
+        _log.info(
+            "stopped accepting; waiting up to {grace} s for requests in flight", grace=grace
+        )
+        drained = gatherResults([p.drain() for p in proxies])
+
+        def timed_out(failure: Failure) -> None:
+            failure.trap(CancelledError, TimeoutError)
+            _log.warn(
+                "shutdown_grace ({grace} s) is over: closing the requests still in flight",
+                grace=grace,
+            )
+            for proxy in proxies:
+                proxy.abort_inflight()
+
+        return drained.addTimeout(grace, self.reactor).addErrback(timed_out)
+
+
 def makeService(options: Options) -> MultiService:
     """Build the daemon's services from parsed options.
 
@@ -121,15 +242,17 @@ def makeService(options: Options) -> MultiService:
         options: Parsed :class:`Options` (the config is loaded already).
 
     Returns:
-        The MultiService that twistd runs.
+        The MultiService that twistd runs (it handles SIGTERM and SIGHUP).
     """
     from twisted.internet import reactor
 
     config = getattr(options, "loaded", None) or load_config(options["config"])
-    return build_service(config, reactor)
+    daemon = build_service(config, reactor, path=options["config"])
+    daemon.handle_signals = True
+    return daemon
 
 
-def build_service(config: Config, reactor: Any) -> MultiService:
+def build_service(config: Config, reactor: Any, path: str | None = None) -> Daemon:
     """Build the daemon's services for a config.
 
     Args:
@@ -141,7 +264,11 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         (if configured), the public listener, the admin listener and the
         pool closer.
     """
-    top = MultiService()
+    try:
+        root = build_resource(config, reactor)
+    except ConfigError as e:
+        raise _fail(f"config error: {e}") from None
+    top = Daemon(config, reactor, root, path)
     if config.log.file:
         logs = file_log_service(
             config.log.file,
@@ -159,7 +286,6 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         demo = FakeUpstreamService(reactor, config.demo_upstream)
         demo.setName("demo-upstream")
         demo.setServiceParent(top)
-    root = build_resource(config, reactor)
     root.ready = False
 
     def listening() -> None:

@@ -18,13 +18,16 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
+from twisted.logger import Logger
 from twisted.web.server import Request, Site
 
 from llmproxy import __version__
-from llmproxy.config import Config
+from llmproxy.config import Config, ConfigError
 from llmproxy.egress import Egress
 from llmproxy.metrics import Metrics, MetricsResource
-from llmproxy.proxy import ProxyResource
+from llmproxy.egress._noproxy import NetworkSet
+from llmproxy.limits import KeyStore, RateLimiter
+from llmproxy.proxy import Guard, ProxyResource, error_body, request_id_for
 from llmproxy.routing import Router
 
 __all__ = [
@@ -34,6 +37,8 @@ __all__ = [
     "build_resource",
     "build_site",
 ]
+
+log = Logger()
 
 _HEALTH = json.dumps({"status": "ok", "version": __version__}).encode()
 _READY = json.dumps({"status": "ready"}).encode()
@@ -67,6 +72,7 @@ class RootResource(Resource):
         self.proxy = proxy
         self.metrics = metrics
         self.ready = True
+        self.retired: list[ProxyResource] = []
         self._close = close
 
     def close(self) -> Deferred[None] | None:
@@ -76,6 +82,30 @@ class RootResource(Resource):
             A Deferred that fires when they are closed, or None.
         """
         return self._close() if self._close is not None else None
+
+    def replace(self, other: RootResource) -> None:
+        """Serve new requests with ``other``'s proxy (a config reload).
+
+        Requests in flight finish on the old proxy, whose upstream
+        connections are closed once they are done.
+
+        Args:
+            other: A root built from the new config (with these metrics).
+        """
+        old_proxy, old_close = self.proxy, self._close
+        self.proxy, self._close = other.proxy, other._close
+        self.retired.append(old_proxy)
+
+        def retire(_: Any) -> Any:
+            if old_proxy in self.retired:
+                self.retired.remove(old_proxy)
+            return old_close() if old_close is not None else None
+
+        old_proxy.drain().addCallback(retire)
+
+    def proxies(self) -> list[ProxyResource]:
+        """The current proxy and those retired by reloads, still draining."""
+        return [self.proxy, *self.retired]
 
     def render(self, request: Request) -> Any:
         """Answer health checks, proxy the rest.
@@ -143,7 +173,10 @@ def _json(request: Request, body: bytes) -> bytes:
 
 
 def build_resource(
-    config: Config, reactor: Any, agent: IAgent | None = None
+    config: Config,
+    reactor: Any,
+    agent: IAgent | None = None,
+    metrics: Metrics | None = None,
 ) -> RootResource:
     """Build llmproxy's root resource for a configuration.
 
@@ -152,6 +185,8 @@ def build_resource(
         reactor: The reactor for connections and timers.
         agent: Send upstream requests with this agent instead of building
             one (and a pool) from the config.
+        metrics: Keep counting in these instruments (a reload) instead of
+            new ones.
 
     Returns:
         The root resource; mount it anywhere in a twisted.web tree.
@@ -161,18 +196,112 @@ def build_resource(
     if agent is None:
         egress = Egress(config, reactor)
         agent, close, resolver = egress, egress.close, egress.resolver
-    metrics = Metrics(config, resolver=resolver) if config.metrics else None
+    if not config.metrics:
+        metrics = None
+    elif metrics is None:
+        metrics = Metrics(config, resolver=resolver)
+    else:
+        metrics.configure(config, resolver)
     proxy = ProxyResource(
         Router.from_config(config), agent, reactor, config.timeouts, metrics,
-        access_log=config.log.access,
+        access_log=config.log.access, guard=build_guard(config, reactor),
     )
     return RootResource(proxy, close, metrics)
 
 
+def build_guard(config: Config, clock: Any) -> Guard:
+    """Client addresses, keys and rate limits for a config.
+
+    Args:
+        config: The validated configuration.
+        clock: For the token buckets.
+
+    Returns:
+        The guard.
+
+    Raises:
+        ConfigError: The keys file is malformed (naming ``auth.keys_file``).
+    """
+    keys = None
+    if config.auth is not None:
+        try:
+            keys = KeyStore.from_config(config.auth.keys, config.auth.keys_file)
+        except ValueError as e:
+            raise ConfigError("auth.keys_file", str(e)) from None
+    limiter = None
+    if config.rate_limit is not None:
+        limiter = RateLimiter(config.rate_limit.rate, config.rate_limit.burst, clock)
+    return Guard(
+        trusted=NetworkSet(config.trusted_proxies),
+        keys=keys,
+        limiter=limiter,
+        limit_by_key=config.rate_limit is not None and config.rate_limit.key == "api_key",
+    )
+
+
+class _LimitedRequest(Request):
+    """A request whose body may not exceed the site's ``max_body_bytes``.
+
+    twisted.web reads a whole body before ``render``: a declared
+    Content-Length over the limit is refused before any of it is read, and a
+    chunked body as soon as it passes the limit, with a 413 JSON error and a
+    closed connection.
+    """
+
+    _refused = False
+    _received = 0
+
+    def _limit(self) -> int | None:
+        return getattr(getattr(self.channel, "site", None), "max_body_bytes", None)
+
+    def gotLength(self, length: int | None) -> None:
+        limit = self._limit()
+        if length is not None and limit is not None and length > limit:
+            self._refuse(limit)
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        limit = self._limit()
+        if limit is not None and self._received > limit:
+            self._refuse(limit)
+            return
+        super().handleContentChunk(data)
+
+    def _refuse(self, limit: int) -> None:
+        self._refused = True
+        rid = request_id_for(self.getHeader(b"x-request-id"))
+        body = error_body(
+            f"request body larger than max_body_bytes ({limit} bytes)",
+            "invalid_request_error", "body_too_large", rid,
+        )
+        head = (
+            b"HTTP/1.1 413 Payload Too Large\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: %d\r\n"
+            b"X-Request-ID: %s\r\n"
+            b"Connection: close\r\n\r\n" % (len(body), rid.encode("ascii"))
+        )
+        transport = self.channel.transport
+        transport.write(head + body)
+        transport.loseConnection()
+        log.info("refused a request body over max_body_bytes; request_id={request_id}",
+                 request_id=rid)
+
+
 class LLMProxySite(Site):
-    """The Site llmproxy listens with: no tracebacks, no server banner."""
+    """The Site llmproxy listens with: no tracebacks, body size limit.
+
+    Attributes:
+        max_body_bytes: The largest request body accepted.
+    """
 
     displayTracebacks = False
+    requestFactory = _LimitedRequest
+    max_body_bytes: int | None = None
 
     def log(self, request: Request) -> None:
         """Proxied requests log one event of their own (see proxy.py)."""
@@ -190,5 +319,6 @@ def build_site(config: Config, reactor: Any, resource: Resource | None = None) -
         The Site to listen with.
     """
     root = resource if resource is not None else build_resource(config, reactor)
-    site = LLMProxySite(root, reactor=reactor)
+    site = LLMProxySite(root, reactor=reactor, timeout=config.timeouts.client_idle)
+    site.max_body_bytes = config.max_body_bytes
     return site

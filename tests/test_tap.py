@@ -289,3 +289,84 @@ async def test_secrets_never_reach_logs_stdout_or_metrics(
     assert logs.count(b'"log_namespace": "llmproxy.access"') == 4
     for where, text in (("log file", logs), ("stdout", process.output), ("/metrics", metrics)):
         assert b"PLANTED" not in text, f"a secret reached the {where}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_lets_streams_finish_then_exits_0(
+    reactor: Any, tmp_path: Path, client: Any
+) -> None:
+    """SIGTERM: stop accepting, finish the stream in flight, exit status 0."""
+    port, demo_port = free_port(), free_port()
+    config = tmp_path / "graceful.yml"
+    config.write_text(
+        f'listen: "tcp:{port}:interface=127.0.0.1"\n'
+        f'demo_upstream: "tcp:{demo_port}:interface=127.0.0.1"\n'
+        f'target_map:\n  "/v1/": "http://127.0.0.1:{demo_port}"\n'
+        "admin_listen: null\nshutdown_grace: 20\n"
+    )
+    process = spawn_twistd(reactor, config, tmp_path)
+    try:
+        await process.wait_for(b"starting on %d" % port).addTimeout(WAIT, reactor)
+        response = await send(
+            client, reactor, f"http://127.0.0.1:{port}/v1/chat/completions",
+            {"model": "demo", "stream": True, "messages": [{"role": "user", "content": "Hi"}]},
+            headers={"X-Fake-Chunks": "8", "X-Fake-Chunk-Delay": "0.25"},
+        )
+        body = collect(response)
+        await body.first.addTimeout(WAIT, reactor)
+        process.transport.signalProcess("TERM")
+        await process.wait_for(b"waiting up to 20").addTimeout(WAIT, reactor)
+        # The listener was closed before that line was logged.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        full = await body.done.addTimeout(WAIT, reactor)
+        assert full.rstrip().endswith(b"data: [DONE]")
+        code = await process.ended.addTimeout(WAIT, reactor)
+    finally:
+        if not process.ended.called:
+            process.transport.signalProcess("KILL")
+            await process.ended.addTimeout(WAIT, reactor)
+    assert code == 0, process.output.decode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighup_reloads_a_valid_config_and_refuses_a_bad_one(
+    reactor: Any, tmp_path: Path, client: Any
+) -> None:
+    """SIGHUP applies a valid config to new requests; a bad one changes nothing."""
+    port, demo_port = free_port(), free_port()
+    config = tmp_path / "reload.yml"
+
+    def write(keys: str, extra: str = "") -> None:
+        config.write_text(
+            f'listen: "tcp:{port}:interface=127.0.0.1"\n'
+            f'demo_upstream: "tcp:{demo_port}:interface=127.0.0.1"\n'
+            f'target_map:\n  "/v1/": "http://127.0.0.1:{demo_port}"\n'
+            f"admin_listen: null\nauth: {{keys: [{keys}]}}\n" + extra
+        )
+
+    async def status(key: str) -> int:
+        response = await send(client, reactor, f"http://127.0.0.1:{port}/v1/models",
+                              method=b"GET", headers={"Authorization": f"Bearer {key}"})
+        await collect(response).done.addTimeout(WAIT, reactor)
+        return response.code
+
+    write("old-key")
+    process = spawn_twistd(reactor, config, tmp_path)
+    try:
+        await process.wait_for(b"starting on %d" % port).addTimeout(WAIT, reactor)
+        assert (await status("old-key"), await status("new-key")) == (200, 401)
+        write("new-key")
+        process.transport.signalProcess("HUP")
+        await process.wait_for(b"config reloaded").addTimeout(WAIT, reactor)
+        assert (await status("old-key"), await status("new-key")) == (401, 200)
+        write("other-key", "tagret_map: {}\n")
+        process.transport.signalProcess("HUP")
+        await process.wait_for(b"config reload refused").addTimeout(WAIT, reactor)
+        assert b"tagret_map: unknown key; did you mean 'target_map'?" in process.output
+        assert (await status("new-key"), await status("other-key")) == (200, 401)
+    finally:
+        if not process.ended.called:
+            process.transport.signalProcess("TERM")
+        code = await process.ended.addTimeout(WAIT, reactor)
+    assert code == 0, process.output.decode()

@@ -15,10 +15,13 @@ import json
 import time
 import uuid
 from typing import Any
+from urllib.parse import unquote_to_bytes
+
+import attrs
 
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -35,11 +38,13 @@ from zope.interface import implementer
 
 from llmproxy.config import TimeoutsConfig
 from llmproxy.egress import Egress, TunnelError, TunnelTimeout
+from llmproxy.egress._noproxy import NetworkSet
+from llmproxy.limits import KeyStore, RateLimiter, client_ip, presented_key, retry_after
 from llmproxy.metrics import Metrics
 from llmproxy.proxy._usage import UsageReader
 from llmproxy.routing import Router, extract_model
 
-__all__ = ["ACCESS_FORMAT", "ProxyResource", "error_body", "request_id_for"]
+__all__ = ["ACCESS_FORMAT", "Guard", "ProxyResource", "error_body", "request_id_for"]
 
 log = Logger()
 
@@ -180,6 +185,47 @@ ACCESS_FORMAT = (
 )
 
 
+_DOT_SEGMENTS = frozenset({b".", b".."})
+
+
+def _bad_target(uri: bytes, segments: list[bytes]) -> str | None:
+    """Why a request target must not be forwarded, or None if it is fine.
+
+    Only origin-form targets (``/path?query``) are proxied: an absolute-form
+    target (``http://elsewhere/``) is not a request for us, and ``.`` or
+    ``..`` segments (percent-encoded or not) would let a client climb out of
+    the route's base path on the upstream.
+    """
+    if not uri.startswith(b"/"):
+        return "only origin-form request targets (/path) are accepted"
+    for segment in segments:
+        if segment in _DOT_SEGMENTS or unquote_to_bytes(segment) in _DOT_SEGMENTS:
+            return "'.' and '..' path segments are not allowed"
+    return None
+
+
+@attrs.frozen
+class Guard:
+    """Who may use the proxy, and how much.
+
+    Attributes:
+        trusted: Peers whose X-Forwarded-For / X-Real-IP are believed.
+        keys: Client keys, or None for an open proxy.
+        limiter: The per-client token buckets, or None.
+        limit_by_key: Buckets per client key instead of per IP.
+    """
+
+    trusted: NetworkSet = attrs.field(factory=lambda: NetworkSet(()))
+    keys: KeyStore | None = None
+    limiter: RateLimiter | None = None
+    limit_by_key: bool = False
+
+
+#: Client credential headers: never forwarded when llmproxy checks keys or
+#: the route has its own upstream key.
+_CREDENTIALS = (b"authorization", b"x-api-key", b"api-key")
+
+
 class _Exchange:
     """One proxied request, from render to its access record.
 
@@ -201,13 +247,11 @@ class _Exchange:
         self.rid = rid
         self.clock = clock
         self.metrics = metrics
-        self.access_log = access_log
         self.started = clock.seconds()
-        peer = request.getClientAddress()
         self.upstream: str | None = None
         self.record: dict[str, Any] = {
             "request_id": rid,
-            "client_ip": getattr(peer, "host", None),
+            "client_ip": None,
             "method": request.method.decode("ascii", "replace"),
             "path": path.decode("utf-8", "replace"),
             "route": None,
@@ -228,6 +272,7 @@ class _Exchange:
         self.timer: Any = None
         self.pending: Deferred[IResponse] | None = None
         self.body: _StreamToClient | None = None
+        self.on_done: Any = None
         if metrics is not None:
             metrics.inflight.inc()
 
@@ -266,6 +311,8 @@ class _Exchange:
         if self.metrics is not None:
             self.metrics.inflight.dec()
             self.metrics.observe(record)
+        if self.on_done is not None:
+            self.on_done(self)
 
     def on_client_gone(self, reason: Failure) -> None:
         """The client closed its connection before we finished: stop paying."""
@@ -289,20 +336,52 @@ class _StreamToClient(Protocol):
     socket.
     """
 
-    def __init__(self, exchange: _Exchange) -> None:
+    def __init__(self, exchange: _Exchange, clock: IReactorTime, idle: float) -> None:
         self.exchange = exchange
         self.request = exchange.request
         self.producing = False
+        self.clock = clock
+        self.idle = idle
+        self.idle_timer: Any = None
+        self.idled_out = False
 
     def connectionMade(self) -> None:
         if self.exchange.client_gone:
             self.transport.stopProducing()
             return
-        self.request.registerProducer(self.transport, True)
+        self.request.registerProducer(_Watched(self.transport, self), True)
         self.producing = True
+        self.watch()
+
+    def watch(self) -> None:
+        """(Re)start the stream-idle timer: the upstream must send in time."""
+        if self.idle_timer is not None and self.idle_timer.active():
+            self.idle_timer.reset(self.idle)
+        else:
+            self.idle_timer = self.clock.callLater(self.idle, self._idle)
+
+    def unwatch(self) -> None:
+        """Stop the timer (while the client, not the upstream, is slow)."""
+        if self.idle_timer is not None and self.idle_timer.active():
+            self.idle_timer.cancel()
+        self.idle_timer = None
+
+    def _idle(self) -> None:
+        self.idle_timer = None
+        self.idled_out = True
+        log.warn(
+            "no byte from upstream {upstream} for {seconds} s: aborting the "
+            "response of request {request_id}",
+            upstream=self.exchange.upstream,
+            seconds=self.idle,
+            request_id=self.exchange.rid,
+        )
+        self.transport.stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         exchange = self.exchange
+        if self.idle_timer is not None:
+            self.idle_timer.reset(self.idle)
         if not exchange.client_gone:
             exchange.record["bytes_out"] += len(data)
             if exchange.usage is not None:
@@ -317,6 +396,7 @@ class _StreamToClient(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         exchange = self.exchange
         exchange.body = None
+        self.unwatch()
         if self.producing:
             self.producing = False
             if not exchange.client_gone:
@@ -337,8 +417,34 @@ class _StreamToClient(Protocol):
             request_id=exchange.rid,
             reason=_describe_failure(reason),
         )
-        exchange.log_done("upstream_aborted", "upstream_aborted")
+        exchange.log_done(
+            "upstream_aborted", "stream_idle" if self.idled_out else "upstream_aborted"
+        )
         self.request.loseConnection()
+
+
+@implementer(IPushProducer)
+class _Watched:
+    """The upstream connection as the client's producer, minding idleness.
+
+    While the client's connection pauses the upstream (a slow reader), the
+    stream-idle timer stops: silence then is not the upstream's fault.
+    """
+
+    def __init__(self, producer: IPushProducer, stream: _StreamToClient) -> None:
+        self._producer = producer
+        self._stream = stream
+
+    def pauseProducing(self) -> None:
+        self._stream.unwatch()
+        self._producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._stream.watch()
+        self._producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._producer.stopProducing()
 
 
 _WRAPPERS = (ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed)
@@ -387,6 +493,7 @@ class ProxyResource(Resource):
         timeouts: TimeoutsConfig,
         metrics: Metrics | None = None,
         access_log: bool = True,
+        guard: Guard | None = None,
     ) -> None:
         """Set up the proxy.
 
@@ -398,6 +505,7 @@ class ProxyResource(Resource):
             timeouts: Time limits.
             metrics: Where finished requests are counted, if anywhere.
             access_log: Whether to log an access record per request.
+            guard: Client addresses, keys and rate limits.
         """
         super().__init__()
         self.router = router
@@ -406,6 +514,10 @@ class ProxyResource(Resource):
         self.timeouts = timeouts
         self.metrics = metrics
         self.access_log = access_log
+        self.guard = guard or Guard()
+        #: Requests in flight (for a graceful stop).
+        self.inflight: set[_Exchange] = set()
+        self._drained: list[Deferred[None]] = []
 
     def render(self, request: Request) -> Any:
         """Forward ``request`` upstream; the response follows later.
@@ -418,10 +530,19 @@ class ProxyResource(Resource):
         """
         rid = request_id_for(request.getHeader(b"x-request-id"))
         path = b"/" + b"/".join(request.postpath)
+        problem = _bad_target(request.uri, request.postpath)
+        if problem is not None:
+            send_error(request, 400, problem, "invalid_request_error", "invalid_path", rid)
+            return NOT_DONE_YET
         request.content.seek(0)
         body = request.content.read()
         exchange = _Exchange(request, rid, path, self.reactor, self.metrics, self.access_log)
+        peer = getattr(request.getClientAddress(), "host", None)
+        client = client_ip(peer, request.requestHeaders, self.guard.trusted)
+        exchange.record["client_ip"] = client
         exchange.record["bytes_in"] = len(body)
+        if not self._admit(request, exchange, client):
+            return NOT_DONE_YET
         model = extract_model(body)
         exchange.record["model"] = model
         route = self.router.route(path, model)
@@ -443,8 +564,10 @@ class ProxyResource(Resource):
         _, question, query = request.uri.partition(b"?")
         url = base.encode("utf-8") + path + question + query
         request.notifyFinish().addErrback(exchange.on_client_gone)
+        self.inflight.add(exchange)
+        exchange.on_done = self._done
 
-        headers = self._upstream_headers(request, rid)
+        headers = self._upstream_headers(request, rid, route.pool)
         producer = _BytesProducer(body) if body else None
         if isinstance(self.agent, Egress):
             d = self.agent.request(request.method, url, headers, producer, route.pool.via)
@@ -463,11 +586,86 @@ class ProxyResource(Resource):
         d.addErrback(self._bug, exchange)
         return NOT_DONE_YET
 
-    def _upstream_headers(self, request: Request, rid: str) -> Headers:
+    def _admit(self, request: Request, exchange: _Exchange, client: str | None) -> bool:
+        """Check the client's key and rate limit; answer 401/429 if refused."""
+        guard = self.guard
+        key_id = None
+        if guard.keys is not None:
+            key_id = guard.keys.check(presented_key(request.requestHeaders))
+            if key_id is None:
+                exchange.record["status"] = 401
+                send_error(
+                    request, 401,
+                    "a valid API key is required (Authorization: Bearer KEY or x-api-key)",
+                    "invalid_request_error", "invalid_api_key", exchange.rid,
+                )
+                exchange.log_done("error", "invalid_api_key")
+                return False
+            exchange.record["client_key"] = key_id
+        if guard.limiter is not None:
+            bucket = key_id if guard.limit_by_key and key_id else (client or "unknown")
+            wait = guard.limiter.take(bucket)
+            if wait > 0:
+                seconds = retry_after(wait)
+                exchange.record["status"] = 429
+                request.responseHeaders.setRawHeaders(b"retry-after", [b"%d" % seconds])
+                send_error(
+                    request, 429, f"rate limit exceeded: retry in {seconds} s",
+                    "rate_limit_error", "rate_limited", exchange.rid,
+                )
+                if self.metrics is not None:
+                    self.metrics.rate_limited.inc()
+                exchange.log_done("error", "rate_limited")
+                return False
+        return True
+
+    def _done(self, exchange: _Exchange) -> None:
+        self.inflight.discard(exchange)
+        if not self.inflight and self._drained:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
+
+    def drain(self) -> Deferred[None]:
+        """Fire when no request is in flight (now, or when the last ends).
+
+        Returns:
+            A Deferred; cancel it to stop waiting.
+        """
+        if not self.inflight:
+            return succeed(None)
+
+        def cancel(d: Deferred[None]) -> None:
+            if d in self._drained:
+                self._drained.remove(d)
+
+        d: Deferred[None] = Deferred(cancel)
+        self._drained.append(d)
+        return d
+
+    def abort_inflight(self) -> None:
+        """Close the connections of every request still in flight."""
+        for exchange in list(self.inflight):
+            transport = getattr(exchange.request.channel, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+
+    def _upstream_headers(self, request: Request, rid: str, pool: Any = None) -> Headers:
         """The headers to send upstream: end-to-end ones plus forwarding."""
         headers = Headers()
-        for name, values in _end_to_end(request.requestHeaders, _REQUEST_OWN):
+        drop = _REQUEST_OWN
+        api_key = getattr(pool, "api_key", None)
+        auth_header = getattr(pool, "auth_header", "bearer")
+        if self.guard.keys is not None or api_key is not None or auth_header == "none":
+            drop = drop | frozenset(_CREDENTIALS)
+        for name, values in _end_to_end(request.requestHeaders, drop):
             headers.setRawHeaders(name, values)
+        if api_key is not None and auth_header != "none":
+            value = api_key.encode("utf-8")
+            if auth_header == "bearer":
+                headers.setRawHeaders(b"authorization", [b"Bearer " + value])
+            else:
+                headers.setRawHeaders(auth_header.encode("ascii"), [value])
         peer = request.getClientAddress()
         host = getattr(peer, "host", None)
         if host:
@@ -493,7 +691,9 @@ class ProxyResource(Resource):
             exchange.timer = None
         request = exchange.request
         if exchange.client_gone:
-            response.deliverBody(_StreamToClient(exchange))
+            response.deliverBody(
+                _StreamToClient(exchange, self.reactor, self.timeouts.stream_idle)
+            )
             return
         record = exchange.record
         record["status"] = response.code
@@ -522,7 +722,7 @@ class ProxyResource(Resource):
             out.setRawHeaders(b"content-length", [b"%d" % response.length])
         out.setRawHeaders(b"x-request-id", [exchange.rid.encode("ascii")])
         request.defaultContentType = None
-        exchange.body = _StreamToClient(exchange)
+        exchange.body = _StreamToClient(exchange, self.reactor, self.timeouts.stream_idle)
         response.deliverBody(exchange.body)
 
     def _failed(self, failure: Failure, exchange: _Exchange) -> None:
