@@ -72,12 +72,27 @@ class RouteConfig:
         auth_header: How ``api_key`` is sent: ``bearer``
             (``Authorization: Bearer``), ``x-api-key``, ``api-key`` or
             ``none``.
+        weights: Each URL's weight (``weighted`` strategy), or None.
+        strategy: ``round_robin``, ``weighted`` or ``least_outstanding``.
+        retries: Further upstreams tried when one fails before the first
+            byte (None: pool size - 1).
+        retry_on: Upstream statuses that count as such a failure.
+        eject_after: Consecutive failures that take an upstream out of the
+            rotation.
+        cooldown: Seconds an ejected upstream waits for its trial request
+            (doubling on each repeated ejection, up to 300).
     """
 
     urls: tuple[str, ...]
     via: str = "auto"
     api_key: str | None = attrs.field(default=None, repr=lambda key: "***" if key else "None")
     auth_header: str = "bearer"
+    weights: tuple[int, ...] | None = None
+    strategy: str = "round_robin"
+    retries: int | None = None
+    retry_on: tuple[int, ...] = (429, 500, 502, 503, 504)
+    eject_after: int = 5
+    cooldown: float = 30.0
 
 
 @attrs.frozen
@@ -143,6 +158,7 @@ DEFAULT_DIRECT_NETWORKS = (
 )
 
 VIA_CHOICES = ("auto", "direct", "proxy")
+STRATEGIES = ("round_robin", "weighted", "least_outstanding")
 
 
 @attrs.frozen
@@ -231,6 +247,12 @@ class Config:
         auth: Client keys, or None for an open proxy.
         max_body_bytes: Largest request body accepted.
         shutdown_grace: Seconds in-flight requests may take after SIGTERM.
+        model_aliases: Alias -> model: routed to the model's pool, with
+            ``model`` rewritten in the body sent upstream.
+        fallbacks: Model -> models tried, in order, when every upstream of
+            the model failed before the first byte.
+        max_retry_wait: Longest Retry-After honoured before retrying the
+            same upstream when no other is left.
         source: Where the config came from (a file name), for messages.
     """
 
@@ -255,6 +277,11 @@ class Config:
     auth: AuthConfig | None = None
     max_body_bytes: int = 32 * 1024 * 1024
     shutdown_grace: float = 30.0
+    model_aliases: Mapping[str, str] = attrs.field(factory=lambda: MappingProxyType({}))
+    fallbacks: Mapping[str, tuple[str, ...]] = attrs.field(
+        factory=lambda: MappingProxyType({})
+    )
+    max_retry_wait: float = 2.0
     source: str = "<config>"
 
 
@@ -397,10 +424,11 @@ def parse_config(
     rate_limit = top.get("rate_limit", _rate_limit)
     if rate_limit is not None and rate_limit.key == "api_key" and auth is None:
         raise ConfigError("rate_limit.key", "'api_key' needs auth (client keys), which is not set")
+    model_routes = top.get("model_routes", _routes) or MappingProxyType({})
     return Config(
         listen=listen,
         target_map=target_map,
-        model_routes=top.get("model_routes", _routes) or MappingProxyType({}),
+        model_routes=model_routes,
         proxy_url=proxy_url,
         rate_limit=rate_limit,
         timeouts=top.get("timeouts", _timeouts) or TimeoutsConfig(),
@@ -417,6 +445,9 @@ def parse_config(
         auth=auth,
         max_body_bytes=top.get("max_body_bytes", _positive_int) or 32 * 1024 * 1024,
         shutdown_grace=_grace(top),
+        model_aliases=_aliases(top, model_routes),
+        fallbacks=_fallbacks(top, model_routes),
+        max_retry_wait=_grace_like(top, "max_retry_wait", 2.0),
         source=source,
     )
 
@@ -475,6 +506,9 @@ _TOP_KEYS = (
     "auth",
     "max_body_bytes",
     "shutdown_grace",
+    "model_aliases",
+    "fallbacks",
+    "max_retry_wait",
 )
 
 
@@ -668,7 +702,31 @@ def _route(value: Any, path: str) -> RouteConfig:
             path, f"expected a URL or a mapping with 'urls', got {_describe(value)}"
         )
     route = _Mapping(value, path)
-    route.check_keys(("urls", "via", "api_key", "auth_header"))
+    route.check_keys(
+        ("urls", "via", "api_key", "auth_header", "strategy", "retries", "retry_on",
+         "eject_after", "cooldown")
+    )
+    strategy = route.get("strategy", _string) or "round_robin"
+    if strategy not in STRATEGIES:
+        raise ConfigError(
+            _join(path, "strategy"),
+            f"expected one of {', '.join(STRATEGIES)}, got {strategy!r}",
+        )
+    retries = route.value.get("retries")
+    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)
+                                or retries < 0):
+        raise ConfigError(
+            _join(path, "retries"), f"expected an integer >= 0, got {_describe(retries)}"
+        )
+    retry_on = route.value.get("retry_on", [429, 500, 502, 503, 504])
+    if not isinstance(retry_on, list) or not all(
+        isinstance(c, int) and not isinstance(c, bool) and 100 <= c <= 599 for c in retry_on
+    ):
+        raise ConfigError(
+            _join(path, "retry_on"), f"expected a list of HTTP statuses, got {_describe(retry_on)}"
+        )
+    eject_after = route.get("eject_after", _positive_int) or 5
+    cooldown = route.get("cooldown", _number) or 30.0
     api_key = route.get("api_key", _string)
     auth_header = route.get("auth_header", _string) or "bearer"
     if auth_header not in AUTH_HEADERS:
@@ -691,11 +749,30 @@ def _route(value: Any, path: str) -> RouteConfig:
         raise ConfigError(upath, f"expected a list of URLs, got {_describe(urls)}")
     if not urls:
         raise ConfigError(upath, "must list at least one URL")
+    parsed, weights = [], []
+    for i, item in enumerate(urls):
+        ipath = f"{upath}[{i}]"
+        if isinstance(item, dict):
+            entry = _Mapping(item, ipath)
+            entry.check_keys(("url", "weight"))
+            if "url" not in item:
+                raise ConfigError(_join(ipath, "url"), "required: the base URL")
+            parsed.append(_url(item["url"], _join(ipath, "url")))
+            weights.append(entry.get("weight", _positive_int) or 1)
+        else:
+            parsed.append(_url(item, ipath))
+            weights.append(1)
     return RouteConfig(
-        urls=tuple(_url(u, f"{upath}[{i}]") for i, u in enumerate(urls)),
+        urls=tuple(parsed),
         via=via,
         api_key=api_key,
         auth_header=auth_header,
+        weights=tuple(weights) if any(w != 1 for w in weights) else None,
+        strategy=strategy,
+        retries=retries,
+        retry_on=tuple(retry_on),
+        eject_after=eject_after,
+        cooldown=cooldown,
     )
 
 
@@ -863,3 +940,49 @@ def _auth(value: Any, path: str) -> AuthConfig:
     if not keys and keys_file is None:
         raise ConfigError(path, "give 'keys' or 'keys_file' (or remove 'auth')")
     return AuthConfig(keys=keys, keys_file=keys_file)
+
+
+def _grace_like(top: _Mapping, key: str, default: float) -> float:
+    value = top.value.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(key, f"expected seconds >= 0, got {_describe(value)}")
+    return float(value)
+
+
+def _aliases(top: _Mapping, models: Mapping[str, RouteConfig]) -> Mapping[str, str]:
+    table = top.get("model_aliases", lambda v, p: _Mapping(v, p))
+    if table is None:
+        return MappingProxyType({})
+    aliases = {}
+    for alias, model in table.value.items():
+        key = _join("model_aliases", alias)
+        model = _string(model, key)
+        if model not in models:
+            raise ConfigError(key, f"{model!r} is not a key of model_routes")
+        aliases[alias] = model
+    return MappingProxyType(aliases)
+
+
+def _fallbacks(
+    top: _Mapping, models: Mapping[str, RouteConfig]
+) -> Mapping[str, tuple[str, ...]]:
+    table = top.get("fallbacks", lambda v, p: _Mapping(v, p))
+    if table is None:
+        return MappingProxyType({})
+    fallbacks = {}
+    for model, chain in table.value.items():
+        key = _join("fallbacks", model)
+        if model not in models:
+            raise ConfigError(key, f"{model!r} is not a key of model_routes")
+        if isinstance(chain, str):
+            chain = [chain]
+        if not isinstance(chain, list):
+            raise ConfigError(key, f"expected a list of models, got {_describe(chain)}")
+        for i, other in enumerate(chain):
+            other = _string(other, f"{key}[{i}]")
+            if other not in models:
+                raise ConfigError(f"{key}[{i}]", f"{other!r} is not a key of model_routes")
+        fallbacks[model] = tuple(chain)
+    return MappingProxyType(fallbacks)
