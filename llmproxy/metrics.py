@@ -105,6 +105,24 @@ class Metrics:
             ["type", "model"],
             registry=r,
         )
+        self.retries = Counter(
+            "llmproxy_upstream_retries",
+            "Requests sent to another upstream after a failure before the first byte.",
+            ["route"],
+            registry=r,
+        )
+        self.ejections = Counter(
+            "llmproxy_upstream_ejections",
+            "Upstreams taken out of rotation after consecutive failures.",
+            ["upstream"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "llmproxy_fallbacks",
+            "Requests sent to a fallback model, by that model.",
+            ["model"],
+            registry=r,
+        )
         self.rate_limited = Counter(
             "llmproxy_rate_limited", "Requests refused by the rate limit.", registry=r
         )

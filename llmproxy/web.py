@@ -41,8 +41,6 @@ __all__ = [
 log = Logger()
 
 _HEALTH = json.dumps({"status": "ok", "version": __version__}).encode()
-_READY = json.dumps({"status": "ready"}).encode()
-_NOT_READY = json.dumps({"status": "starting"}).encode()
 
 
 class RootResource(Resource):
@@ -126,11 +124,18 @@ class RootResource(Resource):
         return self.proxy.render(request)
 
     def render_ready(self, request: Request) -> bytes:
-        """``/readyz``: 200 once listening with a loaded config, else 503."""
+        """``/readyz``: 200 once listening with a loaded config, else 503.
+
+        The body lists every pool and its upstreams' health.
+        """
+        pools = [
+            {"pool": pool.name, "upstreams": pool.state()}
+            for pool in self.proxy.router.pools()
+        ]
         if not self.ready:
             request.setResponseCode(503)
-            return _json(request, _NOT_READY)
-        return _json(request, _READY)
+            return _json(request, json.dumps({"status": "starting", "pools": pools}).encode())
+        return _json(request, json.dumps({"status": "ready", "pools": pools}).encode())
 
 
 class _Health(Resource):
@@ -203,8 +208,9 @@ def build_resource(
     else:
         metrics.configure(config, resolver)
     proxy = ProxyResource(
-        Router.from_config(config), agent, reactor, config.timeouts, metrics,
+        Router.from_config(config, clock=reactor), agent, reactor, config.timeouts, metrics,
         access_log=config.log.access, guard=build_guard(config, reactor),
+        max_retry_wait=config.max_retry_wait,
     )
     return RootResource(proxy, close, metrics)
 
@@ -250,6 +256,21 @@ class _LimitedRequest(Request):
 
     _refused = False
     _received = 0
+
+    def process(self) -> None:
+        """Refuse ``OPTIONS *`` (and any ``*`` target): nothing to proxy."""
+        if self.path == b"*":
+            rid = request_id_for(self.getHeader(b"x-request-id"))
+            self.setResponseCode(400)
+            self.setHeader(b"content-type", b"application/json")
+            self.setHeader(b"x-request-id", rid.encode("ascii"))
+            self.write(error_body(
+                "the '*' request target is not supported",
+                "invalid_request_error", "invalid_path", rid,
+            ))
+            self.finish()
+            return
+        super().process()
 
     def _limit(self) -> int | None:
         return getattr(getattr(self.channel, "site", None), "max_body_bytes", None)

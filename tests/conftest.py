@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -59,6 +59,40 @@ def pytest_configure(config: pytest.Config) -> None:
 def timeout(d: Deferred, reactor: Any, seconds: float = WAIT) -> Deferred:
     """Bound a wait: ``await timeout(d, reactor)``."""
     return d.addTimeout(seconds, reactor)
+
+
+class AccessRecords(list):
+    """Access records as they are logged; ``wait(n)`` fires at the n-th."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waits: list[tuple[int, Deferred[None]]] = []
+
+    def __call__(self, event: dict) -> None:
+        if event.get("log_namespace") != "llmproxy.access":
+            return
+        self.append(event)
+        ready = [(n, d) for n, d in self._waits if len(self) >= n]
+        self._waits = [(n, d) for n, d in self._waits if len(self) < n]
+        for _, d in ready:
+            d.callback(None)
+
+    def wait(self, count: int) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        if len(self) >= count:
+            d.callback(None)
+        else:
+            self._waits.append((count, d))
+        return d
+
+
+@pytest.fixture
+def access() -> Iterator[AccessRecords]:
+    """The access records logged during the test."""
+    records = AccessRecords()
+    globalLogPublisher.addObserver(records)
+    yield records
+    globalLogPublisher.removeObserver(records)
 
 
 class Upstreams:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.defer import Deferred
-from twisted.logger import globalLogPublisher
 from twisted.web.client import ResponseFailed
 
 from helpers import collect, fetch, raw_connect, send
@@ -20,40 +17,6 @@ from llmproxy.web import build_admin_resource, build_resource, build_site
 
 WAIT = 10.0
 CHAT = {"model": "gpt-known", "messages": [{"role": "user", "content": "Hello there"}]}
-
-
-class AccessRecords(list):
-    """Access records as they are logged; ``wait(n)`` fires at the n-th."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._waits: list[tuple[int, Deferred[None]]] = []
-
-    def __call__(self, event: dict) -> None:
-        if event.get("log_namespace") != "llmproxy.access":
-            return
-        self.append(event)
-        ready = [(n, d) for n, d in self._waits if len(self) >= n]
-        self._waits = [(n, d) for n, d in self._waits if len(self) < n]
-        for _, d in ready:
-            d.callback(None)
-
-    def wait(self, count: int) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        if len(self) >= count:
-            d.callback(None)
-        else:
-            self._waits.append((count, d))
-        return d
-
-
-@pytest.fixture
-def access() -> Iterator[AccessRecords]:
-    """The access records logged during the test."""
-    records = AccessRecords()
-    globalLogPublisher.addObserver(records)
-    yield records
-    globalLogPublisher.removeObserver(records)
 
 
 class Served:
@@ -91,7 +54,7 @@ async def served(reactor: Any, upstreams: Any) -> Any:
     await root.close()
 
 
-async def until_logged(reactor: Any, access: AccessRecords, count: int) -> None:
+async def until_logged(reactor: Any, access: Any, count: int) -> None:
     """Wait (bounded) until ``count`` access records exist.
 
     The record is written when the proxy finishes the response, which may

@@ -4,34 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet.task import deferLater
-from twisted.logger import globalLogPublisher
 from twisted.web.client import ResponseFailed
 
 from helpers import collect, fetch, header, raw_connect, send
 
 WAIT = 10.0
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
-
-
-@pytest.fixture
-def access() -> Iterator[list[dict]]:
-    """Access records logged during the test."""
-    records: list[dict] = []
-
-    def observe(event: dict) -> None:
-        if event.get("log_namespace") == "llmproxy.access":
-            records.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield records
-    globalLogPublisher.removeObserver(observe)
 
 
 async def guarded(upstreams: Any, proxies: Any, extra: str, route: str = "") -> tuple[Any, str]:

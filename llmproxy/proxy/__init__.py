@@ -15,7 +15,7 @@ import json
 import time
 import uuid
 from typing import Any
-from urllib.parse import unquote_to_bytes
+from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 import attrs
 
@@ -193,15 +193,41 @@ def _bad_target(uri: bytes, segments: list[bytes]) -> str | None:
 
     Only origin-form targets (``/path?query``) are proxied: an absolute-form
     target (``http://elsewhere/``) is not a request for us, and ``.`` or
-    ``..`` segments (percent-encoded or not) would let a client climb out of
-    the route's base path on the upstream.
+    ``..`` segments (percent-encoded or not, or hidden behind an encoded
+    slash) would let a client climb out of the route's base path upstream.
+
+    Args:
+        uri: The request target as received.
+        segments: The raw (still percent-encoded) path segments routed.
     """
     if not uri.startswith(b"/"):
         return "only origin-form request targets (/path) are accepted"
     for segment in segments:
-        if segment in _DOT_SEGMENTS or unquote_to_bytes(segment) in _DOT_SEGMENTS:
-            return "'.' and '..' path segments are not allowed"
+        decoded = segment
+        for _ in range(3):  # some stacks decode more than once: so do we
+            parts = decoded.replace(b"\\", b"/").split(b"/")
+            if any(part in _DOT_SEGMENTS for part in parts):
+                return "'.' and '..' path segments are not allowed"
+            if b"%" not in decoded:
+                break
+            decoded = unquote_to_bytes(decoded)
     return None
+
+
+#: Bytes a path keeps as they are; anything else is percent-encoded, so an
+#: upstream URL is always ASCII (existing %XX escapes are kept unchanged).
+_PATH_SAFE = b"/%:@!$&'()*+,;=-._~"
+_QUERY_SAFE = _PATH_SAFE + b"?"
+
+
+def _safe_path(path: bytes) -> bytes:
+    """Percent-encode bytes that may not appear raw in a URL path."""
+    return quote_from_bytes(path, safe=_PATH_SAFE).encode("ascii")
+
+
+def _safe_query(query: bytes) -> bytes:
+    """Percent-encode bytes that may not appear raw in a URL query."""
+    return quote_from_bytes(query, safe=_QUERY_SAFE).encode("ascii")
 
 
 @attrs.frozen
@@ -273,6 +299,16 @@ class _Exchange:
         self.pending: Deferred[IResponse] | None = None
         self.body: _StreamToClient | None = None
         self.on_done: Any = None
+        # The attempts: which pool, which upstreams were tried, what is sent.
+        self.pool: Any = None
+        self.url: str | None = None
+        self.tried: set[str] = set()
+        self.attempts = 0
+        self.fallbacks: list[str] = []
+        self.waited = False
+        self.path = b""
+        self.query = b""
+        self.body_sent = b""
         if metrics is not None:
             metrics.inflight.inc()
 
@@ -288,6 +324,7 @@ class _Exchange:
         record = self.record
         record["outcome"] = outcome
         record["latency_ms"] = self.elapsed_ms()
+        record["attempts"] = self.attempts
         if error_code is not None:
             record["error_code"] = error_code
         if self.usage is not None:
@@ -397,6 +434,8 @@ class _StreamToClient(Protocol):
         exchange = self.exchange
         exchange.body = None
         self.unwatch()
+        if exchange.pool is not None and exchange.url is not None:
+            exchange.pool.finished(exchange.url)
         if self.producing:
             self.producing = False
             if not exchange.client_gone:
@@ -447,6 +486,38 @@ class _Watched:
         self._producer.stopProducing()
 
 
+class _Discard(Protocol):
+    """Throws an upstream response away (closing its connection)."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        """Nothing to do: the body is not wanted."""
+
+
+def _retry_after(response: IResponse) -> float | None:
+    """An upstream's Retry-After in seconds, if it sent a number."""
+    value = response.headers.getRawHeaders(b"retry-after", [None])[0]
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and seconds >= 0 else None
+
+
+def _with_model(body: bytes, model: str) -> bytes:
+    """The JSON body with its ``model`` replaced (nothing else changes)."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(document, dict):
+        return body
+    document["model"] = model
+    return json.dumps(document, ensure_ascii=False).encode("utf-8")
+
+
 _WRAPPERS = (ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed)
 
 
@@ -494,6 +565,7 @@ class ProxyResource(Resource):
         metrics: Metrics | None = None,
         access_log: bool = True,
         guard: Guard | None = None,
+        max_retry_wait: float = 2.0,
     ) -> None:
         """Set up the proxy.
 
@@ -506,6 +578,8 @@ class ProxyResource(Resource):
             metrics: Where finished requests are counted, if anywhere.
             access_log: Whether to log an access record per request.
             guard: Client addresses, keys and rate limits.
+            max_retry_wait: Longest upstream Retry-After honoured when no
+                other upstream is left.
         """
         super().__init__()
         self.router = router
@@ -515,6 +589,7 @@ class ProxyResource(Resource):
         self.metrics = metrics
         self.access_log = access_log
         self.guard = guard or Guard()
+        self.max_retry_wait = max_retry_wait
         #: Requests in flight (for a graceful stop).
         self.inflight: set[_Exchange] = set()
         self._drained: list[Deferred[None]] = []
@@ -529,8 +604,10 @@ class ProxyResource(Resource):
             ``NOT_DONE_YET``.
         """
         rid = request_id_for(request.getHeader(b"x-request-id"))
-        path = b"/" + b"/".join(request.postpath)
-        problem = _bad_target(request.uri, request.postpath)
+        # twisted.web unquotes postpath; route and forward the raw path.
+        raw = request.path.split(b"/")[1 + len(request.prepath):] if request.path[:1] == b"/" else []
+        path = _safe_path(b"/" + b"/".join(raw))
+        problem = _bad_target(request.uri, raw)
         if problem is not None:
             send_error(request, 400, problem, "invalid_request_error", "invalid_path", rid)
             return NOT_DONE_YET
@@ -558,21 +635,47 @@ class ProxyResource(Resource):
             )
             exchange.log_done("error")
             return NOT_DONE_YET
-        base = route.pool.pick()
-        exchange.upstream = base
-        exchange.record.update(route=route.path_key, upstream=base)
+        exchange.record["route"] = route.path_key
         _, question, query = request.uri.partition(b"?")
-        url = base.encode("utf-8") + path + question + query
+        exchange.path, exchange.query = path, question + _safe_query(query)
+        exchange.body_sent = body
+        exchange.pool = route.pool
+        exchange.fallbacks = list(route.fallbacks)
+        if route.rewrite_model is not None:
+            self._switch_model(exchange, route.rewrite_model, body)
         request.notifyFinish().addErrback(exchange.on_client_gone)
         self.inflight.add(exchange)
         exchange.on_done = self._done
+        self._attempt(exchange)
+        return NOT_DONE_YET
 
-        headers = self._upstream_headers(request, rid, route.pool)
+    def _switch_model(self, exchange: _Exchange, model: str, body: bytes) -> None:
+        """Send ``model`` upstream instead of the client's (alias, fallback)."""
+        exchange.body_sent = _with_model(body, model)
+        exchange.record["model"] = model
+
+    def _attempt(self, exchange: _Exchange, url: str | None = None) -> None:
+        """Send the request to the pool's next upstream (or to ``url``)."""
+        if exchange.client_gone:
+            return
+        pool = exchange.pool
+        if url is None:
+            url = pool.pick(exclude=exchange.tried)
+        exchange.tried.add(url)
+        exchange.attempts += 1
+        exchange.url = url
+        exchange.upstream = url
+        exchange.record["upstream"] = url
+        pool.started(url)
+        request = exchange.request
+        target = url.encode("utf-8") + exchange.path + exchange.query
+        headers = self._upstream_headers(request, exchange.rid, pool)
+        body = exchange.body_sent
         producer = _BytesProducer(body) if body else None
         if isinstance(self.agent, Egress):
-            d = self.agent.request(request.method, url, headers, producer, route.pool.via)
+            d = self.agent.request(request.method, target, headers, producer, pool.via)
         else:
-            d = self.agent.request(request.method, url, headers, producer)
+            d = self.agent.request(request.method, target, headers, producer)
         exchange.pending = d
         exchange.timer = self.reactor.callLater(
             self.timeouts.response_header, self._headers_timed_out, exchange
@@ -584,7 +687,53 @@ class ProxyResource(Resource):
             errbackArgs=(exchange,),
         )
         d.addErrback(self._bug, exchange)
-        return NOT_DONE_YET
+
+    def _can_retry(self, exchange: _Exchange) -> bool:
+        """Move on to another upstream if one is left: True if so."""
+        pool = exchange.pool
+        if len(exchange.tried) <= pool.retries and len(exchange.tried) < len(pool.urls):
+            return True
+        while exchange.fallbacks:
+            model = exchange.fallbacks.pop(0)
+            fallback = self.router.pool_for_model(model)
+            if fallback is None:
+                continue
+            log.info(
+                "request {request_id}: every upstream of {model} failed; falling back "
+                "to {fallback}",
+                request_id=exchange.rid,
+                model=exchange.record.get("model"),
+                fallback=model,
+            )
+            exchange.pool = fallback
+            exchange.tried = set()
+            self._switch_model(exchange, model, exchange.body_sent)
+            exchange.record["fallback"] = True
+            if self.metrics is not None:
+                self.metrics.fallbacks.labels(model).inc()
+            return True
+        return False
+
+    def _upstream_failed(self, exchange: _Exchange, reason: str) -> bool:
+        """Count a failed attempt; start the next one if possible (True)."""
+        pool, url = exchange.pool, exchange.url
+        pool.finished(url)
+        if pool.failed(url) and self.metrics is not None:
+            self.metrics.ejections.labels(url).inc()
+        if exchange.client_gone or not self._can_retry(exchange):
+            return False
+        log.info(
+            "request {request_id}: attempt {attempt} to {upstream} failed ({reason}); "
+            "trying another upstream",
+            request_id=exchange.rid,
+            attempt=exchange.attempts,
+            upstream=url,
+            reason=reason,
+        )
+        if self.metrics is not None:
+            self.metrics.retries.labels(exchange.record["route"] or "none").inc()
+        self._attempt(exchange)
+        return True
 
     def _admit(self, request: Request, exchange: _Exchange, client: str | None) -> bool:
         """Check the client's key and rate limit; answer 401/429 if refused."""
@@ -691,10 +840,30 @@ class ProxyResource(Resource):
             exchange.timer = None
         request = exchange.request
         if exchange.client_gone:
-            response.deliverBody(
-                _StreamToClient(exchange, self.reactor, self.timeouts.stream_idle)
-            )
+            exchange.pool.finished(exchange.url)
+            response.deliverBody(_Discard())
             return
+        pool = exchange.pool
+        if response.code in pool.retry_on:
+            if self._upstream_failed(exchange, f"status {response.code}"):
+                response.deliverBody(_Discard())
+                return
+            wait = _retry_after(response)
+            if wait is not None and wait <= self.max_retry_wait and not exchange.waited:
+                # Nobody else to ask: honour a short Retry-After, once.
+                exchange.waited = True
+                response.deliverBody(_Discard())
+                log.info(
+                    "request {request_id}: {upstream} asked to retry in {wait} s",
+                    request_id=exchange.rid, upstream=exchange.url, wait=wait,
+                )
+                exchange.timer = self.reactor.callLater(
+                    wait, self._attempt, exchange, exchange.url
+                )
+                return
+            pool.started(exchange.url)  # it answers after all: back in flight
+        else:
+            pool.succeeded(exchange.url)
         record = exchange.record
         record["status"] = response.code
         record["ttfb_ms"] = exchange.elapsed_ms()
@@ -721,6 +890,7 @@ class ProxyResource(Resource):
         ):
             out.setRawHeaders(b"content-length", [b"%d" % response.length])
         out.setRawHeaders(b"x-request-id", [exchange.rid.encode("ascii")])
+        out.setRawHeaders(b"x-llmproxy-upstream-attempts", [b"%d" % exchange.attempts])
         request.defaultContentType = None
         exchange.body = _StreamToClient(exchange, self.reactor, self.timeouts.stream_idle)
         response.deliverBody(exchange.body)
@@ -731,11 +901,23 @@ class ProxyResource(Resource):
             exchange.timer.cancel()
             exchange.timer = None
         if exchange.client_gone:
+            exchange.pool.finished(exchange.url)
             if not failure.check(CancelledError):
                 log.debug("request {request_id} failed after its client left",
                           request_id=exchange.rid)
             return
         status, code, message = self._classify(failure, exchange)
+        if not exchange.timed_out and self._upstream_failed(exchange, message):
+            return
+        if exchange.timed_out:
+            # Not retried (the client waited long enough), but it counts
+            # against the upstream's health.
+            exchange.pool.finished(exchange.url)
+            if exchange.pool.failed(exchange.url) and self.metrics is not None:
+                self.metrics.ejections.labels(exchange.url).inc()
+        exchange.request.responseHeaders.setRawHeaders(
+            b"x-llmproxy-upstream-attempts", [b"%d" % exchange.attempts]
+        )
         log.warn(
             "request {request_id} to {upstream} failed: {message}",
             request_id=exchange.rid,

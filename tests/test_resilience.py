@@ -1,0 +1,201 @@
+"""Resilience over loopback: retries, passive health, aliases, fallbacks."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory
+from twisted.web.client import ResponseFailed
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from helpers import collect, fetch, header, send
+
+WAIT = 10.0
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "temperature": 0.5}
+
+
+class Scripted(Resource):
+    """An upstream answering from a script of (status, headers, body)."""
+
+    isLeaf = True
+
+    def __init__(self, script: list[tuple[int, dict[str, str], bytes]], repeat_last: bool = True):
+        super().__init__()
+        self.script = list(script)
+        self.repeat_last = repeat_last
+        self.bodies: list[bytes] = []
+
+    def render(self, request: Any) -> bytes:
+        request.content.seek(0)
+        self.bodies.append(request.content.read())
+        status, headers, body = self.script[0] if len(self.script) == 1 else self.script.pop(0)
+        request.setResponseCode(status)
+        for name, value in headers.items():
+            request.setHeader(name, value)
+        request.setHeader(b"content-type", b"application/json")
+        return body
+
+
+@pytest_twisted.async_yield_fixture
+async def scripted(reactor: Any) -> Any:
+    """A factory of scripted upstreams on loopback."""
+    ports = []
+
+    async def start(*script: tuple[int, dict[str, str], bytes]) -> tuple[Scripted, str]:
+        resource = Scripted(list(script))
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Site(resource)
+        )
+        ports.append(port)
+        return resource, f"http://127.0.0.1:{port.getHost().port}"
+
+    yield start
+    for port in ports:
+        await port.stopListening()
+
+
+async def dead_url(reactor: Any) -> str:
+    """A loopback URL where nothing listens (connection refused)."""
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory())
+    number = port.getHost().port
+    await port.stopListening()
+    return f"http://127.0.0.1:{number}"
+
+
+OK = (200, {}, b'{"ok": true}')
+UNAVAILABLE = (503, {}, b'{"error": {"message": "overloaded"}}')
+
+
+@pytest_twisted.ensureDeferred
+async def test_dead_upstream_is_retried_then_ejected(reactor, upstreams, proxies, client, access):
+    """One dead upstream of three: every request succeeds; after five failures
+    the dead one gets no more traffic."""
+    live = [await upstreams.start() for _ in range(2)]
+    dead = await dead_url(reactor)
+    urls = [live[0][1], dead, live[1][1]]
+    proxy = await proxies.start(
+        "target_map:\n  /v1/:\n    urls: [" + ", ".join(f'"{u}"' for u in urls) + "]\n"
+    )
+    for _ in range(200):
+        response, _ = await fetch(client, reactor, proxy + "/v1/chat/completions", CHAT)
+        assert response.code == 200
+    retried = [r for r in access if r["attempts"] > 1]
+    assert len(retried) == 5, "the dead upstream was tried until it was ejected"
+    assert all(r["attempts"] == 2 for r in retried)
+    assert sum(len(u.requests) for u, _ in live) == 200
+    states = {u["url"]: u for pool in proxies.roots[-1].proxy.router.pools()
+              for u in pool.state()}
+    assert states[dead]["healthy"] is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_503_is_retried_on_the_next_upstream(reactor, scripted, proxies, client):
+    """A 503 before any byte reached the client goes to the next upstream."""
+    bad, bad_url = await scripted(UNAVAILABLE)
+    good, good_url = await scripted(OK)
+    proxy = await proxies.start(f'target_map:\n  /v1/: {{urls: ["{bad_url}", "{good_url}"]}}\n')
+    body = json.dumps(CHAT).encode()
+    response, data = await fetch(client, reactor, proxy + "/v1/chat/completions", body)
+    assert response.code == 200 and data == b'{"ok": true}'
+    assert header(response, "x-llmproxy-upstream-attempts") == "2"
+    assert bad.bodies == [body] and good.bodies == [body], "the body was replayed as is"
+
+
+@pytest_twisted.ensureDeferred
+async def test_all_failing_gives_the_last_failure_as_it_was(reactor, scripted, proxies, client):
+    """When every upstream fails, the client gets the last answer unchanged."""
+    first, first_url = await scripted((500, {}, b'{"error": "first"}'))
+    last, last_url = await scripted((503, {"x-upstream": "last"}, b'{"error": "last"}'))
+    proxy = await proxies.start(f'target_map:\n  /v1/: {{urls: ["{first_url}", "{last_url}"]}}\n')
+    response, data = await fetch(client, reactor, proxy + "/v1/x", b"{}")
+    assert (response.code, data) == (503, b'{"error": "last"}')
+    assert header(response, "x-upstream") == "last"
+    assert header(response, "x-llmproxy-upstream-attempts") == "2"
+
+
+@pytest_twisted.ensureDeferred
+async def test_retry_after_is_honoured_when_no_other_upstream_is_left(
+    reactor, scripted, proxies, client
+):
+    """A lone upstream's short Retry-After is waited out, then it is asked again."""
+    lone, url = await scripted((429, {"retry-after": "0.2"}, b'{"error": "slow down"}'), OK)
+    proxy = await proxies.start(f'target_map:\n  /v1/: "{url}"\n')
+    started = reactor.seconds()
+    response, data = await fetch(client, reactor, proxy + "/v1/x", b"{}")
+    assert response.code == 200
+    assert len(lone.bodies) == 2
+    assert reactor.seconds() - started >= 0.2
+
+
+@pytest_twisted.ensureDeferred
+async def test_long_retry_after_is_passed_to_the_client(reactor, scripted, proxies, client):
+    """A Retry-After beyond max_retry_wait is the client's to honour."""
+    lone, url = await scripted((429, {"retry-after": "30"}, b'{"error": "later"}'), OK)
+    proxy = await proxies.start(f'target_map:\n  /v1/: "{url}"\nmax_retry_wait: 1\n')
+    response, data = await fetch(client, reactor, proxy + "/v1/x", b"{}")
+    assert response.code == 429 and header(response, "retry-after") == "30"
+    assert len(lone.bodies) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_mid_stream_abort_is_not_retried(reactor, upstreams, proxies, client):
+    """Once a byte went to the client, a failure is the client's to see."""
+    (one, one_url), (two, two_url) = [await upstreams.start() for _ in range(2)]
+    proxy = await proxies.start(f'target_map:\n  /v1/: {{urls: ["{one_url}", "{two_url}"]}}\n')
+    response = await send(
+        client, reactor, proxy + "/v1/chat/completions", {**CHAT, "stream": True},
+        headers={"X-Fake-Abort-After": "2"},
+    )
+    with pytest.raises(ResponseFailed):
+        await collect(response).done.addTimeout(WAIT, reactor)
+    assert len(one.requests) + len(two.requests) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_alias_and_fallback_rewrite_only_the_model(
+    reactor, scripted, upstreams, proxies, client, access
+):
+    """An alias routes to its model; when that model's upstreams all fail the
+    fallback model answers; the body differs from the client's only in model."""
+    failing, failing_url = await scripted(UNAVAILABLE)
+    backup, backup_url = await upstreams.start()
+    proxy = await proxies.start(
+        f'target_map:\n  /v1/: "{backup_url}"\n'
+        f'model_routes:\n  "gpt-4": "{failing_url}"\n  "gpt-4o": "{backup_url}"\n'
+        'model_aliases: {"gpt4": "gpt-4"}\n'
+        'fallbacks: {"gpt-4": ["gpt-4o"]}\n'
+    )
+    sent = {**CHAT, "model": "gpt4", "extra": {"nested": [1, 2.5, "é"]}}
+    response, data = await fetch(
+        client, reactor, proxy + "/v1/chat/completions", sent, headers={"X-Request-ID": "fb"}
+    )
+    assert response.code == 200
+    assert header(response, "x-llmproxy-upstream-attempts") == "2"
+    assert json.loads(failing.bodies[0]) == {**sent, "model": "gpt-4"}
+    assert json.loads(backup.requests[-1].body) == {**sent, "model": "gpt-4o"}
+    (record,) = [r for r in access if r["request_id"] == "fb"]
+    assert record["model"] == "gpt-4o"
+    assert record["upstream"] == backup_url
+    assert record["attempts"] == 2
+    registry = proxies.roots[-1].metrics.registry
+    assert registry.get_sample_value("llmproxy_fallbacks_total", {"model": "gpt-4o"}) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_readyz_lists_pools_and_their_health(reactor, upstreams, proxies, client):
+    """/readyz shows each pool's upstreams and whether they are healthy."""
+    live, live_url = await upstreams.start()
+    dead = await dead_url(reactor)
+    proxy = await proxies.start(
+        f'target_map:\n  /v1/: {{urls: ["{dead}", "{live_url}"], eject_after: 1}}\n'
+    )
+    await fetch(client, reactor, proxy + "/v1/chat/completions", CHAT)
+    response, data = await fetch(client, reactor, proxy + "/readyz", method=b"GET")
+    pools = {p["pool"]: p["upstreams"] for p in json.loads(data)["pools"]}
+    health = {u["url"]: u["healthy"] for u in pools["/v1/"]}
+    assert health == {dead: False, live_url: True}
