@@ -257,6 +257,13 @@ class _LimitedRequest(Request):
     _refused = False
     _received = 0
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # A proxy forwards bodies as they are: never parse them as forms
+        # (that costs every JSON POST a MIME header parse, and every
+        # multipart upload a full parse).
+        kwargs.setdefault("parsePOSTFormSubmission", False)
+        super().__init__(*args, **kwargs)
+
     def process(self) -> None:
         """Refuse ``OPTIONS *`` (and any ``*`` target): nothing to proxy."""
         if self.path == b"*":

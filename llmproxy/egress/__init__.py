@@ -19,6 +19,7 @@ went and the address it connected to.
 from __future__ import annotations
 
 import base64
+from collections import OrderedDict
 from typing import Any
 from urllib.parse import unquote
 
@@ -34,6 +35,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import (
     URI,
     Agent,
+    SchemeNotSupported,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     ProxyAgent,
@@ -186,6 +188,42 @@ class _Proxy:
 
 
 @implementer(IAgentEndpointFactory)
+class _DirectEndpointFactory:
+    """Direct endpoints (TLS for https), made once per destination.
+
+    Twisted's Agent asks for an endpoint on every request, even when a
+    pooled connection will serve it; building a HostnameEndpoint (with its
+    IDNA encoding) each time is a measurable part of a request's cost. The
+    endpoints are kept in a bounded LRU table.
+    """
+
+    MAX = 1024
+
+    def __init__(self, reactor: Any, policy: BrowserLikePolicyForHTTPS, timeout: float) -> None:
+        self._reactor = reactor
+        self._policy = policy
+        self._timeout = timeout
+        self._cache: OrderedDict[tuple[bytes, bytes, int], IStreamClientEndpoint] = OrderedDict()
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._cache.get(key)
+        if endpoint is not None:
+            self._cache.move_to_end(key)
+            return endpoint
+        host = uri.host.decode("ascii").strip("[]")
+        endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        if uri.scheme == b"https":
+            endpoint = wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
+        elif uri.scheme != b"http":
+            raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
+        self._cache[key] = endpoint
+        if len(self._cache) > self.MAX:
+            self._cache.popitem(last=False)
+        return endpoint
+
+
+@implementer(IAgentEndpointFactory)
 class _TunnelEndpointFactory:
     """Endpoints for https upstreams: TLS inside a CONNECT tunnel."""
 
@@ -236,10 +274,9 @@ class Egress:
         self.policy = tls_policy(config.tls)
         self.pools = {name: self._pool() for name in ("direct", "proxy", "tunnel")}
         timeout = config.timeouts.connect
-        self._direct = Agent(
-            connecting,
-            contextFactory=self.policy,
-            connectTimeout=timeout,
+        self._direct = Agent.usingEndpointFactory(
+            reactor,
+            _DirectEndpointFactory(connecting, self.policy, timeout),
             pool=self.pools["direct"],
         )
         self.no_proxy = NoProxy(config.no_proxy)
