@@ -72,11 +72,17 @@ def _pin(core: int | None) -> list[str]:
     return ["taskset", "-c", str(core)]
 
 
-def _start(argv: list[str], cwd: str, log: Path) -> subprocess.Popen:
+def _child_env() -> dict[str, str]:
+    """The environment of child processes: no proxies, this llmproxy."""
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     # The children run the same llmproxy as this process, installed or not.
     source = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [source, env.get("PYTHONPATH")]))
+    return env
+
+
+def _start(argv: list[str], cwd: str, log: Path) -> subprocess.Popen:
+    env = _child_env()
     with open(log, "wb") as out:
         return subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
@@ -195,6 +201,107 @@ def _start_upstream(scenario: str, port: int, core: int | None, work: Path) -> s
     )
 
 
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _load(argv: list[str], core: int | None, work: Path) -> Any:
+    """Run the stream load generator in its own process; return its JSON."""
+    out = work / "load.json"
+    subprocess.run(
+        [*_pin(core), sys.executable, "-m", "llmproxy._streamload", *argv, str(out)],
+        check=True, cwd=str(work), env=_child_env(),
+    )
+    return json.loads(out.read_text())
+
+
+def _stream_summary(results: list[dict]) -> dict[str, Any]:
+    ttfb = [r["ttfb_ms"] for r in results if r["ttfb_ms"] is not None]
+    return {
+        "streams": len(results),
+        "aborted": sum(1 for r in results if not r["complete"]),
+        "ttfb_p50_ms": round(_percentile(ttfb, 0.5), 2),
+        "ttfb_p99_ms": round(_percentile(ttfb, 0.99), 2),
+    }
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _run_streams(args: argparse.Namespace, results: dict[str, Any], work: Path,
+                 proxy_core: int | None, other_core: int | None) -> None:
+    """The streams, streams-fast and idle scenarios."""
+    fast = args.scenario == "streams-fast"
+    count = 1000 * max(1, int(args.duration)) if fast else 1000
+    spread = max(1.0, args.duration) if fast else 1.0
+    delay = 0.05 if fast else 0.5
+    load = [str(count), str(spread), "20", str(delay)]
+    upstream_port = _free_port()
+    upstream = _start_upstream("sse", upstream_port, other_core, work)
+    results["upstream"] = "fake upstream"
+    try:
+        _wait_listening(upstream_port, upstream, work / "upstream.log")
+        path = "/v1/chat/completions"
+        if args.scenario != "idle":
+            direct = _load([f"http://127.0.0.1:{upstream_port}{path}", *load], other_core, work)
+            results["runs"]["direct"] = _stream_summary(direct)
+        port = _free_port()
+        config = work / "proxy.yml"
+        _proxy_config(config, port, upstream_port, True)
+        proxy = _start(
+            [*_pin(proxy_core), sys.executable, "-c",
+             "from twisted.scripts.twistd import run; run()",
+             "-n", "--pidfile=", "llmproxy", "--config", str(config)],
+            str(work), work / "proxy.log",
+        )
+        try:
+            _wait_listening(port, proxy, work / "proxy.log")
+            time.sleep(0.5)  # a CLI tool letting the child settle before measuring
+            before_rss = _rss_mb(proxy.pid)
+            cpu_before, wall_before = _cpu_seconds(proxy.pid), time.monotonic()
+            if args.scenario == "idle":
+                generator = subprocess.Popen(
+                    [*_pin(other_core), sys.executable, "-m", "llmproxy._streamload", "idle",
+                     f"http://127.0.0.1:{port}/", "1000", "4", str(work / "idle.json")],
+                    cwd=str(work), env=_child_env(),
+                )
+                time.sleep(3)  # the connections are open and idle now
+                during_rss = _rss_mb(proxy.pid)
+                generator.wait(timeout=60)
+                held = json.loads((work / "idle.json").read_text())["open"]
+                results["runs"]["proxy, 1000 idle connections"] = {
+                    "open_connections": held,
+                    "rss_idle_process_mb": round(before_rss, 1),
+                    "rss_with_connections_mb": round(during_rss, 1),
+                    "rss_cost_mb": round(during_rss - before_rss, 1),
+                }
+                return
+            streams = _load([f"http://127.0.0.1:{port}{path}", *load], other_core, work)
+            wall = time.monotonic() - wall_before
+            cpu = _cpu_seconds(proxy.pid) - cpu_before
+            summary = _stream_summary(streams)
+            summary["proxy_cpu_percent"] = round(100 * cpu / wall, 1)
+            summary["proxy_peak_rss_mb"] = round(_peak_rss_mb(proxy.pid), 1)
+            direct = results["runs"]["direct"]
+            summary["ttfb_overhead_p50_ms"] = round(summary["ttfb_p50_ms"] - direct["ttfb_p50_ms"], 2)
+            summary["ttfb_overhead_p99_ms"] = round(summary["ttfb_p99_ms"] - direct["ttfb_p99_ms"], 2)
+            results["runs"]["proxy (logs+metrics on)"] = summary
+        finally:
+            _stop(proxy)
+    finally:
+        _stop(upstream)
+
+
 def _proxy_config(path: Path, port: int, upstream: int, observability: bool) -> None:
     lines = [
         f'listen: "tcp:{port}:interface=127.0.0.1"',
@@ -224,6 +331,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "runs": {},
     }
+    if args.scenario in ("streams", "streams-fast", "idle"):
+        with tempfile.TemporaryDirectory(prefix="llmproxy-bench-") as tmp:
+            _run_streams(args, results, Path(tmp), proxy_core, other_core)
+        return results
     with tempfile.TemporaryDirectory(prefix="llmproxy-bench-") as tmp:
         work = Path(tmp)
         upstream_port = _free_port()
@@ -270,6 +381,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _report(results: dict[str, Any]) -> str:
+    if results["scenario"] in ("streams", "streams-fast", "idle"):
+        lines = [f"scenario {results['scenario']}, proxy pinned: {results['pinned']}"]
+        for name, run in results["runs"].items():
+            lines.append(f"{name}: " + ", ".join(f"{k}={v}" for k, v in run.items()))
+        return "\n".join(lines)
     lines = [
         f"scenario {results['scenario']}, {results['connections']} connections, "
         f"{results['seconds']:g} s each, proxy pinned to one core: {results['pinned']}, "
@@ -300,7 +416,11 @@ def _report(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point."""
     parser = argparse.ArgumentParser(prog="python -m llmproxy.bench", description=__doc__)
-    parser.add_argument("--scenario", choices=("nonstream", "sse"), default="nonstream")
+    parser.add_argument(
+        "--scenario",
+        choices=("nonstream", "sse", "streams", "streams-fast", "idle"),
+        default="nonstream",
+    )
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per run")
     parser.add_argument("--repeat", type=int, default=1,
