@@ -37,6 +37,9 @@ __all__ = [
 T = TypeVar("T")
 
 DEFAULT_PORT = 8000
+#: Twisted's default listen backlog is 50: too small for a burst of 1,000
+#: connections.
+DEFAULT_BACKLOG = 1024
 _ENV_PATTERN = re.compile(r"\$\{([^}]*)\}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
@@ -230,6 +233,7 @@ class Config:
         rate_limit: The per-client token bucket, if any.
         timeouts: Time limits.
         pool: Upstream connection pool settings.
+        listen gets ``backlog=`` (default 1024) unless it names one.
         demo_upstream: If set, an endpoint string on which the bundled fake
             upstream runs inside the daemon (for demos).
         no_proxy: Hosts always reached directly: exact names, ``.suffix``
@@ -399,6 +403,8 @@ def parse_config(
         raise ConfigError("listen", "give either 'port' or 'listen', not both")
     if listen is None:
         listen = f"tcp:{DEFAULT_PORT if port is None else port}"
+    backlog = top.get("backlog", _positive_int) or DEFAULT_BACKLOG
+    listen = with_backlog(listen, backlog)
 
     target_map = top.get("target_map", _routes)
     if not target_map:
@@ -509,6 +515,7 @@ _TOP_KEYS = (
     "model_aliases",
     "fallbacks",
     "max_retry_wait",
+    "backlog",
 )
 
 
@@ -636,6 +643,22 @@ def _port(value: Any, path: str) -> int:
     if not 1 <= value <= 65535:
         raise ConfigError(path, f"port out of range (1-65535): {value}")
     return value
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """Add ``backlog=`` to a tcp/tcp6 endpoint string that has none.
+
+    Args:
+        description: A Twisted server endpoint string.
+        backlog: The listen queue length.
+
+    Returns:
+        The description, with the backlog when it applies.
+    """
+    kind = description.split(":", 1)[0].lower()
+    if kind in ("tcp", "tcp6") and "backlog=" not in description:
+        return f"{description}:backlog={backlog}"
+    return description
 
 
 def _endpoint(value: Any, path: str) -> str:

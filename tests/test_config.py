@@ -88,7 +88,7 @@ def test_seed_config_loads_unchanged() -> None:
     """The seed's keys parse into the matching attrs classes."""
     config = parse(SEED)
 
-    assert config.listen == "tcp:8080"
+    assert config.listen == "tcp:8080:backlog=1024"
     assert config.proxy_url == "http://proxy.example:3128"
     assert config.rate_limit == RateLimitConfig(rate=2.5, burst=10)
     assert dict(config.target_map) == {
@@ -120,7 +120,7 @@ def test_parse_config_accepts_parsed_data() -> None:
         source="inline",
     )
 
-    assert config.listen == "tcp:9000"
+    assert config.listen == "tcp:9000:backlog=1024"
     assert config.target_map["/v1/"].urls == ("http://up.example",)
     assert config.source == "inline"
 
@@ -181,7 +181,7 @@ def test_shipped_demo_config_values() -> None:
     """etc/demo.yml listens on loopback and round-robins its demo model."""
     config = load_config(str(REPO_ROOT / "etc" / "demo.yml"), environ={})
 
-    assert config.listen == "tcp:8000:interface=127.0.0.1"
+    assert config.listen == "tcp:8000:interface=127.0.0.1:backlog=1024"
     assert config.demo_upstream == "tcp:9001:interface=127.0.0.1"
     assert len(config.model_routes["demo"].urls) == 2
 
@@ -191,19 +191,22 @@ def test_shipped_demo_config_values() -> None:
 
 def test_listen_defaults_to_tcp_8000() -> None:
     """Without port or listen the proxy listens on tcp:8000."""
-    assert parse(MINIMAL).listen == "tcp:8000"
+    assert parse(MINIMAL).listen == "tcp:8000:backlog=1024"
 
 
 def test_port_becomes_a_tcp_endpoint() -> None:
     """The seed's ``port`` is turned into an endpoint string."""
-    assert parse(MINIMAL + "port: 9000\n").listen == "tcp:9000"
+    assert parse(MINIMAL + "port: 9000\n").listen == "tcp:9000:backlog=1024"
+    assert parse(MINIMAL + "backlog: 64\n").listen == "tcp:8000:backlog=64"
+    explicit = 'listen: "tcp:1:backlog=5"\n'
+    assert parse(MINIMAL + explicit).listen == "tcp:1:backlog=5"
 
 
 def test_listen_endpoint_string_is_kept() -> None:
     """``listen`` takes any Twisted server endpoint string as given."""
     config = parse(MINIMAL + 'listen: "tcp:8443:interface=127.0.0.1"\n')
 
-    assert config.listen == "tcp:8443:interface=127.0.0.1"
+    assert config.listen == "tcp:8443:interface=127.0.0.1:backlog=1024"
 
 
 def test_port_and_listen_together_is_an_error_naming_listen() -> None:
@@ -221,7 +224,7 @@ def test_any_valid_port_is_accepted(port: int) -> None:
     Args:
         port: A valid TCP port.
     """
-    assert parse(MINIMAL + f"port: {port}\n").listen == f"tcp:{port}"
+    assert parse(MINIMAL + f"port: {port}\n").listen == f"tcp:{port}:backlog=1024"
 
 
 @given(
@@ -259,7 +262,7 @@ model_routes:
 
     config = parse(text, environ)
 
-    assert config.listen == "tcp:9100"
+    assert config.listen == "tcp:9100:backlog=1024"
     assert config.proxy_url == "http://proxy.local:3128"
     assert config.target_map["/v1/"].urls == ("https://up.local/base",)
     assert config.model_routes["m"].urls == ("http://up.local", "http://up.local:81")
