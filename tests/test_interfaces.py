@@ -1,0 +1,75 @@
+"""Every class that declares a Twisted interface really provides it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import (
+    IHostnameResolver,
+    IPushProducer,
+    IReactorPluggableNameResolver,
+    IStreamClientEndpoint,
+)
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import ILogObserver
+from twisted.web.client import URI
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer
+from zope.interface.verify import verifyObject
+
+from llmproxy.config import parse_config_text
+from llmproxy.egress import Egress, _DirectEndpointFactory, _TunnelEndpointFactory, tls_policy
+from llmproxy.egress._connect import ConnectTunnelEndpoint
+from llmproxy.logs import RotatingJSONLog, console_observer
+from llmproxy.proxy import _BytesProducer
+from llmproxy.resolver import CachingResolver, ResolvingReactor
+from llmproxy.testing.resolver import FakeResolver
+
+CONFIG = 'target_map: {"/": "http://127.0.0.1:1"}\nproxy_url: "http://127.0.0.1:3128"\n'
+
+
+def egress() -> Egress:
+    """An Egress on a memory reactor."""
+    reactor = ResolvingReactor(MemoryReactorClock(), FakeResolver())
+    return Egress(parse_config_text(CONFIG, environ={}), reactor)
+
+
+def cases(tmp_path: Any) -> list[tuple[Any, Any]]:
+    """(interface, object) pairs to verify."""
+    clock = MemoryReactorClock()
+    e = egress()
+    return [
+        (IHostnameResolver, CachingResolver(FakeResolver(), clock)),
+        (IHostnameResolver, FakeResolver()),
+        (IReactorPluggableNameResolver, ResolvingReactor(clock, FakeResolver())),
+        (IAgent, e.agent("auto")),
+        (IAgentEndpointFactory, _DirectEndpointFactory(clock, tls_policy(e.config.tls), 1.0)),
+        (IAgentEndpointFactory, _TunnelEndpointFactory(e)),
+        (IStreamClientEndpoint, ConnectTunnelEndpoint(clock, e.proxy_endpoint, "p:1", "h", 443, None, 1.0)),
+        (IBodyProducer, _BytesProducer(b"x")),
+        (ILogObserver, RotatingJSONLog(str(tmp_path / "l.log"), reactor=clock, compress=False)),
+        (ILogObserver, console_observer("info")),
+    ]
+
+
+def test_declared_interfaces_are_provided(tmp_path: Any) -> None:
+    """verifyObject accepts each implementation."""
+    for interface, obj in cases(tmp_path):
+        assert verifyObject(interface, obj), (interface, obj)
+
+
+def test_direct_endpoints_are_made_once_per_destination() -> None:
+    """The direct endpoint factory reuses endpoints, bounded in number."""
+    factory = _DirectEndpointFactory(MemoryReactorClock(), tls_policy(egress().config.tls), 1.0)
+    first = factory.endpointForURI(URI.fromBytes(b"http://a.test:80/x"))
+    assert factory.endpointForURI(URI.fromBytes(b"http://a.test:80/y")) is first
+    assert factory.endpointForURI(URI.fromBytes(b"https://a.test:80/y")) is not first
+    for i in range(factory.MAX + 10):
+        factory.endpointForURI(URI.fromBytes(b"http://h%d.test/" % i))
+    assert len(factory._cache) == factory.MAX
+
+
+def test_stream_watch_is_a_push_producer() -> None:
+    """The client's producer wrapper is a push producer."""
+    from llmproxy.proxy import _Watched
+
+    assert IPushProducer.implementedBy(_Watched)
