@@ -11,7 +11,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+
+import attrs
+import yaml
 
 import signal
 
@@ -29,7 +32,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from llmproxy.config import Config, ConfigError, load_config
+from llmproxy.config import Config, ConfigError, load_config, redact_url
 from llmproxy import logs
 from llmproxy.logs import file_log_service
 from llmproxy.web import build_admin_resource, build_resource, build_site
@@ -53,6 +56,14 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", DEFAULT_CONFIG, "The YAML config file."],
     ]
+    optFlags = [
+        [
+            "check",
+            None,
+            "Validate the config, print it with defaults filled in and secrets "
+            "redacted, and exit (0: valid, 1: not) without listening.",
+        ],
+    ]
 
     def postOptions(self) -> None:
         """Load and validate the config file.
@@ -62,8 +73,15 @@ class Options(usage.Options):
         """
         try:
             self.loaded: Config = load_config(self["config"])
+            if self["check"]:
+                build_resource(self.loaded, _NoReactor())  # keys files, endpoints...
         except ConfigError as e:
             raise _fail(f"config error: {e}") from None
+        if self["check"]:
+            sys.stdout.write(f"# {self['config']}: valid\n")
+            sys.stdout.write(dump_config(self.loaded))
+            sys.stdout.flush()
+            raise SystemExit(0)
         parent = getattr(self, "parent", None)
         if parent is not None and parent.get("nodaemon") and not parent.get("logger"):
             # In the foreground (systemd, journald), log readable lines to
@@ -72,6 +90,52 @@ class Options(usage.Options):
                 logs.twistd_console_level = self.loaded.log.level
                 logs.twistd_console_access = self.loaded.log.console_access
                 parent["logger"] = "llmproxy.logs.twistd_console_observer"
+
+
+class _NoReactor:
+    """Enough of a reactor to build the resource for --check (never runs)."""
+
+    nameResolver = None
+
+    def seconds(self) -> float:
+        return 0.0
+
+    def callLater(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("--check never schedules anything")
+
+
+def dump_config(config: Config) -> str:
+    """The effective config as YAML, secrets redacted.
+
+    Args:
+        config: A validated configuration.
+
+    Returns:
+        YAML text: every key with its value or default; the proxy password,
+        route api_keys and client keys shown as ``***``.
+    """
+    return yaml.safe_dump(_plain(config), sort_keys=False, default_flow_style=False)
+
+
+def _plain(value: Any, key: str = "") -> Any:
+    """Turn config objects into YAML-able data, hiding secrets."""
+    if attrs.has(type(value)):
+        return {
+            field.name: _plain(getattr(value, field.name), field.name)
+            for field in attrs.fields(type(value))
+            if field.name != "source"
+        }
+    if isinstance(value, Mapping):
+        return {k: _plain(v, k) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        if key == "keys":
+            return ["***" for _ in value]
+        return [_plain(v) for v in value]
+    if key == "api_key" and value is not None:
+        return "***"
+    if key == "proxy_url" and value is not None:
+        return redact_url(value).strip("'")
+    return value
 
 
 class _CloseService(Service):

@@ -125,8 +125,10 @@ class Twistd(ProcessProtocol, NeedleWaiter):
         )
 
 
-def spawn_twistd(reactor: Any, config: Path, cwd: Path) -> Twistd:
-    """Start ``twistd -n llmproxy --config CONFIG`` from this environment."""
+def spawn_twistd(
+    reactor: Any, config: Path, cwd: Path, argv: list[str] | None = None
+) -> Twistd:
+    """Start ``twistd -n llmproxy --config CONFIG`` (or ``argv``) from here."""
     process = Twistd()
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     # Run this source tree (its dropin and package), installed or not.
@@ -134,7 +136,7 @@ def spawn_twistd(reactor: Any, config: Path, cwd: Path) -> Twistd:
     reactor.spawnProcess(
         process,
         sys.executable,
-        [*TWISTD, "-n", "--pidfile=", "llmproxy", "--config", str(config)],
+        [*TWISTD, *(argv or ["-n", "--pidfile=", "llmproxy", "--config", str(config)])],
         env=env,
         path=str(cwd),
     )

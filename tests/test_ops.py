@@ -1,0 +1,115 @@
+"""Operations: --check, systemd units, running from a .tac file."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+import yaml
+
+from helpers import collect, send
+from test_tap import TWISTD, WAIT, free_port, spawn_twistd
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GOOD = """\
+proxy_url: "http://user:s3cret-proxy@proxy.example:3128"
+target_map:
+  /v1/: {urls: [https://api.openai.com/v1], api_key: sk-live-upstream}
+auth: {keys: [client-secret-key]}
+"""
+
+
+def check(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
+    """Run ``twistd llmproxy --config FILE --check``."""
+    config = tmp_path / "config.yml"
+    config.write_text(text)
+    return subprocess.run(
+        [*TWISTD, "llmproxy", "--config", str(config), "--check"],
+        capture_output=True, text=True, timeout=60, cwd=str(tmp_path),
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+
+
+def test_check_prints_the_effective_config_redacted(tmp_path: Path) -> None:
+    """--check: exit 0, every key with its default, no secret in sight."""
+    result = check(tmp_path, GOOD)
+    assert result.returncode == 0, result.stderr
+    for secret in ("s3cret-proxy", "sk-live-upstream", "client-secret-key"):
+        assert secret not in result.stdout + result.stderr
+    effective = yaml.safe_load(result.stdout)
+    assert effective["proxy_url"] == "http://user:***@proxy.example:3128"
+    assert effective["target_map"]["/v1/"]["api_key"] == "***"
+    assert effective["auth"]["keys"] == ["***"]
+    assert effective["shutdown_grace"] == 30.0
+    assert effective["listen"] == "tcp:8000:backlog=1024"
+    assert not (tmp_path / "logs").exists(), "--check must not start anything"
+
+
+def test_check_refuses_a_bad_config_with_one_line(tmp_path: Path) -> None:
+    """--check on a bad config: exit 1 and the key, nothing else."""
+    result = check(tmp_path, GOOD.replace("auth:", "auht:"))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.strip() == (
+        "llmproxy: config error: auht: unknown key; did you mean 'auth'? (known keys: "
+        + result.stderr.split("(known keys: ", 1)[1].strip()
+    )
+    assert "\n" not in result.stderr.strip()
+
+
+def test_systemd_units_verify(tmp_path: Path) -> None:
+    """The unit files pass systemd-analyze verify (twistd at this venv's path)."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "install Debian's systemd package (for systemd-analyze)"
+    twistd = Path(sys.executable).parent / "twistd"
+    service = (ROOT / "etc/systemd/llmproxy.service").read_text()
+    assert "/opt/llmproxy/bin/twistd -n --pidfile= llmproxy --config" in service
+    (tmp_path / "llmproxy.service").write_text(
+        service.replace("/opt/llmproxy/bin/twistd", str(twistd))
+    )
+    shutil.copy(ROOT / "etc/systemd/llmproxy.socket", tmp_path / "llmproxy.socket")
+    result = subprocess.run(
+        [analyze, "verify", str(tmp_path / "llmproxy.service"), str(tmp_path / "llmproxy.socket")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_tac_file_with_make_service(reactor: Any, tmp_path: Path, client: Any) -> None:
+    """A .tac file built on llmproxy.tap.makeService runs under twistd -y."""
+    port, demo_port = free_port(), free_port()
+    config = tmp_path / "config.yml"
+    config.write_text(
+        f'listen: "tcp:{port}:interface=127.0.0.1"\n'
+        f'demo_upstream: "tcp:{demo_port}:interface=127.0.0.1"\n'
+        f'target_map: {{"/v1/": "http://127.0.0.1:{demo_port}"}}\nadmin_listen: null\n'
+    )
+    tac = tmp_path / "llmproxy.tac"
+    tac.write_text(
+        "from twisted.application import service\n"
+        "from llmproxy import tap\n"
+        "options = tap.Options()\n"
+        f"options.parseOptions(['--config', {str(config)!r}])\n"
+        "application = service.Application('llmproxy')\n"
+        "tap.makeService(options).setServiceParent(application)\n"
+    )
+    process = spawn_twistd(reactor, config, tmp_path, argv=["-n", "--pidfile=", "-y", str(tac)])
+    try:
+        await process.wait_for(b"starting on %d" % port).addTimeout(WAIT, reactor)
+        response = await send(client, reactor, f"http://127.0.0.1:{port}/v1/models",
+                              method=b"GET")
+        await collect(response).done.addTimeout(WAIT, reactor)
+        assert response.code == 200
+        process.transport.signalProcess("TERM")
+        code = await process.ended.addTimeout(WAIT, reactor)
+    finally:
+        if not process.ended.called:
+            process.transport.signalProcess("KILL")
+            await process.ended.addTimeout(WAIT, reactor)
+    assert code == 0, process.output.decode()
