@@ -1,0 +1,285 @@
+"""The configuration: YAML in, frozen attrs classes out.
+
+All validation lives here. Every mistake raises :class:`ConfigError` whose
+message starts with the key path that is wrong, for instance
+``model_routes.gpt-4.urls[1]: not an http(s) URL: 'ftp://x'``, so that the
+daemon can print one line and exit before it listens. The rest of the code
+never sees raw dicts.
+
+The implementation is split into private modules: ``_model`` (the attrs
+classes, :class:`ConfigError`, the defaults), ``_yaml`` (loading, duplicate
+keys), ``_values`` (value converters) and ``_sections`` (section
+converters). Import everything from this package.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from llmproxy.config._model import (
+    Config,
+    ConfigError,
+    PoolConfig,
+    RateLimitConfig,
+    RouteConfig,
+    TimeoutsConfig,
+    redact_url,
+)
+
+# Public as before, though not in __all__: the redundant aliases mark them
+# as re-exports.
+from llmproxy.config._model import AUTH_HEADERS as AUTH_HEADERS
+from llmproxy.config._model import DEFAULT_ADMIN_LISTEN as DEFAULT_ADMIN_LISTEN
+from llmproxy.config._model import DEFAULT_DIRECT_NETWORKS as DEFAULT_DIRECT_NETWORKS
+from llmproxy.config._model import LOG_LEVELS as LOG_LEVELS
+from llmproxy.config._model import STRATEGIES as STRATEGIES
+from llmproxy.config._model import VIA_CHOICES as VIA_CHOICES
+from llmproxy.config._model import AuthConfig as AuthConfig
+from llmproxy.config._model import LogConfig as LogConfig
+from llmproxy.config._model import TLSConfig as TLSConfig
+from llmproxy.config._sections import (
+    _admin_listen,
+    _aliases,
+    _auth,
+    _fallbacks,
+    _grace,
+    _grace_like,
+    _log,
+    _pool,
+    _rate_limit,
+    _routes,
+    _timeouts,
+    _tls,
+)
+from llmproxy.config._values import (
+    _boolean,
+    _endpoint,
+    _expand,
+    _join,
+    _Mapping,
+    _networks,
+    _no_proxy,
+    _number,
+    _port,
+    _positive_int,
+    _proxy_url,
+)
+from llmproxy.config._yaml import _LOADER, _check_duplicates, _line_of
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "PoolConfig",
+    "RateLimitConfig",
+    "RouteConfig",
+    "TimeoutsConfig",
+    "load_config",
+    "parse_config",
+    "parse_config_text",
+    "redact_url",
+]
+
+DEFAULT_PORT = 8000
+#: Twisted's default listen backlog is 50: too small for a burst of 1,000
+#: connections.
+DEFAULT_BACKLOG = 1024
+
+
+def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML config file.
+
+    Args:
+        path: The file to read.
+        environ: Where ``${NAME}`` values come from (default ``os.environ``).
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: The file is missing, unreadable, not YAML, or wrong.
+    """
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(path, f"cannot read config file: {e.strerror}") from None
+    return parse_config_text(text, environ, source=path)
+
+
+def parse_config_text(
+    text: str | bytes,
+    environ: Mapping[str, str] | None = None,
+    source: str = "<config>",
+) -> Config:
+    """Validate a config given as YAML text.
+
+    Args:
+        text: The YAML document.
+        environ: Where ``${NAME}`` values come from (default ``os.environ``).
+        source: A name for the document, used in messages.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: The text is not YAML, or the config is wrong.
+    """
+    loader = _LOADER(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _check_duplicates(node, "")
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = (e.problem or "").strip() or "cannot parse"
+        raise ConfigError(source, f"invalid YAML{where}: {problem}") from None
+    except yaml.reader.ReaderError as e:
+        line = _line_of(text, e.position)
+        raise ConfigError(
+            source, f"invalid YAML at line {line}: {e.reason} (character {e.character!r})"
+        ) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(source, "invalid YAML: " + " ".join(str(e).split())) from None
+    finally:
+        loader.dispose()
+    return parse_config(data, environ, source=source)
+
+
+def parse_config(
+    data: Any,
+    environ: Mapping[str, str] | None = None,
+    source: str = "<config>",
+) -> Config:
+    """Validate a config given as already-parsed YAML data.
+
+    Args:
+        data: The document: a mapping of top-level keys.
+        environ: Where ``${NAME}`` values come from (default ``os.environ``).
+        source: A name for the document, used in messages.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: Naming the first key that is wrong.
+    """
+    if data is None:
+        raise ConfigError(source, "the config file is empty")
+    env = os.environ if environ is None else environ
+    top = _Mapping(_expand(data, "", env), "", source)
+    top.check_keys(_TOP_KEYS)
+
+    port = top.get("port", _port)
+    listen = top.get("listen", _endpoint)
+    if port is not None and listen is not None:
+        raise ConfigError("listen", "give either 'port' or 'listen', not both")
+    if listen is None:
+        listen = f"tcp:{DEFAULT_PORT if port is None else port}"
+    backlog = top.get("backlog", _positive_int) or DEFAULT_BACKLOG
+    listen = with_backlog(listen, backlog)
+
+    target_map = top.get("target_map", _routes)
+    if not target_map:
+        raise ConfigError(
+            "target_map", "required: at least one path mapped to a base URL"
+        )
+    for path in target_map:
+        if not path.startswith("/"):
+            raise ConfigError(
+                _join("target_map", path), "a path must start with '/'"
+            )
+    proxy_url = top.get("proxy_url", _proxy_url)
+    if proxy_url is None:
+        for table in ("target_map", "model_routes"):
+            for key, route in (top.get(table, _routes) or {}).items():
+                if route.via == "proxy":
+                    raise ConfigError(
+                        _join(_join(table, key), "via"),
+                        "'proxy' needs proxy_url, which is not set",
+                    )
+    direct_networks = top.get("direct_networks", _networks)
+    auth = top.get("auth", _auth)
+    rate_limit = top.get("rate_limit", _rate_limit)
+    if rate_limit is not None and rate_limit.key == "api_key" and auth is None:
+        raise ConfigError("rate_limit.key", "'api_key' needs auth (client keys), which is not set")
+    model_routes = top.get("model_routes", _routes) or MappingProxyType({})
+    return Config(
+        listen=listen,
+        target_map=target_map,
+        model_routes=model_routes,
+        proxy_url=proxy_url,
+        rate_limit=rate_limit,
+        timeouts=top.get("timeouts", _timeouts) or TimeoutsConfig(),
+        pool=top.get("pool", _pool) or PoolConfig(),
+        demo_upstream=top.get("demo_upstream", _endpoint),
+        no_proxy=top.get("no_proxy", _no_proxy) or (),
+        direct_networks=DEFAULT_DIRECT_NETWORKS if direct_networks is None else direct_networks,
+        dns_cache_ttl=top.get("dns_cache_ttl", _number) or 300.0,
+        tls=top.get("tls", _tls) or TLSConfig(),
+        log=top.get("log", _log) or LogConfig(),
+        admin_listen=_admin_listen(top),
+        metrics=True if top.get("metrics", _boolean) is None else top.value["metrics"],
+        trusted_proxies=top.get("trusted_proxies", _networks) or (),
+        auth=auth,
+        max_body_bytes=top.get("max_body_bytes", _positive_int) or 32 * 1024 * 1024,
+        shutdown_grace=_grace(top),
+        model_aliases=_aliases(top, model_routes),
+        fallbacks=_fallbacks(top, model_routes),
+        max_retry_wait=_grace_like(top, "max_retry_wait", 2.0),
+        workers=top.get("workers", _positive_int) or 1,
+        source=source,
+    )
+
+
+# -- the schema ------------------------------------------------------------
+
+_TOP_KEYS = (
+    "port",
+    "listen",
+    "proxy_url",
+    "rate_limit",
+    "target_map",
+    "model_routes",
+    "timeouts",
+    "pool",
+    "demo_upstream",
+    "no_proxy",
+    "direct_networks",
+    "dns_cache_ttl",
+    "tls",
+    "log",
+    "admin_listen",
+    "metrics",
+    "trusted_proxies",
+    "auth",
+    "max_body_bytes",
+    "shutdown_grace",
+    "model_aliases",
+    "fallbacks",
+    "max_retry_wait",
+    "workers",
+    "backlog",
+)
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """Add ``backlog=`` to a tcp/tcp6 endpoint string that has none.
+
+    Args:
+        description: A Twisted server endpoint string.
+        backlog: The listen queue length.
+
+    Returns:
+        The description, with the backlog when it applies.
+    """
+    kind = description.split(":", 1)[0].lower()
+    if kind in ("tcp", "tcp6") and "backlog=" not in description:
+        return f"{description}:backlog={backlog}"
+    return description

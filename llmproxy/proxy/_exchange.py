@@ -1,0 +1,324 @@
+"""One proxied request's state, its access record and its response body.
+
+:class:`_Exchange` follows a request from render to its one access record;
+:class:`_StreamToClient` streams the upstream body to the client with the
+upstream connection as the client's producer (:class:`_Watched`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import attrs
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.client import ResponseDone
+from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from llmproxy.egress._noproxy import NetworkSet
+from llmproxy.limits import KeyStore, RateLimiter
+from llmproxy.metrics import Metrics
+from llmproxy.proxy._errors import _describe_failure
+from llmproxy.proxy._usage import UsageReader
+
+# The package's namespace, as before the split into modules.
+log = Logger(namespace="llmproxy.proxy")
+
+_access = Logger(namespace="llmproxy.access")
+
+#: The access record's format for readable (console) output.
+ACCESS_FORMAT = (
+    "{method} {path} {status} {outcome} {latency_ms}ms model={model} "
+    "upstream={upstream} egress={egress} request_id={request_id}"
+)
+
+
+@attrs.frozen
+class Guard:
+    """Who may use the proxy, and how much.
+
+    Attributes:
+        trusted: Peers whose X-Forwarded-For / X-Real-IP are believed.
+        keys: Client keys, or None for an open proxy.
+        limiter: The per-client token buckets, or None.
+        limit_by_key: Buckets per client key instead of per IP.
+    """
+
+    trusted: NetworkSet = attrs.field(factory=lambda: NetworkSet(()))
+    keys: KeyStore | None = None
+    limiter: RateLimiter | None = None
+    limit_by_key: bool = False
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """Sends a request body that is already in memory, as it was received."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        """Nothing to pause: the body was written in one piece."""
+
+    def resumeProducing(self) -> None:
+        """Nothing to resume: the body was written in one piece."""
+
+    def stopProducing(self) -> None:
+        """Nothing to stop: the body was written in one piece."""
+
+
+class _Exchange:
+    """One proxied request, from render to its access record.
+
+    Attributes:
+        record: The access record's fields, filled in as the request goes.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        rid: str,
+        path: bytes,
+        clock: IReactorTime,
+        metrics: Metrics | None,
+        access_log: bool = True,
+    ) -> None:
+        self.request = request
+        self.access_log = access_log
+        self.rid = rid
+        self.clock = clock
+        self.metrics = metrics
+        self.started = clock.seconds()
+        self.upstream: str | None = None
+        self.record: dict[str, Any] = {
+            "request_id": rid,
+            "client_ip": None,
+            "method": request.method.decode("ascii", "replace"),
+            "path": path.decode("utf-8", "replace"),
+            "route": None,
+            "model": None,
+            "upstream": None,
+            "status": None,
+            "bytes_in": 0,
+            "bytes_out": 0,
+            "stream": False,
+            "ttfb_ms": None,
+            "egress": None,
+            "address": None,
+        }
+        self.usage: UsageReader | None = None
+        self.logged = False
+        self.client_gone = False
+        self.timed_out = False
+        self.timer: Any = None
+        self.pending: Deferred[IResponse] | None = None
+        self.body: _StreamToClient | None = None
+        self.on_done: Any = None
+        # The attempts: which pool, which upstreams were tried, what is sent.
+        self.pool: Any = None
+        self.url: str | None = None
+        self.tried: set[str] = set()
+        self.attempts = 0
+        self.fallbacks: list[str] = []
+        self.waited = False
+        self.path = b""
+        self.query = b""
+        self.body_sent = b""
+        if metrics is not None:
+            metrics.inflight.inc()
+
+    def elapsed_ms(self) -> float:
+        """Milliseconds since the request arrived."""
+        return round((self.clock.seconds() - self.started) * 1000.0, 3)
+
+    def log_done(self, outcome: str, error_code: str | None = None) -> None:
+        """Emit the request's one access record (once) and count it."""
+        if self.logged:
+            return
+        self.logged = True
+        record = self.record
+        record["outcome"] = outcome
+        record["latency_ms"] = self.elapsed_ms()
+        record["attempts"] = self.attempts
+        if error_code is not None:
+            record["error_code"] = error_code
+        if self.usage is not None:
+            usage = self.usage.finish()
+            for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                value = getattr(usage, name)
+                if value is not None:
+                    record[name] = value
+        if self.access_log:
+            # What Logger.info would emit, built directly: once per request.
+            event = dict(record)
+            event.update(
+                log_logger=_access,
+                log_level=LogLevel.info,
+                log_namespace=_access.namespace,
+                log_source=None,
+                log_format=ACCESS_FORMAT,
+                log_time=time.time(),
+            )
+            _access.observer(event)
+        if self.metrics is not None:
+            self.metrics.inflight.dec()
+            self.metrics.observe(record)
+        if self.on_done is not None:
+            self.on_done(self)
+
+    def on_client_gone(self, reason: Failure) -> None:
+        """The client closed its connection before we finished: stop paying."""
+        self.client_gone = True
+        self.log_done("client_closed")
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.cancel()
+        if self.body is not None:
+            self.body.stop()
+
+
+class _StreamToClient(Protocol):
+    """Receives an upstream response body and writes it to the client.
+
+    The upstream connection is registered as the downstream request's
+    streaming producer, so a client that reads slowly pauses the upstream
+    socket.
+    """
+
+    def __init__(self, exchange: _Exchange, clock: IReactorTime, idle: float) -> None:
+        self.exchange = exchange
+        self.request = exchange.request
+        self.producing = False
+        self.clock = clock
+        self.idle = idle
+        self.idle_timer: Any = None
+        self.idled_out = False
+
+    def connectionMade(self) -> None:
+        if self.exchange.client_gone:
+            self.transport.stopProducing()
+            return
+        self.request.registerProducer(_Watched(self.transport, self), True)
+        self.producing = True
+        self.watch()
+
+    def watch(self) -> None:
+        """(Re)start the stream-idle timer: the upstream must send in time."""
+        if self.idle_timer is not None and self.idle_timer.active():
+            self.idle_timer.reset(self.idle)
+        else:
+            self.idle_timer = self.clock.callLater(self.idle, self._idle)
+
+    def unwatch(self) -> None:
+        """Stop the timer (while the client, not the upstream, is slow)."""
+        if self.idle_timer is not None and self.idle_timer.active():
+            self.idle_timer.cancel()
+        self.idle_timer = None
+
+    def _idle(self) -> None:
+        self.idle_timer = None
+        self.idled_out = True
+        log.warn(
+            "no byte from upstream {upstream} for {seconds} s: aborting the "
+            "response of request {request_id}",
+            upstream=self.exchange.upstream,
+            seconds=self.idle,
+            request_id=self.exchange.rid,
+        )
+        self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        exchange = self.exchange
+        if self.idle_timer is not None:
+            self.idle_timer.reset(self.idle)
+        if not exchange.client_gone:
+            exchange.record["bytes_out"] += len(data)
+            if exchange.usage is not None:
+                exchange.usage.feed(data)
+            self.request.write(data)
+
+    def stop(self) -> None:
+        """Close the upstream connection: nobody reads this response."""
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        exchange = self.exchange
+        exchange.body = None
+        self.unwatch()
+        if exchange.pool is not None and exchange.url is not None:
+            exchange.pool.finished(exchange.url)
+        if self.producing:
+            self.producing = False
+            if not exchange.client_gone:
+                self.request.unregisterProducer()
+        if exchange.client_gone:
+            return
+        if reason.check(ResponseDone, http.PotentialDataLoss):
+            self.request.finish()
+            exchange.log_done("ok")
+            return
+        # The upstream died mid-body: close the client's connection without
+        # the final chunk so that it sees a truncated response, never a
+        # complete-looking one.
+        log.warn(
+            "upstream {upstream} broke off the response body of request "
+            "{request_id}: {reason}",
+            upstream=exchange.upstream,
+            request_id=exchange.rid,
+            reason=_describe_failure(reason),
+        )
+        exchange.log_done(
+            "upstream_aborted", "stream_idle" if self.idled_out else "upstream_aborted"
+        )
+        self.request.loseConnection()
+
+
+@implementer(IPushProducer)
+class _Watched:
+    """The upstream connection as the client's producer, minding idleness.
+
+    While the client's connection pauses the upstream (a slow reader), the
+    stream-idle timer stops: silence then is not the upstream's fault.
+    """
+
+    def __init__(self, producer: IPushProducer, stream: _StreamToClient) -> None:
+        self._producer = producer
+        self._stream = stream
+
+    def pauseProducing(self) -> None:
+        self._stream.unwatch()
+        self._producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._stream.watch()
+        self._producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._producer.stopProducing()
+
+
+class _Discard(Protocol):
+    """Throws an upstream response away (closing its connection)."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        """Nothing to do: the body is not wanted."""

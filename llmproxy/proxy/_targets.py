@@ -1,0 +1,99 @@
+"""The request's id and target: what is checked, encoded or rewritten.
+
+Request ids, the request target's checks and encoding, the model rewrite of
+a JSON body, and an upstream's ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from urllib.parse import quote_from_bytes, unquote_to_bytes
+
+from twisted.web.iweb import IResponse
+
+_MAX_REQUEST_ID = 128
+
+
+def request_id_for(given: bytes | None) -> str:
+    """Return the request id to use for a request.
+
+    Args:
+        given: The client's ``X-Request-ID`` header, if any.
+
+    Returns:
+        The client's id, trimmed, when it is 1-128 printable ASCII
+        characters; otherwise a new uuid4.
+    """
+    if given is not None:
+        value = given.strip()
+        if 0 < len(value) <= _MAX_REQUEST_ID and all(0x20 < c < 0x7F for c in value):
+            return value.decode("ascii")
+    return str(uuid.uuid4())
+
+
+_DOT_SEGMENTS = frozenset({b".", b".."})
+
+
+def _bad_target(uri: bytes, segments: list[bytes]) -> str | None:
+    """Why a request target must not be forwarded, or None if it is fine.
+
+    Only origin-form targets (``/path?query``) are proxied: an absolute-form
+    target (``http://elsewhere/``) is not a request for us, and ``.`` or
+    ``..`` segments (percent-encoded or not, or hidden behind an encoded
+    slash) would let a client climb out of the route's base path upstream.
+
+    Args:
+        uri: The request target as received.
+        segments: The raw (still percent-encoded) path segments routed.
+    """
+    if not uri.startswith(b"/"):
+        return "only origin-form request targets (/path) are accepted"
+    for segment in segments:
+        decoded = segment
+        for _ in range(3):  # some stacks decode more than once: so do we
+            parts = decoded.replace(b"\\", b"/").split(b"/")
+            if any(part in _DOT_SEGMENTS for part in parts):
+                return "'.' and '..' path segments are not allowed"
+            if b"%" not in decoded:
+                break
+            decoded = unquote_to_bytes(decoded)
+    return None
+
+
+#: Bytes a path keeps as they are; anything else is percent-encoded, so an
+#: upstream URL is always ASCII (existing %XX escapes are kept unchanged).
+_PATH_SAFE = b"/%:@!$&'()*+,;=-._~"
+_QUERY_SAFE = _PATH_SAFE + b"?"
+
+
+def _safe_path(path: bytes) -> bytes:
+    """Percent-encode bytes that may not appear raw in a URL path."""
+    return quote_from_bytes(path, safe=_PATH_SAFE).encode("ascii")
+
+
+def _safe_query(query: bytes) -> bytes:
+    """Percent-encode bytes that may not appear raw in a URL query."""
+    return quote_from_bytes(query, safe=_QUERY_SAFE).encode("ascii")
+
+
+def _retry_after(response: IResponse) -> float | None:
+    """An upstream's Retry-After in seconds, if it sent a number."""
+    value = response.headers.getRawHeaders(b"retry-after", [None])[0]
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and seconds >= 0 else None
+
+
+def _with_model(body: bytes, model: str) -> bytes:
+    """The JSON body with its ``model`` replaced (nothing else changes)."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(document, dict):
+        return body
+    document["model"] = model
+    return json.dumps(document, ensure_ascii=False).encode("utf-8")
