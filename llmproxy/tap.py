@@ -16,7 +16,9 @@ from collections.abc import Callable, Mapping
 import attrs
 import yaml
 
+import os
 import signal
+import socket
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import (
@@ -27,7 +29,9 @@ from twisted.internet.defer import (
     maybeDeferred,
     succeed,
 )
-from twisted.logger import Logger
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger, globalLogBeginner
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -191,6 +195,93 @@ class _Listener(Service):
         return None
 
 
+class _AdoptedListener(Service):
+    """Serves on a listening socket inherited from the first worker."""
+
+    def __init__(self, reactor: Any, fd: int, factory: Any, on_listening: Callable[[], None]):
+        self._reactor = reactor
+        self._fd = fd
+        self._factory = factory
+        self._on_listening = on_listening
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        with socket.socket(fileno=os.dup(self._fd)) as inherited:
+            family = inherited.family
+        self.port = self._reactor.adoptStreamPort(self._fd, family, self._factory)
+        os.close(self._fd)  # the port holds its own duplicate
+        self._on_listening()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+class _WorkerProcess(ProcessProtocol):
+    """One extra worker, as seen from the first."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.ended: Deferred[None] = Deferred()
+
+    def processEnded(self, reason: Failure) -> None:
+        _log.info("worker {worker} ended: {reason}", worker=self.number,
+                  reason=reason.getErrorMessage())
+        self.ended.callback(None)
+
+
+class _Workers(Service):
+    """Starts workers 2..N on the first worker's listening socket.
+
+    They adopt the socket (``adoptStreamPort``), so one port is served by N
+    processes; SIGHUP and SIGTERM are passed on to them.
+    """
+
+    def __init__(self, reactor: Any, listener: _Listener, count: int, path: str) -> None:
+        self._reactor = reactor
+        self._listener = listener
+        self._count = count
+        self._path = path
+        self.workers: list[_WorkerProcess] = []
+
+    def startService(self) -> None:
+        super().startService()
+        fd = self._listener.port.fileno()
+        for number in range(2, self._count + 1):
+            worker = _WorkerProcess(number)
+            self._reactor.spawnProcess(
+                worker,
+                sys.executable,
+                [sys.executable, "-m", "llmproxy.tap", "--worker", str(number),
+                 "--config", self._path],
+                env=os.environ.copy(),
+                childFDs={0: 0, 1: 1, 2: 2, _WORKER_FD: fd},
+            )
+            self.workers.append(worker)
+
+    def signal(self, name: str) -> None:
+        """Pass a signal on to every worker still running."""
+        for worker in self.workers:
+            if not worker.ended.called:
+                try:
+                    worker.transport.signalProcess(name)
+                except ProcessExitedAlready:
+                    pass
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        self.signal("TERM")
+        return gatherResults([w.ended for w in self.workers])
+
+
+#: The file descriptor on which workers 2..N find the listening socket.
+_WORKER_FD = 3
+
+
 class Daemon(MultiService):
     """The daemon's services, with a graceful stop and reload on SIGHUP.
 
@@ -234,7 +325,19 @@ class Daemon(MultiService):
         self.reactor.callFromThread(self.reactor.stop)
 
     def _on_hup(self, number: int, frame: Any) -> None:
-        self.reactor.callFromThread(self.reload)
+        self.reactor.callFromThread(self._reload_all)
+
+    def _reload_all(self) -> None:
+        self.reload()
+        workers = self._workers()
+        if workers is not None:
+            workers.signal("HUP")
+
+    def _workers(self) -> _Workers | None:
+        try:
+            return self.getServiceNamed("workers")
+        except KeyError:
+            return None
 
     def reload(self) -> bool:
         """Re-read the config file; apply it to new requests if valid.
@@ -256,6 +359,7 @@ class Daemon(MultiService):
         for key in ("listen", "admin_listen", "log", "demo_upstream"):
             if getattr(config, key) != getattr(self.config, key):
                 _log.warn("config reload: {key} changes only on restart", key=key)
+        new_root.proxy.worker = self.root.proxy.worker
         self.root.replace(new_root)
         self.config = config
         _log.info("config reloaded from {path}", path=self.path)
@@ -271,6 +375,9 @@ class Daemon(MultiService):
                 listeners.append(maybeDeferred(self.getServiceNamed(name).stopService))
             except KeyError:
                 pass
+        workers = self._workers()
+        if workers is not None:
+            listeners.append(maybeDeferred(workers.stopService))
         stopped = gatherResults(listeners)
         stopped.addCallback(lambda _: self._drain())
         stopped.addCallback(lambda _: MultiService.stopService(self))
@@ -316,12 +423,18 @@ def makeService(options: Options) -> MultiService:
     return daemon
 
 
-def build_service(config: Config, reactor: Any, path: str | None = None) -> Daemon:
+def build_service(
+    config: Config, reactor: Any, path: str | None = None, worker: int = 1
+) -> Daemon:
     """Build the daemon's services for a config.
 
     Args:
         config: The validated configuration.
         reactor: The reactor to run on.
+        path: The config file (for reloads and further workers).
+        worker: This process's worker number; workers after the first adopt
+            the first one's listening socket, write their own log file and
+            run no admin listener or demo upstream.
 
     Returns:
         A MultiService with the log file (if configured), the demo upstream
@@ -332,10 +445,12 @@ def build_service(config: Config, reactor: Any, path: str | None = None) -> Daem
         root = build_resource(config, reactor)
     except ConfigError as e:
         raise _fail(f"config error: {e}") from None
+    if getattr(config, "workers", 1) > 1:
+        root.proxy.worker = worker
     top = Daemon(config, reactor, root, path)
     if config.log.file:
         logs = file_log_service(
-            config.log.file,
+            worker_log_file(config.log.file, worker),
             max_bytes=config.log.max_bytes,
             backups=config.log.backups,
             compress=config.log.compress,
@@ -344,7 +459,7 @@ def build_service(config: Config, reactor: Any, path: str | None = None) -> Daem
         )
         logs.setName("log-file")
         logs.setServiceParent(top)
-    if config.demo_upstream is not None:
+    if config.demo_upstream is not None and worker == 1:
         from llmproxy.testing.upstream import FakeUpstreamService
 
         demo = FakeUpstreamService(reactor, config.demo_upstream)
@@ -356,10 +471,20 @@ def build_service(config: Config, reactor: Any, path: str | None = None) -> Daem
         root.ready = True
 
     site = build_site(config, reactor, root)
-    listener = _Listener(reactor, config.listen, site, "listen", listening)
+    if worker == 1:
+        listener: Service = _Listener(reactor, config.listen, site, "listen", listening)
+    else:
+        listener = _AdoptedListener(reactor, _WORKER_FD, site, listening)
     listener.setName("web")
     listener.setServiceParent(top)
-    if config.admin_listen is not None:
+    workers = getattr(config, "workers", 1)
+    if worker == 1 and workers > 1:
+        if path is None:
+            raise _fail("workers > 1 needs the config file's path")
+        spawner = _Workers(reactor, listener, workers, path)
+        spawner.setName("workers")
+        spawner.setServiceParent(top)
+    if config.admin_listen is not None and worker == 1:
         admin_site = build_site(config, reactor, build_admin_resource(root))
         admin = _Listener(reactor, config.admin_listen, admin_site, "admin_listen")
         admin.setName("admin")
@@ -370,5 +495,53 @@ def build_service(config: Config, reactor: Any, path: str | None = None) -> Daem
     return top
 
 
+def worker_log_file(path: str, worker: int) -> str:
+    """Worker N's log file: ``logs/llmproxy.log`` -> ``logs/llmproxy-worker2.log``.
+
+    Args:
+        path: The configured ``log.file``.
+        worker: The worker number (1 keeps the configured name).
+
+    Returns:
+        The file this worker writes (each rotates its own).
+    """
+    if worker == 1:
+        return path
+    base, ext = os.path.splitext(path)
+    return f"{base}-worker{worker}{ext}"
+
+
+def _worker_main(argv: list[str]) -> None:
+    """Run worker N (2..workers): ``python -m llmproxy.tap --worker N --config F``."""
+    import argparse
+
+    from twisted.internet import reactor
+
+    parser = argparse.ArgumentParser(prog="python -m llmproxy.tap")
+    parser.add_argument("--worker", type=int, required=True)
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        raise _fail(f"config error: {e}") from None
+    logs.twistd_console_level = config.log.level
+    logs.twistd_console_access = config.log.console_access
+    globalLogBeginner.beginLoggingTo(
+        [logs.console_observer(config.log.level, access=config.log.console_access)],
+        redirectStandardIO=False,
+    )
+    daemon = build_service(config, reactor, args.config, worker=args.worker)
+    daemon.handle_signals = True
+    daemon.privilegedStartService()
+    reactor.callWhenRunning(daemon.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", daemon.stopService)
+    _log.info("worker {worker} serving", worker=args.worker)
+    reactor.run()
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit("run me with: twistd -n llmproxy --config FILE")
+    if "--worker" in sys.argv:
+        _worker_main(sys.argv[1:])
+    else:
+        sys.exit("run me with: twistd -n llmproxy --config FILE")

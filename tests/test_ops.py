@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
+from twisted.internet.defer import Deferred
 import yaml
 
 from helpers import collect, send
@@ -113,3 +114,55 @@ async def test_tac_file_with_make_service(reactor: Any, tmp_path: Path, client: 
             process.transport.signalProcess("KILL")
             await process.ended.addTimeout(WAIT, reactor)
     assert code == 0, process.output.decode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_workers_share_one_port(reactor: Any, tmp_path: Path) -> None:
+    """workers: 2 serves one port from two processes; SIGTERM stops both, exit 0."""
+    from twisted.internet.defer import gatherResults
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    port, demo_port = free_port(), free_port()
+    config = tmp_path / "config.yml"
+    config.write_text(
+        f'listen: "tcp:{port}:interface=127.0.0.1"\n'
+        f'demo_upstream: "tcp:{demo_port}:interface=127.0.0.1"\n'
+        f'target_map: {{"/v1/": "http://127.0.0.1:{demo_port}"}}\n'
+        "admin_listen: null\nworkers: 2\n"
+    )
+    process = spawn_twistd(reactor, config, tmp_path)
+    agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+    try:
+        await process.wait_for(b"worker 2 serving").addTimeout(WAIT, reactor)
+        await process.wait_for(b"starting on %d" % port).addTimeout(WAIT, reactor)
+
+        async def one() -> int:
+            response = await send(agent, reactor, f"http://127.0.0.1:{port}/v1/models",
+                                  method=b"GET")
+            await collect(response).done.addTimeout(WAIT, reactor)
+            return response.code
+
+        for _ in range(5):
+            codes = await gatherResults(
+                [Deferred.fromCoroutine(one()) for _ in range(40)]
+            ).addTimeout(WAIT, reactor)
+            assert set(codes) == {200}
+            counts = [
+                path.read_text().count('"log_namespace": "llmproxy.access"')
+                if path.exists() else 0
+                for path in (tmp_path / "logs/llmproxy.log",
+                             tmp_path / "logs/llmproxy-worker2.log")
+            ]
+            if all(counts):
+                break
+        assert all(counts), f"both workers served: {counts}"
+        worker2 = (tmp_path / "logs/llmproxy-worker2.log").read_text()
+        assert '"worker": 2' in worker2
+        process.transport.signalProcess("TERM")
+        code = await process.ended.addTimeout(WAIT, reactor)
+    finally:
+        if not process.ended.called:
+            process.transport.signalProcess("KILL")
+            await process.ended.addTimeout(WAIT, reactor)
+    assert code == 0, process.output.decode()
+    assert b"worker 2 ended" in process.output
