@@ -12,7 +12,9 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 import yaml
 
-from helpers import collect, send
+from twisted.internet.protocol import ProcessProtocol
+
+from helpers import NeedleWaiter, collect, send
 from test_tap import TWISTD, WAIT, free_port, spawn_twistd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,3 +168,103 @@ async def test_two_workers_share_one_port(reactor: Any, tmp_path: Path) -> None:
             await process.ended.addTimeout(WAIT, reactor)
     assert code == 0, process.output.decode()
     assert b"worker 2 ended" in process.output
+
+
+def test_systemd_template_unit_verifies(tmp_path: Path) -> None:
+    """The llmproxy@.service template passes systemd-analyze verify too."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "install Debian's systemd package (for systemd-analyze)"
+    twistd = Path(sys.executable).parent / "twistd"
+    template = (ROOT / "etc/systemd/llmproxy@.service").read_text()
+    assert "Sockets=llmproxy.socket" in template
+    (tmp_path / "llmproxy@.service").write_text(
+        template.replace("/opt/llmproxy/bin/twistd", str(twistd))
+    )
+    shutil.copy(ROOT / "etc/systemd/llmproxy.socket", tmp_path / "llmproxy.socket")
+    (tmp_path / "llmproxy.service").write_text(
+        (ROOT / "etc/systemd/llmproxy.service").read_text().replace(
+            "/opt/llmproxy/bin/twistd", str(twistd)
+        )
+    )
+    units = ("llmproxy@.service", "llmproxy.service", "llmproxy.socket")
+    result = subprocess.run(
+        [analyze, "verify", *(str(tmp_path / unit) for unit in units)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+#: Sets LISTEN_PID to its own pid (as systemd does) and becomes twistd.
+ACTIVATE = (
+    "import os, sys; os.environ['LISTEN_PID'] = str(os.getpid()); "
+    "os.execv(sys.executable, [sys.executable, '-c', "
+    "'from twisted.scripts.twistd import run; run()'] + sys.argv[1:])"
+)
+
+
+class _Child(ProcessProtocol, NeedleWaiter):
+    """A child process whose output we watch."""
+
+    def __init__(self) -> None:
+        NeedleWaiter.__init__(self)
+        self.ended: Deferred[Any] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.feed(data)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        self.fail_waits(AssertionError(bytes(self.received).decode()))
+        self.ended.callback(reason.value.exitCode)
+
+
+@pytest_twisted.ensureDeferred
+async def test_socket_activation_with_two_instances(reactor: Any, tmp_path: Path) -> None:
+    """listen: systemd:... serves a socket handed over as systemd does, and
+    two instances can share it; SIGTERM stops each with status 0."""
+    import os
+    import socket
+
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(128)
+    port = listening.getsockname()[1]
+    children = []
+    try:
+        for instance in (1, 2):
+            folder = tmp_path / f"i{instance}"
+            folder.mkdir()
+            config = folder / "config.yml"
+            config.write_text(
+                'listen: "systemd:domain=INET:index=0"\n'
+                'target_map: {"/v1/": "http://127.0.0.1:1"}\n'
+                "admin_listen: null\n"
+            )
+            child = _Child()
+            env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+            env.update(PYTHONPATH=str(ROOT), LISTEN_FDS="1", LISTEN_FDNAMES="llmproxy.socket")
+            reactor.spawnProcess(
+                child, sys.executable,
+                [sys.executable, "-c", ACTIVATE, "-n", "--pidfile=", "llmproxy",
+                 "--config", str(config)],
+                env=env, path=str(folder), childFDs={0: "w", 1: "r", 2: "r", 3: listening.fileno()},
+            )
+            children.append(child)
+            await child.wait_for(b"LLMProxySite starting on %d" % port).addTimeout(WAIT, reactor)
+        agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        response = await send(agent, reactor, f"http://127.0.0.1:{port}/healthz", method=b"GET")
+        await collect(response).done.addTimeout(WAIT, reactor)
+        assert response.code == 200
+        for child in children:
+            child.transport.signalProcess("TERM")
+        codes = [await child.ended.addTimeout(WAIT, reactor) for child in children]
+    finally:
+        listening.close()
+        for child in children:
+            if not child.ended.called:
+                child.transport.signalProcess("KILL")
+                await child.ended.addTimeout(WAIT, reactor)
+    assert codes == [0, 0]
