@@ -195,7 +195,7 @@ class _Listener(Service):
         return None
 
 
-class _AdoptedListener(Service):
+class _AdoptedListener(_Listener):
     """Serves on a listening socket inherited from the first worker."""
 
     def __init__(self, reactor: Any, fd: int, factory: Any, on_listening: Callable[[], None]):
@@ -206,19 +206,12 @@ class _AdoptedListener(Service):
         self.port: Any = None
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+        Service.privilegedStartService(self)
         with socket.socket(fileno=os.dup(self._fd)) as inherited:
             family = inherited.family
         self.port = self._reactor.adoptStreamPort(self._fd, family, self._factory)
         os.close(self._fd)  # the port holds its own duplicate
         self._on_listening()
-
-    def stopService(self) -> Any:
-        super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
-            return port.stopListening()
-        return None
 
 
 class _WorkerProcess(ProcessProtocol):

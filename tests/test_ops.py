@@ -65,22 +65,26 @@ def test_check_refuses_a_bad_config_with_one_line(tmp_path: Path) -> None:
     assert "\n" not in result.stderr.strip()
 
 
-def test_systemd_units_verify(tmp_path: Path) -> None:
-    """The unit files pass systemd-analyze verify (twistd at this venv's path)."""
+def verify_units(tmp_path: Path, *units: str) -> None:
+    """Run systemd-analyze verify on unit files, twistd at this venv's path."""
     analyze = shutil.which("systemd-analyze")
     assert analyze, "install Debian's systemd package (for systemd-analyze)"
     twistd = Path(sys.executable).parent / "twistd"
-    service = (ROOT / "etc/systemd/llmproxy.service").read_text()
-    assert "/opt/llmproxy/bin/twistd -n --pidfile= llmproxy --config" in service
-    (tmp_path / "llmproxy.service").write_text(
-        service.replace("/opt/llmproxy/bin/twistd", str(twistd))
-    )
-    shutil.copy(ROOT / "etc/systemd/llmproxy.socket", tmp_path / "llmproxy.socket")
+    for unit in units:
+        text = (ROOT / "etc/systemd" / unit).read_text()
+        (tmp_path / unit).write_text(text.replace("/opt/llmproxy/bin/twistd", str(twistd)))
     result = subprocess.run(
-        [analyze, "verify", str(tmp_path / "llmproxy.service"), str(tmp_path / "llmproxy.socket")],
+        [analyze, "verify", *(str(tmp_path / unit) for unit in units)],
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_systemd_units_verify(tmp_path: Path) -> None:
+    """The unit files pass systemd-analyze verify."""
+    service = (ROOT / "etc/systemd/llmproxy.service").read_text()
+    assert "/opt/llmproxy/bin/twistd -n --pidfile= llmproxy --config" in service
+    verify_units(tmp_path, "llmproxy.service", "llmproxy.socket")
 
 
 @pytest_twisted.ensureDeferred
@@ -172,26 +176,8 @@ async def test_two_workers_share_one_port(reactor: Any, tmp_path: Path) -> None:
 
 def test_systemd_template_unit_verifies(tmp_path: Path) -> None:
     """The llmproxy@.service template passes systemd-analyze verify too."""
-    analyze = shutil.which("systemd-analyze")
-    assert analyze, "install Debian's systemd package (for systemd-analyze)"
-    twistd = Path(sys.executable).parent / "twistd"
-    template = (ROOT / "etc/systemd/llmproxy@.service").read_text()
-    assert "Sockets=llmproxy.socket" in template
-    (tmp_path / "llmproxy@.service").write_text(
-        template.replace("/opt/llmproxy/bin/twistd", str(twistd))
-    )
-    shutil.copy(ROOT / "etc/systemd/llmproxy.socket", tmp_path / "llmproxy.socket")
-    (tmp_path / "llmproxy.service").write_text(
-        (ROOT / "etc/systemd/llmproxy.service").read_text().replace(
-            "/opt/llmproxy/bin/twistd", str(twistd)
-        )
-    )
-    units = ("llmproxy@.service", "llmproxy.service", "llmproxy.socket")
-    result = subprocess.run(
-        [analyze, "verify", *(str(tmp_path / unit) for unit in units)],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Sockets=llmproxy.socket" in (ROOT / "etc/systemd/llmproxy@.service").read_text()
+    verify_units(tmp_path, "llmproxy@.service", "llmproxy.service", "llmproxy.socket")
 
 
 #: Sets LISTEN_PID to its own pid (as systemd does) and becomes twistd.
