@@ -23,32 +23,32 @@ class NeedleWaiter:
 
     def __init__(self) -> None:
         self.received = bytearray()
-        self._waiting: list[tuple[bytes, Deferred[None]]] = []
+        self._waiting: list[tuple[bytes, int, Deferred[None]]] = []
 
     def feed(self, data: bytes) -> None:
         """Append ``data`` and fire the waits it satisfies."""
         self.received += data
         still = []
-        for needle, d in self._waiting:
-            if needle in self.received:
+        for needle, count, d in self._waiting:
+            if self.received.count(needle) >= count:
                 d.callback(None)
             else:
-                still.append((needle, d))
+                still.append((needle, count, d))
         self._waiting = still
 
-    def wait_for(self, needle: bytes) -> Deferred[None]:
-        """Fire when ``needle`` has been received."""
+    def wait_for(self, needle: bytes, count: int = 1) -> Deferred[None]:
+        """Fire when ``needle`` has been received (``count`` times)."""
         d: Deferred[None] = Deferred()
-        if needle in self.received:
+        if self.received.count(needle) >= count:
             d.callback(None)
         else:
-            self._waiting.append((needle, d))
+            self._waiting.append((needle, count, d))
         return d
 
     def fail_waits(self, reason: Exception | Failure) -> None:
         """Errback every pending wait (the source has ended)."""
         waiting, self._waiting = self._waiting, []
-        for _, d in waiting:
+        for _, _, d in waiting:
             d.errback(reason)
 
 

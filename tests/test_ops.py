@@ -164,6 +164,10 @@ async def test_two_workers_share_one_port(reactor: Any, tmp_path: Path) -> None:
         assert all(counts), f"both workers served: {counts}"
         worker2 = (tmp_path / "logs/llmproxy-worker2.log").read_text()
         assert '"worker": 2' in worker2
+        # SIGHUP reaches both workers: each logs its reload.
+        config.write_text(config.read_text() + "max_retry_wait: 1\n")
+        process.transport.signalProcess("HUP")
+        await process.wait_for(b"config reloaded", count=2).addTimeout(WAIT, reactor)
         process.transport.signalProcess("TERM")
         code = await process.ended.addTimeout(WAIT, reactor)
     finally:
