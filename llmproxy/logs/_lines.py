@@ -1,0 +1,111 @@
+"""Serialising log events as lines of twisted.logger's JSON format.
+
+:func:`event_line` turns any event into one line, with a fast path for
+access records (:data:`ACCESS_NAMESPACE`) and fallbacks for events that
+cannot be serialised as they are.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.logger import LogEvent, LogLevel, eventAsJSON
+
+
+#: The line written when nothing else about an event can be serialised.
+_LAST_RESORT = b'{"log_format": "Unserialisable log event", "log_level": null}\n'
+
+
+def _safe_repr(value: object) -> str:
+    """``repr(value)``, or a placeholder when ``repr`` itself fails.
+
+    Args:
+        value: Any object.
+
+    Returns:
+        A string describing ``value``.
+    """
+    try:
+        return repr(value)
+    except Exception:
+        return f"<unrepresentable {type(value).__name__}>"
+
+
+#: Access records (one per request) get a fast path in both observers.
+ACCESS_NAMESPACE = "llmproxy.access"
+
+_LEVEL_JSON = {
+    level: json.loads(eventAsJSON({"log_level": level}))["log_level"]
+    for level in LogLevel.iterconstants()
+}
+
+
+def _access_line(event: LogEvent) -> bytes | None:
+    """An access record as twisted.logger JSON, without its slow path.
+
+    Access records hold only JSON scalars, so ``json.dumps`` of their fields
+    (plus the format, namespace, time and level, encoded as ``eventAsJSON``
+    does) reads back with ``eventFromJSON`` like any other line.
+    """
+    fields = {
+        k: v for k, v in event.items()
+        if not k.startswith("log_") or k in ("log_format", "log_namespace", "log_time")
+    }
+    fields["log_level"] = _LEVEL_JSON.get(event.get("log_level"))
+    try:
+        return (json.dumps(fields) + "\n").encode("utf-8", "backslashreplace")
+    except (TypeError, ValueError):
+        return None
+
+
+def event_line(event: LogEvent) -> bytes:
+    """Serialise one event as one line of twisted.logger's JSON format.
+
+    The event is not modified. An event that cannot be serialised as it
+    is (a format naming a missing field, a value whose ``str`` raises, a
+    circular structure) still yields a line: the same event without its
+    format, explaining what went wrong, or at least a minimal event with
+    its level, namespace and time.
+
+    Args:
+        event: A log event.
+
+    Returns:
+        UTF-8 JSON followed by ``\\n``, with no newline inside.
+    """
+    if event.get("log_namespace") == ACCESS_NAMESPACE:
+        line = _access_line(event)
+        if line is not None:
+            return line
+    try:
+        return (eventAsJSON(dict(event)) + "\n").encode("utf-8", "backslashreplace")
+    except Exception as e:
+        error = _safe_repr(e)
+    try:
+        fallback = {
+            k: v for k, v in event.items() if k not in ("log_format", "log_flattened")
+        }
+        fallback["log_format"] = (
+            "Unable to format event {log_bad_format}: {log_format_error}"
+        )
+        fallback["log_bad_format"] = _safe_repr(event.get("log_format"))
+        fallback["log_format_error"] = error
+        return (eventAsJSON(fallback) + "\n").encode("utf-8", "backslashreplace")
+    except Exception:
+        pass
+    try:
+        minimal: dict[str, Any] = {
+            "log_format": "Unable to serialise event: {log_format_error}",
+            "log_format_error": error,
+        }
+        level = event.get("log_level")
+        if isinstance(level, type(LogLevel.info)):
+            minimal["log_level"] = level
+        for key, kind in (("log_namespace", str), ("log_time", (int, float))):
+            value = event.get(key)
+            if isinstance(value, kind):
+                minimal[key] = value
+        return (eventAsJSON(minimal) + "\n").encode("utf-8", "backslashreplace")
+    except Exception:
+        return _LAST_RESORT
