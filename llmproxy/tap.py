@@ -312,10 +312,15 @@ class Daemon(MultiService):
             self._previous[number] = signal.signal(number, handler)
 
     def _on_term(self, number: int, frame: Any) -> None:
-        # Signal handlers only schedule work on the reactor. Stopping this
-        # way (not Twisted's own SIGTERM handler) ends with exit status 0.
+        # Signal handlers only schedule work on the reactor: they interrupt
+        # whatever runs, possibly a log observer holding its lock, so they
+        # must not even log. Stopping this way (not Twisted's own SIGTERM
+        # handler) ends with exit status 0.
+        self.reactor.callFromThread(self._stop)
+
+    def _stop(self) -> None:
         _log.info("received SIGTERM: stopping gracefully")
-        self.reactor.callFromThread(self.reactor.stop)
+        self.reactor.stop()
 
     def _on_hup(self, number: int, frame: Any) -> None:
         self.reactor.callFromThread(self._reload_all)

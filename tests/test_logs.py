@@ -647,3 +647,31 @@ def test_rotation_arithmetic(
     for lines in expected:
         assert len(lines) == 1 or sum(map(len, lines)) <= max_bytes
     assert observer.dropped == 0
+
+
+def test_a_signal_handler_logging_mid_write_neither_deadlocks_nor_splits(tmp_path) -> None:
+    """An event logged re-entrantly (a signal handler interrupting a write)
+    is written after the line in progress, whole, without a deadlock."""
+    from twisted.logger import Logger, LogPublisher, eventsFromJSONLogFile
+
+    from llmproxy.logs import RotatingJSONLog
+
+    observer = RotatingJSONLog(str(tmp_path / "l.log"), reactor=None, compress=False)
+    publisher = LogPublisher(observer)
+    log = Logger(namespace="t", observer=publisher)
+    original = observer._write
+    interrupted = []
+
+    def write(line: bytes, rotated: list) -> None:
+        if not interrupted:
+            interrupted.append(True)
+            log.info("from the signal handler")  # what a handler would do
+        original(line, rotated)
+
+    observer._write = write
+    log.info("outer line")
+    observer._write = original
+    observer.close()
+    with open(tmp_path / "l.log") as f:
+        texts = [e["log_format"] for e in eventsFromJSONLogFile(f)]
+    assert texts == ["outer line", "from the signal handler"]

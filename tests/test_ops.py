@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError
 import yaml
 
 from twisted.internet.protocol import ProcessProtocol
@@ -169,7 +169,10 @@ async def test_two_workers_share_one_port(reactor: Any, tmp_path: Path) -> None:
         process.transport.signalProcess("HUP")
         await process.wait_for(b"config reloaded", count=2).addTimeout(WAIT, reactor)
         process.transport.signalProcess("TERM")
-        code = await process.ended.addTimeout(WAIT, reactor)
+        try:
+            code = await process.ended.addTimeout(WAIT, reactor)
+        except TimeoutError:
+            raise AssertionError(process.output.decode()[-4000:]) from None
     finally:
         if not process.ended.called:
             process.transport.signalProcess("KILL")

@@ -142,6 +142,10 @@ class RotatingJSONLog:
             re.escape(self._base) + r"\.(\d{8}T\d{6}\.\d{6}Z)\.(\d+)(\.gz)?"
         )
         self._lock = threading.Lock()
+        # The thread inside __call__'s write, and lines logged re-entrantly
+        # by that thread (a signal handler that logs while we write).
+        self._owner: int | None = None
+        self._reentered: list[bytes] = []
         self._fd: int | None = None
         self._size = 0
         self._closed = False
@@ -171,6 +175,13 @@ class RotatingJSONLog:
         Args:
             event: A log event.
         """
+        if self._owner == threading.get_ident():
+            # Re-entered on the thread that is writing: a signal handler (such
+            # as Twisted's SIGINT one) logged in the middle of a write. Taking
+            # the lock would deadlock and writing now would split the line
+            # being written, so the line waits for the outer call.
+            self._reentered.append(event_line(event))
+            return
         try:
             line = event_line(event)
             rotated: list[str] = []
@@ -180,14 +191,19 @@ class RotatingJSONLog:
                 if self._closed:
                     self.dropped += 1
                     return
+                self._owner = threading.get_ident()
                 try:
                     self._write(line, rotated)
+                    while self._reentered:
+                        self._write(self._reentered.pop(0), rotated)
                 except OSError as e:
                     self.dropped += 1
                     error = e
                     report, self._write_failing = not self._write_failing, True
                 else:
                     recovered, self._write_failing = self._write_failing, False
+                finally:
+                    self._owner = None
             if error is not None and report:
                 self._warn(f"cannot write log file {self.path}: {_safe_repr(error)}")
             elif recovered:
