@@ -106,14 +106,19 @@ def _cpu_seconds(pid: int) -> float:
         return float("nan")
 
 
-def _peak_rss_mb(pid: int) -> float:
+def _memory_mb(pid: int, field: str) -> float:
+    """A process's memory figure from /proc (VmRSS now, VmHWM at peak), MB."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return float("nan")
+
+
+def _peak_rss_mb(pid: int) -> float:
+    return _memory_mb(pid, "VmHWM")
 
 
 def _parse_latency(text: str) -> float:
@@ -229,13 +234,7 @@ def _stream_summary(results: list[dict]) -> dict[str, Any]:
 
 
 def _rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    return _memory_mb(pid, "VmRSS")
 
 
 def _run_streams(args: argparse.Namespace, results: dict[str, Any], work: Path,

@@ -27,7 +27,7 @@ from llmproxy.egress import Egress
 from llmproxy.metrics import Metrics, MetricsResource
 from llmproxy.egress._noproxy import NetworkSet
 from llmproxy.limits import KeyStore, RateLimiter
-from llmproxy.proxy import Guard, ProxyResource, error_body, request_id_for
+from llmproxy.proxy import Guard, ProxyResource, error_body, request_id_for, send_error
 from llmproxy.routing import Router
 
 __all__ = [
@@ -268,14 +268,10 @@ class _LimitedRequest(Request):
         """Refuse ``OPTIONS *`` (and any ``*`` target): nothing to proxy."""
         if self.path == b"*":
             rid = request_id_for(self.getHeader(b"x-request-id"))
-            self.setResponseCode(400)
-            self.setHeader(b"content-type", b"application/json")
-            self.setHeader(b"x-request-id", rid.encode("ascii"))
-            self.write(error_body(
-                "the '*' request target is not supported",
+            send_error(
+                self, 400, "the '*' request target is not supported",
                 "invalid_request_error", "invalid_path", rid,
-            ))
-            self.finish()
+            )
             return
         super().process()
 

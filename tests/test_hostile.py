@@ -479,7 +479,7 @@ def dot_paths(draw: st.DrawFn) -> bytes:
 
 
 _elsewhere = st.sampled_from(
-    [b"elsewhere.test", b"169.254.169.254", b"10.0.0.1", b"[::1]", b"localhost",
+    [b"elsewhere.test", b"127.0.0.2", b"127.0.0.3:8080", b"[::1]", b"localhost",
      b"user:pw@elsewhere.test", SENTINEL, b"127.0.0.1"]
 )
 

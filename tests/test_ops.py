@@ -15,7 +15,7 @@ import yaml
 from twisted.internet.protocol import ProcessProtocol
 
 from helpers import NeedleWaiter, collect, send
-from test_tap import TWISTD, WAIT, free_port, spawn_twistd
+from test_tap import TWISTD, WAIT, demo_config, free_port, spawn_twistd
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,12 +91,7 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
 async def test_tac_file_with_make_service(reactor: Any, tmp_path: Path, client: Any) -> None:
     """A .tac file built on llmproxy.tap.makeService runs under twistd -y."""
     port, demo_port = free_port(), free_port()
-    config = tmp_path / "config.yml"
-    config.write_text(
-        f'listen: "tcp:{port}:interface=127.0.0.1"\n'
-        f'demo_upstream: "tcp:{demo_port}:interface=127.0.0.1"\n'
-        f'target_map: {{"/v1/": "http://127.0.0.1:{demo_port}"}}\nadmin_listen: null\n'
-    )
+    config = demo_config(tmp_path / "config.yml", port, demo_port)
     tac = tmp_path / "llmproxy.tac"
     tac.write_text(
         "from twisted.application import service\n"
@@ -129,13 +124,7 @@ async def test_two_workers_share_one_port(reactor: Any, tmp_path: Path) -> None:
     from twisted.web.client import Agent, HTTPConnectionPool
 
     port, demo_port = free_port(), free_port()
-    config = tmp_path / "config.yml"
-    config.write_text(
-        f'listen: "tcp:{port}:interface=127.0.0.1"\n'
-        f'demo_upstream: "tcp:{demo_port}:interface=127.0.0.1"\n'
-        f'target_map: {{"/v1/": "http://127.0.0.1:{demo_port}"}}\n'
-        "admin_listen: null\nworkers: 2\n"
-    )
+    config = demo_config(tmp_path / "config.yml", port, demo_port, "workers: 2\n")
     process = spawn_twistd(reactor, config, tmp_path)
     agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
     try:

@@ -202,11 +202,11 @@ def test_hit_within_ttl(
     """A second lookup within the TTL is answered without a query."""
     first = lookup(resolver, "a.test")
     assert not first.complete
-    wrapped.answer("a.test", ["10.0.0.1"])
-    assert first.addresses == [v4("10.0.0.1")] and first.complete
+    wrapped.answer("a.test", ["127.0.0.1"])
+    assert first.addresses == [v4("127.0.0.1")] and first.complete
     clock.advance(299)
     second = lookup(resolver, "a.test")
-    assert second.addresses == [v4("10.0.0.1")] and second.complete
+    assert second.addresses == [v4("127.0.0.1")] and second.complete
     assert len(wrapped.queries) == 1
     assert (resolver.hits, resolver.misses, len(resolver)) == (1, 1, 1)
 
@@ -216,13 +216,13 @@ def test_refresh_after_ttl(
 ) -> None:
     """After the TTL a lookup queries again and gets the new answer."""
     lookup(resolver, "a.test")
-    wrapped.answer("a.test", ["10.0.0.1"])
+    wrapped.answer("a.test", ["127.0.0.1"])
     clock.advance(300)
     refreshed = lookup(resolver, "a.test")
     assert len(wrapped.queries) == 2 and not refreshed.complete
-    wrapped.answer("a.test", ["10.0.0.2"])
-    assert refreshed.addresses == [v4("10.0.0.2")]
-    assert lookup(resolver, "a.test").addresses == [v4("10.0.0.2")]
+    wrapped.answer("a.test", ["127.0.0.2"])
+    assert refreshed.addresses == [v4("127.0.0.2")]
+    assert lookup(resolver, "a.test").addresses == [v4("127.0.0.2")]
     assert (resolver.hits, resolver.misses) == (1, 2)
 
 
@@ -232,9 +232,9 @@ def test_concurrent_lookups_coalesce(
     """Three concurrent lookups make one query and all get the answer."""
     receivers = [lookup(resolver, "a.test", port) for port in (80, 443, 8080)]
     assert wrapped.queries == [("a.test", 0, None, "TCP")]
-    wrapped.answer("a.test", ["10.0.0.1"])
+    wrapped.answer("a.test", ["127.0.0.1"])
     for receiver, port in zip(receivers, (80, 443, 8080), strict=True):
-        assert receiver.addresses == [v4("10.0.0.1", port)] and receiver.complete
+        assert receiver.addresses == [v4("127.0.0.1", port)] and receiver.complete
     assert resolver.misses == 3
 
 
@@ -244,17 +244,17 @@ def test_callers_port_and_address_types(
     """The wrapped resolver is asked for everything; each caller gets its port and types."""
     everything = lookup(resolver, "a.test", 443)
     assert wrapped.queries == [("a.test", 0, None, "TCP")]
-    wrapped.answer("a.test", ["10.0.0.1", "2001:db8::1"])
-    assert everything.addresses == [v4("10.0.0.1", 443), v6("2001:db8::1", 443)]
+    wrapped.answer("a.test", ["127.0.0.1", "::1"])
+    assert everything.addresses == [v4("127.0.0.1", 443), v6("::1", 443)]
     assert lookup(resolver, "a.test", 80, [IPv4Address]).addresses == [
-        v4("10.0.0.1", 80)
+        v4("127.0.0.1", 80)
     ]
     assert lookup(resolver, "a.test", 81, [IPv6Address]).addresses == [
-        v6("2001:db8::1", 81)
+        v6("::1", 81)
     ]
     udp = Receiver()
     resolver.resolveHostName(udp, "a.test", 53, [IPv4Address], "UDP")
-    assert udp.addresses == [IPv4Address("UDP", "10.0.0.1", 53)]
+    assert udp.addresses == [IPv4Address("UDP", "127.0.0.1", 53)]
     assert len(wrapped.queries) == 1
 
 
@@ -272,8 +272,8 @@ def test_negative_caching(
     clock.advance(0.1)
     third = lookup(resolver, "down.test")
     assert len(wrapped.queries) == 2 and not third.complete
-    wrapped.answer("down.test", ["10.0.0.9"])
-    assert third.addresses == [v4("10.0.0.9")]
+    wrapped.answer("down.test", ["127.0.0.9"])
+    assert third.addresses == [v4("127.0.0.9")]
 
 
 def test_serve_stale_on_failed_refresh(
@@ -284,29 +284,29 @@ def test_serve_stale_on_failed_refresh(
 ) -> None:
     """A failed refresh serves the old answer and logs one warning."""
     lookup(resolver, "a.test")
-    wrapped.answer("a.test", ["10.0.0.1"])
+    wrapped.answer("a.test", ["127.0.0.1"])
     clock.advance(300)
     stale = lookup(resolver, "a.test")
     wrapped.answer("a.test", [])
-    assert stale.addresses == [v4("10.0.0.1")] and stale.complete
+    assert stale.addresses == [v4("127.0.0.1")] and stale.complete
     assert len(warnings) == 1
     assert warnings[0]["name"] == "a.test" and warnings[0]["until"] == 600
     assert "DNS refresh of {name} failed" in warnings[0]["log_format"]
     # Within negative_ttl the stale answer is a hit without a query or log.
     for _ in range(3):
-        assert lookup(resolver, "a.test").addresses == [v4("10.0.0.1")]
+        assert lookup(resolver, "a.test").addresses == [v4("127.0.0.1")]
     assert len(wrapped.queries) == 2 and len(warnings) == 1
     # The retry after negative_ttl fails again: still stale, no new warning.
     clock.advance(5)
     retry = lookup(resolver, "a.test")
     assert len(wrapped.queries) == 3
     wrapped.answer("a.test", [])
-    assert retry.addresses == [v4("10.0.0.1")] and len(warnings) == 1
+    assert retry.addresses == [v4("127.0.0.1")] and len(warnings) == 1
     # A successful refresh ends the stale period.
     clock.advance(5)
     lookup(resolver, "a.test")
-    wrapped.answer("a.test", ["10.0.0.2"])
-    assert lookup(resolver, "a.test").addresses == [v4("10.0.0.2")]
+    wrapped.answer("a.test", ["127.0.0.2"])
+    assert lookup(resolver, "a.test").addresses == [v4("127.0.0.2")]
 
 
 def test_stale_window_ends_after_one_more_ttl(
@@ -317,14 +317,14 @@ def test_stale_window_ends_after_one_more_ttl(
 ) -> None:
     """Once expiry + ttl has passed, a failed refresh is a negative answer."""
     lookup(resolver, "a.test")
-    wrapped.answer("a.test", ["10.0.0.1"])
+    wrapped.answer("a.test", ["127.0.0.1"])
     clock.advance(300)
     lookup(resolver, "a.test")
     wrapped.answer("a.test", [])
     clock.advance(295)
     retry = lookup(resolver, "a.test")
     wrapped.answer("a.test", [])
-    assert retry.addresses == [v4("10.0.0.1")]
+    assert retry.addresses == [v4("127.0.0.1")]
     # The stale entry never outlives the window, even mid-retry-interval.
     clock.advance(5)
     after = lookup(resolver, "a.test")
@@ -340,10 +340,10 @@ def test_lru_bound(wrapped: ScriptedResolver, clock: Clock) -> None:
     resolver = CachingResolver(wrapped, clock, max_names=3)
     for name in ("a.test", "b.test", "c.test"):
         lookup(resolver, name)
-        wrapped.answer(name, ["10.0.0.1"])
+        wrapped.answer(name, ["127.0.0.1"])
     lookup(resolver, "a.test")  # a is now the most recently used
     lookup(resolver, "d.test")
-    wrapped.answer("d.test", ["10.0.0.4"])
+    wrapped.answer("d.test", ["127.0.0.4"])
     assert len(resolver) == 3
     queries = len(wrapped.queries)
     lookup(resolver, "a.test")
@@ -368,8 +368,8 @@ def test_resolve_returns_ip_strings(
 ) -> None:
     """resolve() fires with bare IPs, or [] when the name does not resolve."""
     d = resolver.resolve("a.test")
-    wrapped.answer("a.test", ["10.0.0.1", "2001:db8::1"])
-    assert result_of(d) == ["10.0.0.1", "2001:db8::1"]
+    wrapped.answer("a.test", ["127.0.0.1", "::1"])
+    assert result_of(d) == ["127.0.0.1", "::1"]
     failed = resolver.resolve("down.test")
     wrapped.answer("down.test", [])
     assert result_of(failed) == []
@@ -383,8 +383,8 @@ def test_names_are_case_insensitive(
     first = lookup(resolver, "API.Example.TEST")
     second = lookup(resolver, "api.example.test")
     assert wrapped.queries == [("api.example.test", 0, None, "TCP")]
-    wrapped.answer("api.example.test", ["10.0.0.1"])
-    assert first.addresses == second.addresses == [v4("10.0.0.1")]
+    wrapped.answer("api.example.test", ["127.0.0.1"])
+    assert first.addresses == second.addresses == [v4("127.0.0.1")]
     assert lookup(resolver, "Api.Example.Test").complete
     assert len(wrapped.queries) == 1 and len(resolver) == 1
 
@@ -396,9 +396,9 @@ def test_cancel_stops_delivery_to_one_receiver(
     cancelled = Receiver()
     resolver.resolveHostName(cancelled, "a.test").cancel()
     kept = lookup(resolver, "a.test")
-    wrapped.answer("a.test", ["10.0.0.1"])
+    wrapped.answer("a.test", ["127.0.0.1"])
     assert [kind for kind, _ in cancelled.calls] == ["began"]
-    assert kept.addresses == [v4("10.0.0.1")] and kept.complete
+    assert kept.addresses == [v4("127.0.0.1")] and kept.complete
     assert len(resolver) == 1
 
 
@@ -431,12 +431,12 @@ def test_wrapped_resolver_calling_back_weirdly(
     receiver = lookup(resolver, "a.test")
     (inner,) = wrapped.pending.pop("a.test")
     inner.addressResolved(UNIXAddress(b"/tmp/x"))
-    inner.addressResolved(v4("10.0.0.1", 99))
-    inner.addressResolved(v4("10.0.0.1", 99))
+    inner.addressResolved(v4("127.0.0.1", 99))
+    inner.addressResolved(v4("127.0.0.1", 99))
     inner.resolutionComplete()
-    inner.addressResolved(v4("10.0.0.2"))
+    inner.addressResolved(v4("127.0.0.2"))
     inner.resolutionComplete()
-    assert receiver.addresses == [v4("10.0.0.1")] and receiver.complete
+    assert receiver.addresses == [v4("127.0.0.1")] and receiver.complete
 
 
 def test_unanswered_query_times_out(
@@ -447,7 +447,7 @@ def test_unanswered_query_times_out(
     clock.advance(30)
     assert receiver.addresses == [] and receiver.complete
     assert wrapped.resolutions[0].cancelled
-    wrapped.answer("slow.test", ["10.0.0.1"])
+    wrapped.answer("slow.test", ["127.0.0.1"])
     assert lookup(resolver, "slow.test").addresses == []
     assert clock.getDelayedCalls() == []
 
@@ -458,7 +458,7 @@ def test_answered_query_leaves_no_timer(
     """The query timeout is cancelled once the answer arrives."""
     lookup(resolver, "a.test")
     assert len(clock.getDelayedCalls()) == 1
-    wrapped.answer("a.test", ["10.0.0.1"])
+    wrapped.answer("a.test", ["127.0.0.1"])
     assert clock.getDelayedCalls() == []
 
 
@@ -490,7 +490,7 @@ def test_bounded_and_never_older_than_two_ttls(
             continue
         receiver = lookup(resolver, f"{arg}.test")
         if wrapped.pending:
-            ip = f"10.0.{len(produced) // 250}.{len(produced) % 250}"
+            ip = f"127.0.{len(produced) // 250}.{len(produced) % 250}"
             produced[ip] = clock.seconds()
             wrapped.answer(f"{arg}.test", [ip] if succeed else [])
         assert receiver.complete

@@ -37,6 +37,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def demo_config(path: Path, port: int, demo_port: int, extra: str = "") -> Path:
+    """Write a config serving 127.0.0.1:port, routing /v1/ to a demo upstream.
+
+    Args:
+        path: The file to write.
+        port: The proxy's port.
+        demo_port: The in-process demo upstream's port.
+        extra: More YAML (defaults to no admin listener unless it names one).
+
+    Returns:
+        ``path``.
+    """
+    admin = "" if "admin_listen" in extra else "admin_listen: null\n"
+    path.write_text(
+        f'listen: "tcp:{port}:interface=127.0.0.1"\n'
+        f'demo_upstream: "tcp:{demo_port}:interface=127.0.0.1"\n'
+        f'target_map:\n  "/v1/": "http://127.0.0.1:{demo_port}"\n' + admin + extra
+    )
+    return path
+
+
 def test_plugin_is_found() -> None:
     """twistd finds the llmproxy plugin, and it points at llmproxy.tap."""
     makers = {m.tapname: m for m in getPlugins(IServiceMaker)}
@@ -149,13 +170,7 @@ async def test_twistd_serves_a_stream_and_stops_on_sigterm(
 ) -> None:
     """A real twistd: serves the demo config, streams, exits 0 on SIGTERM."""
     port, demo_port = free_port(), free_port()
-    config = tmp_path / "demo.yml"
-    config.write_text(
-        f'listen: "tcp:{port}:interface=127.0.0.1"\n'
-        f'demo_upstream: "tcp:{demo_port}:interface=127.0.0.1"\n'
-        f'target_map:\n  "/v1/": "http://127.0.0.1:{demo_port}"\n'
-        "admin_listen: null\n"
-    )
+    config = demo_config(tmp_path / "demo.yml", port, demo_port)
     process = spawn_twistd(reactor, config, tmp_path)
     try:
         await process.wait_for(b"starting on %d" % port).addTimeout(WAIT, reactor)
@@ -246,14 +261,11 @@ async def test_secrets_never_reach_logs_stdout_or_metrics(
 ) -> None:
     """Planted credentials appear nowhere: log file, stdout or /metrics."""
     port, admin_port, demo_port = free_port(), free_port(), free_port()
-    config = tmp_path / "secrets.yml"
-    config.write_text(
-        f'listen: "tcp:{port}:interface=127.0.0.1"\n'
+    config = demo_config(
+        tmp_path / "secrets.yml", port, demo_port,
         f'admin_listen: "tcp:{admin_port}:interface=127.0.0.1"\n'
-        f'demo_upstream: "tcp:{demo_port}:interface=127.0.0.1"\n'
         'proxy_url: "http://user:PLANTED-PROXY-PW@127.0.0.1:9"\n'
-        f'target_map:\n  "/v1/": "http://127.0.0.1:{demo_port}"\n'
-        "log: {level: debug, max_bytes: 4000, backups: 50}\n"
+        "log: {level: debug, max_bytes: 4000, backups: 50}\n",
     )
     secrets = {
         "Authorization": "Bearer PLANTED-AUTH",
@@ -299,13 +311,7 @@ async def test_sigterm_lets_streams_finish_then_exits_0(
 ) -> None:
     """SIGTERM: stop accepting, finish the stream in flight, exit status 0."""
     port, demo_port = free_port(), free_port()
-    config = tmp_path / "graceful.yml"
-    config.write_text(
-        f'listen: "tcp:{port}:interface=127.0.0.1"\n'
-        f'demo_upstream: "tcp:{demo_port}:interface=127.0.0.1"\n'
-        f'target_map:\n  "/v1/": "http://127.0.0.1:{demo_port}"\n'
-        "admin_listen: null\nshutdown_grace: 20\n"
-    )
+    config = demo_config(tmp_path / "graceful.yml", port, demo_port, "shutdown_grace: 20\n")
     process = spawn_twistd(reactor, config, tmp_path)
     try:
         await process.wait_for(b"starting on %d" % port).addTimeout(WAIT, reactor)
@@ -340,12 +346,7 @@ async def test_sighup_reloads_a_valid_config_and_refuses_a_bad_one(
     config = tmp_path / "reload.yml"
 
     def write(keys: str, extra: str = "") -> None:
-        config.write_text(
-            f'listen: "tcp:{port}:interface=127.0.0.1"\n'
-            f'demo_upstream: "tcp:{demo_port}:interface=127.0.0.1"\n'
-            f'target_map:\n  "/v1/": "http://127.0.0.1:{demo_port}"\n'
-            f"admin_listen: null\nauth: {{keys: [{keys}]}}\n" + extra
-        )
+        demo_config(config, port, demo_port, f"auth: {{keys: [{keys}]}}\n" + extra)
 
     async def status(key: str) -> int:
         response = await send(client, reactor, f"http://127.0.0.1:{port}/v1/models",

@@ -221,15 +221,6 @@ def _log(value: Any, path: str) -> LogConfig:
     )
 
 
-def _grace(top: _Mapping) -> float:
-    value = top.value.get("shutdown_grace")
-    if value is None:
-        return 30.0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ConfigError("shutdown_grace", f"expected seconds >= 0, got {_describe(value)}")
-    return float(value)
-
-
 def _auth(value: Any, path: str) -> AuthConfig:
     table = _Mapping(value, path)
     table.check_keys(("keys", "keys_file"))
@@ -248,7 +239,7 @@ def _auth(value: Any, path: str) -> AuthConfig:
     return AuthConfig(keys=keys, keys_file=keys_file)
 
 
-def _grace_like(top: _Mapping, key: str, default: float) -> float:
+def _seconds(top: _Mapping, key: str, default: float) -> float:
     value = top.value.get(key)
     if value is None:
         return default

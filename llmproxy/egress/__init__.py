@@ -24,14 +24,13 @@ from typing import Any
 from urllib.parse import unquote
 
 import attrs
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet._sslverify import IOpenSSLTrustRoot  # not re-exported publicly
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import platformTrust
 from twisted.logger import Logger
 from twisted.python.components import proxyForInterface
-from twisted.python.failure import Failure
 from twisted.web.client import (
     URI,
     Agent,
@@ -45,7 +44,12 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResp
 from zope.interface import implementer
 
 from llmproxy.config import Config, TLSConfig
-from llmproxy.egress._connect import ConnectTunnelEndpoint, TunnelError, TunnelTimeout
+from llmproxy.egress._connect import (
+    ConnectTunnelEndpoint,
+    TunnelError,
+    TunnelTimeout,
+    host_port,
+)
 from llmproxy.egress._noproxy import NetworkSet, NoProxy, parse_ip
 from llmproxy.resolver import CachingResolver, ResolvingReactor
 
@@ -131,7 +135,7 @@ def _format_address(address: Any) -> str | None:
     port = getattr(address, "port", None)
     if host is None or port is None:
         return None
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host_port(host, port)
 
 
 def _peer_of(response: IResponse) -> str | None:
@@ -166,8 +170,7 @@ class _Proxy:
 
     @property
     def name(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return host_port(self.host, self.port)
 
     @classmethod
     def parse(cls, url: str) -> _Proxy:
@@ -319,15 +322,15 @@ class Egress:
             through the proxy (the proxy may know it).
         """
         if self.proxy is None or via == DIRECT:
-            return _succeed(DIRECT)
+            return succeed(DIRECT)
         if via == PROXY:
-            return _succeed(PROXY)
+            return succeed(PROXY)
         host = host.strip("[]")
         if self.no_proxy.matches(host):
-            return _succeed(DIRECT)
+            return succeed(DIRECT)
         ip = parse_ip(host)
         if ip is not None:
-            return _succeed(DIRECT if ip in self.direct_networks else PROXY)
+            return succeed(DIRECT if ip in self.direct_networks else PROXY)
 
         def by_address(addresses: list[str]) -> str:
             inside = any(a in self.direct_networks for a in addresses)
@@ -403,12 +406,6 @@ class Egress:
         return gatherResults(closing).addCallback(lambda _: None)
 
 
-def _succeed(value: str) -> Deferred[str]:
-    d: Deferred[str] = Deferred()
-    d.callback(value)
-    return d
-
-
 @implementer(IAgent)
 class _EgressAgent:
     """:class:`Egress` as an IAgent with a fixed ``via``."""
@@ -425,20 +422,3 @@ class _EgressAgent:
         bodyProducer: IBodyProducer | None = None,
     ) -> Deferred[IResponse]:
         return self._egress.request(method, uri, headers, bodyProducer, self._via)
-
-
-def describe_failure(failure: Failure) -> tuple[str, str]:
-    """Classify an egress failure for an error message.
-
-    Args:
-        failure: Why an upstream request failed before its response.
-
-    Returns:
-        (code, detail) for egress-specific causes; ("", "") otherwise.
-    """
-    error = failure.value
-    if isinstance(error, TunnelTimeout):
-        return "upstream_proxy_timeout", str(error)
-    if isinstance(error, TunnelError):
-        return "upstream_proxy_error", str(error)
-    return "", ""

@@ -30,6 +30,19 @@ __all__ = ["ConnectTunnelEndpoint", "TunnelError"]
 MAX_REPLY_HEAD = 16 * 1024
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 host in brackets.
+
+    Args:
+        host: A name or IP literal (IPv6 without brackets).
+        port: The port.
+
+    Returns:
+        The authority, as in a CONNECT target or a log line.
+    """
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class TunnelError(ConnectError):
     """The outbound proxy did not open the tunnel.
 
@@ -183,8 +196,7 @@ class ConnectTunnelEndpoint:
     @property
     def target(self) -> str:
         """The CONNECT target, ``host:port`` (IPv6 bracketed)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return host_port(self.host, self.port)
 
     def request_bytes(self) -> bytes:
         """The CONNECT request sent to the proxy."""

@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from llmproxy.egress._noproxy import NetworkSet
 from llmproxy.limits import KeyStore, RateLimiter
+from llmproxy.logs import ACCESS_NAMESPACE
 from llmproxy.metrics import Metrics
 from llmproxy.proxy._errors import _describe_failure
 from llmproxy.proxy._usage import UsageReader
@@ -32,7 +33,7 @@ from llmproxy.proxy._usage import UsageReader
 # The package's namespace, as before the split into modules.
 log = Logger(namespace="llmproxy.proxy")
 
-_access = Logger(namespace="llmproxy.access")
+_access = Logger(namespace=ACCESS_NAMESPACE)
 
 #: The access record's format for readable (console) output.
 ACCESS_FORMAT = (

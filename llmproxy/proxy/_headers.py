@@ -27,6 +27,9 @@ _REQUEST_OWN = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 #: the route has its own upstream key.
 _CREDENTIALS = (b"authorization", b"x-api-key", b"api-key")
 
+# What a request sent with llmproxy's (or no) credentials must not carry.
+_REQUEST_OWN_AND_CREDENTIALS = _REQUEST_OWN | frozenset(_CREDENTIALS)
+
 
 def _connection_tokens(headers: Headers) -> set[bytes]:
     """Header names listed in ``Connection`` (hop-by-hop by declaration)."""

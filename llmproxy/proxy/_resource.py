@@ -32,7 +32,12 @@ from llmproxy.proxy._exchange import (
     _Exchange,
     _StreamToClient,
 )
-from llmproxy.proxy._headers import _CREDENTIALS, _REQUEST_OWN, HOP_BY_HOP, _end_to_end
+from llmproxy.proxy._headers import (
+    _REQUEST_OWN,
+    _REQUEST_OWN_AND_CREDENTIALS,
+    HOP_BY_HOP,
+    _end_to_end,
+)
 from llmproxy.proxy._targets import (
     _bad_target,
     _retry_after,
@@ -42,7 +47,7 @@ from llmproxy.proxy._targets import (
     request_id_for,
 )
 from llmproxy.proxy._usage import UsageReader
-from llmproxy.routing import Router, extract_model
+from llmproxy.routing import Router, UpstreamPool, extract_model
 
 # The package's namespace, as before the split into modules.
 log = Logger(namespace="llmproxy.proxy")
@@ -305,14 +310,14 @@ class ProxyResource(Resource):
             if transport is not None:
                 transport.abortConnection()
 
-    def _upstream_headers(self, request: Request, rid: str, pool: Any = None) -> Headers:
+    def _upstream_headers(self, request: Request, rid: str, pool: UpstreamPool) -> Headers:
         """The headers to send upstream: end-to-end ones plus forwarding."""
         headers = Headers()
-        drop = _REQUEST_OWN
-        api_key = getattr(pool, "api_key", None)
-        auth_header = getattr(pool, "auth_header", "bearer")
+        api_key, auth_header = pool.api_key, pool.auth_header
         if self.guard.keys is not None or api_key is not None or auth_header == "none":
-            drop = drop | frozenset(_CREDENTIALS)
+            drop = _REQUEST_OWN_AND_CREDENTIALS
+        else:
+            drop = _REQUEST_OWN
         for name, values in _end_to_end(request.requestHeaders, drop):
             headers.setRawHeaders(name, values)
         if api_key is not None and auth_header != "none":
