@@ -16,7 +16,6 @@ import json
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.logger import Logger
 from twisted.web.server import Request, Site
@@ -180,7 +179,7 @@ def _json(request: Request, body: bytes) -> bytes:
 def build_resource(
     config: Config,
     reactor: Any,
-    agent: IAgent | None = None,
+    egress: Egress | None = None,
     metrics: Metrics | None = None,
 ) -> RootResource:
     """Build llmproxy's root resource for a configuration.
@@ -188,8 +187,8 @@ def build_resource(
     Args:
         config: The validated configuration.
         reactor: The reactor for connections and timers.
-        agent: Send upstream requests with this agent instead of building
-            one (and a pool) from the config.
+        egress: Send upstream requests through this instead of building
+            one (and its pool) from the config.
         metrics: Keep counting in these instruments (a reload) instead of
             new ones.
 
@@ -197,10 +196,10 @@ def build_resource(
         The root resource; mount it anywhere in a twisted.web tree.
     """
     close = None
-    resolver = None
-    if agent is None:
+    if egress is None:
         egress = Egress(config, reactor)
-        agent, close, resolver = egress, egress.close, egress.resolver
+        close = egress.close
+    resolver = egress.resolver
     if not config.metrics:
         metrics = None
     elif metrics is None:
@@ -208,7 +207,7 @@ def build_resource(
     else:
         metrics.configure(config, resolver)
     proxy = ProxyResource(
-        Router.from_config(config, clock=reactor), agent, reactor, config.timeouts, metrics,
+        Router.from_config(config, clock=reactor), egress, reactor, config.timeouts, metrics,
         access_log=config.log.access, guard=build_guard(config, reactor),
         max_retry_wait=config.max_retry_wait,
     )

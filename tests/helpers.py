@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import json
 from typing import Any
 
@@ -9,11 +11,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
+from twisted.web.client import FileBodyProducer, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from llmproxy.proxy import _BytesProducer
 
 WAIT = 10.0
 
@@ -136,7 +137,7 @@ async def send(
         h.setRawHeaders(b"content-type", [b"application/json"])
     for name, value in (headers or {}).items():
         h.addRawHeader(name.encode(), value.encode())
-    d = agent.request(method, url.encode(), h, _BytesProducer(body) if body is not None else None)
+    d = agent.request(method, url.encode(), h, FileBodyProducer(io.BytesIO(body)) if body is not None else None)
     return await d.addTimeout(WAIT, reactor)
 
 

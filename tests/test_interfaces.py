@@ -12,15 +12,13 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver
-from twisted.web.client import URI
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer
 from zope.interface.verify import verifyObject
 
 from llmproxy.config import parse_config_text
-from llmproxy.egress import Egress, _DirectEndpointFactory, _TunnelEndpointFactory, tls_policy
+from llmproxy.egress import Egress
+from llmproxy.egress._http import _BodyHandle
 from llmproxy.egress._connect import ConnectTunnelEndpoint
 from llmproxy.logs import RotatingJSONLog, console_observer
-from llmproxy.proxy import _BytesProducer
 from llmproxy.resolver import CachingResolver, ResolvingReactor
 from llmproxy.testing.resolver import FakeResolver
 
@@ -41,11 +39,8 @@ def cases(tmp_path: Any) -> list[tuple[Any, Any]]:
         (IHostnameResolver, CachingResolver(FakeResolver(), clock)),
         (IHostnameResolver, FakeResolver()),
         (IReactorPluggableNameResolver, ResolvingReactor(clock, FakeResolver())),
-        (IAgent, e.agent("auto")),
-        (IAgentEndpointFactory, _DirectEndpointFactory(clock, tls_policy(e.config.tls), 1.0)),
-        (IAgentEndpointFactory, _TunnelEndpointFactory(e)),
+        (IPushProducer, _BodyHandle(None)),
         (IStreamClientEndpoint, ConnectTunnelEndpoint(clock, e.proxy_endpoint, "p:1", "h", 443, None, 1.0)),
-        (IBodyProducer, _BytesProducer(b"x")),
         (ILogObserver, RotatingJSONLog(str(tmp_path / "l.log"), reactor=clock, compress=False)),
         (ILogObserver, console_observer("info")),
     ]
@@ -57,15 +52,17 @@ def test_declared_interfaces_are_provided(tmp_path: Any) -> None:
         assert verifyObject(interface, obj), (interface, obj)
 
 
-def test_direct_endpoints_are_made_once_per_destination() -> None:
-    """The direct endpoint factory reuses endpoints, bounded in number."""
-    factory = _DirectEndpointFactory(MemoryReactorClock(), tls_policy(egress().config.tls), 1.0)
-    first = factory.endpointForURI(URI.fromBytes(b"http://a.test:80/x"))
-    assert factory.endpointForURI(URI.fromBytes(b"http://a.test:80/y")) is first
-    assert factory.endpointForURI(URI.fromBytes(b"https://a.test:80/y")) is not first
-    for i in range(factory.MAX + 10):
-        factory.endpointForURI(URI.fromBytes(b"http://h%d.test/" % i))
-    assert len(factory._cache) == factory.MAX
+def test_endpoints_are_made_once_per_destination() -> None:
+    """Egress reuses endpoints per destination, bounded in number."""
+    e = egress()
+    first = e.endpoint("direct", e.upstream("http://a.test:80/x"))
+    assert e.endpoint("direct", e.upstream("http://a.test/y")) is first
+    assert e.endpoint("direct", e.upstream("https://a.test:80/y")) is not first
+    assert e.endpoint("proxy", e.upstream("https://a.test:80/y")) is not first
+    for i in range(e.MAX_CACHED + 10):
+        e.endpoint("direct", e.upstream(f"http://h{i}.test/"))
+    assert len(e._endpoints) == e.MAX_CACHED
+    assert len(e._upstreams) == e.MAX_CACHED
 
 
 def test_stream_watch_is_a_push_producer() -> None:

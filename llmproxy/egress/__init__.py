@@ -1,19 +1,20 @@
 """The outbound side: how each upstream request leaves the machine.
 
 :class:`Egress` decides per destination host whether to connect directly or
-through ``proxy_url`` and owns one persistent connection pool per route, so a
-direct connection and a tunnelled one to the same host never share a pool
-key:
+through ``proxy_url``, and sends each request with llmproxy's own HTTP/1.1
+client (:mod:`llmproxy.egress._http`) over one of three kinds of pooled
+connection, so a direct connection and a tunnelled one to the same host
+never share a pool key:
 
-- direct: an :class:`~twisted.web.client.Agent` whose ``HostnameEndpoint``
-  resolves through the caching resolver;
-- proxy, ``http://`` upstream: :class:`~twisted.web.client.ProxyAgent`
-  (absolute-form request target, connections pooled per proxy);
+- direct: a ``HostnameEndpoint`` that resolves through the caching
+  resolver (TLS around it for https);
+- proxy, ``http://`` upstream: connections to the proxy, requests in
+  absolute form with ``Proxy-Authorization``;
 - proxy, ``https://`` upstream: a CONNECT tunnel to host:port, TLS to the
-  upstream inside it (connections pooled per upstream host:port).
+  upstream inside it.
 
-Each response comes back as a :class:`RoutedResponse` that says which way it
-went and the address it connected to.
+Each response says which way it went (``egress``) and the address it
+connected to (``address``).
 """
 
 from __future__ import annotations
@@ -21,26 +22,16 @@ from __future__ import annotations
 import base64
 from collections import OrderedDict
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import attrs
-from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet._sslverify import IOpenSSLTrustRoot  # not re-exported publicly
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import platformTrust
 from twisted.logger import Logger
-from twisted.python.components import proxyForInterface
-from twisted.web.client import (
-    URI,
-    Agent,
-    SchemeNotSupported,
-    BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
-    ProxyAgent,
-)
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from zope.interface import implementer
 
 from llmproxy.config import Config, TLSConfig
@@ -50,6 +41,11 @@ from llmproxy.egress._connect import (
     TunnelTimeout,
     host_port,
 )
+from llmproxy.egress._http import (
+    ConnectionPool,
+    UpstreamProtocolError,
+    UpstreamResponse,
+)
 from llmproxy.egress._noproxy import NetworkSet, NoProxy, parse_ip
 from llmproxy.resolver import CachingResolver, ResolvingReactor
 
@@ -58,10 +54,10 @@ __all__ = [
     "Egress",
     "NetworkSet",
     "NoProxy",
-    "RoutedResponse",
     "TunnelError",
     "TunnelTimeout",
-    "close_pool",
+    "UpstreamProtocolError",
+    "UpstreamResponse",
     "tls_policy",
 ]
 
@@ -73,20 +69,8 @@ CLOSE_TIMEOUT = 5.0
 DIRECT = "direct"
 PROXY = "proxy"
 
-
-class RoutedResponse(proxyForInterface(IResponse, "_response")):  # type: ignore[misc]
-    """An upstream response that knows how it was reached.
-
-    Attributes:
-        egress: ``direct`` or ``proxy``.
-        address: ``host:port`` of the peer the connection went to (the
-            upstream when direct, the proxy otherwise), if known.
-    """
-
-    def __init__(self, response: IResponse, egress: str, address: str | None) -> None:
-        self._response = response
-        self.egress = egress
-        self.address = address
+# Methods whose requests carry no Content-Length when they have no body.
+_BODYLESS = frozenset((b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"))
 
 
 @implementer(IOpenSSLTrustRoot)
@@ -114,39 +98,6 @@ def tls_policy(tls: TLSConfig) -> BrowserLikePolicyForHTTPS:
     return BrowserLikePolicyForHTTPS(trustRoot=root)
 
 
-def close_pool(pool: HTTPConnectionPool, reactor: Any) -> Deferred[None]:
-    """Close a pool's idle connections, giving up after a few seconds.
-
-    Args:
-        pool: The pool to close.
-        reactor: For the time limit.
-
-    Returns:
-        Fires when the connections are closed or the time is up.
-    """
-    d = pool.closeCachedConnections()
-    d.addTimeout(CLOSE_TIMEOUT, reactor)
-    d.addErrback(lambda _: None)
-    return d
-
-
-def _format_address(address: Any) -> str | None:
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is None or port is None:
-        return None
-    return host_port(host, port)
-
-
-def _peer_of(response: IResponse) -> str | None:
-    """The connected peer of a fresh Twisted response, if it can be seen."""
-    transport = getattr(getattr(response, "_transport", None), "_producer", None)
-    try:
-        return _format_address(transport.getPeer()) if transport is not None else None
-    except Exception:  # a transport without a peer: nothing to report
-        return None
-
-
 def _detached(d: Deferred[Any]) -> Deferred[Any]:
     """A Deferred that can be cancelled without cancelling shared work."""
     out: Deferred[Any] = Deferred()
@@ -157,6 +108,55 @@ def _detached(d: Deferred[Any]) -> Deferred[Any]:
 
     d.addCallback(fire)
     return out
+
+
+@attrs.frozen
+class Upstream:
+    """A parsed upstream base URL.
+
+    Attributes:
+        scheme: ``http`` or ``https``.
+        host: The host name or IP literal (IPv6 without brackets).
+        port: The port.
+        prefix: The URL's path, without a trailing slash (``b""`` for none).
+        authority: The Host header: host, and the port unless the default.
+        origin: ``scheme://authority``, for absolute-form targets.
+    """
+
+    scheme: str
+    host: str
+    port: int
+    prefix: bytes
+    authority: bytes
+    origin: bytes
+
+    @classmethod
+    def parse(cls, url: str) -> Upstream:
+        """Parse a base URL from the config.
+
+        Raises:
+            ValueError: Not an http(s) URL with a host.
+        """
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"unsupported upstream URL {url!r}")
+        default = 443 if scheme == "https" else 80
+        port = parts.port or default
+        host = parts.hostname
+        if ":" not in host:
+            host = host.encode("idna").decode("ascii")
+        authority = host_port(host, port) if port != default else (
+            f"[{host}]" if ":" in host else host
+        )
+        return cls(
+            scheme=scheme,
+            host=host,
+            port=port,
+            prefix=parts.path.rstrip("/").encode("utf-8"),
+            authority=authority.encode("ascii"),
+            origin=f"{scheme}://{authority}".encode("ascii"),
+        )
 
 
 @attrs.frozen
@@ -176,11 +176,11 @@ class _Proxy:
     def parse(cls, url: str) -> _Proxy:
         scheme, _, rest = url.partition("://")
         userinfo, at, hostport = rest.rpartition("@")
-        parsed = URI.fromBytes(f"{scheme}://{hostport.rstrip('/')}".encode("utf-8"))
+        parsed = URI.fromBytes(f"{scheme}://{hostport.rstrip('/')}".encode())
         authorization = None
         if at:
             user, _, password = userinfo.partition(":")
-            token = f"{unquote(user)}:{unquote(password)}".encode("utf-8")
+            token = f"{unquote(user)}:{unquote(password)}".encode()
             authorization = b"Basic " + base64.b64encode(token)
         return cls(
             scheme=scheme.lower(),
@@ -188,64 +188,6 @@ class _Proxy:
             port=parsed.port,
             authorization=authorization,
         )
-
-
-@implementer(IAgentEndpointFactory)
-class _DirectEndpointFactory:
-    """Direct endpoints (TLS for https), made once per destination.
-
-    Twisted's Agent asks for an endpoint on every request, even when a
-    pooled connection will serve it; building a HostnameEndpoint (with its
-    IDNA encoding) each time is a measurable part of a request's cost. The
-    endpoints are kept in a bounded LRU table.
-    """
-
-    MAX = 1024
-
-    def __init__(self, reactor: Any, policy: BrowserLikePolicyForHTTPS, timeout: float) -> None:
-        self._reactor = reactor
-        self._policy = policy
-        self._timeout = timeout
-        self._cache: OrderedDict[tuple[bytes, bytes, int], IStreamClientEndpoint] = OrderedDict()
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._cache.get(key)
-        if endpoint is not None:
-            self._cache.move_to_end(key)
-            return endpoint
-        host = uri.host.decode("ascii").strip("[]")
-        endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
-        if uri.scheme == b"https":
-            endpoint = wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
-        elif uri.scheme != b"http":
-            raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
-        self._cache[key] = endpoint
-        if len(self._cache) > self.MAX:
-            self._cache.popitem(last=False)
-        return endpoint
-
-
-@implementer(IAgentEndpointFactory)
-class _TunnelEndpointFactory:
-    """Endpoints for https upstreams: TLS inside a CONNECT tunnel."""
-
-    def __init__(self, egress: Egress) -> None:
-        self._egress = egress
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        egress = self._egress
-        host = uri.host.decode("ascii").strip("[]")
-        tunnel = ConnectTunnelEndpoint(
-            egress.reactor,
-            egress.proxy_endpoint,
-            egress.proxy.name,
-            host,
-            uri.port,
-            egress.proxy.authorization,
-            egress.config.timeouts.connect,
-        )
-        return wrapClientTLS(egress.policy.creatorForNetloc(uri.host, uri.port), tunnel)
 
 
 class Egress:
@@ -256,12 +198,14 @@ class Egress:
         reactor: The reactor (timers, connections).
         resolver: The caching resolver used to decide and to connect.
         policy: The TLS policy for upstreams.
-        pools: The persistent pools: ``direct``, ``proxy`` (http through the
-            proxy) and ``tunnel`` (https through the proxy).
+        pool: The persistent connections, keyed by how they reach where.
     """
 
+    #: Parsed upstream URLs and endpoints kept (the oldest go first).
+    MAX_CACHED = 1024
+
     def __init__(self, config: Config, reactor: Any) -> None:
-        """Build the agents and pools.
+        """Build the pool and the proxy endpoint.
 
         Args:
             config: The validated configuration.
@@ -273,22 +217,19 @@ class Egress:
         self.resolver = CachingResolver(
             reactor.nameResolver, reactor, ttl=config.dns_cache_ttl
         )
-        connecting = ResolvingReactor(reactor, self.resolver)
+        self._connecting = ResolvingReactor(reactor, self.resolver)
         self.policy = tls_policy(config.tls)
-        self.pools = {name: self._pool() for name in ("direct", "proxy", "tunnel")}
-        timeout = config.timeouts.connect
-        self._direct = Agent.usingEndpointFactory(
-            reactor,
-            _DirectEndpointFactory(connecting, self.policy, timeout),
-            pool=self.pools["direct"],
-        )
+        self.pool = ConnectionPool(reactor, config.pool.max_per_host, config.pool.idle_timeout)
         self.no_proxy = NoProxy(config.no_proxy)
         self.direct_networks = NetworkSet(config.direct_networks)
+        self._upstreams: OrderedDict[str, Upstream] = OrderedDict()
+        self._endpoints: OrderedDict[tuple[str, str, int], IStreamClientEndpoint] = OrderedDict()
         self.proxy: _Proxy | None = None
         if config.proxy_url is not None:
             self.proxy = _Proxy.parse(config.proxy_url)
             endpoint: IStreamClientEndpoint = HostnameEndpoint(
-                connecting, self.proxy.host, self.proxy.port, timeout=timeout
+                self._connecting, self.proxy.host, self.proxy.port,
+                timeout=config.timeouts.connect,
             )
             if self.proxy.scheme == "https":
                 creator = self.policy.creatorForNetloc(
@@ -296,16 +237,6 @@ class Egress:
                 )
                 endpoint = wrapClientTLS(creator, endpoint)
             self.proxy_endpoint = endpoint
-            self._proxy_http = ProxyAgent(endpoint, reactor, pool=self.pools["proxy"])
-            self._tunnel = Agent.usingEndpointFactory(
-                reactor, _TunnelEndpointFactory(self), pool=self.pools["tunnel"]
-            )
-
-    def _pool(self) -> HTTPConnectionPool:
-        pool = HTTPConnectionPool(self.reactor, persistent=True)
-        pool.maxPersistentPerHost = self.config.pool.max_per_host
-        pool.cachedConnectionTimeout = self.config.pool.idle_timeout
-        return pool
 
     def decide(self, host: str, via: str = "auto") -> Deferred[str]:
         """Decide how to reach ``host``.
@@ -338,87 +269,119 @@ class Egress:
 
         return _detached(self.resolver.resolve(host)).addCallback(by_address)
 
-    def agent(self, via: str = "auto") -> IAgent:
-        """An agent that sends requests the way ``via`` says.
+    def upstream(self, url: str) -> Upstream:
+        """The parsed form of an upstream base URL (cached)."""
+        upstream = self._upstreams.get(url)
+        if upstream is None:
+            upstream = self._upstreams[url] = Upstream.parse(url)
+            if len(self._upstreams) > self.MAX_CACHED:
+                self._upstreams.popitem(last=False)
+        return upstream
 
-        Args:
-            via: ``auto``, ``direct`` or ``proxy``.
+    def endpoint(self, route: str, upstream: Upstream) -> IStreamClientEndpoint:
+        """The endpoint for new connections to ``upstream`` via ``route``.
 
-        Returns:
-            An IAgent whose responses are :class:`RoutedResponse`.
+        Direct: TCP (TLS for https) to the upstream. Proxy: TLS inside a
+        CONNECT tunnel for https, the proxy itself for http. Endpoints are
+        made once per destination, in a bounded table.
         """
-        return _EgressAgent(self, via)
+        if route == PROXY and upstream.scheme == "http":
+            return self.proxy_endpoint
+        key = (route, upstream.host, upstream.port)
+        if upstream.scheme == "http":
+            key = (route + "+http", upstream.host, upstream.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is not None:
+            return endpoint
+        timeout = self.config.timeouts.connect
+        if route == DIRECT:
+            endpoint = HostnameEndpoint(
+                self._connecting, upstream.host, upstream.port, timeout=timeout
+            )
+        else:
+            endpoint = ConnectTunnelEndpoint(
+                self.reactor, self.proxy_endpoint, self.proxy.name, upstream.host,
+                upstream.port, self.proxy.authorization, timeout,
+            )
+        if upstream.scheme == "https":
+            creator = self.policy.creatorForNetloc(
+                upstream.host.encode("idna") if ":" not in upstream.host
+                else upstream.host.encode("ascii"),
+                upstream.port,
+            )
+            endpoint = wrapClientTLS(creator, endpoint)
+        self._endpoints[key] = endpoint
+        if len(self._endpoints) > self.MAX_CACHED:
+            self._endpoints.popitem(last=False)
+        return endpoint
 
     def request(
         self,
         method: bytes,
-        uri: bytes,
-        headers: Headers | None = None,
-        bodyProducer: IBodyProducer | None = None,
+        url: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes = b"",
         via: str = "auto",
-    ) -> Deferred[RoutedResponse]:
+    ) -> Deferred[UpstreamResponse]:
         """Send a request upstream, directly or through the proxy.
 
         Args:
             method: The HTTP method.
-            uri: The absolute upstream URL.
-            headers: Request headers (Host is added by the agent).
-            bodyProducer: The body, if any.
+            url: The upstream's base URL (from the config).
+            target: Path and query, appended to the base URL's path.
+            headers: End-to-end request headers as ``(name, value)``; Host,
+                Content-Length and Proxy-Authorization are added here.
+            body: The request body.
             via: The route's override.
 
         Returns:
-            Fires with the response once its headers arrived. Cancelling
-            stops the attempt.
+            Fires with the response once its head arrived. Cancelling stops
+            the attempt.
         """
-        parsed = URI.fromBytes(uri)
-        decided = self.decide(parsed.host.decode("ascii"), via)
+        upstream = self.upstream(url)
+        if self.proxy is None or via == DIRECT:
+            return self._send(DIRECT, upstream, method, target, headers, body)
+        decided = self.decide(upstream.host, via)
+        return decided.addCallback(self._send, upstream, method, target, headers, body)
 
-        def send(route: str) -> Deferred[RoutedResponse]:
-            if route == DIRECT:
-                d = self._direct.request(method, uri, headers, bodyProducer)
-            elif parsed.scheme == b"https":
-                d = self._tunnel.request(method, uri, headers, bodyProducer)
-            else:
-                with_auth = headers.copy() if headers is not None else Headers()
-                if self.proxy.authorization is not None:
-                    with_auth.setRawHeaders(
-                        b"proxy-authorization", [self.proxy.authorization]
-                    )
-                d = self._proxy_http.request(method, uri, with_auth, bodyProducer)
+    def _send(
+        self, route: str, upstream: Upstream, method: bytes, target: bytes,
+        headers: list[tuple[bytes, bytes]], body: bytes,
+    ) -> Deferred[UpstreamResponse]:
+        path = upstream.prefix + target
+        parts = [method, b" "]
+        if route == PROXY and upstream.scheme == "http":
+            key: tuple[str, ...] = (PROXY,)
+            parts += [upstream.origin, path, b" HTTP/1.1\r\nHost: ", upstream.authority, b"\r\n"]
+            if self.proxy.authorization is not None:
+                parts += [b"Proxy-Authorization: ", self.proxy.authorization, b"\r\n"]
+        else:
+            key = (route, upstream.scheme, upstream.host, upstream.port)
+            parts += [path, b" HTTP/1.1\r\nHost: ", upstream.authority, b"\r\n"]
+        for name, value in headers:
+            parts += [name, b": ", value, b"\r\n"]
+        if body or method not in _BODYLESS:
+            parts.append(b"Content-Length: %d\r\n" % len(body))
+        parts += [b"\r\n", body]
+        d = self.pool.request(
+            key, self.endpoint(route, upstream), b"".join(parts), method == b"HEAD"
+        )
+        return d.addCallback(self._routed, route)
 
-            def routed(response: IResponse) -> RoutedResponse:
-                address = _peer_of(response)
-                if address is None and route == PROXY:
-                    address = self.proxy.name
-                return RoutedResponse(response, route, address)
-
-            return d.addCallback(routed)
-
-        return decided.addCallback(send)
+    def _routed(self, response: UpstreamResponse, route: str) -> UpstreamResponse:
+        response.egress = route
+        if response.address is None and route == PROXY:
+            response.address = self.proxy.name
+        return response
 
     def close(self) -> Deferred[None]:
-        """Close every pool's idle connections (bounded in time).
+        """Close the pool's idle connections (bounded in time).
 
         Returns:
             Fires when done.
         """
-        closing = [close_pool(pool, self.reactor) for pool in self.pools.values()]
-        return gatherResults(closing).addCallback(lambda _: None)
-
-
-@implementer(IAgent)
-class _EgressAgent:
-    """:class:`Egress` as an IAgent with a fixed ``via``."""
-
-    def __init__(self, egress: Egress, via: str) -> None:
-        self._egress = egress
-        self._via = via
-
-    def request(
-        self,
-        method: bytes,
-        uri: bytes,
-        headers: Headers | None = None,
-        bodyProducer: IBodyProducer | None = None,
-    ) -> Deferred[IResponse]:
-        return self._egress.request(method, uri, headers, bodyProducer, self._via)
+        d = self.pool.close()
+        d.addTimeout(CLOSE_TIMEOUT, self.reactor)
+        d.addBoth(lambda _: None)
+        return d

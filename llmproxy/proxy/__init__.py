@@ -1,8 +1,8 @@
 """One proxied request's life.
 
 :class:`ProxyResource` reads the (already size-limited) body, asks the
-:class:`~llmproxy.routing.Router` where it goes, forwards it with the Agent
-and streams the response back as it arrives: the upstream connection is the
+:class:`~llmproxy.routing.Router` where it goes, forwards it through
+:class:`~llmproxy.egress.Egress` and streams the response back as it arrives: the upstream connection is the
 downstream request's streaming producer, so a slow client pauses the
 upstream socket instead of growing a buffer here. When the client leaves, the
 upstream request is cancelled or its connection closed. Failures become
@@ -23,7 +23,6 @@ from llmproxy.proxy._exchange import (
     ACCESS_FORMAT,
     Guard,
     _access as _access,
-    _BytesProducer as _BytesProducer,
     _Discard as _Discard,
     _Exchange as _Exchange,
     _StreamToClient as _StreamToClient,

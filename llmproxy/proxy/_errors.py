@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
-from twisted.python.failure import Failure
-from twisted.web._newclient import RequestTransmissionFailed
-from twisted.web.client import ResponseFailed, ResponseNeverReceived
-from twisted.web.server import Request
 from OpenSSL import SSL
 from service_identity import VerificationError
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
+from twisted.web.server import Request
+
 
 def error_body(message: str, type_: str, code: str, request_id: str) -> bytes:
     """Render an error in the OpenAI shape.
@@ -57,7 +57,7 @@ def send_error(
     request.finish()
 
 
-_WRAPPERS = (ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed)
+_WRAPPERS = (ResponseFailed, ResponseNeverReceived)
 
 
 def _causes(failure: Failure) -> list[Failure]:

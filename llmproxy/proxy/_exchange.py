@@ -11,15 +11,14 @@ import time
 from typing import Any
 
 import attrs
-
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.client import ResponseDone
-from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -57,28 +56,6 @@ class Guard:
     keys: KeyStore | None = None
     limiter: RateLimiter | None = None
     limit_by_key: bool = False
-
-
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """Sends a request body that is already in memory, as it was received."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        """Nothing to pause: the body was written in one piece."""
-
-    def resumeProducing(self) -> None:
-        """Nothing to resume: the body was written in one piece."""
-
-    def stopProducing(self) -> None:
-        """Nothing to stop: the body was written in one piece."""
 
 
 class _Exchange:

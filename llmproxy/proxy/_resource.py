@@ -10,13 +10,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from llmproxy.config import TimeoutsConfig
-from llmproxy.egress import Egress, TunnelError, TunnelTimeout
+from llmproxy.egress import Egress, TunnelError, TunnelTimeout, UpstreamResponse
 from llmproxy.limits import client_ip, presented_key, retry_after
 from llmproxy.metrics import Metrics
 from llmproxy.proxy._errors import (
@@ -27,7 +25,6 @@ from llmproxy.proxy._errors import (
 )
 from llmproxy.proxy._exchange import (
     Guard,
-    _BytesProducer,
     _Discard,
     _Exchange,
     _StreamToClient,
@@ -35,8 +32,8 @@ from llmproxy.proxy._exchange import (
 from llmproxy.proxy._headers import (
     _REQUEST_OWN,
     _REQUEST_OWN_AND_CREDENTIALS,
-    HOP_BY_HOP,
     _end_to_end,
+    _response_headers,
 )
 from llmproxy.proxy._targets import (
     _bad_target,
@@ -52,6 +49,10 @@ from llmproxy.routing import Router, UpstreamPool, extract_model
 # The package's namespace, as before the split into modules.
 log = Logger(namespace="llmproxy.proxy")
 
+# Forwarding headers llmproxy writes itself (a client's X-Forwarded-For is
+# extended, not copied).
+_FORWARDING = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id"))
+
 
 class ProxyResource(Resource):
     """Forwards every request to the upstream its route names.
@@ -66,7 +67,7 @@ class ProxyResource(Resource):
     def __init__(
         self,
         router: Router,
-        agent: Egress | IAgent,
+        egress: Egress,
         reactor: IReactorTime,
         timeouts: TimeoutsConfig,
         metrics: Metrics | None = None,
@@ -78,8 +79,8 @@ class ProxyResource(Resource):
 
         Args:
             router: Chooses the upstream pool for each request.
-            agent: Sends requests upstream: the :class:`Egress` (which
-                honours each route's ``via``) or any IAgent.
+            egress: Sends requests upstream (honouring each route's
+                ``via``).
             reactor: Schedules timeouts and measures latency.
             timeouts: Time limits.
             metrics: Where finished requests are counted, if anywhere.
@@ -90,7 +91,7 @@ class ProxyResource(Resource):
         """
         super().__init__()
         self.router = router
-        self.agent = agent
+        self.egress = egress
         self.reactor = reactor
         self.timeouts = timeouts
         self.metrics = metrics
@@ -179,14 +180,11 @@ class ProxyResource(Resource):
         exchange.record["upstream"] = url
         pool.started(url)
         request = exchange.request
-        target = url.encode("utf-8") + exchange.path + exchange.query
         headers = self._upstream_headers(request, exchange.rid, pool)
-        body = exchange.body_sent
-        producer = _BytesProducer(body) if body else None
-        if isinstance(self.agent, Egress):
-            d = self.agent.request(request.method, target, headers, producer, pool.via)
-        else:
-            d = self.agent.request(request.method, target, headers, producer)
+        d = self.egress.request(
+            request.method, url, exchange.path + exchange.query, headers,
+            exchange.body_sent, pool.via,
+        )
         exchange.pending = d
         exchange.timer = self.reactor.callLater(
             self.timeouts.response_header, self._headers_timed_out, exchange
@@ -310,32 +308,36 @@ class ProxyResource(Resource):
             if transport is not None:
                 transport.abortConnection()
 
-    def _upstream_headers(self, request: Request, rid: str, pool: UpstreamPool) -> Headers:
+    def _upstream_headers(
+        self, request: Request, rid: str, pool: UpstreamPool
+    ) -> list[tuple[bytes, bytes]]:
         """The headers to send upstream: end-to-end ones plus forwarding."""
-        headers = Headers()
         api_key, auth_header = pool.api_key, pool.auth_header
         if self.guard.keys is not None or api_key is not None or auth_header == "none":
             drop = _REQUEST_OWN_AND_CREDENTIALS
         else:
             drop = _REQUEST_OWN
+        headers = []
+        forwarded: list[bytes] = []
         for name, values in _end_to_end(request.requestHeaders, drop):
-            headers.setRawHeaders(name, values)
+            lower = name.lower()
+            if lower == b"x-forwarded-for":
+                forwarded = list(values)
+            elif lower not in _FORWARDING:
+                headers.extend([(name, value) for value in values])
         if api_key is not None and auth_header != "none":
             value = api_key.encode("utf-8")
             if auth_header == "bearer":
-                headers.setRawHeaders(b"authorization", [b"Bearer " + value])
+                headers.append((b"Authorization", b"Bearer " + value))
             else:
-                headers.setRawHeaders(auth_header.encode("ascii"), [value])
-        peer = request.getClientAddress()
-        host = getattr(peer, "host", None)
+                headers.append((auth_header.encode("ascii"), value))
+        host = getattr(request.getClientAddress(), "host", None)
         if host:
-            forwarded = headers.getRawHeaders(b"x-forwarded-for")
-            chain = b", ".join(forwarded + [host.encode("ascii")]) if forwarded else host.encode("ascii")
-            headers.setRawHeaders(b"x-forwarded-for", [chain])
-        headers.setRawHeaders(
-            b"x-forwarded-proto", [b"https" if request.isSecure() else b"http"]
-        )
-        headers.setRawHeaders(b"x-request-id", [rid.encode("ascii")])
+            forwarded.append(host.encode("ascii"))
+        if forwarded:
+            headers.append((b"X-Forwarded-For", b", ".join(forwarded)))
+        headers.append((b"X-Forwarded-Proto", b"https" if request.isSecure() else b"http"))
+        headers.append((b"X-Request-ID", rid.encode("ascii")))
         return headers
 
     def _headers_timed_out(self, exchange: _Exchange) -> None:
@@ -344,7 +346,7 @@ class ProxyResource(Resource):
             exchange.timed_out = True
             exchange.pending.cancel()
 
-    def _got_response(self, response: IResponse, exchange: _Exchange) -> None:
+    def _got_response(self, response: UpstreamResponse, exchange: _Exchange) -> None:
         exchange.pending = None
         if exchange.timer is not None:
             exchange.timer.cancel()
@@ -378,24 +380,21 @@ class ProxyResource(Resource):
         record = exchange.record
         record["status"] = response.code
         record["ttfb_ms"] = exchange.elapsed_ms()
-        record["egress"] = getattr(response, "egress", None)
-        record["address"] = getattr(response, "address", None)
-        content_type = response.headers.getRawHeaders(b"content-type", [None])[0]
+        record["egress"] = response.egress
+        record["address"] = response.address
+        content_type = response.header(b"content-type")
         record["stream"] = bool(content_type) and content_type.lower().startswith(
             b"text/event-stream"
         )
         if exchange.access_log or exchange.metrics is not None:
-            encoding = response.headers.getRawHeaders(b"content-encoding", [None])[0]
-            exchange.usage = UsageReader(content_type, encoding)
+            exchange.usage = UsageReader(content_type, response.header(b"content-encoding"))
         request.setResponseCode(response.code, response.phrase)
         out = request.responseHeaders
-        for name, values in _end_to_end(response.headers, HOP_BY_HOP):
-            out.setRawHeaders(name, values)
-        # Twisted's client keeps Content-Length out of response.headers: a
-        # known length is kept, so that a body cut short upstream is visibly
-        # short for the client too.
+        _response_headers(response.headers, out)
+        # A known length is kept, so that a body cut short upstream is
+        # visibly short for the client too.
         if (
-            response.length is not UNKNOWN_LENGTH
+            response.length is not None
             and request.method != b"HEAD"
             and response.code not in http.NO_BODY_CODES
         ):

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import uuid
+from typing import TYPE_CHECKING
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
-from twisted.web.iweb import IResponse
+if TYPE_CHECKING:
+    from llmproxy.egress import UpstreamResponse
 
 _MAX_REQUEST_ID = 128
 
@@ -77,9 +79,9 @@ def _safe_query(query: bytes) -> bytes:
     return quote_from_bytes(query, safe=_QUERY_SAFE).encode("ascii")
 
 
-def _retry_after(response: IResponse) -> float | None:
+def _retry_after(response: UpstreamResponse) -> float | None:
     """An upstream's Retry-After in seconds, if it sent a number."""
-    value = response.headers.getRawHeaders(b"retry-after", [None])[0]
+    value = response.header(b"retry-after")
     try:
         seconds = float(value) if value is not None else None
     except ValueError:

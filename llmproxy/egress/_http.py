@@ -1,0 +1,665 @@
+"""A lean HTTP/1.1 client for upstream requests, with a keep-alive pool.
+
+twisted.web.client's Agent cost a proxied request more CPU than the rest of
+llmproxy together: a URI parse, a Headers copy, a producer and a chain of
+Deferreds per request. This client does what the proxy needs and nothing
+more:
+
+- the request goes out in one ``write`` (head and body, already in memory);
+- the response head is parsed in one pass once ``CRLF CRLF`` arrived;
+- the body is handed on as it arrives (Content-Length, chunked, or until
+  close), with the connection as the consumer's push producer;
+- connections are kept per destination key, bounded in number and idle time.
+
+It runs over any ``IStreamClientEndpoint``: TCP, TLS, and TLS inside a
+CONNECT tunnel alike. Failures use twisted.web.client's exceptions
+(``ResponseNeverReceived``, ``ResponseFailed``, ``ResponseDone``,
+``PotentialDataLoss``) so that callers classify them as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.http import PotentialDataLoss
+from zope.interface import implementer
+
+from llmproxy.egress._connect import host_port
+
+__all__ = ["ConnectionPool", "UpstreamProtocolError", "UpstreamResponse"]
+
+#: The largest response head (status line and headers) accepted.
+MAX_HEAD = 64 * 1024
+#: The longest chunk-size line (with extensions) or trailer section accepted.
+MAX_CHUNK_LINE = 4 * 1024
+#: Body bytes held for a consumer that has not been attached yet; past this
+#: the connection is paused.
+EARLY_LIMIT = 64 * 1024
+
+# Connection states.
+_IDLE, _HEAD, _BODY, _DEAD = range(4)
+# Body framings.
+_NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
+# Chunked decoder states.
+_SIZE, _DATA, _DATA_END, _TRAILER = range(4)
+
+_NO_BODY_CODES = frozenset((204, 304))
+
+
+class UpstreamProtocolError(Exception):
+    """The upstream's response broke HTTP/1.1 (a bad head or chunk)."""
+
+
+def _done() -> Failure:
+    return Failure(ResponseDone("response body fully received"))
+
+
+class UpstreamResponse:
+    """An upstream response whose head has arrived.
+
+    Attributes:
+        code: The status code.
+        phrase: The reason phrase.
+        headers: ``(lowercase name, value)`` pairs in the order received,
+            Content-Length and Transfer-Encoding included.
+        length: The body length when the upstream declared one (and the body
+            is framed by it), else None.
+        egress: ``direct`` or ``proxy`` (set by the caller that routed it).
+        address: ``host:port`` of the connection's peer, if known.
+    """
+
+    __slots__ = ("_conn", "address", "code", "egress", "headers", "length", "phrase")
+
+    def __init__(
+        self, conn: _Connection, code: int, phrase: bytes,
+        headers: list[tuple[bytes, bytes]], length: int | None,
+    ) -> None:
+        self._conn = conn
+        self.code = code
+        self.phrase = phrase
+        self.headers = headers
+        self.length = length
+        self.egress: str | None = None
+        self.address = conn.address
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header ``name`` (lowercase), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def deliverBody(self, protocol: Any) -> None:
+        """Stream the body into ``protocol`` (an IProtocol).
+
+        It gets ``makeConnection`` with a push producer (pause, resume, or
+        stop: close the connection), then ``dataReceived`` per piece, then
+        ``connectionLost`` with ResponseDone, PotentialDataLoss (the body
+        ended with the connection) or ResponseFailed.
+        """
+        self._conn.deliver(self, protocol)
+
+
+@implementer(IPushProducer)
+class _BodyHandle:
+    """The body consumer's view of the connection, cut off at the body's end."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: _Connection | None) -> None:
+        self._conn = conn
+
+    def pauseProducing(self) -> None:
+        if self._conn is not None:
+            self._conn.pause()
+
+    def resumeProducing(self) -> None:
+        if self._conn is not None:
+            self._conn.resume()
+
+    def stopProducing(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.abort()
+
+
+class _Attempt:
+    """One request being sent: connect (or reuse), write, await the head."""
+
+    __slots__ = (
+        "conn",
+        "connecting",
+        "d",
+        "data",
+        "endpoint",
+        "head_only",
+        "key",
+        "pool",
+        "retried",
+    )
+
+    def __init__(self, pool: ConnectionPool, key: Hashable, endpoint: IStreamClientEndpoint,
+                 data: bytes, head_only: bool) -> None:
+        self.pool = pool
+        self.key = key
+        self.endpoint = endpoint
+        self.data = data
+        self.head_only = head_only
+        self.d: Deferred[UpstreamResponse] = Deferred(self.cancel)
+        self.connecting: Deferred[Any] | None = None
+        self.conn: _Connection | None = None
+        self.retried = False
+
+    def start(self, fresh: bool = False) -> None:
+        if not fresh:
+            conn = self.pool._take(self.key)
+            if conn is not None:
+                conn.send(self)
+                return
+        connecting = self.endpoint.connect(self.pool._factory(self.key))
+        self.connecting = connecting
+        connecting.addCallbacks(self._connected, self._failed)
+
+    def _connected(self, conn: _Connection) -> None:
+        self.connecting = None
+        if self.d.called:  # cancelled meanwhile
+            conn.transport.loseConnection()
+            return
+        conn.send(self)
+
+    def _failed(self, failure: Failure) -> None:
+        self.connecting = None
+        if not self.d.called:
+            self.d.errback(failure)
+
+    def stale(self) -> None:
+        """The reused connection closed before answering: try a fresh one once."""
+        self.retried = True
+        self.conn = None
+        self.start(fresh=True)
+
+    def cancel(self, d: Deferred[Any]) -> None:
+        if self.connecting is not None:
+            connecting, self.connecting = self.connecting, None
+            connecting.cancel()
+        elif self.conn is not None:
+            conn, self.conn = self.conn, None
+            conn.abandon()
+
+
+class _Connection(Protocol):
+    """One upstream connection: a request at a time, then back to the pool."""
+
+    def __init__(self, pool: ConnectionPool, key: Hashable) -> None:
+        self.pool = pool
+        self.key = key
+        self.state = _IDLE
+        self.address: str | None = None
+        self.attempt: _Attempt | None = None
+        self.reused = False
+        self.got_bytes = False
+        self.buf = b""
+        self.response: UpstreamResponse | None = None
+        self.framing = _NONE
+        self.remaining = 0
+        self.chunk_state = _SIZE
+        self.keep = False
+        self.consumer: Any = None
+        self.handle: _BodyHandle | None = None
+        self.early: list[bytes] = []
+        self.early_size = 0
+        self.early_end: Failure | None = None
+        self.paused = False
+        self.error: Exception | None = None
+        self.idle_timer: Any = None
+        self.lost: list[Deferred[None]] = []
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+        self.address = host_port(host, port) if host is not None and port is not None else None
+
+    # -- the request -------------------------------------------------------
+
+    def send(self, attempt: _Attempt) -> None:
+        self.attempt = attempt
+        attempt.conn = self
+        self.state = _HEAD
+        self.got_bytes = False
+        self.transport.write(attempt.data)
+
+    def abandon(self) -> None:
+        """The request was cancelled before its head arrived."""
+        self.attempt = None
+        self.state = _DEAD
+        self.transport.abortConnection()
+
+    # -- receiving ---------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        state = self.state
+        if state == _BODY:
+            self._body(data)
+        elif state == _HEAD:
+            self.got_bytes = True
+            self._head(self.buf + data if self.buf else data)
+        elif state == _IDLE:
+            # Bytes on an idle connection: nothing asked for them.
+            self.state = _DEAD
+            self.transport.abortConnection()
+
+    def _head(self, buf: bytes) -> None:
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_HEAD:
+                    self._bad_head(f"response head over {MAX_HEAD} bytes")
+                else:
+                    self.buf = buf
+                return
+            if end > MAX_HEAD:
+                self._bad_head(f"response head over {MAX_HEAD} bytes")
+                return
+            lines = buf[:end].split(b"\r\n")
+            buf = buf[end + 4:]
+            version, _, rest = lines[0].partition(b" ")
+            code_text, _, phrase = rest.partition(b" ")
+            if not version.startswith(b"HTTP/1.") or len(code_text) != 3 or not code_text.isdigit():
+                self._bad_head(f"bad status line {lines[0][:100]!r}")
+                return
+            code = int(code_text)
+            if code < 100:
+                self._bad_head(f"bad status line {lines[0][:100]!r}")
+                return
+            if code < 200:
+                if code == 101:
+                    self._bad_head("the upstream switched protocols")
+                    return
+                continue  # 100 Continue, 103 Early Hints: the answer follows
+            break
+        self.buf = b""
+        headers = []
+        length: int | None = None
+        chunked = te = False
+        close = version == b"HTTP/1.0"
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or not name or name[-1:] in b" \t" or name[:1] in b" \t":
+                self._bad_head(f"bad header line {line[:100]!r}")
+                return
+            name = name.lower()
+            value = value.strip(b" \t")
+            headers.append((name, value))
+            if name == b"content-length":
+                if not value.isdigit() or (length is not None and int(value) != length):
+                    self._bad_head(f"bad Content-Length {value[:40]!r}")
+                    return
+                length = int(value)
+            elif name == b"transfer-encoding":
+                te = True
+                chunked = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
+            elif name == b"connection":
+                tokens = value.lower()
+                if b"close" in tokens:
+                    close = True
+                elif b"keep-alive" in tokens and version == b"HTTP/1.0":
+                    close = False
+        attempt, self.attempt = self.attempt, None
+        if attempt is None:  # cancelled meanwhile
+            return
+        if te and not chunked:
+            length, close = None, True  # an unknown coding: read until close
+        elif te and length is not None:
+            close = True  # both framings: never reuse the connection
+        if attempt.head_only or code in _NO_BODY_CODES:
+            framing, length = _NONE, None if attempt.head_only else 0
+        elif chunked:
+            framing, length = _CHUNKED, None
+            self.chunk_state = _SIZE
+        elif length is not None:
+            framing = _LENGTH if length else _NONE
+        else:
+            framing, close = _CLOSE, True
+        self.framing = framing
+        self.remaining = length or 0
+        self.keep = not close
+        response = UpstreamResponse(self, code, phrase, headers, length if framing != _CHUNKED else None)
+        self.response = response
+        self.state = _BODY
+        attempt.conn = None
+        attempt.d.callback(response)
+        if self.response is not response or self.state != _BODY:
+            return
+        if framing == _NONE:
+            if buf:
+                self.keep = False  # bytes after a body-less answer
+            self._finish()
+        elif buf:
+            self._body(buf)
+
+    def _bad_head(self, message: str) -> None:
+        attempt, self.attempt = self.attempt, None
+        self.state = _DEAD
+        self.buf = b""
+        self.transport.abortConnection()
+        if attempt is not None and not attempt.d.called:
+            attempt.conn = None
+            attempt.d.errback(
+                ResponseNeverReceived([Failure(UpstreamProtocolError(message))])
+            )
+
+    def _body(self, data: bytes) -> None:
+        framing = self.framing
+        if framing == _LENGTH:
+            remaining = self.remaining
+            size = len(data)
+            if size < remaining:
+                self.remaining = remaining - size
+                self._emit(data)
+                return
+            if size > remaining:
+                self.keep = False  # more than declared: never reuse
+                data = data[:remaining]
+            self.remaining = 0
+            self._emit(data)
+            if self.state == _BODY:
+                self._finish()
+        elif framing == _CHUNKED:
+            self._chunks(self.buf + data if self.buf else data)
+        else:  # until close
+            self._emit(data)
+
+    def _chunks(self, buf: bytes) -> None:
+        position = 0
+        size = len(buf)
+        while position < size and self.state == _BODY:
+            state = self.chunk_state
+            if state == _DATA:
+                take = min(self.remaining, size - position)
+                piece = buf[position:position + take]
+                position += take
+                self.remaining -= take
+                if not self.remaining:
+                    self.chunk_state = _DATA_END
+                self._emit(piece)
+                continue
+            end = buf.find(b"\r\n", position)
+            if end < 0:
+                if size - position > MAX_CHUNK_LINE:
+                    self._bad_body("chunk line too long")
+                    return
+                self.buf = buf[position:]
+                return
+            line = buf[position:end]
+            position = end + 2
+            if state == _SIZE:
+                text = line.split(b";", 1)[0].strip(b" \t")
+                try:
+                    chunk = int(text, 16)
+                    if not text or text[:1] in b"+-" or text.lower().startswith(b"0x"):
+                        raise ValueError
+                except ValueError:
+                    self._bad_body(f"bad chunk size {line[:40]!r}")
+                    return
+                if chunk:
+                    self.remaining = chunk
+                    self.chunk_state = _DATA
+                else:
+                    self.chunk_state = _TRAILER
+                    self.remaining = 0
+            elif state == _DATA_END:
+                if line:
+                    self._bad_body("chunk data longer than its size")
+                    return
+                self.chunk_state = _SIZE
+            else:  # trailer lines, until an empty one
+                if line:
+                    self.remaining += len(line)
+                    if self.remaining > MAX_CHUNK_LINE:
+                        self._bad_body("chunked trailer too long")
+                        return
+                    continue
+                if position < size:
+                    self.keep = False
+                self.buf = b""
+                self._finish()
+                return
+        self.buf = b""
+
+    def _bad_body(self, message: str) -> None:
+        self.error = UpstreamProtocolError(message)
+        self.buf = b""
+        self.abort()
+
+    def _emit(self, data: bytes) -> None:
+        consumer = self.consumer
+        if consumer is not None:
+            consumer.dataReceived(data)
+            return
+        self.early.append(data)
+        self.early_size += len(data)
+        if self.early_size > EARLY_LIMIT and not self.paused:
+            self.pause()
+
+    def _end(self, reason: Failure) -> None:
+        consumer, self.consumer = self.consumer, None
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            handle._conn = None
+        self.response = None
+        if consumer is not None:
+            consumer.connectionLost(reason)
+        else:
+            self.early_end = reason
+
+    def _finish(self) -> None:
+        """The body is complete: back to the pool (or closed), then tell."""
+        self.state = _IDLE
+        if self.paused:
+            self.paused = False
+            self.transport.resumeProducing()
+        if self.keep:
+            self.pool._release(self)
+        else:
+            self.state = _DEAD
+            self.transport.loseConnection()
+        self._end(_done())
+
+    # -- the consumer ------------------------------------------------------
+
+    def deliver(self, response: UpstreamResponse, consumer: Any) -> None:
+        if response is not self.response:
+            # The body ended (or failed) before anyone asked for it.
+            consumer.makeConnection(_BodyHandle(None))
+            early, self.early = self.early, []
+            self.early_size = 0
+            for piece in early:
+                consumer.dataReceived(piece)
+            end, self.early_end = self.early_end, None
+            consumer.connectionLost(end or Failure(ResponseFailed([])))
+            return
+        handle = _BodyHandle(self)
+        self.handle = handle
+        self.consumer = consumer
+        consumer.makeConnection(handle)
+        if self.early:
+            early, self.early = self.early, []
+            self.early_size = 0
+            for piece in early:
+                if self.consumer is None:
+                    break
+                consumer.dataReceived(piece)
+            if self.paused and self.consumer is not None:
+                self.resume()
+
+    def pause(self) -> None:
+        if not self.paused and self.state != _DEAD:
+            self.paused = True
+            self.transport.pauseProducing()
+
+    def resume(self) -> None:
+        if self.paused and self.state != _DEAD:
+            self.paused = False
+            self.transport.resumeProducing()
+
+    def abort(self) -> None:
+        """Stop receiving this body: close the connection."""
+        self.keep = False
+        if self.state == _BODY:
+            self.state = _DEAD
+            self.transport.abortConnection()
+
+    def expire(self) -> None:
+        """Idle too long in the pool."""
+        self.idle_timer = None
+        self.state = _DEAD
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        state = self.state
+        self.state = _DEAD
+        self.pool._forget(self)
+        if state == _HEAD:
+            attempt, self.attempt = self.attempt, None
+            if attempt is None or attempt.d.called:
+                pass
+            elif self.reused and not self.got_bytes and not attempt.retried:
+                attempt.stale()
+            else:
+                attempt.conn = None
+                attempt.d.errback(ResponseNeverReceived([reason]))
+        elif self.response is not None:
+            if self.error is not None:
+                self._end(Failure(ResponseFailed([Failure(self.error)])))
+            elif state == _BODY and self.framing == _CLOSE and reason.check(ConnectionDone):
+                self._end(Failure(PotentialDataLoss()))
+            else:
+                self._end(Failure(ResponseFailed([reason])))
+        waiting, self.lost = self.lost, []
+        for d in waiting:
+            d.callback(None)
+
+
+class _ConnectionFactory(Factory):
+    noisy = False
+
+    def __init__(self, pool: ConnectionPool, key: Hashable) -> None:
+        self.pool = pool
+        self.key = key
+
+    def buildProtocol(self, addr: Any) -> _Connection:
+        return _Connection(self.pool, self.key)
+
+
+class ConnectionPool:
+    """Persistent upstream connections, kept per destination key.
+
+    Attributes:
+        max_idle: Idle connections kept per key.
+        idle_timeout: Seconds an idle connection is kept.
+    """
+
+    #: Destination keys remembered (factories); the oldest go first.
+    MAX_KEYS = 4096
+
+    def __init__(self, reactor: Any, max_idle: int, idle_timeout: float) -> None:
+        self.reactor = reactor
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self._idle: dict[Hashable, list[_Connection]] = {}
+        self._factories: dict[Hashable, _ConnectionFactory] = {}
+        self._closed = False
+
+    def request(
+        self, key: Hashable, endpoint: IStreamClientEndpoint, data: bytes, head_only: bool = False
+    ) -> Deferred[UpstreamResponse]:
+        """Send ``data`` (a whole request) on a connection for ``key``.
+
+        Args:
+            key: What connections may be shared between (one destination,
+                one way of reaching it).
+            endpoint: Opens a new connection when no idle one is left.
+            data: The request head and body.
+            head_only: The request is HEAD: its response has no body.
+
+        Returns:
+            Fires with the response once its head arrived. A pooled
+            connection that turns out closed is replaced once, quietly.
+            Cancelling closes the connection (or stops connecting).
+        """
+        attempt = _Attempt(self, key, endpoint, data, head_only)
+        attempt.start()
+        return attempt.d
+
+    def _factory(self, key: Hashable) -> _ConnectionFactory:
+        factory = self._factories.get(key)
+        if factory is None:
+            if len(self._factories) >= self.MAX_KEYS:
+                self._factories.pop(next(iter(self._factories)))
+            factory = self._factories[key] = _ConnectionFactory(self, key)
+        return factory
+
+    def _take(self, key: Hashable) -> _Connection | None:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if not idle:
+                del self._idle[key]
+            if conn.idle_timer is not None:
+                conn.idle_timer.cancel()
+                conn.idle_timer = None
+            if conn.state == _IDLE:
+                conn.reused = True
+                return conn
+            idle = self._idle.get(key)
+        return None
+
+    def _release(self, conn: _Connection) -> None:
+        idle = self._idle.setdefault(conn.key, [])
+        if self._closed or len(idle) >= self.max_idle:
+            if not idle:
+                del self._idle[conn.key]
+            conn.state = _DEAD
+            conn.transport.loseConnection()
+            return
+        idle.append(conn)
+        conn.idle_timer = self.reactor.callLater(self.idle_timeout, conn.expire)
+
+    def _forget(self, conn: _Connection) -> None:
+        if conn.idle_timer is not None:
+            conn.idle_timer.cancel()
+            conn.idle_timer = None
+        idle = self._idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+            if not idle:
+                del self._idle[conn.key]
+
+    def idle_count(self) -> int:
+        """Idle connections held now."""
+        return sum(len(idle) for idle in self._idle.values())
+
+    def close(self) -> Deferred[Any]:
+        """Close the idle connections; later finishers close too.
+
+        Returns:
+            Fires when the idle connections are closed.
+        """
+        self._closed = True
+        waiting = []
+        for idle in list(self._idle.values()):
+            for conn in list(idle):
+                d: Deferred[None] = Deferred()
+                conn.lost.append(d)
+                waiting.append(d)
+                conn.state = _DEAD
+                conn.transport.loseConnection()
+        return DeferredList(waiting)
+
