@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import ipaddress
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Protocol
@@ -25,6 +26,10 @@ from typing import Protocol
 from twisted.web.http_headers import Headers
 
 from llmproxy.egress._noproxy import NetworkSet
+
+# An IPv4 address in canonical form (as a socket reports a peer).
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_DOTTED_QUAD = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 
 __all__ = [
     "KeyStore",
@@ -155,6 +160,8 @@ def client_ip(
     """
     if peer_host is None:
         return None
+    if not trusted and _DOTTED_QUAD.fullmatch(peer_host):
+        return peer_host  # the usual case, without parsing
     peer = _parse_address(peer_host)
     if peer is None:
         return peer_host

@@ -57,8 +57,9 @@ class UpstreamProtocolError(Exception):
     """The upstream's response broke HTTP/1.1 (a bad head or chunk)."""
 
 
-def _done() -> Failure:
-    return Failure(ResponseDone("response body fully received"))
+#: What a body consumer's connectionLost gets when the body is complete
+#: (shared: consumers only check its type).
+_DONE = Failure(ResponseDone("response body fully received"))
 
 
 class UpstreamResponse:
@@ -470,7 +471,7 @@ class _Connection(Protocol):
         else:
             self.state = _DEAD
             self.transport.loseConnection()
-        self._end(_done())
+        self._end(_DONE)
 
     # -- the consumer ------------------------------------------------------
 

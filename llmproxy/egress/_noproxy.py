@@ -42,6 +42,9 @@ class NetworkSet:
         """
         self.networks = tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
 
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
     def __contains__(self, address: object) -> bool:
         if isinstance(address, str):
             address = parse_ip(address)

@@ -16,7 +16,7 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
-from twisted.web import http
+from twisted.web.http import PotentialDataLoss
 from twisted.web.client import ResponseDone
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
@@ -248,7 +248,7 @@ class _StreamToClient(Protocol):
                 self.request.unregisterProducer()
         if exchange.client_gone:
             return
-        if reason.check(ResponseDone, http.PotentialDataLoss):
+        if reason.check(ResponseDone, PotentialDataLoss):
             self.request.finish()
             exchange.log_done("ok")
             return

@@ -9,7 +9,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http
+from twisted.web.http import NO_BODY_CODES
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -396,7 +396,7 @@ class ProxyResource(Resource):
         if (
             response.length is not None
             and request.method != b"HEAD"
-            and response.code not in http.NO_BODY_CODES
+            and response.code not in NO_BODY_CODES
         ):
             out.setRawHeaders(b"content-length", [b"%d" % response.length])
         out.setRawHeaders(b"x-request-id", [exchange.rid.encode("ascii")])

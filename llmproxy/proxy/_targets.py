@@ -7,7 +7,8 @@ a JSON body, and an upstream's ``Retry-After``.
 from __future__ import annotations
 
 import json
-import uuid
+import os
+import re
 from typing import TYPE_CHECKING
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
@@ -31,7 +32,17 @@ def request_id_for(given: bytes | None) -> str:
         value = given.strip()
         if 0 < len(value) <= _MAX_REQUEST_ID and all(0x20 < c < 0x7F for c in value):
             return value.decode("ascii")
-    return str(uuid.uuid4())
+    return _uuid4()
+
+
+def _uuid4() -> str:
+    """A random (version 4) UUID as text, as ``str(uuid.uuid4())``."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
+# The variant bits (10xx) of a UUID's 17th hex digit.
+_VARIANT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
 
 
 _DOT_SEGMENTS = frozenset({b".", b".."})
@@ -69,13 +80,21 @@ _PATH_SAFE = b"/%:@!$&'()*+,;=-._~"
 _QUERY_SAFE = _PATH_SAFE + b"?"
 
 
+_PATH_OK = re.compile(rb"[A-Za-z0-9/%:@!$&'()*+,;=\-._~]*")
+_QUERY_OK = re.compile(rb"[A-Za-z0-9/%:@!$&'()*+,;=\-._~?]*")
+
+
 def _safe_path(path: bytes) -> bytes:
     """Percent-encode bytes that may not appear raw in a URL path."""
+    if _PATH_OK.fullmatch(path):
+        return path
     return quote_from_bytes(path, safe=_PATH_SAFE).encode("ascii")
 
 
 def _safe_query(query: bytes) -> bytes:
     """Percent-encode bytes that may not appear raw in a URL query."""
+    if _QUERY_OK.fullmatch(query):
+        return query
     return quote_from_bytes(query, safe=_QUERY_SAFE).encode("ascii")
 
 

@@ -63,7 +63,7 @@ _KEYS = (
 )
 
 
-@attrs.define
+@attrs.frozen
 class Usage:
     """Token counts an upstream reported for one response.
 
@@ -166,7 +166,7 @@ class UsageReader:
             self._result = usage
             self._partial = bytearray()
             self._tail = bytearray()
-        return attrs.evolve(self._result)
+        return self._result
 
     # -- JSON bodies ---------------------------------------------------------
 

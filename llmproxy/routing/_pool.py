@@ -29,7 +29,7 @@ class _ZeroClock:
         return 0.0
 
 
-@attrs.define
+@attrs.define(on_setattr=attrs.setters.NO_OP)
 class _Health:
     """The passive health of one base URL."""
 
@@ -46,7 +46,7 @@ def _default_retries(pool: UpstreamPool) -> int:
     return len(pool.urls) - 1
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, on_setattr=attrs.setters.NO_OP)
 class UpstreamPool:
     """A set of interchangeable base URLs with a balancing strategy and health.
 

@@ -63,13 +63,13 @@ class Router:
             fallbacks: Model to the models tried after it, in order.
         """
         clock = _ZeroClock() if clock is None else clock
-        self._exact: dict[bytes, tuple[str, UpstreamPool]] = {}
+        self._exact: dict[bytes, tuple[str, Route]] = {}
         self._path_pools: list[UpstreamPool] = []
         prefixes = []
         for key, route in target_map.items():
             pool = UpstreamPool.from_route(key, route, clock)
             self._path_pools.append(pool)
-            entry = (key, pool)
+            entry = (key, Route(pool=pool, path_key=key, model=None))
             raw = key.encode("utf-8")
             self._exact[raw] = entry
             if key.endswith("/"):
@@ -128,7 +128,7 @@ class Router:
                     break
             else:
                 return None
-        path_key, pool = entry
+        path_key, path_route = entry
         if model is not None:
             model_pool = self._models.get(model)
             if model_pool is not None:
@@ -147,7 +147,7 @@ class Router:
                     rewrite_model=real,
                     fallbacks=self._fallbacks.get(real, ()),
                 )
-        return Route(pool=pool, path_key=path_key, model=None)
+        return path_route
 
     def pool_for_model(self, model: str) -> UpstreamPool | None:
         """Return the pool serving a model or alias (for fallbacks).
