@@ -20,6 +20,7 @@ CONNECT tunnel alike. Failures use twisted.web.client's exceptions
 from __future__ import annotations
 
 from collections.abc import Hashable
+import re
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
@@ -51,6 +52,8 @@ _NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
 _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
 
 _NO_BODY_CODES = frozenset((204, 304))
+# A chunk size: hex digits only (no sign, prefix or "_"), at most 2**64 - 1.
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
 class UpstreamProtocolError(Exception):
@@ -76,7 +79,7 @@ class UpstreamResponse:
         address: ``host:port`` of the connection's peer, if known.
     """
 
-    __slots__ = ("_conn", "address", "code", "egress", "headers", "length", "phrase")
+    __slots__ = ("_conn", "_stash", "address", "code", "egress", "headers", "length", "phrase")
 
     def __init__(
         self, conn: _Connection, code: int, phrase: bytes,
@@ -89,6 +92,7 @@ class UpstreamResponse:
         self.length = length
         self.egress: str | None = None
         self.address = conn.address
+        self._stash: tuple[list[bytes], Failure] | None = None
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header ``name`` (lowercase), or None."""
@@ -214,12 +218,12 @@ class _Connection(Protocol):
         self.keep = False
         self.consumer: Any = None
         self.handle: _BodyHandle | None = None
+        # Body pieces that arrived before deliverBody (normally none).
         self.early: list[bytes] = []
         self.early_size = 0
-        self.early_end: Failure | None = None
         self.paused = False
         self.error: Exception | None = None
-        self.idle_timer: Any = None
+        self.idle_since = 0.0
         self.lost: list[Deferred[None]] = []
 
     def connectionMade(self) -> None:
@@ -402,13 +406,10 @@ class _Connection(Protocol):
             position = end + 2
             if state == _SIZE:
                 text = line.split(b";", 1)[0].strip(b" \t")
-                try:
-                    chunk = int(text, 16)
-                    if not text or text[:1] in b"+-" or text.lower().startswith(b"0x"):
-                        raise ValueError
-                except ValueError:
+                if not _HEX.fullmatch(text):
                     self._bad_body(f"bad chunk size {line[:40]!r}")
                     return
+                chunk = int(text, 16)
                 if chunk:
                     self.remaining = chunk
                     self.chunk_state = _DATA
@@ -454,11 +455,14 @@ class _Connection(Protocol):
         handle, self.handle = self.handle, None
         if handle is not None:
             handle._conn = None
-        self.response = None
+        response, self.response = self.response, None
         if consumer is not None:
             consumer.connectionLost(reason)
-        else:
-            self.early_end = reason
+        elif response is not None:
+            # Nobody asked for the body yet: it goes with the response, so
+            # that the connection can serve the next one meanwhile.
+            response._stash = (self.early, reason)
+            self.early, self.early_size = [], 0
 
     def _finish(self) -> None:
         """The body is complete: back to the pool (or closed), then tell."""
@@ -479,26 +483,26 @@ class _Connection(Protocol):
         if response is not self.response:
             # The body ended (or failed) before anyone asked for it.
             consumer.makeConnection(_BodyHandle(None))
-            early, self.early = self.early, []
-            self.early_size = 0
+            early, end = response._stash or ([], Failure(ResponseFailed([])))
+            response._stash = None
             for piece in early:
                 consumer.dataReceived(piece)
-            end, self.early_end = self.early_end, None
-            consumer.connectionLost(end or Failure(ResponseFailed([])))
+            consumer.connectionLost(end)
             return
         handle = _BodyHandle(self)
         self.handle = handle
         self.consumer = consumer
+        early = self.early
+        if early:
+            self.early, self.early_size = [], 0
+            # Paused only to bound the early pieces: read on (the consumer
+            # pauses again as it sees fit; data arrives only later).
+            self.resume()
         consumer.makeConnection(handle)
-        if self.early:
-            early, self.early = self.early, []
-            self.early_size = 0
-            for piece in early:
-                if self.consumer is None:
-                    break
-                consumer.dataReceived(piece)
-            if self.paused and self.consumer is not None:
-                self.resume()
+        for piece in early:
+            if self.consumer is None:
+                break
+            consumer.dataReceived(piece)
 
     def pause(self) -> None:
         if not self.paused and self.state != _DEAD:
@@ -516,12 +520,6 @@ class _Connection(Protocol):
         if self.state == _BODY:
             self.state = _DEAD
             self.transport.abortConnection()
-
-    def expire(self) -> None:
-        """Idle too long in the pool."""
-        self.idle_timer = None
-        self.state = _DEAD
-        self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:
         state = self.state
@@ -577,6 +575,8 @@ class ConnectionPool:
         self._idle: dict[Hashable, list[_Connection]] = {}
         self._factories: dict[Hashable, _ConnectionFactory] = {}
         self._closed = False
+        # One timer closes connections idle too long (not one per connection).
+        self._sweeper: Any = None
 
     def request(
         self, key: Hashable, endpoint: IStreamClientEndpoint, data: bytes, head_only: bool = False
@@ -609,17 +609,19 @@ class ConnectionPool:
 
     def _take(self, key: Hashable) -> _Connection | None:
         idle = self._idle.get(key)
+        if not idle:
+            return None
+        oldest = self.reactor.seconds() - self.idle_timeout
         while idle:
-            conn = idle.pop()
-            if not idle:
-                del self._idle[key]
-            if conn.idle_timer is not None:
-                conn.idle_timer.cancel()
-                conn.idle_timer = None
-            if conn.state == _IDLE:
+            conn = idle.pop()  # the most recently used first
+            if conn.state == _IDLE and conn.idle_since > oldest:
+                if not idle:
+                    del self._idle[key]
                 conn.reused = True
                 return conn
-            idle = self._idle.get(key)
+            conn.state = _DEAD
+            conn.transport.loseConnection()
+        del self._idle[key]
         return None
 
     def _release(self, conn: _Connection) -> None:
@@ -631,12 +633,31 @@ class ConnectionPool:
             conn.transport.loseConnection()
             return
         idle.append(conn)
-        conn.idle_timer = self.reactor.callLater(self.idle_timeout, conn.expire)
+        conn.idle_since = self.reactor.seconds()
+        if self._sweeper is None:
+            self._sweeper = self.reactor.callLater(self.idle_timeout, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the connections idle for ``idle_timeout``; come back later."""
+        self._sweeper = None
+        now = self.reactor.seconds()
+        oldest = now - self.idle_timeout
+        first = None
+        for key, idle in list(self._idle.items()):
+            for conn in [c for c in idle if c.idle_since <= oldest]:
+                idle.remove(conn)
+                conn.state = _DEAD
+                conn.transport.loseConnection()
+            if not idle:
+                del self._idle[key]
+            elif first is None or idle[0].idle_since < first:
+                first = idle[0].idle_since
+        if first is not None and not self._closed:
+            self._sweeper = self.reactor.callLater(
+                max(first - oldest, 0.001), self._sweep
+            )
 
     def _forget(self, conn: _Connection) -> None:
-        if conn.idle_timer is not None:
-            conn.idle_timer.cancel()
-            conn.idle_timer = None
         idle = self._idle.get(conn.key)
         if idle and conn in idle:
             idle.remove(conn)
@@ -654,6 +675,9 @@ class ConnectionPool:
             Fires when the idle connections are closed.
         """
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         waiting = []
         for idle in list(self._idle.values()):
             for conn in list(idle):

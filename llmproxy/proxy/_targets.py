@@ -62,6 +62,9 @@ def _bad_target(uri: bytes, segments: list[bytes]) -> str | None:
     """
     if not uri.startswith(b"/"):
         return "only origin-form request targets (/path) are accepted"
+    path = uri.partition(b"?")[0]
+    if b"/." not in path and b"%" not in path and b"\\" not in path:
+        return None  # no segment can be, or decode to, a dot segment
     for segment in segments:
         decoded = segment
         for _ in range(3):  # some stacks decode more than once: so do we
