@@ -22,12 +22,8 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 
-from llmproxy.egress._http import (
-    MAX_HEAD,
-    ConnectionPool,
-    UpstreamProtocolError,
-    UpstreamResponse,
-)
+from llmproxy.egress._http import MAX_HEAD, UpstreamProtocolError, UpstreamResponse
+from llmproxy.egress._pool import ConnectionPool
 
 WAIT = 10.0
 KEY = ("direct", "http", "127.0.0.1", 1)

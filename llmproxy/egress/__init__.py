@@ -41,12 +41,9 @@ from llmproxy.egress._connect import (
     TunnelTimeout,
     host_port,
 )
-from llmproxy.egress._http import (
-    ConnectionPool,
-    UpstreamProtocolError,
-    UpstreamResponse,
-)
+from llmproxy.egress._http import UpstreamProtocolError, UpstreamResponse
 from llmproxy.egress._noproxy import NetworkSet, NoProxy, parse_ip
+from llmproxy.egress._pool import ConnectionPool
 from llmproxy.resolver import CachingResolver, ResolvingReactor
 
 __all__ = [

@@ -12,21 +12,23 @@ more:
 - connections are kept per destination key, bounded in number and idle time.
 
 It runs over any ``IStreamClientEndpoint``: TCP, TLS, and TLS inside a
-CONNECT tunnel alike. Failures use twisted.web.client's exceptions
+CONNECT tunnel alike. This module holds one connection's protocol and the
+response it parses; :mod:`llmproxy.egress._pool` keeps the connections.
+Failures use twisted.web.client's exceptions
 (``ResponseNeverReceived``, ``ResponseFailed``, ``ResponseDone``,
 ``PotentialDataLoss``) so that callers classify them as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
 import re
-from typing import Any
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
@@ -34,7 +36,10 @@ from zope.interface import implementer
 
 from llmproxy.egress._connect import host_port
 
-__all__ = ["ConnectionPool", "UpstreamProtocolError", "UpstreamResponse"]
+if TYPE_CHECKING:
+    from llmproxy.egress._pool import ConnectionPool, _Attempt
+
+__all__ = ["UpstreamProtocolError", "UpstreamResponse"]
 
 #: The largest response head (status line and headers) accepted.
 MAX_HEAD = 64 * 1024
@@ -133,70 +138,6 @@ class _BodyHandle:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.abort()
-
-
-class _Attempt:
-    """One request being sent: connect (or reuse), write, await the head."""
-
-    __slots__ = (
-        "conn",
-        "connecting",
-        "d",
-        "data",
-        "endpoint",
-        "head_only",
-        "key",
-        "pool",
-        "retried",
-    )
-
-    def __init__(self, pool: ConnectionPool, key: Hashable, endpoint: IStreamClientEndpoint,
-                 data: bytes, head_only: bool) -> None:
-        self.pool = pool
-        self.key = key
-        self.endpoint = endpoint
-        self.data = data
-        self.head_only = head_only
-        self.d: Deferred[UpstreamResponse] = Deferred(self.cancel)
-        self.connecting: Deferred[Any] | None = None
-        self.conn: _Connection | None = None
-        self.retried = False
-
-    def start(self, fresh: bool = False) -> None:
-        if not fresh:
-            conn = self.pool._take(self.key)
-            if conn is not None:
-                conn.send(self)
-                return
-        connecting = self.endpoint.connect(self.pool._factory(self.key))
-        self.connecting = connecting
-        connecting.addCallbacks(self._connected, self._failed)
-
-    def _connected(self, conn: _Connection) -> None:
-        self.connecting = None
-        if self.d.called:  # cancelled meanwhile
-            conn.transport.loseConnection()
-            return
-        conn.send(self)
-
-    def _failed(self, failure: Failure) -> None:
-        self.connecting = None
-        if not self.d.called:
-            self.d.errback(failure)
-
-    def stale(self) -> None:
-        """The reused connection closed before answering: try a fresh one once."""
-        self.retried = True
-        self.conn = None
-        self.start(fresh=True)
-
-    def cancel(self, d: Deferred[Any]) -> None:
-        if self.connecting is not None:
-            connecting, self.connecting = self.connecting, None
-            connecting.cancel()
-        elif self.conn is not None:
-            conn, self.conn = self.conn, None
-            conn.abandon()
 
 
 class _Connection(Protocol):
@@ -544,147 +485,3 @@ class _Connection(Protocol):
         waiting, self.lost = self.lost, []
         for d in waiting:
             d.callback(None)
-
-
-class _ConnectionFactory(Factory):
-    noisy = False
-
-    def __init__(self, pool: ConnectionPool, key: Hashable) -> None:
-        self.pool = pool
-        self.key = key
-
-    def buildProtocol(self, addr: Any) -> _Connection:
-        return _Connection(self.pool, self.key)
-
-
-class ConnectionPool:
-    """Persistent upstream connections, kept per destination key.
-
-    Attributes:
-        max_idle: Idle connections kept per key.
-        idle_timeout: Seconds an idle connection is kept.
-    """
-
-    #: Destination keys remembered (factories); the oldest go first.
-    MAX_KEYS = 4096
-
-    def __init__(self, reactor: Any, max_idle: int, idle_timeout: float) -> None:
-        self.reactor = reactor
-        self.max_idle = max_idle
-        self.idle_timeout = idle_timeout
-        self._idle: dict[Hashable, list[_Connection]] = {}
-        self._factories: dict[Hashable, _ConnectionFactory] = {}
-        self._closed = False
-        # One timer closes connections idle too long (not one per connection).
-        self._sweeper: Any = None
-
-    def request(
-        self, key: Hashable, endpoint: IStreamClientEndpoint, data: bytes, head_only: bool = False
-    ) -> Deferred[UpstreamResponse]:
-        """Send ``data`` (a whole request) on a connection for ``key``.
-
-        Args:
-            key: What connections may be shared between (one destination,
-                one way of reaching it).
-            endpoint: Opens a new connection when no idle one is left.
-            data: The request head and body.
-            head_only: The request is HEAD: its response has no body.
-
-        Returns:
-            Fires with the response once its head arrived. A pooled
-            connection that turns out closed is replaced once, quietly.
-            Cancelling closes the connection (or stops connecting).
-        """
-        attempt = _Attempt(self, key, endpoint, data, head_only)
-        attempt.start()
-        return attempt.d
-
-    def _factory(self, key: Hashable) -> _ConnectionFactory:
-        factory = self._factories.get(key)
-        if factory is None:
-            if len(self._factories) >= self.MAX_KEYS:
-                self._factories.pop(next(iter(self._factories)))
-            factory = self._factories[key] = _ConnectionFactory(self, key)
-        return factory
-
-    def _take(self, key: Hashable) -> _Connection | None:
-        idle = self._idle.get(key)
-        if not idle:
-            return None
-        oldest = self.reactor.seconds() - self.idle_timeout
-        while idle:
-            conn = idle.pop()  # the most recently used first
-            if conn.state == _IDLE and conn.idle_since > oldest:
-                if not idle:
-                    del self._idle[key]
-                conn.reused = True
-                return conn
-            conn.state = _DEAD
-            conn.transport.loseConnection()
-        del self._idle[key]
-        return None
-
-    def _release(self, conn: _Connection) -> None:
-        idle = self._idle.setdefault(conn.key, [])
-        if self._closed or len(idle) >= self.max_idle:
-            if not idle:
-                del self._idle[conn.key]
-            conn.state = _DEAD
-            conn.transport.loseConnection()
-            return
-        idle.append(conn)
-        conn.idle_since = self.reactor.seconds()
-        if self._sweeper is None:
-            self._sweeper = self.reactor.callLater(self.idle_timeout, self._sweep)
-
-    def _sweep(self) -> None:
-        """Close the connections idle for ``idle_timeout``; come back later."""
-        self._sweeper = None
-        now = self.reactor.seconds()
-        oldest = now - self.idle_timeout
-        first = None
-        for key, idle in list(self._idle.items()):
-            for conn in [c for c in idle if c.idle_since <= oldest]:
-                idle.remove(conn)
-                conn.state = _DEAD
-                conn.transport.loseConnection()
-            if not idle:
-                del self._idle[key]
-            elif first is None or idle[0].idle_since < first:
-                first = idle[0].idle_since
-        if first is not None and not self._closed:
-            self._sweeper = self.reactor.callLater(
-                max(first - oldest, 0.001), self._sweep
-            )
-
-    def _forget(self, conn: _Connection) -> None:
-        idle = self._idle.get(conn.key)
-        if idle and conn in idle:
-            idle.remove(conn)
-            if not idle:
-                del self._idle[conn.key]
-
-    def idle_count(self) -> int:
-        """Idle connections held now."""
-        return sum(len(idle) for idle in self._idle.values())
-
-    def close(self) -> Deferred[Any]:
-        """Close the idle connections; later finishers close too.
-
-        Returns:
-            Fires when the idle connections are closed.
-        """
-        self._closed = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
-        waiting = []
-        for idle in list(self._idle.values()):
-            for conn in list(idle):
-                d: Deferred[None] = Deferred()
-                conn.lost.append(d)
-                waiting.append(d)
-                conn.state = _DEAD
-                conn.transport.loseConnection()
-        return DeferredList(waiting)
-
