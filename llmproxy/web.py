@@ -16,16 +16,17 @@ import json
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.web.resource import Resource
 from twisted.logger import Logger
+from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from llmproxy import __version__
+from llmproxy._server import FastChannel
 from llmproxy.config import Config, ConfigError
 from llmproxy.egress import Egress
-from llmproxy.metrics import Metrics, MetricsResource
 from llmproxy.egress._noproxy import NetworkSet
 from llmproxy.limits import KeyStore, RateLimiter
+from llmproxy.metrics import Metrics, MetricsResource
 from llmproxy.proxy import Guard, ProxyResource, error_body, request_id_for, send_error
 from llmproxy.routing import Router
 
@@ -54,6 +55,8 @@ class RootResource(Resource):
     """
 
     isLeaf = True
+    #: LLMProxySite serves plain proxied requests itself (llmproxy._server).
+    fast_path = True
 
     def __init__(
         self, proxy: ProxyResource, close: Any = None, metrics: Metrics | None = None
@@ -328,6 +331,21 @@ class LLMProxySite(Site):
 
     def log(self, request: Request) -> None:
         """Proxied requests log one event of their own (see proxy.py)."""
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """A connection starts on llmproxy's fast path (:mod:`llmproxy._server`).
+
+        It serves plain HTTP/1.1 proxied requests itself and hands anything
+        else, and the rest of that connection, to twisted.web's channel.
+        Sites whose root is not llmproxy's RootResource use twisted.web only.
+        """
+        if getattr(self.resource, "fast_path", False):
+            return FastChannel(self, addr)
+        return super().buildProtocol(addr)
+
+    def build_web_channel(self, addr: Any) -> Any:
+        """twisted.web's own channel for a connection, as Site builds it."""
+        return super().buildProtocol(addr)
 
 
 def build_site(config: Config, reactor: Any, resource: Resource | None = None) -> LLMProxySite:
