@@ -361,16 +361,10 @@ class Egress:
         if body or method not in _BODYLESS:
             parts.append(b"Content-Length: %d\r\n" % len(body))
         parts += [b"\r\n", body]
-        d = self.pool.request(
-            key, self.endpoint(route, upstream), b"".join(parts), method == b"HEAD"
+        return self.pool.request(
+            key, self.endpoint(route, upstream), b"".join(parts), method == b"HEAD",
+            route, self.proxy.name if route == PROXY else None,
         )
-        return d.addCallback(self._routed, route)
-
-    def _routed(self, response: UpstreamResponse, route: str) -> UpstreamResponse:
-        response.egress = route
-        if response.address is None and route == PROXY:
-            response.address = self.proxy.name
-        return response
 
     def close(self) -> Deferred[None]:
         """Close the pool's idle connections (bounded in time).

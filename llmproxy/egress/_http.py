@@ -277,6 +277,9 @@ class _Connection(Protocol):
         self.remaining = length or 0
         self.keep = not close
         response = UpstreamResponse(self, code, phrase, headers, length if framing != _CHUNKED else None)
+        response.egress = attempt.egress
+        if response.address is None:
+            response.address = attempt.address
         self.response = response
         self.state = _BODY
         attempt.conn = None

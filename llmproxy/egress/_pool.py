@@ -25,10 +25,12 @@ class _Attempt:
     """One request being sent: connect (or reuse), write, await the head."""
 
     __slots__ = (
+        "address",
         "conn",
         "connecting",
         "d",
         "data",
+        "egress",
         "endpoint",
         "head_only",
         "key",
@@ -43,6 +45,8 @@ class _Attempt:
         self.endpoint = endpoint
         self.data = data
         self.head_only = head_only
+        self.egress: str | None = None
+        self.address: str | None = None
         self.d: Deferred[UpstreamResponse] = Deferred(self.cancel)
         self.connecting: Deferred[Any] | None = None
         self.conn: _Connection | None = None
@@ -118,7 +122,8 @@ class ConnectionPool:
         self._sweeper: Any = None
 
     def request(
-        self, key: Hashable, endpoint: IStreamClientEndpoint, data: bytes, head_only: bool = False
+        self, key: Hashable, endpoint: IStreamClientEndpoint, data: bytes, head_only: bool = False,
+        egress: str | None = None, address: str | None = None,
     ) -> Deferred[UpstreamResponse]:
         """Send ``data`` (a whole request) on a connection for ``key``.
 
@@ -128,6 +133,9 @@ class ConnectionPool:
             endpoint: Opens a new connection when no idle one is left.
             data: The request head and body.
             head_only: The request is HEAD: its response has no body.
+            egress: Put in the response's ``egress``.
+            address: The response's ``address`` when the connection's peer
+                is unknown.
 
         Returns:
             Fires with the response once its head arrived. A pooled
@@ -135,6 +143,7 @@ class ConnectionPool:
             Cancelling closes the connection (or stops connecting).
         """
         attempt = _Attempt(self, key, endpoint, data, head_only)
+        attempt.egress, attempt.address = egress, address
         attempt.start()
         return attempt.d
 

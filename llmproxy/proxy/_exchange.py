@@ -179,13 +179,24 @@ class _StreamToClient(Protocol):
     socket.
     """
 
-    def __init__(self, exchange: _Exchange, clock: IReactorTime, idle: float) -> None:
+    def __init__(
+        self, exchange: _Exchange, clock: IReactorTime, idle: float, timer: Any = None
+    ) -> None:
+        """Set up the stream.
+
+        Args:
+            exchange: The request.
+            clock: For the idle timer.
+            idle: Seconds the upstream may stay silent (``stream_idle``).
+            timer: A pending timer of the exchange to reuse as the idle
+                timer (it must call :meth:`timed_out`), if any.
+        """
         self.exchange = exchange
         self.request = exchange.request
         self.producing = False
         self.clock = clock
         self.idle = idle
-        self.idle_timer: Any = None
+        self.idle_timer: Any = timer
         self.idled_out = False
 
     def connectionMade(self) -> None:
@@ -208,6 +219,10 @@ class _StreamToClient(Protocol):
         if self.idle_timer is not None and self.idle_timer.active():
             self.idle_timer.cancel()
         self.idle_timer = None
+
+    def timed_out(self) -> None:
+        """The idle timer fired: the upstream sent nothing for ``idle`` s."""
+        self._idle()
 
     def _idle(self) -> None:
         self.idle_timer = None
@@ -248,7 +263,7 @@ class _StreamToClient(Protocol):
                 self.request.unregisterProducer()
         if exchange.client_gone:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             self.request.finish()
             exchange.log_done("ok")
             return

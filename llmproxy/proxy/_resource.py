@@ -13,6 +13,7 @@ from twisted.web.http import NO_BODY_CODES
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from llmproxy._server import FastRequest
 from llmproxy.config import TimeoutsConfig
 from llmproxy.egress import Egress, TunnelError, TunnelTimeout, UpstreamResponse
 from llmproxy.limits import client_ip, presented_key, retry_after
@@ -155,7 +156,10 @@ class ProxyResource(Resource):
         exchange.fallbacks = list(route.fallbacks)
         if route.rewrite_model is not None:
             self._switch_model(exchange, route.rewrite_model, body)
-        request.notifyFinish().addErrback(exchange.on_client_gone)
+        if isinstance(request, FastRequest):
+            request.on_lost = exchange.on_client_gone  # no Deferred needed
+        else:
+            request.notifyFinish().addErrback(exchange.on_client_gone)
         self.inflight.add(exchange)
         exchange.on_done = self._done
         self._attempt(exchange)
@@ -187,7 +191,7 @@ class ProxyResource(Resource):
         )
         exchange.pending = d
         exchange.timer = self.reactor.callLater(
-            self.timeouts.response_header, self._headers_timed_out, exchange
+            self.timeouts.response_header, self._timer_fired, exchange
         )
         d.addCallbacks(
             self._got_response,
@@ -195,7 +199,6 @@ class ProxyResource(Resource):
             callbackArgs=(exchange,),
             errbackArgs=(exchange,),
         )
-        d.addErrback(self._bug, exchange)
 
     def _can_retry(self, exchange: _Exchange) -> bool:
         """Move on to another upstream if one is left: True if so."""
@@ -340,17 +343,30 @@ class ProxyResource(Resource):
         headers.append((b"X-Request-ID", rid.encode("ascii")))
         return headers
 
-    def _headers_timed_out(self, exchange: _Exchange) -> None:
+    def _timer_fired(self, exchange: _Exchange) -> None:
+        """The attempt's one timer: response headers, then body idleness."""
+        if exchange.body is not None:
+            exchange.body.timed_out()
+            return
         exchange.timer = None
         if exchange.pending is not None:
             exchange.timed_out = True
             exchange.pending.cancel()
 
     def _got_response(self, response: UpstreamResponse, exchange: _Exchange) -> None:
+        try:
+            self._respond(response, exchange)
+        except Exception:
+            self._bug(Failure(), exchange)
+
+    def _respond(self, response: UpstreamResponse, exchange: _Exchange) -> None:
         exchange.pending = None
-        if exchange.timer is not None:
-            exchange.timer.cancel()
-            exchange.timer = None
+        # The response-header timer becomes the stream-idle timer (one timer
+        # per attempt); cancelled if no stream follows.
+        timer, exchange.timer = exchange.timer, None
+        if timer is not None and (exchange.client_gone or response.code in exchange.pool.retry_on):
+            timer.cancel()
+            timer = None
         request = exchange.request
         if exchange.client_gone:
             exchange.pool.finished(exchange.url)
@@ -402,10 +418,18 @@ class ProxyResource(Resource):
         out.setRawHeaders(b"x-request-id", [exchange.rid.encode("ascii")])
         out.setRawHeaders(b"x-llmproxy-upstream-attempts", [b"%d" % exchange.attempts])
         request.defaultContentType = None
-        exchange.body = _StreamToClient(exchange, self.reactor, self.timeouts.stream_idle)
+        exchange.body = _StreamToClient(
+            exchange, self.reactor, self.timeouts.stream_idle, timer
+        )
         response.deliverBody(exchange.body)
 
     def _failed(self, failure: Failure, exchange: _Exchange) -> None:
+        try:
+            self._fail(failure, exchange)
+        except Exception:
+            self._bug(Failure(), exchange)
+
+    def _fail(self, failure: Failure, exchange: _Exchange) -> None:
         exchange.pending = None
         if exchange.timer is not None:
             exchange.timer.cancel()
