@@ -274,6 +274,11 @@ class FastChannel(Protocol, TimeoutMixin):
         self.peer: Any = None
         self.secure = False
         self.buf = b""
+        # While a request's body is still arriving: the bytes needed, those
+        # received, and the pieces.
+        self.need = 0
+        self.have = 0
+        self.parts: list[bytes] = []
         self.current: FastRequest | None = None
         self.inner: Any = None
         self.paused = False
@@ -289,6 +294,15 @@ class FastChannel(Protocol, TimeoutMixin):
         if self.inner is not None:
             self.inner.dataReceived(data)
             return
+        if self.need:
+            # A body still arriving: collect pieces, parse once complete
+            # (never re-join or re-parse per piece).
+            self.parts.append(data)
+            self.have += len(data)
+            self.resetTimeout()
+            if self.have < self.need:
+                return
+            data, self.parts, self.need = b"".join(self.parts), [], 0
         self.buf = self.buf + data if self.buf else data
         if self.current is not None:
             # Pipelined: wait for the request in flight (bounded).
@@ -352,7 +366,9 @@ class FastChannel(Protocol, TimeoutMixin):
                 return
         start = end + 4
         if len(buf) < start + length:
-            return  # the body is still coming
+            # The body is still coming: collect it before parsing again.
+            self.need, self.have, self.parts, self.buf = start + length, len(buf), [buf], b""
+            return
         self.buf = buf[start + length:]
         connection = raw.get(b"connection")
         persistent = connection is None or not any(
@@ -396,6 +412,8 @@ class FastChannel(Protocol, TimeoutMixin):
     def _hand_over(self) -> None:
         """Let twisted.web's HTTPChannel serve this connection from here."""
         self.setTimeout(None)
+        if self.need:
+            self.buf, self.parts, self.need = b"".join(self.parts), [], 0
         inner = self.site.build_web_channel(self.addr)
         self.inner = inner
         inner.makeConnection(self.transport)
@@ -406,8 +424,8 @@ class FastChannel(Protocol, TimeoutMixin):
     def timeoutConnection(self) -> None:
         if self.current is not None:
             # A request in flight may take long: the idle timeout counts
-            # from its end (resetting a timer is cheaper than stopping it).
-            self.resetTimeout()
+            # from its end (re-armed here, reset when the request ends).
+            self.setTimeout(self.site.timeOut)
             return
         log.info("Timing out client: {peer}", peer=str(self.peer))
         self.transport.loseConnection()

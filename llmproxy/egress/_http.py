@@ -283,7 +283,7 @@ class _Connection(Protocol):
         self.response = response
         self.state = _BODY
         attempt.conn = None
-        attempt.d.callback(response)
+        attempt.succeed(response)
         if self.response is not response or self.state != _BODY:
             return
         if framing == _NONE:
@@ -298,11 +298,11 @@ class _Connection(Protocol):
         self.state = _DEAD
         self.buf = b""
         self.transport.abortConnection()
-        if attempt is not None and not attempt.d.called:
+        if attempt is not None and not attempt.settled:
             attempt.conn = None
-            attempt.d.errback(
+            attempt.fail(Failure(
                 ResponseNeverReceived([Failure(UpstreamProtocolError(message))])
-            )
+            ))
 
     def _body(self, data: bytes) -> None:
         framing = self.framing
@@ -471,13 +471,13 @@ class _Connection(Protocol):
         self.pool._forget(self)
         if state == _HEAD:
             attempt, self.attempt = self.attempt, None
-            if attempt is None or attempt.d.called:
+            if attempt is None or attempt.settled:
                 pass
             elif self.reused and not self.got_bytes and not attempt.retried:
                 attempt.stale()
             else:
                 attempt.conn = None
-                attempt.d.errback(ResponseNeverReceived([reason]))
+                attempt.fail(Failure(ResponseNeverReceived([reason])))
         elif self.response is not None:
             if self.error is not None:
                 self._end(Failure(ResponseFailed([Failure(self.error)])))

@@ -8,10 +8,10 @@ connection, or opens one through the endpoint it was given.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
@@ -22,35 +22,56 @@ __all__ = ["ConnectionPool"]
 
 
 class _Attempt:
-    """One request being sent: connect (or reuse), write, await the head."""
+    """One request being sent: connect (or reuse), write, await the head.
+
+    It ends once, through ``on_response`` or ``on_failure`` (plain calls: a
+    proxied request needs no Deferred here). :meth:`cancel` ends it with a
+    CancelledError.
+    """
 
     __slots__ = (
         "address",
         "conn",
         "connecting",
-        "d",
         "data",
         "egress",
         "endpoint",
         "head_only",
         "key",
+        "on_failure",
+        "on_response",
         "pool",
         "retried",
+        "settled",
     )
 
     def __init__(self, pool: ConnectionPool, key: Hashable, endpoint: IStreamClientEndpoint,
-                 data: bytes, head_only: bool) -> None:
+                 data: bytes, head_only: bool,
+                 on_response: Callable[[UpstreamResponse], object],
+                 on_failure: Callable[[Failure], object]) -> None:
         self.pool = pool
         self.key = key
         self.endpoint = endpoint
         self.data = data
         self.head_only = head_only
+        self.on_response = on_response
+        self.on_failure = on_failure
         self.egress: str | None = None
         self.address: str | None = None
-        self.d: Deferred[UpstreamResponse] = Deferred(self.cancel)
+        self.settled = False
         self.connecting: Deferred[Any] | None = None
         self.conn: _Connection | None = None
         self.retried = False
+
+    def succeed(self, response: UpstreamResponse) -> None:
+        if not self.settled:
+            self.settled = True
+            self.on_response(response)
+
+    def fail(self, failure: Failure) -> None:
+        if not self.settled:
+            self.settled = True
+            self.on_failure(failure)
 
     def start(self, fresh: bool = False) -> None:
         if not fresh:
@@ -64,15 +85,14 @@ class _Attempt:
 
     def _connected(self, conn: _Connection) -> None:
         self.connecting = None
-        if self.d.called:  # cancelled meanwhile
+        if self.settled:  # cancelled meanwhile
             conn.transport.loseConnection()
             return
         conn.send(self)
 
     def _failed(self, failure: Failure) -> None:
         self.connecting = None
-        if not self.d.called:
-            self.d.errback(failure)
+        self.fail(failure)
 
     def stale(self) -> None:
         """The reused connection closed before answering: try a fresh one once."""
@@ -80,13 +100,15 @@ class _Attempt:
         self.conn = None
         self.start(fresh=True)
 
-    def cancel(self, d: Deferred[Any]) -> None:
+    def cancel(self, d: Any = None) -> None:
+        """Stop: close the connection (or stop connecting); fail if not ended."""
         if self.connecting is not None:
             connecting, self.connecting = self.connecting, None
             connecting.cancel()
         elif self.conn is not None:
             conn, self.conn = self.conn, None
             conn.abandon()
+        self.fail(Failure(CancelledError()))
 
 
 class _ConnectionFactory(Factory):
@@ -142,10 +164,37 @@ class ConnectionPool:
             connection that turns out closed is replaced once, quietly.
             Cancelling closes the connection (or stops connecting).
         """
-        attempt = _Attempt(self, key, endpoint, data, head_only)
+        d: Deferred[UpstreamResponse] = Deferred(lambda _: attempt.cancel())
+        attempt = self.send(key, endpoint, data, head_only, egress, address,
+                            d.callback, d.errback)
+        return d
+
+    def send(
+        self, key: Hashable, endpoint: IStreamClientEndpoint, data: bytes, head_only: bool,
+        egress: str | None, address: str | None,
+        on_response: Callable[[UpstreamResponse], object],
+        on_failure: Callable[[Failure], object],
+    ) -> _Attempt:
+        """:meth:`request` without a Deferred: the proxy's hot path.
+
+        Args:
+            key: As for :meth:`request`.
+            endpoint: As for :meth:`request`.
+            data: As for :meth:`request`.
+            head_only: As for :meth:`request`.
+            egress: As for :meth:`request`.
+            address: As for :meth:`request`.
+            on_response: Called with the response once its head arrived.
+            on_failure: Called with the failure instead.
+
+        Returns:
+            The attempt; its ``cancel()`` stops it (``on_failure`` then gets
+            a CancelledError, unless it ended already).
+        """
+        attempt = _Attempt(self, key, endpoint, data, head_only, on_response, on_failure)
         attempt.egress, attempt.address = egress, address
         attempt.start()
-        return attempt.d
+        return attempt
 
     def _factory(self, key: Hashable) -> _ConnectionFactory:
         factory = self._factories.get(key)

@@ -11,14 +11,12 @@ import time
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
-from twisted.web.http import PotentialDataLoss
 from twisted.web.client import ResponseDone
-from twisted.web.iweb import IResponse
+from twisted.web.http import PotentialDataLoss
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -102,7 +100,7 @@ class _Exchange:
         self.client_gone = False
         self.timed_out = False
         self.timer: Any = None
-        self.pending: Deferred[IResponse] | None = None
+        self.pending: Any = None  # the attempt in flight (has cancel())
         self.body: _StreamToClient | None = None
         self.on_done: Any = None
         # The attempts: which pool, which upstreams were tried, what is sent.

@@ -54,6 +54,9 @@ log = Logger(namespace="llmproxy.proxy")
 # extended, not copied).
 _FORWARDING = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id"))
 
+# exchange.pending while egress.send() runs.
+_SENDING = object()
+
 
 class ProxyResource(Resource):
     """Forwards every request to the upstream its route names.
@@ -185,20 +188,20 @@ class ProxyResource(Resource):
         pool.started(url)
         request = exchange.request
         headers = self._upstream_headers(request, exchange.rid, pool)
-        d = self.egress.request(
-            request.method, url, exchange.path + exchange.query, headers,
-            exchange.body_sent, pool.via,
-        )
-        exchange.pending = d
         exchange.timer = self.reactor.callLater(
             self.timeouts.response_header, self._timer_fired, exchange
         )
-        d.addCallbacks(
-            self._got_response,
-            self._failed,
-            callbackArgs=(exchange,),
-            errbackArgs=(exchange,),
+        # The callbacks may run before send() returns (a failure found at
+        # once, even a retry): only a still-pending attempt is kept.
+        exchange.pending = _SENDING
+        pending = self.egress.send(
+            request.method, url, exchange.path + exchange.query, headers,
+            exchange.body_sent, pool.via,
+            lambda response: self._got_response(response, exchange),
+            lambda failure: self._failed(failure, exchange),
         )
+        if exchange.pending is _SENDING:
+            exchange.pending = pending
 
     def _can_retry(self, exchange: _Exchange) -> bool:
         """Move on to another upstream if one is left: True if so."""

@@ -1,0 +1,448 @@
+"""The fast path (llmproxy._server) as a client sees it on a raw socket.
+
+Each test starts a real proxy on 127.0.0.1 (``/v1/`` and ``/echo/`` routed to
+a fake upstream) and parses its responses strictly: a status line, well-formed
+headers, never both Content-Length and Transfer-Encoding, chunked bodies read
+to the last chunk. The harness records each connection handed over to
+twisted.web's HTTPChannel, so a test knows which path it exercised.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import attrs
+import pytest
+import pytest_twisted
+from helpers import RawClient
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+
+from llmproxy.testing.upstream import REPLY_TEXT
+from llmproxy.web import LLMProxySite
+
+WAIT = 10.0
+_STATUS_LINE = re.compile(rb"(HTTP/1\.[01]) ([1-5]\d\d) ([^\r\n]*)")
+_BIG = b"x" * (100 * 1024)  # over the fast path's 64 KiB body limit
+
+
+@attrs.frozen
+class Reply:
+    """One parsed response (header names lowercased, body de-chunked)."""
+
+    version: bytes
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes = b""
+
+    def header(self, name: bytes) -> bytes | None:
+        """The one value of ``name`` (asserting it is not repeated), or None."""
+        values = [v for n, v in self.headers if n == name]
+        assert len(values) <= 1, (name, values)
+        return values[0] if values else None
+
+    def json(self) -> Any:
+        """The body as JSON."""
+        return json.loads(self.body)
+
+
+def _dechunk(data: bytes, pos: int) -> tuple[bytes, int] | None:
+    """A chunked body starting at ``pos``: (body, end), or None if incomplete."""
+    parts = []
+    while (eol := data.find(b"\r\n", pos)) >= 0:
+        size, pos = int(data[pos:eol], 16), eol + 2
+        if len(data) < pos + size + 2:
+            return None
+        assert data[pos + size:pos + size + 2] == b"\r\n", "bad chunk framing"
+        parts.append(data[pos:pos + size])
+        pos += size + 2
+        if size == 0:
+            return b"".join(parts), pos
+    return None
+
+
+def parse_reply(data: bytes, head_only: bool, closed: bool) -> tuple[Reply, int] | None:
+    """The first response in ``data`` and its length, or None if incomplete."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = data[:end].split(b"\r\n")
+    match = _STATUS_LINE.fullmatch(lines[0])
+    assert match is not None, f"not a status line: {lines[0][:200]!r}"
+    headers = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        assert colon and name and name == name.strip(), f"bad header line {line!r}"
+        headers.append((name.lower(), value.strip()))
+    reply, start = Reply(match[1], int(match[2]), headers), end + 4
+    chunked, length = reply.header(b"transfer-encoding"), reply.header(b"content-length")
+    assert chunked is None or length is None, "both Transfer-Encoding and Content-Length"
+    if head_only or reply.status in (204, 304) or reply.status < 200:
+        return reply, start
+    if chunked is not None:
+        assert chunked == b"chunked", chunked
+        found = _dechunk(data, start)
+        return None if found is None else (attrs.evolve(reply, body=found[0]), found[1])
+    if length is not None:
+        used = start + int(length)
+        return (attrs.evolve(reply, body=data[start:used]), used) if len(data) >= used else None
+    return (attrs.evolve(reply, body=data[start:]), len(data)) if closed else None
+
+
+class Peer(RawClient):
+    """A raw client connection that reads responses one after another."""
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.offset = 0  # where the next response starts in ``received``
+        self._more: Deferred[None] | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        more, self._more = self._more, None
+        if more is not None:
+            more.callback(None)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        super().connectionLost(reason)
+        self.dataReceived(b"")
+
+    def unread(self) -> bytes:
+        """Bytes received after the last response read."""
+        return bytes(self.received[self.offset:])
+
+    async def reply(self, head_only: bool = False) -> Reply:
+        """Wait for the next whole response."""
+        while True:
+            parsed = parse_reply(self.unread(), head_only, self.closed.called)
+            if parsed is not None:
+                self.offset += parsed[1]
+                return parsed[0]
+            assert not self.closed.called, f"closed mid-response: {self.unread()[:300]!r}"
+            self._more = Deferred()
+            await self._more.addTimeout(WAIT, self.reactor)
+
+    async def exchange(self, request: bytes, head_only: bool = False) -> Reply:
+        """Send ``request`` and wait for its response."""
+        self.transport.write(request)
+        return await self.reply(head_only)
+
+    async def wait_closed(self, seconds: float = WAIT) -> None:
+        """Wait until the server closes the connection."""
+        await self.closed.addTimeout(seconds, self.reactor)
+
+
+@attrs.define
+class Gateway:
+    """A proxy's URL, its fake upstream and config, and raw connections to it."""
+
+    url: str
+    upstream: Any
+    config: str
+    fast: Fast
+
+    async def connect(self, url: str | None = None) -> Peer:
+        """A new raw connection to this proxy (or to ``url``)."""
+        peer = Peer(self.fast.reactor)
+        port = int((url or self.url).rsplit(":", 1)[1])
+        endpoint = TCP4ClientEndpoint(self.fast.reactor, "127.0.0.1", port)
+        await connectProtocol(endpoint, peer).addTimeout(WAIT, self.fast.reactor)
+        peer.transport.setTcpNoDelay(True)
+        self.fast.peers.append(peer)
+        return peer
+
+
+@attrs.define
+class Fast:
+    """Starts proxies; ``handovers`` lists each connection given to twisted.web."""
+
+    reactor: Any
+    upstreams: Any
+    proxies: Any
+    handovers: list[Any] = attrs.field(factory=list)
+    peers: list[Peer] = attrs.field(factory=list)
+
+    async def start(self, extra: str = "") -> Gateway:
+        """A proxy routing ``/v1/`` and ``/echo/`` to a new fake upstream."""
+        upstream, base = await self.upstreams.start()
+        config = f'target_map:\n  "/v1/": "{base}"\n  "/echo/": "{base}"\n' + extra
+        return Gateway(await self.proxies.start(config), upstream, config, self)
+
+
+@pytest_twisted.async_yield_fixture
+async def fast(
+    reactor: Any, upstreams: Any, proxies: Any, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Fast]:
+    """The harness; its connections are aborted after the test."""
+    harness = Fast(reactor, upstreams, proxies)
+    original = LLMProxySite.build_web_channel
+
+    def build_web_channel(site: LLMProxySite, addr: Any) -> Any:
+        harness.handovers.append(addr)
+        return original(site, addr)
+
+    monkeypatch.setattr(LLMProxySite, "build_web_channel", build_web_channel)
+    yield harness
+    for peer in harness.peers:
+        if not peer.closed.called:
+            peer.transport.abortConnection()
+            await peer.wait_closed()
+
+
+def http(method: bytes, target: bytes, body: bytes = b"", *headers: bytes,
+         version: bytes = b"HTTP/1.1") -> bytes:
+    """A request with a Content-Length body (if any) and extra header lines."""
+    lines = [b"%s %s %s" % (method, target, version), b"Host: 127.0.0.1", *headers]
+    if body:
+        lines.append(b"Content-Length: %d" % len(body))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def chat_body(model: str, stream: bool = False) -> bytes:
+    """A chat completion request body."""
+    messages = [{"role": "user", "content": "Hi"}]
+    return json.dumps({"model": model, "messages": messages, "stream": stream}).encode()
+
+
+def chat(model: str, *headers: bytes, stream: bool = False) -> bytes:
+    """``POST /v1/chat/completions`` for ``model``."""
+    return http(b"POST", b"/v1/chat/completions", chat_body(model, stream),
+                b"Content-Type: application/json", *headers)
+
+
+def assert_chat(reply: Reply, model: str, rid: bytes | None = None) -> None:
+    """A complete, non-streamed chat completion for ``model``."""
+    assert reply.status == 200, reply
+    assert reply.json()["model"] == model
+    assert reply.json()["choices"][0]["message"]["content"] == REPLY_TEXT
+    if rid is not None:
+        assert reply.header(b"x-request-id") == rid
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_requests_on_one_keep_alive_connection(fast: Fast) -> None:
+    """Thirty requests (chat POSTs and echoed PUTs) on one connection are each
+    answered with their own body and X-Request-ID; the connection stays open."""
+    gw = await fast.start()
+    peer = await gw.connect()
+    for i in range(30):
+        rid = b"keep-%d" % i
+        if i % 2 == 0:
+            assert_chat(await peer.exchange(chat(f"m{i}", b"X-Request-ID: " + rid)), f"m{i}", rid)
+            continue
+        body, target = b"payload %d" % i, b"/echo/%d?q=%d" % (i, i)
+        reply = await peer.exchange(http(b"PUT", target, body, b"X-Request-ID: " + rid))
+        echo = reply.json()
+        assert (echo["method"], echo["uri"], echo["body"]) == ("PUT", target.decode(), body.decode())
+        assert dict(echo["headers"])["x-request-id"] == rid.decode()
+        assert reply.header(b"x-request-id") == rid
+    assert not peer.closed.called
+    assert len(gw.upstream.requests) == 30
+    assert fast.handovers == []
+
+
+@pytest.mark.parametrize("case", ["all-fast", "hand-over-in-the-middle", "over-64-KiB-queued"])
+@pytest_twisted.ensureDeferred
+async def test_pipelined_requests_are_answered_in_order(fast: Fast, case: str) -> None:
+    """Three requests in one write get three responses in order, though the
+    first is the slowest; also when the second is ``/healthz`` (twisted.web
+    serves the rest) or the third carries a 100 KiB body queued behind the
+    first."""
+    gw = await fast.start()
+    peer = await gw.connect()
+    second = b"/healthz" if case == "hand-over-in-the-middle" else b"/v1/models"
+    third = _BIG if case == "over-64-KiB-queued" else b"third body"
+    peer.transport.write(
+        chat("slow", b"X-Request-ID: p1", b"X-Fake-Header-Delay: 0.2")
+        + http(b"GET", second, b"", b"X-Request-ID: p2")
+        + http(b"POST", b"/echo/p3", third, b"X-Request-ID: p3")
+    )
+    first, middle, last = [await peer.reply() for _ in range(3)]
+    assert_chat(first, "slow", b"p1")
+    assert middle.status == 200
+    if case == "hand-over-in-the-middle":
+        assert middle.json()["status"] == "ok"
+    else:
+        assert middle.header(b"x-request-id") == b"p2"
+    assert last.status == 200 and last.header(b"x-request-id") == b"p3"
+    assert last.json()["body"].encode() == third == gw.upstream.requests[-1].body
+    assert len(fast.handovers) == (0 if case == "all-fast" else 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_request_one_byte_per_write(fast: Fast) -> None:
+    """A request trickled one byte per write (a reactor turn apart) is parsed
+    once whole and answered; the connection then serves the next request."""
+    gw = await fast.start()
+    peer = await gw.connect()
+    data = chat("trickled", b"X-Request-ID: t1")
+    for i in range(len(data)):
+        peer.transport.write(data[i:i + 1])
+        await deferLater(fast.reactor, 0, lambda: None)
+    assert_chat(await peer.reply(), "trickled", b"t1")
+    assert gw.upstream.requests[-1].body == chat_body("trickled")
+    assert_chat(await peer.exchange(chat("next")), "next")
+    assert len(gw.upstream.requests) == 2
+    assert fast.handovers == []
+
+
+_HANDED_OVER = {
+    "healthz": (http(b"GET", b"/healthz"), None),
+    "head": (http(b"HEAD", b"/echo/head"), None),
+    "http-1.0": (http(b"POST", b"/echo/old", b"an old client", version=b"HTTP/1.0"),
+                 b"an old client"),
+    "chunked-body": (http(b"POST", b"/echo/chunked", b"", b"Transfer-Encoding: chunked")
+                     + b"5\r\nhello\r\n1\r\n \r\n6\r\nchunks\r\n0\r\n\r\n", b"hello chunks"),
+    "body-over-64-KiB": (http(b"POST", b"/echo/big", _BIG), _BIG),
+    "expect-100-continue": (http(b"POST", b"/echo/expect", b"held back", b"Expect: 100-continue")
+                            .removesuffix(b"held back"), b"held back"),
+}
+
+
+@pytest.mark.parametrize("case", list(_HANDED_OVER))
+@pytest_twisted.ensureDeferred
+async def test_hand_over_in_the_middle_of_a_connection(fast: Fast, case: str) -> None:
+    """After a proxied POST, ``GET /healthz``, a HEAD, an HTTP/1.0 request, a
+    chunked body, a body over 64 KiB (under max_body_bytes) or one held back
+    until ``100 Continue`` on the same connection gets the right answer, the
+    upstream the exact body, and (but after HTTP/1.0, which closes) a further
+    proxied POST is answered too."""
+    gw = await fast.start("max_body_bytes: 1048576\n")
+    peer = await gw.connect()
+    assert_chat(await peer.exchange(chat("before", b"X-Request-ID: h1")), "before", b"h1")
+    assert fast.handovers == []
+    request, body = _HANDED_OVER[case]
+    reply = await peer.exchange(request, head_only=case == "head")
+    if case == "expect-100-continue":
+        assert reply.status == 100
+        reply = await peer.exchange(body)
+    assert reply.status == 200 and len(fast.handovers) == 1
+    seen = gw.upstream.requests[-1]
+    if case == "healthz":
+        assert reply.json()["status"] == "ok" and len(gw.upstream.requests) == 1
+    elif case == "head":
+        assert seen.method == b"HEAD" and reply.body == b""
+    else:
+        assert seen.body == body == reply.json()["body"].encode()
+    if case == "http-1.0":
+        assert reply.version == b"HTTP/1.0"
+        await peer.wait_closed()
+        assert peer.unread() == b""
+    else:
+        assert_chat(await peer.exchange(chat("after", b"X-Request-ID: h3")), "after", b"h3")
+        assert gw.upstream.requests[-1].body == chat_body("after")
+        assert not peer.closed.called
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+@pytest_twisted.ensureDeferred
+async def test_connection_close_from_the_client(fast: Fast, stream: bool) -> None:
+    """A request with ``Connection: close`` gets a complete response saying
+    ``Connection: close``, and then the server closes the connection."""
+    gw = await fast.start()
+    peer = await gw.connect()
+    reply = await peer.exchange(chat("bye", b"Connection: close", stream=stream))
+    assert reply.status == 200 and reply.header(b"connection") == b"close"
+    assert reply.body.endswith(b"data: [DONE]\n\n") if stream else reply.json()["model"] == "bye"
+    await peer.wait_closed()
+    assert peer.unread() == b""
+    assert fast.handovers == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_stream_without_length_is_chunked_then_connection_reused(fast: Fast) -> None:
+    """An SSE stream (no Content-Length upstream) arrives chunked, whole and
+    in order, and the same connection then serves another request."""
+    gw = await fast.start()
+    peer = await gw.connect()
+    reply = await peer.exchange(chat("streamed", b"X-Request-ID: s1", b"X-Fake-Chunks: 4",
+                                     b"X-Fake-Chunk-Delay: 0.02", stream=True))
+    assert reply.status == 200 and reply.header(b"x-request-id") == b"s1"
+    assert reply.header(b"transfer-encoding") == b"chunked"
+    assert reply.header(b"content-type") == b"text/event-stream"
+    events = [e.removeprefix(b"data: ") for e in reply.body.split(b"\n\n") if e]
+    assert events[-1] == b"[DONE]" and len(events) == 4 + 3
+    deltas = [json.loads(e)["choices"][0]["delta"] for e in events[:-1]]
+    assert "".join(d.get("content", "") for d in deltas) == REPLY_TEXT
+    assert_chat(await peer.exchange(chat("reused", b"X-Request-ID: s2")), "reused", b"s2")
+    assert fast.handovers == []
+
+
+_BAD = {
+    "header-without-colon": http(b"GET", b"/v1/models", b"", b"X-No-Colon"),
+    "space-before-colon": http(b"GET", b"/v1/models", b"", b"X-Name : value"),
+    "conflicting-content-length": http(b"POST", b"/v1/chat/completions", b"", b"Content-Length: 2",
+                                       b"Content-Length: 3") + b"{} ",
+    "absolute-form-target": http(b"POST", b"http://x/v1/chat/completions", b"{}"),
+    "two-spaces-in-request-line": http(b"POST", b" /v1/chat/completions", b"{}"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD))
+@pytest_twisted.ensureDeferred
+async def test_bad_syntax_is_refused_like_twisted_web(fast: Fast, case: str) -> None:
+    """Malformed requests get the same 4xx as from plain twisted.web, reach no
+    upstream, and the daemon goes on serving other connections."""
+    gw = await fast.start()
+    reference = await fast.proxies.start(gw.config)
+    fast.proxies.roots[-1].fast_path = False  # that site serves with HTTPChannel only
+    statuses = [(await (await gw.connect(url)).exchange(_BAD[case])).status
+                for url in (gw.url, reference)]
+    assert statuses[0] == statuses[1] and 400 <= statuses[0] < 500, statuses
+    assert len(fast.handovers) == 1
+    assert list(gw.upstream.requests) == []
+    assert_chat(await (await gw.connect()).exchange(chat("alive")), "alive")
+
+
+
+@pytest.mark.parametrize("delay", [0, 0.8],
+                         ids=["quick-response", "response-slower-than-client-idle"])
+@pytest_twisted.ensureDeferred
+async def test_idle_keep_alive_connection_is_closed_after_client_idle(
+    fast: Fast, delay: float
+) -> None:
+    """A response, even one slower than client_idle, is not cut short; once it
+    is served, the idle keep-alive connection is closed after client_idle (not
+    at once, not never)."""
+    gw = await fast.start("timeouts: {client_idle: 0.4}\n")
+    peer = await gw.connect()
+    reply = await peer.exchange(chat("idle", b"X-Fake-Header-Delay: %g" % delay))
+    assert_chat(reply, "idle")
+    assert reply.header(b"connection") is None
+    answered = fast.reactor.seconds()
+    await peer.wait_closed(2.0)
+    assert fast.reactor.seconds() - answered >= 0.2
+    assert peer.unread() == b""
+    assert fast.handovers == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_error_responses_are_valid_and_keep_the_connection(fast: Fast) -> None:
+    """A 401 (no key) and a 404 (no route) made on the fast path are valid
+    HTTP/1.1 with Content-Length and a JSON error, their request bodies are
+    consumed, and the connection then serves a good request."""
+    gw = await fast.start("auth: {keys: [sk-client]}\n")
+    peer = await gw.connect()
+    key = b"Authorization: Bearer sk-client"
+    unauthorized = await peer.exchange(chat("no-key", b"X-Request-ID: e1"))
+    no_route = await peer.exchange(
+        http(b"POST", b"/nowhere/x", b'{"model": "m"}', key, b"X-Request-ID: e2"))
+    for reply, status, code, rid in ((unauthorized, 401, "invalid_api_key", "e1"),
+                                     (no_route, 404, "route_not_found", "e2")):
+        assert (reply.version, reply.status) == (b"HTTP/1.1", status)
+        assert reply.header(b"content-length") == b"%d" % len(reply.body)
+        assert reply.header(b"content-type") == b"application/json"
+        assert reply.header(b"date") is not None
+        assert reply.header(b"x-request-id") == rid.encode()
+        error = reply.json()["error"]
+        assert (error["code"], error["request_id"]) == (code, rid)
+    assert_chat(await peer.exchange(chat("with-key", key, b"X-Request-ID: e3")), "with-key", b"e3")
+    assert len(gw.upstream.requests) == 1
+    assert fast.handovers == []
+    assert not peer.closed.called
