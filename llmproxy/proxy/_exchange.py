@@ -177,24 +177,25 @@ class _StreamToClient(Protocol):
     socket.
     """
 
-    def __init__(
-        self, exchange: _Exchange, clock: IReactorTime, idle: float, timer: Any = None
-    ) -> None:
+    def __init__(self, exchange: _Exchange, clock: IReactorTime, idle: float) -> None:
         """Set up the stream.
 
         Args:
             exchange: The request.
             clock: For the idle timer.
             idle: Seconds the upstream may stay silent (``stream_idle``).
-            timer: A pending timer of the exchange to reuse as the idle
-                timer (it must call :meth:`timed_out`), if any.
         """
         self.exchange = exchange
         self.request = exchange.request
         self.producing = False
         self.clock = clock
         self.idle = idle
-        self.idle_timer: Any = timer
+        self.idle_timer: Any = None
+        # When the upstream last sent. The timer is lazy: a chunk only
+        # records the time, and the timer, when it fires, checks it and
+        # comes back later if the upstream was not silent for long enough
+        # (resetting a DelayedCall per chunk costs far more).
+        self.last = 0.0
         self.idled_out = False
 
     def connectionMade(self) -> None:
@@ -207,10 +208,9 @@ class _StreamToClient(Protocol):
 
     def watch(self) -> None:
         """(Re)start the stream-idle timer: the upstream must send in time."""
-        if self.idle_timer is not None and self.idle_timer.active():
-            self.idle_timer.reset(self.idle)
-        else:
-            self.idle_timer = self.clock.callLater(self.idle, self._idle)
+        self.last = self.clock.seconds()
+        if self.idle_timer is None:
+            self.idle_timer = self.clock.callLater(self.idle, self._check)
 
     def unwatch(self) -> None:
         """Stop the timer (while the client, not the upstream, is slow)."""
@@ -218,8 +218,13 @@ class _StreamToClient(Protocol):
             self.idle_timer.cancel()
         self.idle_timer = None
 
-    def timed_out(self) -> None:
-        """The idle timer fired: the upstream sent nothing for ``idle`` s."""
+    def _check(self) -> None:
+        """The timer fired: abort if the upstream was silent for ``idle`` s."""
+        self.idle_timer = None
+        quiet = self.clock.seconds() - self.last
+        if quiet < self.idle:
+            self.idle_timer = self.clock.callLater(self.idle - quiet, self._check)
+            return
         self._idle()
 
     def _idle(self) -> None:
@@ -236,8 +241,7 @@ class _StreamToClient(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         exchange = self.exchange
-        if self.idle_timer is not None:
-            self.idle_timer.reset(self.idle)
+        self.last = self.clock.seconds()
         if not exchange.client_gone:
             exchange.record["bytes_out"] += len(data)
             if exchange.usage is not None:

@@ -189,7 +189,7 @@ class ProxyResource(Resource):
         request = exchange.request
         headers = self._upstream_headers(request, exchange.rid, pool)
         exchange.timer = self.reactor.callLater(
-            self.timeouts.response_header, self._timer_fired, exchange
+            self.timeouts.response_header, self._headers_timed_out, exchange
         )
         # The callbacks may run before send() returns (a failure found at
         # once, even a retry): only a still-pending attempt is kept.
@@ -346,11 +346,7 @@ class ProxyResource(Resource):
         headers.append((b"X-Request-ID", rid.encode("ascii")))
         return headers
 
-    def _timer_fired(self, exchange: _Exchange) -> None:
-        """The attempt's one timer: response headers, then body idleness."""
-        if exchange.body is not None:
-            exchange.body.timed_out()
-            return
+    def _headers_timed_out(self, exchange: _Exchange) -> None:
         exchange.timer = None
         if exchange.pending is not None:
             exchange.timed_out = True
@@ -364,12 +360,9 @@ class ProxyResource(Resource):
 
     def _respond(self, response: UpstreamResponse, exchange: _Exchange) -> None:
         exchange.pending = None
-        # The response-header timer becomes the stream-idle timer (one timer
-        # per attempt); cancelled if no stream follows.
-        timer, exchange.timer = exchange.timer, None
-        if timer is not None and (exchange.client_gone or response.code in exchange.pool.retry_on):
-            timer.cancel()
-            timer = None
+        if exchange.timer is not None:
+            exchange.timer.cancel()
+            exchange.timer = None
         request = exchange.request
         if exchange.client_gone:
             exchange.pool.finished(exchange.url)
@@ -421,9 +414,7 @@ class ProxyResource(Resource):
         out.setRawHeaders(b"x-request-id", [exchange.rid.encode("ascii")])
         out.setRawHeaders(b"x-llmproxy-upstream-attempts", [b"%d" % exchange.attempts])
         request.defaultContentType = None
-        exchange.body = _StreamToClient(
-            exchange, self.reactor, self.timeouts.stream_idle, timer
-        )
+        exchange.body = _StreamToClient(exchange, self.reactor, self.timeouts.stream_idle)
         response.deliverBody(exchange.body)
 
     def _failed(self, failure: Failure, exchange: _Exchange) -> None:
