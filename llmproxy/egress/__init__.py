@@ -28,7 +28,12 @@ from urllib.parse import unquote, urlsplit
 import attrs
 from twisted.internet._sslverify import IOpenSSLTrustRoot  # not re-exported publicly
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import platformTrust
 from twisted.logger import Logger
@@ -320,7 +325,13 @@ class Egress:
         if endpoint is not None:
             return endpoint
         timeout = self.config.timeouts.connect
-        if route == DIRECT:
+        ip = parse_ip(upstream.host) if route == DIRECT else None
+        if ip is not None:
+            # An IP literal needs no resolving nor happy eyeballs: a plain
+            # TCP endpoint connects in a fraction of HostnameEndpoint's time.
+            tcp = TCP4ClientEndpoint if ip.version == 4 else TCP6ClientEndpoint
+            endpoint = tcp(self.reactor, upstream.host, upstream.port, timeout=timeout)
+        elif route == DIRECT:
             endpoint = HostnameEndpoint(
                 self._connecting, upstream.host, upstream.port, timeout=timeout
             )
