@@ -48,15 +48,27 @@ def _access_line(event: LogEvent) -> bytes | None:
     (plus the format, namespace, time and level, encoded as ``eventAsJSON``
     does) reads back with ``eventFromJSON`` like any other line.
     """
-    fields = {
-        k: v for k, v in event.items()
-        if not k.startswith("log_") or k in ("log_format", "log_namespace", "log_time")
-    }
+    names = tuple(event)
+    kept = _KEPT.get(names)
+    if kept is None:
+        kept = [
+            k for k in names
+            if not k.startswith("log_") or k in ("log_format", "log_namespace", "log_time")
+        ]
+        if len(_KEPT) < 256:  # access records come in a few shapes
+            _KEPT[names] = kept
+    fields = {k: event[k] for k in kept}
     fields["log_level"] = _LEVEL_JSON.get(event.get("log_level"))
     try:
-        return (json.dumps(fields) + "\n").encode("utf-8", "backslashreplace")
+        return (_ENCODER.encode(fields) + "\n").encode("utf-8", "backslashreplace")
     except (TypeError, ValueError):
         return None
+
+
+# The keys written for each shape (key order) of access record seen.
+_KEPT: dict[tuple[str, ...], list[str]] = {}
+# json.dumps' defaults, without the circular-reference check (scalars only).
+_ENCODER = json.JSONEncoder(check_circular=False)
 
 
 def event_line(event: LogEvent) -> bytes:
