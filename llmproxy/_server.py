@@ -33,6 +33,9 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES, RESPONSES, datetimeToString
 
+from llmproxy import _io
+from llmproxy._io import send_now
+
 if TYPE_CHECKING:
     from llmproxy.web import LLMProxySite
 
@@ -232,6 +235,8 @@ class FastRequest:
             self.write(b"")
         elif self.chunked:
             self.channel.transport.write(b"0\r\n\r\n")
+        # The client gets its answer before the access record is written.
+        send_now(self.channel.transport)
         self.finished = True
         if self._notifications:
             notifications, self._notifications = self._notifications, []
@@ -378,6 +383,7 @@ class FastChannel(Protocol, TimeoutMixin):
             self, method, uri, headers, buf[start:start + length], persistent
         )
         self.current = request
+        _io.active += 1
         try:
             proxy.render(request)
         except Exception:  # a bug: answer 500 rather than hang the client
@@ -395,6 +401,7 @@ class FastChannel(Protocol, TimeoutMixin):
         if request is not self.current:
             return
         self.current = None
+        _io.active -= 1
         if not request.persistent:
             self.transport.loseConnection()
             return
@@ -439,5 +446,7 @@ class FastChannel(Protocol, TimeoutMixin):
             self.inner.connectionLost(reason)
             return
         current, self.current = self.current, None
-        if current is not None and not current.finished:
-            current.connection_lost(reason)
+        if current is not None:
+            _io.active -= 1
+            if not current.finished:
+                current.connection_lost(reason)

@@ -34,6 +34,7 @@ from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceiv
 from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
+from llmproxy._io import send_now
 from llmproxy.egress._connect import host_port
 
 if TYPE_CHECKING:
@@ -180,6 +181,7 @@ class _Connection(Protocol):
         self.state = _HEAD
         self.got_bytes = False
         self.transport.write(attempt.data)
+        send_now(self.transport)
 
     def abandon(self) -> None:
         """The request was cancelled before its head arrived."""
