@@ -51,22 +51,36 @@ def _access_line(event: LogEvent) -> bytes | None:
     names = tuple(event)
     kept = _KEPT.get(names)
     if kept is None:
-        kept = [
-            k for k in names
-            if not k.startswith("log_") or k in ("log_format", "log_namespace", "log_time")
-        ]
+        kept = [k for k in names if not k.startswith("log_")]
         if len(_KEPT) < 256:  # access records come in a few shapes
             _KEPT[names] = kept
-    fields = {k: event[k] for k in kept}
-    fields["log_level"] = _LEVEL_JSON.get(event.get("log_level"))
+    when = event.get("log_time")
+    if type(when) is not float or when != when or when in (_INF, -_INF):
+        return None
+    # The log_* fields are the same for every record but the time: their
+    # JSON is made once per (format, namespace, level) and appended.
+    key = (event.get("log_format"), event.get("log_namespace"), event.get("log_level"))
+    tail = _TAILS.get(key)
     try:
-        return (_ENCODER.encode(fields) + "\n").encode("utf-8", "backslashreplace")
+        if tail is None:
+            tail = _ENCODER.encode({
+                "log_format": key[0], "log_namespace": key[1],
+                "log_level": _LEVEL_JSON.get(key[2]),
+            })[1:-1]
+            if len(_TAILS) < 64:
+                _TAILS[key] = tail
+        head = _ENCODER.encode({k: event[k] for k in kept})
     except (TypeError, ValueError):
         return None
+    line = f"{head[:-1]}{', ' if kept else ''}{tail}, \"log_time\": {when!r}}}\n"
+    return line.encode("utf-8", "backslashreplace")
 
 
+_INF = float("inf")
 # The keys written for each shape (key order) of access record seen.
 _KEPT: dict[tuple[str, ...], list[str]] = {}
+# The JSON of the constant log_* fields, by (format, namespace, level).
+_TAILS: dict[tuple[object, object, object], str] = {}
 # json.dumps' defaults, without the circular-reference check (scalars only).
 _ENCODER = json.JSONEncoder(check_circular=False)
 

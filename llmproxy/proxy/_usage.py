@@ -401,6 +401,19 @@ def _fields_from_tail(tail: bytes) -> dict[str, int]:
     Returns:
         The valid token counts of that object, or an empty dict.
     """
+    last = tail.rfind(b'"usage"')
+    if last < 0:
+        return {}
+    match = _USAGE_KEY.match(tail, last)
+    if match is not None:
+        # The last "usage" key is normally the one: try it before finding
+        # them all.
+        try:
+            usage, _ = _DECODER.raw_decode(tail[match.end() - 1:].decode("utf-8"))
+        except (ValueError, RecursionError):
+            usage = None
+        if isinstance(usage, dict):
+            return _fields_of(usage)
     starts = [match.end() - 1 for match in _USAGE_KEY.finditer(tail)]
     if starts:
         # Fast path: let the C decoder find where the last object ends.
