@@ -238,6 +238,7 @@ class FastRequest:
         # The client gets its answer before the access record is written.
         send_now(self.channel.transport)
         self.finished = True
+        self.on_lost = None  # no cycle with the proxy's exchange
         if self._notifications:
             notifications, self._notifications = self._notifications, []
             for d in notifications:
@@ -257,8 +258,9 @@ class FastRequest:
     def connection_lost(self, reason: Failure) -> None:
         """The client's connection closed before the response was finished."""
         self.gone = True
-        if self.on_lost is not None:
-            self.on_lost(reason)
+        on_lost, self.on_lost = self.on_lost, None
+        if on_lost is not None:
+            on_lost(reason)
         notifications, self._notifications = self._notifications, []
         for d in notifications:
             d.errback(reason)
