@@ -9,6 +9,7 @@ twisted.web's HTTPChannel, so a test knows which path it exercised.
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 from collections.abc import AsyncIterator
@@ -446,3 +447,26 @@ async def test_error_responses_are_valid_and_keep_the_connection(fast: Fast) -> 
     assert len(gw.upstream.requests) == 1
     assert fast.handovers == []
     assert not peer.closed.called
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxied_requests_leave_no_reference_cycles(fast: Fast) -> None:
+    """Plain and streamed proxied requests are freed as soon as they end:
+    none leaves a reference cycle of llmproxy objects behind, so Python's
+    cyclic garbage collector never has to run for them (it cost about 25 µs
+    per request when each left one)."""
+    gw = await fast.start()
+    peer = await gw.connect()
+    assert_chat(await peer.exchange(chat("warm-up")), "warm-up")
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for i in range(5):
+            assert_chat(await peer.exchange(chat(f"m{i}")), f"m{i}")
+            assert (await peer.exchange(chat(f"s{i}", stream=True))).status == 200
+        gc.collect()
+        ours = [o for o in gc.garbage if type(o).__module__.startswith("llmproxy.")]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert ours == []
