@@ -671,3 +671,15 @@ def test_duplicate_target_map_key_is_an_error() -> None:
 
     assert err.key.startswith("target_map")
     assert "duplicate" in err.message
+
+
+@pytest.mark.parametrize("key", ['"sk-a\\nX-Injected: 1"', '"sk-a\\rb"', '""'])
+def test_api_key_with_a_line_break_is_refused(key: str) -> None:
+    """An upstream ``api_key`` is sent as a header value: one holding a line
+    break (which would split the upstream request) or nothing is refused,
+    naming the key, and the key itself is not echoed."""
+    err = config_error(
+        f'target_map:\n  "/v1/":\n    urls: ["http://up.example"]\n    api_key: {key}\n'
+    )
+    assert err.key.endswith("api_key")
+    assert "sk-a" not in str(err)

@@ -75,6 +75,13 @@ def _route(value: Any, path: str) -> RouteConfig:
     eject_after = route.get("eject_after", _positive_int) or 5
     cooldown = route.get("cooldown", _number) or 30.0
     api_key = route.get("api_key", _string)
+    if api_key is not None and (
+        not api_key or any(ord(c) < 0x20 or ord(c) == 0x7F for c in api_key)
+    ):
+        # It is sent as a header value: a line break would split the request.
+        raise ConfigError(
+            _join(path, "api_key"), "must be non-empty, without control characters"
+        )
     auth_header = route.get("auth_header", _string) or "bearer"
     if auth_header not in AUTH_HEADERS:
         raise ConfigError(

@@ -215,7 +215,14 @@ class _Connection(Protocol):
             if end > MAX_HEAD:
                 self._bad_head(f"response head over {MAX_HEAD} bytes")
                 return
-            lines = buf[:end].split(b"\r\n")
+            head = buf[:end]
+            joined = head.replace(b"\r\n", b"")
+            if b"\r" in joined or b"\n" in joined or b"\x00" in joined:
+                # A bare CR or LF (or NUL) in a header value could split the
+                # client's response: refuse it.
+                self._bad_head("bare CR, LF or NUL in the response head")
+                return
+            lines = head.split(b"\r\n")
             buf = buf[end + 4:]
             version, _, rest = lines[0].partition(b" ")
             code_text, _, phrase = rest.partition(b" ")
