@@ -266,6 +266,13 @@ class FastRequest:
             d.errback(reason)
 
 
+def _no_delay(transport: Any) -> None:
+    """Turn Nagle's algorithm off: a stream's small chunks leave at once."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        set_no_delay(True)
+
+
 class FastChannel(Protocol, TimeoutMixin):
     """Serves plain HTTP/1.1 proxy requests; hands the rest to twisted.web.
 
@@ -293,6 +300,7 @@ class FastChannel(Protocol, TimeoutMixin):
         self.callLater = site.reactor.callLater  # for TimeoutMixin
 
     def connectionMade(self) -> None:
+        _no_delay(self.transport)
         self.peer = self.transport.getPeer()
         self.secure = ISSLTransport.providedBy(self.transport)
         self.setTimeout(self.site.timeOut)

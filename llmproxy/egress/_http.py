@@ -169,6 +169,9 @@ class _Connection(Protocol):
         self.lost: list[Deferred[None]] = []
 
     def connectionMade(self) -> None:
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:  # requests leave at once (no Nagle)
+            set_no_delay(True)
         peer = self.transport.getPeer()
         host, port = getattr(peer, "host", None), getattr(peer, "port", None)
         self.address = host_port(host, port) if host is not None and port is not None else None

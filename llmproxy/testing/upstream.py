@@ -659,7 +659,11 @@ def main(argv: list[str] | None = None) -> None:
             log.info("fake upstream on {host}:{port}", host=address.host, port=address.port)
             return Deferred()  # never fires: run until the reactor stops
 
-        return listen(reactor, f"tcp:{args.port}:interface={interface}").addCallback(started)
+        # A backlog like real servers' (Twisted's default is 50): the
+        # benchmark opens a thousand connections a second.
+        return listen(
+            reactor, f"tcp:{args.port}:interface={interface}:backlog=1024"
+        ).addCallback(started)
 
     react(run)
 
