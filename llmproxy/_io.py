@@ -17,10 +17,24 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["send_now"]
+__all__ = ["no_delay", "send_now"]
 
 #: Requests in flight on the fast path (llmproxy._server keeps count).
 active = 0
+
+
+def no_delay(transport: Any) -> None:
+    """Turn Nagle's algorithm off on a TCP transport (a no-op for others).
+
+    A stream's small chunks then leave at once instead of waiting for the
+    peer's acknowledgement of the previous ones.
+
+    Args:
+        transport: A connection's transport.
+    """
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        set_no_delay(True)
 
 
 def send_now(transport: Any) -> None:

@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES, RESPONSES, datetimeToString
 
 from llmproxy import _io
-from llmproxy._io import send_now
+from llmproxy._io import no_delay, send_now
 
 if TYPE_CHECKING:
     from llmproxy.web import LLMProxySite
@@ -266,13 +266,6 @@ class FastRequest:
             d.errback(reason)
 
 
-def _no_delay(transport: Any) -> None:
-    """Turn Nagle's algorithm off: a stream's small chunks leave at once."""
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        set_no_delay(True)
-
-
 class FastChannel(Protocol, TimeoutMixin):
     """Serves plain HTTP/1.1 proxy requests; hands the rest to twisted.web.
 
@@ -300,7 +293,7 @@ class FastChannel(Protocol, TimeoutMixin):
         self.callLater = site.reactor.callLater  # for TimeoutMixin
 
     def connectionMade(self) -> None:
-        _no_delay(self.transport)
+        no_delay(self.transport)
         self.peer = self.transport.getPeer()
         self.secure = ISSLTransport.providedBy(self.transport)
         self.setTimeout(self.site.timeOut)

@@ -34,7 +34,7 @@ from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceiv
 from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
-from llmproxy._io import send_now
+from llmproxy._io import no_delay, send_now
 from llmproxy.egress._connect import host_port
 
 if TYPE_CHECKING:
@@ -169,9 +169,7 @@ class _Connection(Protocol):
         self.lost: list[Deferred[None]] = []
 
     def connectionMade(self) -> None:
-        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:  # requests leave at once (no Nagle)
-            set_no_delay(True)
+        no_delay(self.transport)
         peer = self.transport.getPeer()
         host, port = getattr(peer, "host", None), getattr(peer, "port", None)
         self.address = host_port(host, port) if host is not None and port is not None else None
