@@ -155,9 +155,6 @@ class FastRequest:
         self.finished = False
         self.gone = False
         self._notifications: list[Deferred[None]] = []
-        #: Called with the reason if the client leaves before the end (a
-        #: cheaper notifyFinish for the proxy).
-        self.on_lost: Any = None
 
     # -- what the request said ---------------------------------------------
 
@@ -238,7 +235,6 @@ class FastRequest:
         # The client gets its answer before the access record is written.
         send_now(self.channel.transport)
         self.finished = True
-        self.on_lost = None  # no cycle with the proxy's exchange
         if self._notifications:
             notifications, self._notifications = self._notifications, []
             for d in notifications:
@@ -258,9 +254,6 @@ class FastRequest:
     def connection_lost(self, reason: Failure) -> None:
         """The client's connection closed before the response was finished."""
         self.gone = True
-        on_lost, self.on_lost = self.on_lost, None
-        if on_lost is not None:
-            on_lost(reason)
         notifications, self._notifications = self._notifications, []
         for d in notifications:
             d.errback(reason)

@@ -51,9 +51,9 @@ async def test_trusted_proxy_chain_names_the_client(reactor, upstreams, proxies,
         "trusted_proxies: [127.0.0.0/8, 10.0.0.0/8]\nrate_limit: {rate: 0.001, burst: 1}\n",
     )
     first, _ = await fetch(client, reactor, proxy + "/v1/models", method=b"GET",
-                           headers={"X-Forwarded-For": "203.0.113.7, 10.0.0.9"})
+                           headers={"X-Forwarded-For": "203.0.113.7, 127.0.0.9"})
     again, _ = await fetch(client, reactor, proxy + "/v1/models", method=b"GET",
-                           headers={"X-Forwarded-For": "203.0.113.7, 10.0.0.9"})
+                           headers={"X-Forwarded-For": "203.0.113.7, 127.0.0.9"})
     other, _ = await fetch(client, reactor, proxy + "/v1/models", method=b"GET",
                            headers={"X-Forwarded-For": "203.0.113.8"})
     assert (first.code, again.code, other.code) == (200, 429, 200)

@@ -117,8 +117,18 @@ def _detached(d: Deferred[Any]) -> Deferred[Any]:
 class _Decided:
     """An attempt that waits for the direct-or-proxy decision first."""
 
-    def __init__(self, send: Callable[..., Any], *args: Any) -> None:
+    def __init__(
+        self, send: Callable[..., Any], on_failure: Callable[[Failure], object], *args: Any
+    ) -> None:
+        """Remember the send.
+
+        Args:
+            send: Called as ``send(route, *args, on_failure)`` once decided.
+            on_failure: Where a cancellation before then is reported.
+            args: The rest of ``send``'s arguments.
+        """
         self._send = send
+        self._on_failure = on_failure
         self._args = args
         self._attempt: Any = None
         self._cancelled = False
@@ -128,7 +138,7 @@ class _Decided:
 
     def _decided(self, route: str) -> None:
         if not self._cancelled:
-            self._attempt = self._send(route, *self._args)
+            self._attempt = self._send(route, *self._args, self._on_failure)
 
     def cancel(self) -> None:
         if self._cancelled:
@@ -137,8 +147,7 @@ class _Decided:
         if self._attempt is not None:
             self._attempt.cancel()
         else:
-            on_failure = self._args[-1]
-            on_failure(Failure(CancelledError()))
+            self._on_failure(Failure(CancelledError()))
 
 
 @attrs.frozen
@@ -254,7 +263,9 @@ class Egress:
         self.no_proxy = NoProxy(config.no_proxy)
         self.direct_networks = NetworkSet(config.direct_networks)
         self._upstreams: OrderedDict[str, Upstream] = OrderedDict()
-        self._endpoints: OrderedDict[tuple[str, str, int], IStreamClientEndpoint] = OrderedDict()
+        self._endpoints: OrderedDict[tuple[str, str, str, int], IStreamClientEndpoint] = (
+            OrderedDict()
+        )
         self.proxy: _Proxy | None = None
         if config.proxy_url is not None:
             self.proxy = _Proxy.parse(config.proxy_url)
@@ -318,9 +329,7 @@ class Egress:
         """
         if route == PROXY and upstream.scheme == "http":
             return self.proxy_endpoint
-        key = (route, upstream.host, upstream.port)
-        if upstream.scheme == "http":
-            key = (route + "+http", upstream.host, upstream.port)
+        key = (route, upstream.scheme, upstream.host, upstream.port)
         endpoint = self._endpoints.get(key)
         if endpoint is not None:
             return endpoint
@@ -341,11 +350,8 @@ class Egress:
                 upstream.port, self.proxy.authorization, timeout,
             )
         if upstream.scheme == "https":
-            creator = self.policy.creatorForNetloc(
-                upstream.host.encode("idna") if ":" not in upstream.host
-                else upstream.host.encode("ascii"),
-                upstream.port,
-            )
+            # Upstream.parse made the host ASCII (IDNA) already.
+            creator = self.policy.creatorForNetloc(upstream.host.encode("ascii"), upstream.port)
             endpoint = wrapClientTLS(creator, endpoint)
         self._endpoints[key] = endpoint
         if len(self._endpoints) > self.MAX_CACHED:
@@ -411,8 +417,8 @@ class Egress:
         if self.proxy is None or via == DIRECT:
             return self._send(DIRECT, upstream, method, target, headers, body,
                               on_response, on_failure)
-        pending = _Decided(self._send, upstream, method, target, headers, body,
-                           on_response, on_failure)
+        pending = _Decided(self._send, on_failure, upstream, method, target, headers, body,
+                           on_response)
         pending.start(self.decide(upstream.host, via))
         return pending
 

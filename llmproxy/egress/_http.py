@@ -286,7 +286,7 @@ class _Connection(Protocol):
         self.framing = framing
         self.remaining = length or 0
         self.keep = not close
-        response = UpstreamResponse(self, code, phrase, headers, length if framing != _CHUNKED else None)
+        response = UpstreamResponse(self, code, phrase, headers, length)
         response.egress = attempt.egress
         if response.address is None:
             response.address = attempt.address

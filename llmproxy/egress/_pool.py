@@ -100,7 +100,7 @@ class _Attempt:
         self.conn = None
         self.start(fresh=True)
 
-    def cancel(self, d: Any = None) -> None:
+    def cancel(self) -> None:
         """Stop: close the connection (or stop connecting); fail if not ended."""
         if self.connecting is not None:
             connecting, self.connecting = self.connecting, None

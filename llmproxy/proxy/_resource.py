@@ -13,7 +13,6 @@ from twisted.web.http import NO_BODY_CODES
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from llmproxy._server import FastRequest
 from llmproxy.config import TimeoutsConfig
 from llmproxy.egress import Egress, TunnelError, TunnelTimeout, UpstreamResponse
 from llmproxy.limits import client_ip, presented_key, retry_after
@@ -159,10 +158,7 @@ class ProxyResource(Resource):
         exchange.fallbacks = list(route.fallbacks)
         if route.rewrite_model is not None:
             self._switch_model(exchange, route.rewrite_model, body)
-        if isinstance(request, FastRequest):
-            request.on_lost = exchange.on_client_gone  # no Deferred needed
-        else:
-            request.notifyFinish().addErrback(exchange.on_client_gone)
+        request.notifyFinish().addErrback(exchange.on_client_gone)
         self.inflight.add(exchange)
         exchange.on_done = self._done
         self._attempt(exchange)

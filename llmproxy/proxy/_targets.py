@@ -83,8 +83,9 @@ _PATH_SAFE = b"/%:@!$&'()*+,;=-._~"
 _QUERY_SAFE = _PATH_SAFE + b"?"
 
 
-_PATH_OK = re.compile(rb"[A-Za-z0-9/%:@!$&'()*+,;=\-._~]*")
-_QUERY_OK = re.compile(rb"[A-Za-z0-9/%:@!$&'()*+,;=\-._~?]*")
+# What needs no encoding at all (the safe bytes plus letters and digits).
+_PATH_OK = re.compile(b"[A-Za-z0-9" + re.escape(_PATH_SAFE) + b"]*")
+_QUERY_OK = re.compile(b"[A-Za-z0-9" + re.escape(_QUERY_SAFE) + b"]*")
 
 
 def _safe_path(path: bytes) -> bytes:

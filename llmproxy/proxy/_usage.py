@@ -405,16 +405,13 @@ def _fields_from_tail(tail: bytes) -> dict[str, int]:
     if last < 0:
         return {}
     match = _USAGE_KEY.match(tail, last)
-    if match is not None:
-        # The last "usage" key is normally the one: try it before finding
-        # them all.
-        try:
-            usage, _ = _DECODER.raw_decode(tail[match.end() - 1:].decode("utf-8"))
-        except (ValueError, RecursionError):
-            usage = None
-        if isinstance(usage, dict):
-            return _fields_of(usage)
-    starts = [match.end() - 1 for match in _USAGE_KEY.finditer(tail)]
+
+    def candidates() -> list[int]:
+        return [found.end() - 1 for found in _USAGE_KEY.finditer(tail)]
+
+    # The last "usage" is normally the key: then there is no need to find
+    # every candidate unless it turns out broken.
+    starts = [match.end() - 1] if match is not None else candidates()
     if starts:
         # Fast path: let the C decoder find where the last object ends.
         try:
@@ -423,6 +420,8 @@ def _fields_from_tail(tail: bytes) -> dict[str, int]:
             usage = None
         if isinstance(usage, dict):
             return _fields_of(usage)
+    if match is not None:
+        starts = candidates()
     for start in reversed(starts[-_MAX_CANDIDATES:]):
         end = _object_end(tail, start)
         if end is None:
