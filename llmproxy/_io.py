@@ -1,23 +1,36 @@
-"""Sending written bytes now instead of on the reactor's next turn.
+"""Sending written bytes without the reactor's write registration.
 
-A Twisted TCP transport buffers every ``write`` and sends it when the
-reactor next polls. For a lone request that costs a whole reactor turn per
-hop and puts work done after the write (the access record, say) before the
-bytes leave. :func:`send_now` asks a plain TCP transport to send what it
-buffered at once, which is what the reactor would do next, through the
-transport's public ``doWrite`` (IWriteDescriptor).
+A Twisted TCP transport buffers every ``write``, registers with the reactor
+for writing, sends on the next poll and unregisters: two ``epoll_ctl`` calls
+and one more dispatched event for every write. :func:`write_now` bypasses
+that for plain TCP transports with nothing queued:
 
-Only while at most one fast-path request is in flight (:data:`active`):
-under load, leaving the sends to the reactor's poll measured about 10 %
-more requests per second, while for a single client sending at once cut
-the median added latency by about 0.15 ms.
+- While at most one fast-path request is in flight (:data:`active`), the
+  bytes are sent at once, so a lone request's answer leaves before the work
+  done after the write (the access record, say).
+- Under load, writes are held until the end of the current reactor
+  iteration and then sent together (one ``callLater(0)`` per iteration).
+  Sending each write at once under load measured slower than Twisted's own
+  buffering (more system time per request, on this VM), while sending them
+  together at the end of the iteration measured about 18 % more requests
+  per second than Twisted's buffering.
+
+What the socket does not take goes to ``transport.write`` as usual, and so
+does everything for other transports (TLS, tests' fakes). Held writes keep
+their order; code that writes to a transport without this module first
+calls :func:`flush`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["no_delay", "send_now"]
+from twisted.internet.tcp import Connection
+from twisted.logger import Logger
+
+__all__ = ["flush", "no_delay", "write_now"]
+
+log = Logger()
 
 #: Requests in flight on the fast path (llmproxy._server keeps count).
 active = 0
@@ -37,24 +50,60 @@ def no_delay(transport: Any) -> None:
         set_no_delay(True)
 
 
-def send_now(transport: Any) -> None:
-    """Send ``transport``'s buffered bytes now, if it is plain TCP.
+def _eligible(transport: Any) -> bool:
+    """Whether bytes may go to ``transport``'s socket past its buffer."""
+    return (
+        isinstance(transport, Connection)
+        and transport.connected
+        and not transport.disconnecting
+        and not transport.TLS
+        and not transport.dataBuffer
+        # Queued writes wait here until the next doWrite; Twisted keeps no
+        # public flag for them. Without the attribute, always queue.
+        and not getattr(transport, "_tempDataBuffer", True)
+    )
 
-    Nothing is done for other transports (TLS, tests' fakes) or for one that
-    is closing: there the reactor's own turn must see the end of the
-    buffer, since that is when it finishes the close. A send error is left
-    for the reactor too: the transport is still registered for writing, so
-    its next ``doWrite`` reports the error and the connection is lost as
-    usual.
+
+def _send(transport: Any, data: bytes) -> None:
+    """Send ``data`` now if possible; queue the rest on the transport."""
+    if _eligible(transport):
+        sent = transport.writeSomeData(data)
+        if type(sent) is int:
+            if sent == len(data):
+                return
+            data = data[sent:]
+        # A send error: the transport's own doWrite finds and reports it.
+    transport.write(data)
+
+
+#: Writes held until the end of this reactor iteration, in order.
+_held: list[tuple[Any, bytes]] = []
+
+
+def flush() -> None:
+    """Send every held write now (in the order they were written)."""
+    while _held:
+        held = _held[:]
+        del _held[:]
+        for transport, data in held:
+            try:
+                _send(transport, data)
+            except Exception:
+                log.failure("writing to {transport!r}", transport=transport)
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """Write ``data`` to ``transport``: at once, at the iteration's end, or queued.
 
     Args:
-        transport: The transport just written to.
+        transport: The connection's transport.
+        data: The bytes to send.
     """
-    if active > 1:
+    if not data:
         return
-    do_write = getattr(transport, "doWrite", None)
-    if do_write is None or transport.disconnecting or not transport.connected:
+    if _held or (active > 1 and _eligible(transport)):
+        if not _held:
+            transport.reactor.callLater(0, flush)
+        _held.append((transport, data))
         return
-    if getattr(transport, "TLS", False):
-        return
-    do_write()
+    _send(transport, data)

@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES, RESPONSES, datetimeToString
 
 from llmproxy import _io
-from llmproxy._io import no_delay, send_now
+from llmproxy._io import no_delay, write_now
 
 if TYPE_CHECKING:
     from llmproxy.web import LLMProxySite
@@ -204,22 +204,16 @@ class FastRequest:
     def write(self, data: bytes) -> None:
         if self.gone or self.finished:
             return
-        transport = self.channel.transport
-        if not self.started:
-            head = self._head()
-            if self.code in NO_BODY_CODES:
-                transport.write(head)
-                return
-            if not self.chunked:
-                transport.write(head + data)
-                return
-            transport.write(head)
+        # The head leaves with the first bytes of the body.
+        head = b"" if self.started else self._head()
         if not data or self.code in NO_BODY_CODES:
-            return
-        if self.chunked:
-            transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+            out = head
+        elif self.chunked:
+            out = b"%s%x\r\n%s\r\n" % (head, len(data), data)
         else:
-            transport.write(data)
+            out = head + data if head else data
+        if out:
+            write_now(self.channel.transport, out)
 
     def finish(self) -> None:
         if self.gone or self.finished:
@@ -230,10 +224,8 @@ class FastRequest:
             ):
                 self.responseHeaders.setRawHeaders(b"content-length", [b"0"])
             self.write(b"")
-        elif self.chunked:
-            self.channel.transport.write(b"0\r\n\r\n")
-        # The client gets its answer before the access record is written.
-        send_now(self.channel.transport)
+        if self.chunked:
+            write_now(self.channel.transport, b"0\r\n\r\n")
         self.finished = True
         if self._notifications:
             notifications, self._notifications = self._notifications, []
@@ -399,6 +391,7 @@ class FastChannel(Protocol, TimeoutMixin):
         self.current = None
         _io.active -= 1
         if not request.persistent:
+            _io.flush()
             self.transport.loseConnection()
             return
         self.resetTimeout()  # idle from now on
@@ -415,6 +408,7 @@ class FastChannel(Protocol, TimeoutMixin):
     def _hand_over(self) -> None:
         """Let twisted.web's HTTPChannel serve this connection from here."""
         self.setTimeout(None)
+        _io.flush()  # twisted.web writes to the transport itself
         if self.need:
             self.buf, self.parts, self.need = b"".join(self.parts), [], 0
         inner = self.site.build_web_channel(self.addr)

@@ -34,7 +34,7 @@ from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceiv
 from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
-from llmproxy._io import no_delay, send_now
+from llmproxy._io import no_delay, write_now
 from llmproxy.egress._connect import host_port
 
 if TYPE_CHECKING:
@@ -181,8 +181,7 @@ class _Connection(Protocol):
         attempt.conn = self
         self.state = _HEAD
         self.got_bytes = False
-        self.transport.write(attempt.data)
-        send_now(self.transport)
+        write_now(self.transport, attempt.data)
 
     def abandon(self) -> None:
         """The request was cancelled before its head arrived."""
