@@ -240,10 +240,14 @@ def _rss_mb(pid: int) -> float:
 def _run_streams(args: argparse.Namespace, results: dict[str, Any], work: Path,
                  proxy_core: int | None, other_core: int | None) -> None:
     """The streams, streams-fast and idle scenarios."""
+    # Both keep about 1,000 streams open at once: streams of 10 s (20 chunks
+    # 500 ms apart) start at 100 a second, streams of 1 s (50 ms apart) at
+    # 1,000 a second. Starts are spread evenly over at least twice a
+    # stream's length, so the second half runs at the full concurrency.
     fast = args.scenario == "streams-fast"
-    count = 1000 * max(1, int(args.duration)) if fast else 1000
-    spread = max(1.0, args.duration) if fast else 1.0
-    delay = 0.05 if fast else 0.5
+    rate, delay = (1000, 0.05) if fast else (100, 0.5)
+    spread = max(2 * 20 * delay, args.duration)
+    count = int(rate * spread)
     load = [str(count), str(spread), "20", str(delay)]
     upstream_port = _free_port()
     upstream = _start_upstream("sse", upstream_port, other_core, work)

@@ -114,7 +114,7 @@ class _Exchange:
         self.query = b""
         self.body_sent = b""
         if metrics is not None:
-            metrics.inflight.inc()
+            metrics.started()
 
     def elapsed_ms(self) -> float:
         """Milliseconds since the request arrived."""
@@ -150,7 +150,6 @@ class _Exchange:
             )
             _access.observer(event)
         if self.metrics is not None:
-            self.metrics.inflight.dec()
             self.metrics.observe(record)
         if self.on_done is not None:
             self.on_done(self)
