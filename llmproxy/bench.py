@@ -192,12 +192,56 @@ http {{
 """
 
 
-def _start_upstream(scenario: str, port: int, core: int | None, work: Path) -> subprocess.Popen:
-    """nginx with a canned completion for nonstream (when installed), else the fake."""
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    if scenario == "nonstream" and nginx:
+#: Debian's echo module (libnginx-mod-http-echo): nginx then streams too.
+_ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
+
+
+def _sse_event(delta: dict[str, Any], finish: str | None = None) -> str:
+    """One chat.completion.chunk event, as the fake upstream sends them."""
+    chunk = {
+        "id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0,
+        "model": "bench",
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+    return f"data: {json.dumps(chunk)}\\n\\n"
+
+
+def _nginx_stream_location(chunks: int, delay: float) -> str:
+    """An nginx location streaming an SSE chat completion like the fake
+    upstream's: the role event at once, ``chunks`` content events
+    ``delay`` seconds apart, the stop event and ``[DONE]``."""
+    lines = ["default_type text/event-stream;", "echo_read_request_body;",
+             f"echo -n '{_sse_event({'role': 'assistant', 'content': ''})}';", "echo_flush;"]
+    for _ in range(chunks):
+        if delay:
+            lines.append(f"echo_sleep {delay};")
+        lines += [f"echo -n '{_sse_event({'content': 'Hello! '})}';", "echo_flush;"]
+    lines.append(f"echo -n '{_sse_event({}, 'stop')}data: [DONE]\\n\\n';")
+    return "\n            ".join(lines)
+
+
+def _nginx() -> str | None:
+    found = shutil.which("nginx")
+    return found or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+
+
+def _start_upstream(scenario: str, port: int, core: int | None, work: Path,
+                    chunks: int = 20, delay: float = 0.0) -> subprocess.Popen:
+    """nginx when installed (a canned completion; with the echo module also
+    ``chunks`` SSE events ``delay`` s apart for streams), else the fake."""
+    nginx = _nginx()
+    streaming = scenario != "nonstream"
+    if nginx and (not streaming or _ECHO_MODULE.exists()):
         conf = work / "nginx.conf"
-        conf.write_text(_NGINX.format(work=work, port=port, body=_COMPLETION))
+        if streaming:
+            text = _NGINX.replace(
+                "default_type application/json;\n            return 200 '{body}';", "{location}"
+            ).format(
+                work=work, port=port, location=_nginx_stream_location(chunks, delay))
+            text = f"load_module {_ECHO_MODULE};\n{text}"
+        else:
+            text = _NGINX.format(work=work, port=port, body=_COMPLETION)
+        conf.write_text(text)
         return _start([*_pin(core), nginx, "-c", str(conf), "-p", str(work)],
                       str(work), work / "upstream.log")
     return _start(
@@ -250,8 +294,8 @@ def _run_streams(args: argparse.Namespace, results: dict[str, Any], work: Path,
     count = int(rate * spread)
     load = [str(count), str(spread), "20", str(delay)]
     upstream_port = _free_port()
-    upstream = _start_upstream("sse", upstream_port, other_core, work)
-    results["upstream"] = "fake upstream"
+    upstream = _start_upstream(args.scenario, upstream_port, other_core, work, 20, delay)
+    results["upstream"] = "nginx" if "nginx" in str(upstream.args) else "fake upstream"
     try:
         _wait_listening(upstream_port, upstream, work / "upstream.log")
         path = "/v1/chat/completions"
