@@ -60,6 +60,8 @@ _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
 _NO_BODY_CODES = frozenset((204, 304))
 # A chunk size: hex digits only (no sign, prefix or "_"), at most 2**64 - 1.
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+#: A chunk's size line without extensions (the fast path).
+_CHUNK_HEAD = re.compile(rb"([0-9A-Fa-f]{1,16})\r\n")
 
 
 class UpstreamProtocolError(Exception):
@@ -339,7 +341,17 @@ class _Connection(Protocol):
         size = len(buf)
         while position < size and self.state == _BODY:
             state = self.chunk_state
-            if state == _DATA:
+            if state == _SIZE:
+                # The common case first: a whole chunk with a plain size line.
+                match = _CHUNK_HEAD.match(buf, position)
+                if match is not None:
+                    start = match.end()
+                    end = start + int(match[1], 16)
+                    if end > start and buf[end:end + 2] == b"\r\n":
+                        position = end + 2
+                        self._emit(buf[start:end])
+                        continue
+            elif state == _DATA:
                 take = min(self.remaining, size - position)
                 piece = buf[position:position + take]
                 position += take
