@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from typing import Any
 
@@ -491,3 +492,24 @@ async def test_mounted_under_a_prefix_beside_another_resource(
     finally:
         await port.stopListening()
         await llm.close()
+
+
+def test_generated_request_ids_are_unique_and_differ_after_fork() -> None:
+    """Generated ids are valid uuid4s, never repeat, and a forked worker
+    does not hand out the ids its parent will (they come in batches)."""
+    from llmproxy.proxy._targets import request_id_for
+
+    ids = [request_id_for(None) for _ in range(600)]
+    assert len(set(ids)) == 600
+    assert all(str(uuid.UUID(i)) == i and uuid.UUID(i).version == 4 for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next id and leave at once
+        os.write(write, request_id_for(None).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    assert uuid.UUID(child).version == 4
+    assert child != request_id_for(None)
