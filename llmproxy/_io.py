@@ -16,9 +16,10 @@ that for plain TCP transports with nothing queued:
   per second than Twisted's buffering.
 
 What the socket does not take goes to ``transport.write`` as usual, and so
-does everything for other transports (TLS, tests' fakes). Held writes keep
-their order; code that writes to a transport without this module first
-calls :func:`flush`.
+does everything for other transports (TLS, tests' fakes). A transport's
+held writes go out in order and in one send (a stream whose events arrive
+together leaves in one piece); code that writes to a transport without this
+module first calls :func:`flush`.
 """
 
 from __future__ import annotations
@@ -76,18 +77,19 @@ def _send(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
-#: Writes held until the end of this reactor iteration, in order.
-_held: list[tuple[Any, bytes]] = []
+#: Writes held until the end of this reactor iteration: each transport's
+#: pieces in order (one send per transport when flushed).
+_held: dict[Any, list[bytes]] = {}
 
 
 def flush() -> None:
-    """Send every held write now (in the order they were written)."""
+    """Send every held write now, each transport's pieces as one."""
     while _held:
-        held = _held[:]
-        del _held[:]
-        for transport, data in held:
+        held = list(_held.items())
+        _held.clear()
+        for transport, pieces in held:
             try:
-                _send(transport, data)
+                _send(transport, pieces[0] if len(pieces) == 1 else b"".join(pieces))
             except Exception:
                 log.failure("writing to {transport!r}", transport=transport)
 
@@ -101,9 +103,12 @@ def write_now(transport: Any, data: bytes) -> None:
     """
     if not data:
         return
-    if _held or (active > 1 and _eligible(transport)):
+    pieces = _held.get(transport)
+    if pieces is not None:
+        pieces.append(data)
+    elif active > 1 and _eligible(transport):
         if not _held:
             transport.reactor.callLater(0, flush)
-        _held.append((transport, data))
-        return
-    _send(transport, data)
+        _held[transport] = [data]
+    else:
+        _send(transport, data)
