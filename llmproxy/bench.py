@@ -209,13 +209,16 @@ def _sse_event(delta: dict[str, Any], finish: str | None = None) -> str:
 def _nginx_stream_location(chunks: int, delay: float) -> str:
     """An nginx location streaming an SSE chat completion like the fake
     upstream's: the role event at once, ``chunks`` content events
-    ``delay`` seconds apart, the stop event and ``[DONE]``."""
+    ``delay`` seconds apart, the stop event and ``[DONE]``. With a delay
+    each event is flushed on its own; without one, nginx sends the events
+    as they fill its buffer (as the fake upstream does)."""
+    flush = ["echo_flush;"] if delay else []
     lines = ["default_type text/event-stream;", "echo_read_request_body;",
-             f"echo -n '{_sse_event({'role': 'assistant', 'content': ''})}';", "echo_flush;"]
+             f"echo -n '{_sse_event({'role': 'assistant', 'content': ''})}';", *flush]
     for _ in range(chunks):
         if delay:
             lines.append(f"echo_sleep {delay};")
-        lines += [f"echo -n '{_sse_event({'content': 'Hello! '})}';", "echo_flush;"]
+        lines += [f"echo -n '{_sse_event({'content': 'Hello! '})}';", *flush]
     lines.append(f"echo -n '{_sse_event({}, 'stop')}data: [DONE]\\n\\n';")
     return "\n            ".join(lines)
 
