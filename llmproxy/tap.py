@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 
 from llmproxy.config import Config, ConfigError, load_config, redact_url
 from llmproxy import logs
+from llmproxy._loop import lighten
 from llmproxy.logs import file_log_service
 from llmproxy.web import build_admin_resource, build_resource, build_site
 
@@ -418,6 +419,7 @@ def makeService(options: Options) -> MultiService:
     config = getattr(options, "loaded", None) or load_config(options["config"])
     daemon = build_service(config, reactor, path=options["config"])
     daemon.handle_signals = True
+    lighten(reactor)
     return daemon
 
 
@@ -531,6 +533,7 @@ def _worker_main(argv: list[str]) -> None:
     )
     daemon = build_service(config, reactor, args.config, worker=args.worker)
     daemon.handle_signals = True
+    lighten(reactor)
     daemon.privilegedStartService()
     reactor.callWhenRunning(daemon.startService)
     reactor.addSystemEventTrigger("before", "shutdown", daemon.stopService)

@@ -1,0 +1,120 @@
+"""The daemon's lighter reactor loop (llmproxy._loop).
+
+Each test builds its own epoll reactor (never run; its loop is stepped by
+hand) with a socket pair, so the global reactor is untouched. The daemon
+itself runs on the lightened loop in every twistd test (test_tap).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+
+from llmproxy._loop import lighten
+
+epollreactor = pytest.importorskip("twisted.internet.epollreactor")
+
+
+class _Reader(FileDescriptor):
+    """Reads one end of a socket pair; ``fail`` makes its handlers raise."""
+
+    def __init__(self, reactor: Any, sock: socket.socket, fail: str = "") -> None:
+        super().__init__(reactor)
+        self.sock = sock
+        self.fail = fail
+        self.received = b""
+        self.lost: list[Any] = []
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def doRead(self) -> Any:
+        if self.fail == "doRead":
+            raise RuntimeError("doRead failed")
+        self.received += self.sock.recv(4096)
+        return None
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost.append(reason)
+        if self.fail:
+            raise RuntimeError("connectionLost failed too")
+
+
+@pytest.fixture
+def pair() -> Any:
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_lightened_loop_delivers_socket_events(pair: Any) -> None:
+    """After lighten, a step of the loop still delivers a readable socket's
+    bytes to its reader, and a step with nothing ready returns."""
+    reactor = epollreactor.EPollReactor()
+    assert lighten(reactor) is True
+    reader = _Reader(reactor, pair[0])
+    reactor.addReader(reader)
+    pair[1].sendall(b"hello")
+    reactor.doIteration(1.0)
+    assert reader.received == b"hello"
+    reactor.doIteration(0)
+    assert reader.received == b"hello"
+    reactor.removeReader(reader)
+
+
+class _Log:
+    """Collects what the loop logs."""
+
+    def __init__(self, into: list[dict]) -> None:
+        self.into = into
+
+    def failure(self, format: str, **kw: Any) -> None:
+        self.into.append({"format": format, "failure": Failure(), **kw})
+
+
+def test_a_failing_handler_is_logged_and_the_loop_goes_on(
+    pair: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader whose doRead raises is disconnected (as Twisted does); when
+    its connectionLost raises too, that is logged, not raised out of the
+    loop, and other sockets are still served."""
+    caught: list[dict] = []
+    monkeypatch.setattr("llmproxy._loop.log", _Log(caught))
+    reactor = epollreactor.EPollReactor()
+    lighten(reactor)
+    bad = _Reader(reactor, pair[0], fail="doRead")
+    reactor.addReader(bad)
+    other_a, other_b = socket.socketpair()
+    try:
+        good = _Reader(reactor, other_a)
+        reactor.addReader(good)
+        pair[1].sendall(b"x")
+        other_b.sendall(b"still served")
+        errors: list[Any] = []
+        monkeypatch.setattr("twisted.python.log.err", lambda *a, **k: errors.append(a))
+        reactor.doIteration(1.0)
+        reactor.doIteration(0)
+        assert len(bad.lost) == 1 and bad not in reactor.getReaders()
+        assert caught and "connectionLost failed too" in repr(caught[0]["failure"].value)
+        assert good.received == b"still served"
+        reactor.removeReader(good)
+    finally:
+        other_a.close()
+        other_b.close()
+
+
+def test_other_reactors_and_a_second_call_are_left_alone() -> None:
+    """A reactor that is not epoll is not changed; neither is one changed
+    already."""
+    assert lighten(MemoryReactorClock()) is False
+    reactor = epollreactor.EPollReactor()
+    assert lighten(reactor) is True
+    step = reactor.doIteration
+    assert lighten(reactor) is False
+    assert reactor.doIteration is step
