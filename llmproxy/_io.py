@@ -9,7 +9,8 @@ that for plain TCP transports with nothing queued:
   bytes are sent at once, so a lone request's answer leaves before the work
   done after the write (the access record, say).
 - Under load, writes are held until the end of the current reactor
-  iteration and then sent together (one ``callLater(0)`` per iteration).
+  iteration and then sent together: by the daemon's own loop step
+  (:mod:`llmproxy._loop`), or else by one ``callLater(0)`` per iteration.
   Sending each write at once under load measured slower than Twisted's own
   buffering (more system time per request, on this VM), while sending them
   together at the end of the iteration measured about 18 % more requests
@@ -35,6 +36,12 @@ log = Logger()
 
 #: Requests in flight on the fast path (llmproxy._server keeps count).
 active = 0
+
+#: The reactor whose loop calls :func:`flush` itself, before each poll and
+#: after each poll's events (set by :func:`llmproxy._loop.lighten`): its
+#: transports' writes need no ``callLater(0)`` (a DelayedCall in the
+#: reactor's heap).
+flushing_loop: Any = None
 
 
 def no_delay(transport: Any) -> None:
@@ -107,7 +114,7 @@ def write_now(transport: Any, data: bytes) -> None:
     if pieces is not None:
         pieces.append(data)
     elif active > 1 and _eligible(transport):
-        if not _held:
+        if not _held and transport.reactor is not flushing_loop:
             transport.reactor.callLater(0, flush)
         _held[transport] = [data]
     else:

@@ -14,6 +14,9 @@ wrappers measured 8-13 % of the daemon's CPU.
 events still go to the reactor's own ``_doReadOrWrite``, which catches and
 logs what a protocol raises and disconnects it, and anything escaping that
 is logged here as ``callWithLogger`` would, so the loop never dies of it.
+The step also sends the writes :mod:`llmproxy._io` held (before polling:
+those of timers; after the events: theirs), which spares a ``callLater(0)``
+per iteration.
 Only an ``EPollReactor`` whose poll step and internals are exactly the
 ones this was written against is changed; any other reactor (or a Twisted
 whose internals moved) is left alone.
@@ -28,6 +31,8 @@ import errno
 from typing import Any
 
 from twisted.logger import Logger
+
+from llmproxy import _io
 
 __all__ = ["lighten"]
 
@@ -60,12 +65,21 @@ def lighten(reactor: Any) -> bool:
         return False
 
     def do_poll(timeout: float | None) -> None:
+        if _io._held:
+            _io.flush()  # what timers and thread calls wrote just now
         try:
             events = poller.poll(-1 if timeout is None else timeout, len(selectables))
         except OSError as e:
             if e.errno == errno.EINTR:
                 return
             raise
+        try:
+            _dispatch(events)
+        finally:
+            if _io._held:
+                _io.flush()  # what the events wrote, together
+
+    def _dispatch(events: list[tuple[int, int]]) -> None:
         for fd, event in events:
             selectable = selectables.get(fd)
             if selectable is None:
@@ -79,4 +93,5 @@ def lighten(reactor: Any) -> bool:
                             selectable=selectable)
 
     reactor.doIteration = do_poll
+    _io.flushing_loop = reactor
     return True

@@ -118,3 +118,42 @@ def test_other_reactors_and_a_second_call_are_left_alone() -> None:
     step = reactor.doIteration
     assert lighten(reactor) is False
     assert reactor.doIteration is step
+
+
+def test_the_loop_sends_held_writes_without_a_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under load (writes held), the lightened loop itself sends what was
+    written: during an event (after that poll) or from a timer (before the
+    next poll), with no DelayedCall scheduled for it."""
+    from twisted.internet.protocol import Factory, Protocol
+
+    from llmproxy import _io
+
+    reactor = epollreactor.EPollReactor()
+    lighten(reactor)
+    monkeypatch.setattr(_io, "active", 2)  # more than one request in flight
+    accepted: list[Protocol] = []
+
+    class Hello(Protocol):
+        def connectionMade(self) -> None:
+            accepted.append(self)
+            _io.write_now(self.transport, b"held ")
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Hello), interface="127.0.0.1")
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+    try:
+        for _ in range(50):
+            if accepted:
+                break
+            reactor.doIteration(0.1)
+        assert accepted and reactor.getDelayedCalls() == []
+        assert client.recv(100) == b"held "
+        _io.write_now(accepted[0].transport, b"from a timer")
+        assert reactor.getDelayedCalls() == []
+        reactor.doIteration(0)
+        assert client.recv(100) == b"from a timer"
+    finally:
+        client.close()
+        for protocol in accepted:
+            protocol.transport.abortConnection()
+        port.stopListening()
+        reactor.doIteration(0)
