@@ -1,10 +1,13 @@
 """A benchmark: ``python -m llmproxy.bench``.
 
-Starts the package's fake upstream and llmproxy (a real ``twistd``
-process each), drives load with ``wrk`` (Debian package ``wrk``), and
-reports requests/s and latency for the same load straight to the upstream,
-through the proxy with logging and metrics on, and with them off. With two
-or more cores the proxy is pinned to core 0 and everything else to core 1.
+Starts an upstream (nginx when installed: a canned completion, and with
+Debian's echo module SSE streams; else the package's fake upstream) and
+llmproxy (a real ``twistd`` process), drives load with ``wrk`` (Debian
+package ``wrk``) or the stream generator ``llmproxy._streamload``, and
+reports requests/s, latency or time to first byte for the same load
+straight to the upstream and through the proxy (with logging and metrics
+on, and for wrk's scenarios also off). With two or more cores the proxy is
+pinned to core 0 and everything else to core 1.
 
 This is a command-line tool, not part of the daemon: it blocks, waits on
 child processes and is never imported by the proxy.
