@@ -64,6 +64,9 @@ def _eligible(transport: Any) -> bool:
         isinstance(transport, Connection)
         and transport.connected
         and not transport.disconnecting
+        # abortConnection leaves the socket open until the next turn, but
+        # what is written after it must be dropped, as Twisted does.
+        and not getattr(transport, "_aborting", True)
         and not transport.TLS
         and not transport.dataBuffer
         # Queued writes wait here until the next doWrite; Twisted keeps no

@@ -241,6 +241,7 @@ class FastRequest:
 
     def loseConnection(self) -> None:
         self.persistent = False
+        _io.flush()  # what was written goes out before the close
         self.channel.transport.loseConnection()
 
     def connection_lost(self, reason: Failure) -> None:

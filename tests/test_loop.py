@@ -157,3 +157,48 @@ def test_the_loop_sends_held_writes_without_a_timer(monkeypatch: pytest.MonkeyPa
             protocol.transport.abortConnection()
         port.stopListening()
         reactor.doIteration(0)
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["held-then-abort", "abort-then-write"])
+def test_nothing_written_around_an_abort_reaches_the_peer(
+    monkeypatch: pytest.MonkeyPatch, held: bool
+) -> None:
+    """abortConnection drops what is written: a held write (a request
+    cancelled in the same step) and a write after the abort (a chunk for a
+    client just dropped) never reach the peer."""
+    from twisted.internet.protocol import Factory, Protocol
+
+    from llmproxy import _io
+
+    reactor = epollreactor.EPollReactor()
+    lighten(reactor)
+    monkeypatch.setattr(_io, "active", 2 if held else 0)
+    accepted: list[Protocol] = []
+
+    class Cancelled(Protocol):
+        def connectionMade(self) -> None:
+            accepted.append(self)
+            if held:
+                _io.write_now(self.transport, b"POST /v1/cancelled HTTP/1.1\r\n\r\n")
+                self.transport.abortConnection()
+            else:
+                self.transport.abortConnection()
+                _io.write_now(self.transport, b"data: late chunk\n\n")
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Cancelled), interface="127.0.0.1")
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+    try:
+        for _ in range(50):
+            reactor.doIteration(0.05)
+            reactor.runUntilCurrent()  # the abort's connectionLost
+            if accepted and not accepted[0].transport.connected:
+                break
+        assert accepted and not accepted[0].transport.connected
+        try:
+            assert client.recv(100) == b""
+        except ConnectionResetError:
+            pass  # the abort's reset: nothing came before it
+    finally:
+        client.close()
+        port.stopListening()
+        reactor.doIteration(0)

@@ -357,6 +357,26 @@ def test_values_are_validated() -> None:
     assert _read(body) == Usage(4, None, None)
 
 
+def test_absurd_counts_are_refused() -> None:
+    """Counts past 2**53 (not exact as floats, which the metrics add up) are
+    not counts: a 400-digit one would otherwise break every /metrics scrape."""
+    big = b"1" + b"0" * 400
+    body = b'{"usage": {"prompt_tokens": %d, "completion_tokens": %d, "total_tokens": %s}}' % (
+        2**53, 2**53 + 1, big)
+    assert _read(body) == Usage(2**53, None, None)
+    assert _read(b"data: " + body + b"\n\n", SSE) == Usage(2**53, None, None)
+
+
+def test_bom_counts_only_at_the_start_of_a_stream() -> None:
+    """A BOM is stripped from the stream's first line only, also when that
+    first line is too long to read, however the stream is cut."""
+    usage = b'data: {"usage": {"prompt_tokens": 3}}\n\n'
+    assert _read(b"\xef\xbb\xbf" + usage, SSE) == Usage(3, None, None)
+    stream = b"data: " + b"x" * 100 + b"\n\xef\xbb\xbf" + usage
+    for cuts in ((), (107,), (108,), _bytewise(stream)):
+        assert _read(stream, SSE, cuts=cuts, max_line=60) == Usage()
+
+
 def test_huge_json_body_is_read_in_bounded_memory() -> None:
     """A several-MB body: the usage at its end is found, the buffer stays bounded."""
     text = "lorem ipsum {usage} " * 250_000  # 5 MB

@@ -56,7 +56,8 @@ def _forget_random() -> None:
 
 # Random hex digits not yet used for request ids, and how many were used.
 _random, _used = "", 0
-os.register_at_fork(after_in_child=_forget_random)
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_random)
 
 
 # The variant bits (10xx) of a UUID's 17th hex digit.

@@ -257,15 +257,18 @@ class UsageReader:
         """
         if self._overflow:
             self._overflow = False
+            self._first_line = False
             return
         if self._partial:
             if len(self._partial) + len(data) > self._max_line:
                 self._partial.clear()
+                self._first_line = False
                 return
             self._partial += data
             line = bytes(self._partial)
             self._partial.clear()
         elif len(data) > self._max_line:
+            self._first_line = False  # a BOM only counts at the very start
             return
         else:
             line = data
@@ -343,16 +346,22 @@ def _count(value: object) -> int | None:
         value: A decoded JSON value.
 
     Returns:
-        A non-negative int (integral floats accepted; bools, other floats and
-        strings refused), or ``None``.
+        A non-negative int up to 2**53 (integral floats accepted; bools,
+        other floats, strings and absurdly large numbers refused), or
+        ``None``.
     """
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return value if 0 <= value <= _MAX_COUNT else None
+    if isinstance(value, float) and value.is_integer() and 0 <= value <= _MAX_COUNT:
         return int(value)
     return None
+
+
+#: The largest token count believed: every count below it is exact as a
+#: float, so the metrics (floats) can always add and export it.
+_MAX_COUNT = 2**53
 
 
 def _fields_of(usage: object) -> dict[str, int]:
