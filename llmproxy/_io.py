@@ -78,12 +78,17 @@ def _eligible(transport: Any) -> bool:
 def _send(transport: Any, data: bytes) -> None:
     """Send ``data`` now if possible; queue the rest on the transport."""
     if _eligible(transport):
-        sent = transport.writeSomeData(data)
-        if type(sent) is int:
-            if sent == len(data):
-                return
+        # What tcp.Connection.writeSomeData does, without its two calls.
+        try:
+            sent = transport.socket.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            sent = 0  # a send error: the transport's own doWrite reports it
+        if sent == len(data):
+            return
+        if sent:
             data = data[sent:]
-        # A send error: the transport's own doWrite finds and reports it.
     transport.write(data)
 
 

@@ -196,7 +196,10 @@ class _Connection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         state = self.state
         if state == _BODY:
-            self._body(data)
+            if self.framing == _CHUNKED:  # a stream's chunk: the hot path
+                self._chunks(self.buf + data if self.buf else data)
+            else:
+                self._body(data)
         elif state == _HEAD:
             self.got_bytes = True
             self._head(self.buf + data if self.buf else data)
@@ -349,7 +352,11 @@ class _Connection(Protocol):
                     end = start + int(match[1], 16)
                     if end > start and buf[end:end + 2] == b"\r\n":
                         position = end + 2
-                        self._emit(buf[start:end])
+                        consumer = self.consumer
+                        if consumer is not None:
+                            consumer.dataReceived(buf[start:end])
+                        else:
+                            self._emit(buf[start:end])
                         continue
             elif state == _DATA:
                 take = min(self.remaining, size - position)

@@ -140,6 +140,14 @@ class UsageReader:
         if self._result is not None or not chunk:
             return
         if self._mode == "sse":
+            if (
+                chunk[-1:] == b"\n"
+                and b"usage" not in chunk
+                and not (self._partial or self._skip_lf or self._overflow)
+            ):
+                # Whole lines, none of them about usage: nothing to keep.
+                self._first_line = False
+                return
             self._feed_sse(chunk)
         elif self._mode == "json":
             self._feed_json(chunk)
@@ -198,14 +206,6 @@ class UsageReader:
         Args:
             chunk: The next body bytes.
         """
-        if (
-            chunk[-1:] == b"\n"
-            and b"usage" not in chunk
-            and not (self._partial or self._skip_lf or self._overflow)
-        ):
-            # Whole lines, none of them about usage: nothing to keep.
-            self._first_line = False
-            return
         if self._skip_lf:
             self._skip_lf = False
             if chunk[:1] == b"\n":
