@@ -287,9 +287,93 @@ def _rss_mb(pid: int) -> float:
     return _memory_mb(pid, "VmRSS")
 
 
+#: Stream counts add up over repeated runs; peak RSS is the worst run's.
+_SUMMED = frozenset({"streams", "aborted"})
+_WORST = frozenset({"proxy_peak_rss_mb"})
+
+
+def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Repeated stream runs as one: each number's median (and its range).
+
+    Args:
+        runs: One summary per run, with the same keys.
+
+    Returns:
+        The medians (but streams and aborted streams are totals, and peak
+        RSS the highest); with more than one run also ``repeats`` and, for
+        each median that varied, ``<key>_range`` as ``[min, max]``.
+    """
+    merged: dict[str, Any] = {}
+    for key in runs[0]:
+        values = [run[key] for run in runs]
+        if key in _SUMMED:
+            merged[key] = sum(values)
+        elif key in _WORST:
+            merged[key] = max(values)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            ordered = sorted(values)
+            middle = len(ordered) // 2
+            median = (ordered[middle] if len(ordered) % 2
+                      else (ordered[middle - 1] + ordered[middle]) / 2)
+            merged[key] = round(median, 2) if isinstance(median, float) else median
+            if len(runs) > 1 and ordered[0] != ordered[-1]:
+                merged[f"{key}_range"] = [ordered[0], ordered[-1]]
+        else:
+            merged[key] = values[-1]
+    if len(runs) > 1:
+        merged["repeats"] = len(runs)
+    return merged
+
+
+def _start_proxy(work: Path, port: int, upstream_port: int, core: int | None) -> subprocess.Popen:
+    """llmproxy under twistd, logs and metrics on, listening on ``port``."""
+    config = work / "proxy.yml"
+    _proxy_config(config, port, upstream_port, True)
+    proxy = _start(
+        [*_pin(core), sys.executable, "-c",
+         "from twisted.scripts.twistd import run; run()",
+         "-n", "--pidfile=", "llmproxy", "--config", str(config)],
+        str(work), work / "proxy.log",
+    )
+    _wait_listening(port, proxy, work / "proxy.log")
+    time.sleep(0.5)  # a CLI tool letting the child settle before measuring
+    return proxy
+
+
+def _run_idle(results: dict[str, Any], work: Path, upstream_port: int,
+              proxy_core: int | None, other_core: int | None) -> None:
+    """1,000 idle client connections: what they cost in RSS."""
+    port = _free_port()
+    proxy = _start_proxy(work, port, upstream_port, proxy_core)
+    try:
+        before_rss = _rss_mb(proxy.pid)
+        generator = subprocess.Popen(
+            [*_pin(other_core), sys.executable, "-m", "llmproxy._streamload", "idle",
+             f"http://127.0.0.1:{port}/", "1000", "4", str(work / "idle.json")],
+            cwd=str(work), env=_child_env(),
+        )
+        time.sleep(3)  # the connections are open and idle now
+        during_rss = _rss_mb(proxy.pid)
+        generator.wait(timeout=60)
+        held = json.loads((work / "idle.json").read_text())["open"]
+        results["runs"]["proxy, 1000 idle connections"] = {
+            "open_connections": held,
+            "rss_idle_process_mb": round(before_rss, 1),
+            "rss_with_connections_mb": round(during_rss, 1),
+            "rss_cost_mb": round(during_rss - before_rss, 1),
+        }
+    finally:
+        _stop(proxy)
+
+
 def _run_streams(args: argparse.Namespace, results: dict[str, Any], work: Path,
                  proxy_core: int | None, other_core: int | None) -> None:
-    """The streams, streams-fast and idle scenarios."""
+    """The streams, streams-fast and idle scenarios.
+
+    With ``--repeat N`` the direct run and the proxy run alternate N times
+    (a fresh proxy each time); each overhead is against the direct run just
+    before it, and the report gives medians and ranges.
+    """
     # Both keep about 1,000 streams open at once: streams of 10 s (20 chunks
     # 500 ms apart) start at 100 a second, streams of 1 s (50 ms apart) at
     # 1,000 a second. Starts are spread evenly over at least twice a
@@ -304,53 +388,35 @@ def _run_streams(args: argparse.Namespace, results: dict[str, Any], work: Path,
     results["upstream"] = "nginx" if "nginx" in str(upstream.args) else "fake upstream"
     try:
         _wait_listening(upstream_port, upstream, work / "upstream.log")
+        if args.scenario == "idle":
+            _run_idle(results, work, upstream_port, proxy_core, other_core)
+            return
         path = "/v1/chat/completions"
-        if args.scenario != "idle":
-            direct = _load([f"http://127.0.0.1:{upstream_port}{path}", *load], other_core, work)
-            results["runs"]["direct"] = _stream_summary(direct)
-        port = _free_port()
-        config = work / "proxy.yml"
-        _proxy_config(config, port, upstream_port, True)
-        proxy = _start(
-            [*_pin(proxy_core), sys.executable, "-c",
-             "from twisted.scripts.twistd import run; run()",
-             "-n", "--pidfile=", "llmproxy", "--config", str(config)],
-            str(work), work / "proxy.log",
-        )
-        try:
-            _wait_listening(port, proxy, work / "proxy.log")
-            time.sleep(0.5)  # a CLI tool letting the child settle before measuring
-            before_rss = _rss_mb(proxy.pid)
-            cpu_before, wall_before = _cpu_seconds(proxy.pid), time.monotonic()
-            if args.scenario == "idle":
-                generator = subprocess.Popen(
-                    [*_pin(other_core), sys.executable, "-m", "llmproxy._streamload", "idle",
-                     f"http://127.0.0.1:{port}/", "1000", "4", str(work / "idle.json")],
-                    cwd=str(work), env=_child_env(),
+        directs, proxied = [], []
+        for _ in range(max(1, args.repeat)):
+            direct = _stream_summary(
+                _load([f"http://127.0.0.1:{upstream_port}{path}", *load], other_core, work)
+            )
+            port = _free_port()
+            proxy = _start_proxy(work, port, upstream_port, proxy_core)
+            try:
+                cpu_before, wall_before = _cpu_seconds(proxy.pid), time.monotonic()
+                streams = _load([f"http://127.0.0.1:{port}{path}", *load], other_core, work)
+                wall = time.monotonic() - wall_before
+                cpu = _cpu_seconds(proxy.pid) - cpu_before
+                summary = _stream_summary(streams)
+                summary["proxy_cpu_percent"] = round(100 * cpu / wall, 1)
+                summary["proxy_peak_rss_mb"] = round(_peak_rss_mb(proxy.pid), 1)
+            finally:
+                _stop(proxy)
+            for q in ("p50", "p99"):
+                summary[f"ttfb_overhead_{q}_ms"] = round(
+                    summary[f"ttfb_{q}_ms"] - direct[f"ttfb_{q}_ms"], 2
                 )
-                time.sleep(3)  # the connections are open and idle now
-                during_rss = _rss_mb(proxy.pid)
-                generator.wait(timeout=60)
-                held = json.loads((work / "idle.json").read_text())["open"]
-                results["runs"]["proxy, 1000 idle connections"] = {
-                    "open_connections": held,
-                    "rss_idle_process_mb": round(before_rss, 1),
-                    "rss_with_connections_mb": round(during_rss, 1),
-                    "rss_cost_mb": round(during_rss - before_rss, 1),
-                }
-                return
-            streams = _load([f"http://127.0.0.1:{port}{path}", *load], other_core, work)
-            wall = time.monotonic() - wall_before
-            cpu = _cpu_seconds(proxy.pid) - cpu_before
-            summary = _stream_summary(streams)
-            summary["proxy_cpu_percent"] = round(100 * cpu / wall, 1)
-            summary["proxy_peak_rss_mb"] = round(_peak_rss_mb(proxy.pid), 1)
-            direct = results["runs"]["direct"]
-            summary["ttfb_overhead_p50_ms"] = round(summary["ttfb_p50_ms"] - direct["ttfb_p50_ms"], 2)
-            summary["ttfb_overhead_p99_ms"] = round(summary["ttfb_p99_ms"] - direct["ttfb_p99_ms"], 2)
-            results["runs"]["proxy (logs+metrics on)"] = summary
-        finally:
-            _stop(proxy)
+            directs.append(direct)
+            proxied.append(summary)
+        results["runs"]["direct"] = _medians(directs)
+        results["runs"]["proxy (logs+metrics on)"] = _medians(proxied)
     finally:
         _stop(upstream)
 
@@ -477,7 +543,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per run")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="alternate the on/off runs this many times (median reported)")
+                        help="alternate the on/off runs (or, for streams and streams-fast, "
+                             "the direct and proxy runs) this many times; medians reported")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
     results = run(args)

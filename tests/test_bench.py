@@ -59,3 +59,23 @@ def test_percentile() -> None:
     values = [float(v) for v in range(1, 101)]
     assert bench._percentile(values, 0.5) == 51
     assert bench._percentile(values, 0.99) == 100
+
+
+def test_repeated_stream_runs_report_medians_ranges_and_every_abort() -> None:
+    """Repeated stream runs: medians with their ranges, but every stream and
+    every aborted stream counted, and the worst peak RSS."""
+    runs = [
+        {"streams": 1000, "aborted": 0, "ttfb_overhead_p50_ms": 0.9, "proxy_cpu_percent": 18.0,
+         "proxy_peak_rss_mb": 67.0},
+        {"streams": 1000, "aborted": 2, "ttfb_overhead_p50_ms": 1.4, "proxy_cpu_percent": 16.0,
+         "proxy_peak_rss_mb": 70.5},
+        {"streams": 1000, "aborted": 0, "ttfb_overhead_p50_ms": 1.1, "proxy_cpu_percent": 17.0,
+         "proxy_peak_rss_mb": 68.0},
+    ]
+    merged = bench._medians(runs)
+    assert merged["streams"] == 3000 and merged["aborted"] == 2
+    assert merged["proxy_peak_rss_mb"] == 70.5
+    assert merged["ttfb_overhead_p50_ms"] == 1.1
+    assert merged["ttfb_overhead_p50_ms_range"] == [0.9, 1.4]
+    assert merged["proxy_cpu_percent"] == 17.0 and merged["repeats"] == 3
+    assert bench._medians(runs[:1]) == runs[0]
