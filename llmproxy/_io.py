@@ -81,10 +81,8 @@ def _send(transport: Any, data: bytes) -> None:
         # What tcp.Connection.writeSomeData does, without its two calls.
         try:
             sent = transport.socket.send(data)
-        except BlockingIOError:
+        except OSError:  # full (EAGAIN), or an error the next doWrite reports
             sent = 0
-        except OSError:
-            sent = 0  # a send error: the transport's own doWrite reports it
         if sent == len(data):
             return
         if sent:
@@ -104,7 +102,7 @@ def flush() -> None:
         _held.clear()
         for transport, pieces in held:
             try:
-                _send(transport, pieces[0] if len(pieces) == 1 else b"".join(pieces))
+                _send(transport, b"".join(pieces))
             except Exception:
                 log.failure("writing to {transport!r}", transport=transport)
 

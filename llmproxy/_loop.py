@@ -33,6 +33,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from llmproxy import _io
+from llmproxy._io import flush
 
 __all__ = ["lighten"]
 
@@ -52,9 +53,7 @@ def lighten(reactor: Any) -> bool:
         from twisted.internet.epollreactor import EPollReactor
     except ImportError:  # not Linux
         return False
-    if type(reactor) is not EPollReactor or getattr(reactor, "doIteration", None) is None:
-        return False
-    if type(reactor).doIteration is not EPollReactor.doPoll:
+    if type(reactor) is not EPollReactor or EPollReactor.doIteration is not EPollReactor.doPoll:
         return False
     if reactor.__dict__.get("doIteration") is not None:
         return False  # already changed (by us or someone else)
@@ -65,8 +64,7 @@ def lighten(reactor: Any) -> bool:
         return False
 
     def do_poll(timeout: float | None) -> None:
-        if _io._held:
-            _io.flush()  # what timers and thread calls wrote just now
+        flush()  # what timers and thread calls wrote just now
         try:
             events = poller.poll(-1 if timeout is None else timeout, len(selectables))
         except OSError as e:
@@ -74,23 +72,19 @@ def lighten(reactor: Any) -> bool:
                 return
             raise
         try:
-            _dispatch(events)
+            for fd, event in events:
+                selectable = selectables.get(fd)
+                if selectable is None:
+                    continue
+                try:
+                    dispatch(selectable, fd, event)
+                except KeyboardInterrupt:
+                    raise
+                except BaseException:
+                    log.failure("while handling a socket event of {selectable!r}",
+                                selectable=selectable)
         finally:
-            if _io._held:
-                _io.flush()  # what the events wrote, together
-
-    def _dispatch(events: list[tuple[int, int]]) -> None:
-        for fd, event in events:
-            selectable = selectables.get(fd)
-            if selectable is None:
-                continue
-            try:
-                dispatch(selectable, fd, event)
-            except KeyboardInterrupt:
-                raise
-            except BaseException:
-                log.failure("while handling a socket event of {selectable!r}",
-                            selectable=selectable)
+            flush()  # what the events wrote, together
 
     reactor.doIteration = do_poll
     _io.flushing_loop = reactor

@@ -392,8 +392,7 @@ class FastChannel(Protocol, TimeoutMixin):
         self.current = None
         _io.active -= 1
         if not request.persistent:
-            _io.flush()
-            self.transport.loseConnection()
+            request.loseConnection()
             return
         self.resetTimeout()  # idle from now on
         if self.paused:

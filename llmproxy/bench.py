@@ -170,7 +170,7 @@ _COMPLETION = json.dumps(
     }
 )
 
-_NGINX = """
+_NGINX = """{modules}
 daemon off;
 worker_processes 1;
 pid {work}/nginx.pid;
@@ -187,8 +187,7 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         location / {{
-            default_type application/json;
-            return 200 '{body}';
+            {location}
         }}
     }}
 }}
@@ -240,14 +239,12 @@ def _start_upstream(scenario: str, port: int, core: int | None, work: Path,
     if nginx and (not streaming or _ECHO_MODULE.exists()):
         conf = work / "nginx.conf"
         if streaming:
-            text = _NGINX.replace(
-                "default_type application/json;\n            return 200 '{body}';", "{location}"
-            ).format(
-                work=work, port=port, location=_nginx_stream_location(chunks, delay))
-            text = f"load_module {_ECHO_MODULE};\n{text}"
+            modules = f"load_module {_ECHO_MODULE};"
+            location = _nginx_stream_location(chunks, delay)
         else:
-            text = _NGINX.format(work=work, port=port, body=_COMPLETION)
-        conf.write_text(text)
+            modules = ""
+            location = f"default_type application/json;\n            return 200 '{_COMPLETION}';"
+        conf.write_text(_NGINX.format(work=work, port=port, modules=modules, location=location))
         return _start([*_pin(core), nginx, "-c", str(conf), "-p", str(work)],
                       str(work), work / "upstream.log")
     return _start(

@@ -65,6 +65,12 @@ class _DNSCollector(Collector):
 _LE = [floatToGoString(b) for b in _SECONDS] + ["+Inf"]
 
 
+def _observe(histogram: list[float], seconds: float) -> None:
+    """Add one observation to a histogram series: [count per bucket..., sum]."""
+    histogram[bisect_left(_SECONDS, seconds)] += 1
+    histogram[-1] += seconds
+
+
 class _Requests(Collector):
     """The per-request instruments, counted in plain dicts.
 
@@ -93,13 +99,6 @@ class _Requests(Collector):
     def first_seen(self, name: str, key: tuple[str, ...]) -> None:
         """Note the time ``key`` first appeared in the table ``name``."""
         self.created[(name, key)] = time.time()
-
-    def observe(self, table: dict[tuple[str, ...], list[float]], name: str,
-                key: tuple[str, ...], seconds: float) -> None:
-        """Add one observation to a histogram's ``key``."""
-        histogram = table[key]
-        histogram[bisect_left(_SECONDS, seconds)] += 1
-        histogram[-1] += seconds
 
     def new_request_key(self, route: str, model: str, upstream: str,
                         key: tuple[str, ...]) -> None:
@@ -273,12 +272,10 @@ class Metrics:
         requests[key] += 1
         latency = record.get("latency_ms")
         if latency is not None:
-            counts.observe(counts.duration, "llmproxy_request_duration_seconds",
-                           (route, model), latency / 1000.0)
+            _observe(counts.duration[(route, model)], latency / 1000.0)
         ttfb = record.get("ttfb_ms")
         if ttfb is not None:
-            counts.observe(counts.ttfb, "llmproxy_upstream_ttfb_seconds",
-                           (route, model, upstream), ttfb / 1000.0)
+            _observe(counts.ttfb[(route, model, upstream)], ttfb / 1000.0)
         error = record.get("error_code")
         if error:
             self.upstream_errors.labels(error, upstream).inc()
