@@ -366,7 +366,7 @@ class FastChannel(Protocol, TimeoutMixin):
         self.buf = buf[start + length:]
         connection = raw.get(b"connection")
         persistent = connection is None or not any(
-            b"close" in v.lower() for v in connection[1]
+            v.lower().find(b"close") >= 0 for v in connection[1]
         )
         request = FastRequest(
             self, method, uri, headers, buf[start:start + length], persistent

@@ -222,7 +222,7 @@ class _Connection(Protocol):
                 return
             head = buf[:end]
             joined = head.replace(b"\r\n", b"")
-            if b"\r" in joined or b"\n" in joined or b"\x00" in joined:
+            if joined.find(b"\r") >= 0 or joined.find(b"\n") >= 0 or joined.find(b"\x00") >= 0:
                 # A bare CR or LF (or NUL) in a header value could split the
                 # client's response: refuse it.
                 self._bad_head("bare CR, LF or NUL in the response head")
