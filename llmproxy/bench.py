@@ -7,7 +7,9 @@ package ``wrk``) or the stream generator ``llmproxy._streamload``, and
 reports requests/s, latency or time to first byte for the same load
 straight to the upstream and through the proxy (with logging and metrics
 on, and for wrk's scenarios also off). With two or more cores the proxy is
-pinned to core 0 and everything else to core 1.
+pinned to core 0 and everything else to core 1. Every child runs on the
+bench's own Python, which the report names: the interpreter's build
+matters (see the README's Performance section).
 
 This is a command-line tool, not part of the daemon: it blocks, waits on
 child processes and is never imported by the proxy.
@@ -431,6 +433,31 @@ def _proxy_config(path: Path, port: int, upstream: int, observability: bool) -> 
     path.write_text("\n".join(lines) + "\n")
 
 
+def _interpreter() -> dict[str, Any]:
+    """The Python that runs the proxy (and every other child): the bench's own.
+
+    Whether ``libpython`` is a shared library is read from this process's
+    memory map: a shared-library build without PGO (pyenv's default) runs
+    the proxy with about a third more CPU than Debian's ``/usr/bin/python3``
+    (linked statically, built with PGO and LTO). See the README.
+    """
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            shared = any("libpython" in line for line in maps)
+    except OSError:  # not Linux
+        shared = None
+    return {
+        "version": sys.version.split()[0],
+        "executable": os.path.realpath(sys.executable),
+        "libpython_shared": shared,
+    }
+
+
+def _describe(python: dict[str, Any]) -> str:
+    kind = {True: "shared libpython", False: "static libpython", None: "libpython unknown"}
+    return f"python {python['version']} ({python['executable']}, {kind[python['libpython_shared']]})"
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark and return its results."""
     if not shutil.which("wrk"):
@@ -444,7 +471,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "connections": args.connections,
         "seconds": args.duration,
         "pinned": proxy_core is not None,
-        "python": sys.version.split()[0],
+        "python": _interpreter(),
         "runs": {},
     }
     if args.scenario in ("streams", "streams-fast", "idle"):
@@ -498,14 +525,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _report(results: dict[str, Any]) -> str:
     if results["scenario"] in ("streams", "streams-fast", "idle"):
-        lines = [f"scenario {results['scenario']}, proxy pinned: {results['pinned']}"]
+        lines = [
+            f"scenario {results['scenario']}, proxy pinned: {results['pinned']}, "
+            f"{_describe(results['python'])}"
+        ]
         for name, run in results["runs"].items():
             lines.append(f"{name}: " + ", ".join(f"{k}={v}" for k, v in run.items()))
         return "\n".join(lines)
     lines = [
         f"scenario {results['scenario']}, {results['connections']} connections, "
         f"{results['seconds']:g} s each, proxy pinned to one core: {results['pinned']}, "
-        f"upstream: {results['upstream']}",
+        f"upstream: {results['upstream']}, {_describe(results['python'])}",
         f"{'run':<28}{'req/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
         f"{'errors':>8}{'CPU %':>7}{'RSS MB':>8}",
     ]

@@ -79,3 +79,18 @@ def test_repeated_stream_runs_report_medians_ranges_and_every_abort() -> None:
     assert merged["ttfb_overhead_p50_ms_range"] == [0.9, 1.4]
     assert merged["proxy_cpu_percent"] == 17.0 and merged["repeats"] == 3
     assert bench._medians(runs[:1]) == runs[0]
+
+
+def test_report_names_the_python_that_ran_the_proxy() -> None:
+    """The interpreter build changes the numbers by about a third: every
+    report says which one ran, and whether its libpython is shared."""
+    python = bench._interpreter()
+    assert python["version"] == sys.version.split()[0]
+    assert python["executable"] == os.path.realpath(sys.executable)
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        assert python["libpython_shared"] == ("libpython" in maps.read())
+    results = {"scenario": "streams", "pinned": True, "python": python,
+               "runs": {"direct": {"streams": 1}}}
+    first = bench._report(results).splitlines()[0]
+    assert python["executable"] in first
+    assert ("shared libpython" if python["libpython_shared"] else "static libpython") in first
