@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import pytest_twisted
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.defer import Deferred
 
-from llmproxy import bench
+from llmproxy import _streamload, bench
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,6 +53,18 @@ async def test_stream_load_generator_measures_streams(reactor, upstreams, proxie
     assert summary["streams"] == 5 and summary["aborted"] == 0
     assert 0 < summary["ttfb_p50_ms"] <= summary["ttfb_p99_ms"]
     assert len(upstream.requests) == 5
+
+
+def test_stream_load_generator_counts_refused_streams_as_aborted() -> None:
+    """A stream that never connects is reported, not lost: aborted, with no
+    first byte, so the bench's abort count includes it."""
+    with socket.socket() as listener:  # a loopback port with nobody on it
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+    results = _streamload._streams(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                   3, 0.01, 2, 0.01)
+    assert results == [{"ttfb_ms": None, "duration_ms": 0, "complete": False}] * 3
+    assert bench._stream_summary(results)["aborted"] == 3
 
 
 def test_percentile() -> None:
