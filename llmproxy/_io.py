@@ -30,7 +30,12 @@ from typing import Any
 from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 
-__all__ = ["flush", "no_delay", "write_now"]
+try:  # the client endpoints' forwarding wrapper (private: see unwrap)
+    from twisted.internet.endpoints import _WrappingProtocol as _Wrapper
+except ImportError:  # pragma: no cover - a Twisted that renamed it
+    _Wrapper = None
+
+__all__ = ["flush", "no_delay", "unwrap", "write_now"]
 
 log = Logger()
 
@@ -58,26 +63,44 @@ def no_delay(transport: Any) -> None:
         set_no_delay(True)
 
 
-def _eligible(transport: Any) -> bool:
-    """Whether bytes may go to ``transport``'s socket past its buffer."""
-    return (
-        isinstance(transport, Connection)
-        and transport.connected
-        and not transport.disconnecting
-        # abortConnection leaves the socket open until the next turn, but
-        # what is written after it must be dropped, as Twisted does.
-        and not getattr(transport, "_aborting", True)
-        and not transport.TLS
-        and not transport.dataBuffer
-        # Queued writes wait here until the next doWrite; Twisted keeps no
-        # public flag for them. Without the attribute, always queue.
-        and not getattr(transport, "_tempDataBuffer", True)
-    )
+def unwrap(transport: Any, protocol: Any) -> None:
+    """Deliver a plain TCP connection's events to ``protocol`` itself.
+
+    A connection made through a client endpoint passes every event through
+    the endpoint's wrapper, which only forwards them: one more call per
+    received chunk. Once ``protocol`` is connected (call this from its
+    ``connectionMade``), a plain TCP transport is pointed at it directly;
+    any other transport (TLS, a tunnel, a test's) is left as it is.
+
+    Args:
+        transport: The connection's transport.
+        protocol: The protocol the endpoint wrapped.
+    """
+    if _Wrapper is not None and isinstance(transport, Connection):
+        wrapper = getattr(transport, "protocol", None)
+        if type(wrapper) is _Wrapper and getattr(wrapper, "_wrappedProtocol", None) is protocol:
+            transport.protocol = protocol
 
 
 def _send(transport: Any, data: bytes) -> None:
     """Send ``data`` now if possible; queue the rest on the transport."""
-    if _eligible(transport):
+    try:
+        now = (
+            isinstance(transport, Connection)
+            and transport.connected
+            and not transport.disconnecting
+            # abortConnection leaves the socket open until the next turn, but
+            # what is written after it must be dropped, as Twisted does.
+            and not transport._aborting
+            and not transport.TLS
+            and not transport.dataBuffer
+            # Queued writes wait here until the next doWrite; Twisted keeps
+            # no public flag for them.
+            and not transport._tempDataBuffer
+        )
+    except AttributeError:  # a Twisted without these private attributes: queue
+        now = False
+    if now:
         # What tcp.Connection.writeSomeData does, without its two calls.
         try:
             sent = transport.socket.send(data)
@@ -119,7 +142,8 @@ def write_now(transport: Any, data: bytes) -> None:
     pieces = _held.get(transport)
     if pieces is not None:
         pieces.append(data)
-    elif active > 1 and _eligible(transport):
+    elif active > 1 and isinstance(transport, Connection):
+        # Held; whether the socket can take it is decided when sent.
         if not _held and transport.reactor is not flushing_loop:
             transport.reactor.callLater(0, flush)
         _held[transport] = [data]

@@ -34,7 +34,7 @@ from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceiv
 from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
-from llmproxy._io import no_delay, write_now
+from llmproxy._io import no_delay, unwrap, write_now
 from llmproxy.egress._connect import host_port
 
 if TYPE_CHECKING:
@@ -172,6 +172,7 @@ class _Connection(Protocol):
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
+        unwrap(self.transport, self)
         peer = self.transport.getPeer()
         host, port = getattr(peer, "host", None), getattr(peer, "port", None)
         self.address = host_port(host, port) if host is not None and port is not None else None
