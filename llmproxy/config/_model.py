@@ -129,7 +129,7 @@ class PoolConfig:
             below the upstream's own keep-alive timeout.
     """
 
-    max_per_host: int = 64
+    max_per_host: int = 256
     idle_timeout: float = 50.0
 
 
