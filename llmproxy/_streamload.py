@@ -69,10 +69,14 @@ def _streams(url: str, count: int, spread: float, chunks: int, delay: float) -> 
     while started < count or streams:
         now = clock()
         while started < count and begin + spread * started / count <= now:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            results.append({"ttfb_ms": None, "duration_ms": 0, "complete": False})
+            try:  # out of file descriptors, say: this stream counts as aborted
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            except OSError:
+                started += 1
+                continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            results.append({"ttfb_ms": None, "duration_ms": 0, "complete": False})
             if sock.connect_ex(address) not in (0, errno.EINPROGRESS):
                 sock.close()
             else:
@@ -93,15 +97,19 @@ def _streams(url: str, count: int, spread: float, chunks: int, delay: float) -> 
                     end(fd, now)
                     continue
                 stream[1] = now
-                try:
-                    sock.send(request)  # a few hundred bytes into an empty buffer
+                try:  # a few hundred bytes into an empty buffer: all or nothing
+                    whole = sock.send(request) == len(request)
                 except OSError:
+                    whole = False
+                if not whole:
                     end(fd, now)
                     continue
                 poller.modify(fd, select.EPOLLIN)
                 continue
             try:
                 data = sock.recv(65536)
+            except BlockingIOError:  # a spurious wake-up
+                continue
             except OSError:
                 data = b""
             if data:
