@@ -284,11 +284,14 @@ def _freeze_startup_objects() -> None:
     1,000 streams in flight one took 60-80 ms, a pause every stream waited
     through, and collections took 8 % of the CPU. ``gc.freeze`` moves the
     ~55,000 startup objects out of its sight (``gc.freeze``'s documented
-    use after startup). Called once the daemon owns its process (twistd or a
-    worker), never in an embedding application. Frozen objects are still
-    freed by reference counting; only reference cycles among them stay,
-    which bounds the cost to the startup config's cycles after a reload.
+    use after startup). Called when the daemon owns its process (the twistd
+    plugin's service, a worker), not for a resource mounted in another
+    application. Frozen objects are still freed by reference counting, but
+    a reference cycle among them would stay: after a reload, once the old
+    config's last request is done, this runs again, thawing everything,
+    collecting (the old config's cycles too) and freezing what is left.
     """
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
     _log.debug("{count} startup objects frozen for the garbage collector",
@@ -317,6 +320,8 @@ class Daemon(MultiService):
         self.path = path
         self.handle_signals = False
         self._previous: dict[int, Any] = {}
+        #: Fires when the proxy retired by the last reload is done.
+        self._retiring: Deferred[Any] | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -347,7 +352,10 @@ class Daemon(MultiService):
         self.reactor.callFromThread(self._reload_all)
 
     def _reload_all(self) -> None:
-        self.reload()
+        if self.reload() and self._retiring is not None:
+            # The old config's objects were frozen at startup: collect them
+            # (cycles included) once its last request is done.
+            self._retiring.addBoth(lambda _: _freeze_startup_objects())
         workers = self._workers()
         if workers is not None:
             workers.signal("HUP")
@@ -379,7 +387,7 @@ class Daemon(MultiService):
             if getattr(config, key) != getattr(self.config, key):
                 _log.warn("config reload: {key} changes only on restart", key=key)
         new_root.proxy.worker = self.root.proxy.worker
-        self.root.replace(new_root)
+        self._retiring = self.root.replace(new_root)
         self.config = config
         _log.info("config reloaded from {path}", path=self.path)
         return True

@@ -83,7 +83,7 @@ class RootResource(Resource):
         """
         return self._close() if self._close is not None else None
 
-    def replace(self, other: RootResource) -> None:
+    def replace(self, other: RootResource) -> Deferred[Any]:
         """Serve new requests with ``other``'s proxy (a config reload).
 
         Requests in flight finish on the old proxy, whose upstream
@@ -91,6 +91,9 @@ class RootResource(Resource):
 
         Args:
             other: A root built from the new config (with these metrics).
+
+        Returns:
+            A Deferred that fires once the old proxy is retired.
         """
         old_proxy, old_close = self.proxy, self._close
         self.proxy, self._close = other.proxy, other._close
@@ -101,7 +104,7 @@ class RootResource(Resource):
                 self.retired.remove(old_proxy)
             return old_close() if old_close is not None else None
 
-        old_proxy.drain().addCallback(retire)
+        return old_proxy.drain().addCallback(retire)
 
     def proxies(self) -> list[ProxyResource]:
         """The current proxy and those retired by reloads, still draining."""

@@ -379,15 +379,19 @@ async def test_sighup_reloads_a_valid_config_and_refuses_a_bad_one(
 @pytest_twisted.ensureDeferred
 async def test_twistd_freezes_startup_objects_for_the_gc(reactor: Any, tmp_path: Path) -> None:
     """The daemon (owning its process) takes its startup objects out of the
-    garbage collector's passes, so full collections under load stay short."""
+    garbage collector's passes, so full collections under load stay short;
+    after a reload, once the old config is done, it collects and freezes
+    again (the old config's cycles must not stay frozen forever)."""
     port, demo_port = free_port(), free_port()
     config = demo_config(tmp_path / "demo.yml", port, demo_port,
                          "log: {file: null, level: debug}\n")
     process = spawn_twistd(reactor, config, tmp_path)
+    frozen = b"startup objects frozen for the garbage collector"
     try:
-        await process.wait_for(b"startup objects frozen for the garbage collector").addTimeout(
-            WAIT, reactor
-        )
+        await process.wait_for(frozen).addTimeout(WAIT, reactor)
+        process.transport.signalProcess("HUP")
+        await process.wait_for(frozen, count=2).addTimeout(WAIT, reactor)
+        assert b"config reloaded" in process.output
     finally:
         process.transport.signalProcess("TERM")
         await process.ended.addTimeout(WAIT, reactor)
