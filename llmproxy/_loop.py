@@ -16,7 +16,11 @@ logs what a protocol raises and disconnects it, and anything escaping that
 is logged here as ``callWithLogger`` would, so the loop never dies of it.
 The step also sends the writes :mod:`llmproxy._io` held (before polling:
 those of timers; after the events: theirs), which spares a ``callLater(0)``
-per iteration.
+per iteration. And while the reactor's loop has nothing to do (no timer
+due, none added, no thread call, no stop) the step polls again at once
+instead of returning: the loop's own bookkeeping (``runUntilCurrent``,
+``timeout``) then runs only when it has work, not after every batch of
+events (about 5 % of the instructions under a stream load).
 Only an ``EPollReactor`` whose poll step and internals are exactly the
 ones this was written against is changed; any other reactor (or a Twisted
 whose internals moved) is left alone.
@@ -36,6 +40,13 @@ from llmproxy import _io
 from llmproxy._io import flush
 
 __all__ = ["lighten"]
+
+#: The reactor's attributes the poll step reads to tell whether its loop
+#: has work (private to Twisted; without any of them nothing is changed).
+_LOOP_STATE = ("_newTimedCalls", "threadCallQueue", "_justStopped", "_pendingTimedCalls",
+               "running")
+#: epoll's longest timeout in seconds (milliseconds in a C int), as Twisted.
+_LONGEST = 2147483.0
 
 log = Logger()
 
@@ -62,29 +73,51 @@ def lighten(reactor: Any) -> bool:
     dispatch = getattr(reactor, "_doReadOrWrite", None)
     if poller is None or not isinstance(selectables, dict) or dispatch is None:
         return False
+    if not all(hasattr(reactor, name) for name in _LOOP_STATE):
+        return False
+
+    def idle_for() -> float | None:
+        """How long the next poll may wait, or -1.0: back to the reactor's loop.
+
+        The loop's own step (run due timers and thread calls, work out the
+        timeout) is needed only when one of those may be due; otherwise
+        the next poll follows at once.
+        """
+        if (reactor._newTimedCalls or reactor.threadCallQueue or reactor._justStopped
+                or not reactor.running):
+            return -1.0
+        pending = reactor._pendingTimedCalls
+        if not pending:
+            return None
+        wait = pending[0].time - reactor.seconds()
+        return min(wait, _LONGEST) if wait > 0 else -1.0
 
     def do_poll(timeout: float | None) -> None:
         flush()  # what timers and thread calls wrote just now
-        try:
-            events = poller.poll(-1 if timeout is None else timeout, len(selectables))
-        except OSError as e:
-            if e.errno == errno.EINTR:
+        while True:
+            try:
+                events = poller.poll(-1 if timeout is None else timeout, len(selectables))
+            except OSError as e:
+                if e.errno == errno.EINTR:
+                    return
+                raise
+            try:
+                for fd, event in events:
+                    selectable = selectables.get(fd)
+                    if selectable is None:
+                        continue
+                    try:
+                        dispatch(selectable, fd, event)
+                    except KeyboardInterrupt:
+                        raise
+                    except BaseException:
+                        log.failure("while handling a socket event of {selectable!r}",
+                                    selectable=selectable)
+            finally:
+                flush()  # what the events wrote, together
+            timeout = idle_for()
+            if timeout is not None and timeout < 0:
                 return
-            raise
-        try:
-            for fd, event in events:
-                selectable = selectables.get(fd)
-                if selectable is None:
-                    continue
-                try:
-                    dispatch(selectable, fd, event)
-                except KeyboardInterrupt:
-                    raise
-                except BaseException:
-                    log.failure("while handling a socket event of {selectable!r}",
-                                selectable=selectable)
-        finally:
-            flush()  # what the events wrote, together
 
     reactor.doIteration = do_poll
     _io.flushing_loop = reactor

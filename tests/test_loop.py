@@ -202,3 +202,69 @@ def test_nothing_written_around_an_abort_reaches_the_peer(
         client.close()
         port.stopListening()
         reactor.doIteration(0)
+
+
+class _Echoing(_Reader):
+    """On its first read writes once more to the other end, and may run a
+    ``then`` callable (scheduling work for the reactor's loop)."""
+
+    def __init__(self, reactor: Any, sock: socket.socket, other: socket.socket,
+                 then: Any = None) -> None:
+        super().__init__(reactor, sock)
+        self.other = other
+        self.then = then
+        self.reads = 0
+
+    def doRead(self) -> Any:
+        self.reads += 1
+        super().doRead()
+        if self.reads == 1:
+            self.other.sendall(b" again")
+            if self.then is not None:
+                self.then()
+        return None
+
+
+def test_a_step_keeps_polling_until_a_timer_is_due(pair: Any) -> None:
+    """While no timer, thread call or stop is due, one step of the running
+    loop polls again at once (no trip through the reactor's loop), and
+    returns when the next timer is due."""
+    reactor = epollreactor.EPollReactor()
+    assert lighten(reactor) is True
+    reactor.running = True
+    fired: list[int] = []
+    reactor.callLater(0.05, fired.append, 1)
+    reactor.runUntilCurrent()  # the timer is now pending
+    reader = _Echoing(reactor, pair[0], pair[1])
+    reactor.addReader(reader)
+    pair[1].sendall(b"hello")
+    reactor.doIteration(reactor.timeout())
+    assert reader.received == b"hello again" and reader.reads == 2
+    assert fired == []
+    assert reactor.seconds() >= reactor.getDelayedCalls()[0].getTime()
+    reactor.runUntilCurrent()
+    assert fired == [1]
+    reactor.removeReader(reader)
+
+
+@pytest.mark.parametrize("work", ["timer", "thread call", "stop"])
+def test_a_step_returns_for_work_its_events_made(pair: Any, work: str) -> None:
+    """A timer, a thread call or a stop made by a socket event ends the step
+    at once, so the reactor's loop runs it without waiting for a poll."""
+    reactor = epollreactor.EPollReactor()
+    assert lighten(reactor) is True
+    reactor.running = True
+    fallback = reactor.callLater(5, lambda: None)  # a broken step returns only then
+    reactor.runUntilCurrent()
+    then = {
+        "timer": lambda: reactor.callLater(0, lambda: None),
+        "thread call": lambda: reactor.callFromThread(lambda: None),
+        "stop": lambda: setattr(reactor, "_justStopped", True),
+    }[work]
+    reader = _Echoing(reactor, pair[0], pair[1], then)
+    reactor.addReader(reader)
+    pair[1].sendall(b"hello")
+    reactor.doIteration(reactor.timeout())
+    assert reader.reads == 1 and reactor.seconds() < fallback.getTime()
+    reactor.removeReader(reader)
+    fallback.cancel()
