@@ -11,7 +11,9 @@ import socket
 from typing import Any
 
 import pytest
+from twisted.internet import main
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
@@ -36,7 +38,10 @@ class _Reader(FileDescriptor):
     def doRead(self) -> Any:
         if self.fail == "doRead":
             raise RuntimeError("doRead failed")
-        self.received += self.sock.recv(4096)
+        data = self.sock.recv(4096)
+        if not data:
+            return main.CONNECTION_DONE  # the peer closed, as Twisted's TCP
+        self.received += data
         return None
 
     def connectionLost(self, reason: Any) -> None:
@@ -66,6 +71,22 @@ def test_lightened_loop_delivers_socket_events(pair: Any) -> None:
     reactor.doIteration(0)
     assert reader.received == b"hello"
     reactor.removeReader(reader)
+
+
+def test_a_reader_that_reports_a_close_is_disconnected(pair: Any) -> None:
+    """When a reader's doRead says its peer closed, the lightened loop
+    removes it and tells it why, once, as the reactor's own dispatch does."""
+    reactor = epollreactor.EPollReactor()
+    lighten(reactor)
+    reader = _Reader(reactor, pair[0])
+    reactor.addReader(reader)
+    pair[1].sendall(b"last words")
+    pair[1].shutdown(socket.SHUT_WR)
+    reactor.doIteration(1.0)
+    reactor.doIteration(0)
+    assert reader.received == b"last words"
+    assert len(reader.lost) == 1 and reader.lost[0].check(ConnectionDone)
+    assert reader not in reactor.getReaders()
 
 
 class _Log:
