@@ -21,12 +21,18 @@ does everything for other transports (TLS, tests' fakes). A transport's
 held writes go out in order and in one send (a stream whose events arrive
 together leaves in one piece); code that writes to a transport without this
 module first calls :func:`flush`.
+
+:func:`lose` closes a connection whose bytes have all been sent at the end
+of the daemon loop's step, not one poll later as ``loseConnection`` does
+(see there).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
+from twisted.internet.main import CONNECTION_DONE
 from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 
@@ -35,7 +41,7 @@ try:  # the client endpoints' forwarding wrapper (private: see unwrap)
 except ImportError:  # pragma: no cover - a Twisted that renamed it
     _Wrapper = None
 
-__all__ = ["flush", "no_delay", "unwrap", "write_now"]
+__all__ = ["flush", "lose", "no_delay", "settle", "unwrap", "write_now"]
 
 log = Logger()
 
@@ -149,3 +155,75 @@ def write_now(transport: Any, data: bytes) -> None:
         _held[transport] = [data]
     else:
         _send(transport, data)
+
+
+#: Connections :func:`lose` closes at the end of this step of the loop.
+_closing: deque[Any] = deque()
+
+
+def _written(transport: Any) -> bool:
+    """Whether a TCP transport has nothing queued and no producer."""
+    return (not transport.dataBuffer and not transport._tempDataBuffer
+            and transport.producer is None)
+
+
+def lose(transport: Any) -> None:
+    """Close ``transport`` once what was written to it is sent.
+
+    ``loseConnection`` on a Twisted TCP transport registers it for writing
+    even when nothing is queued, so that the next poll reports it writable
+    and its ``doWrite`` finds nothing to send and closes it: three
+    ``epoll_ctl`` calls, an event and an empty ``send`` per close. On the
+    daemon's loop (:mod:`llmproxy._loop`) a plain TCP transport with
+    nothing queued stops reading now and is closed at the end of this step
+    instead, the way that ``doWrite`` would close it (what is written to it
+    meanwhile is still sent first), and at the latest when the reactor
+    shuts down. Anything else is ``loseConnection``.
+
+    Args:
+        transport: The connection's transport.
+    """
+    try:
+        now = (
+            transport.reactor is flushing_loop
+            and isinstance(transport, Connection)
+            and transport.connected
+            and not transport.disconnecting
+            and not transport._aborting
+            and not transport.TLS
+            and not transport._writeDisconnected
+            and _written(transport)
+        )
+    except AttributeError:  # a Twisted without these private attributes
+        now = False
+    if not now:
+        transport.loseConnection()
+        return
+    transport.stopReading()
+    transport.disconnecting = 1  # as loseConnection: later calls do nothing
+    _closing.append(transport)
+
+
+def _close() -> None:
+    """Close what :func:`lose` left for the end of the step (one at a
+    time: what a raise leaves is still closed by the next call)."""
+    while _closing:
+        transport = _closing.popleft()
+        try:
+            if not transport.connected or transport._aborting:
+                continue  # closed or aborted meanwhile
+            if not _written(transport):
+                # Written to since: its doWrite sends that, then closes.
+                transport.startWriting()
+                continue
+            transport.reactor._disconnectSelectable(transport, CONNECTION_DONE, False)
+        except Exception:
+            log.failure("closing {transport!r}", transport=transport)
+
+
+def settle() -> None:
+    """Send every held write, then close what :func:`lose` left to close."""
+    flush()
+    while _closing:
+        _close()
+        flush()  # what the closes wrote

@@ -242,7 +242,7 @@ class FastRequest:
     def loseConnection(self) -> None:
         self.persistent = False
         _io.flush()  # what was written goes out before the close
-        self.channel.transport.loseConnection()
+        _io.lose(self.channel.transport)
 
     def connection_lost(self, reason: Failure) -> None:
         """The client's connection closed before the response was finished."""

@@ -50,6 +50,18 @@ class _Reader(FileDescriptor):
             raise RuntimeError("connectionLost failed too")
 
 
+@pytest.fixture(autouse=True)
+def _own_io_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's lighten sets llmproxy._io's loop; nothing of it outlives
+    the test (nor do closes a failed test left pending)."""
+    from collections import deque
+
+    from llmproxy import _io
+
+    monkeypatch.setattr(_io, "flushing_loop", None)
+    monkeypatch.setattr(_io, "_closing", deque())
+
+
 @pytest.fixture
 def pair() -> Any:
     a, b = socket.socketpair()
@@ -223,6 +235,226 @@ def test_nothing_written_around_an_abort_reaches_the_peer(
         client.close()
         port.stopListening()
         reactor.doIteration(0)
+
+
+def _closing_server(reactor: Any, on_data: Any) -> tuple[Any, list[Any], list[Any]]:
+    """A TCP server on ``reactor`` calling ``on_data(transport)`` when a
+    client sends anything; returns the port, the protocols and the reasons
+    their connections were lost."""
+    from twisted.internet.protocol import Factory, Protocol
+
+    accepted: list[Protocol] = []
+    lost: list[Any] = []
+
+    class Server(Protocol):
+        def connectionMade(self) -> None:
+            accepted.append(self)
+
+        def dataReceived(self, data: bytes) -> None:
+            on_data(self.transport)
+
+        def connectionLost(self, reason: Any) -> None:
+            lost.append(reason)
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Server), interface="127.0.0.1")
+    return port, accepted, lost
+
+
+def _read_to_eof(reactor: Any, client: socket.socket, steps: int = 400) -> bytes:
+    """What the client receives until the server closes, stepping the loop."""
+    client.setblocking(False)
+    received = []
+    for _ in range(steps):
+        reactor.doIteration(0.01)
+        reactor.runUntilCurrent()
+        while True:
+            try:
+                data = client.recv(1 << 20)
+            except BlockingIOError:
+                break
+            if not data:
+                return b"".join(received)
+            received.append(data)
+    raise AssertionError("the server never closed the connection")
+
+
+def _accepted(reactor: Any, port: Any, accepted: list[Any]) -> socket.socket:
+    """A client connected to ``port``, once its server side is accepted."""
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+    for _ in range(50):
+        reactor.doIteration(0.1)
+        if accepted:
+            return client
+    client.close()
+    raise AssertionError("the connection was never accepted")
+
+
+def test_a_close_with_nothing_queued_ends_with_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection closed (by _io.lose) with everything sent is closed by
+    the end of the same step, as a clean close: the client has the whole
+    answer, then end of file, and no second poll was needed."""
+    from llmproxy import _io
+
+    reactor = epollreactor.EPollReactor()
+    lighten(reactor)
+    monkeypatch.setattr(_io, "active", 0)
+
+    def answer(transport: Any) -> None:
+        _io.write_now(transport, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        _io.lose(transport)
+
+    port, accepted, lost = _closing_server(reactor, answer)
+    client = _accepted(reactor, port, accepted)
+    try:
+        client.sendall(b"GET / HTTP/1.1\r\n\r\n")  # on loopback: readable now
+        reactor.doIteration(1.0)  # the request's step closes, too
+        assert len(lost) == 1 and lost[0].check(ConnectionDone)
+        assert client.recv(100).endswith(b"\r\n\r\nok") and client.recv(100) == b""
+    finally:
+        client.close()
+        port.stopListening()
+        reactor.doIteration(0)
+
+
+@pytest.mark.parametrize("when", ["held-before", "queued-before", "written-after"])
+def test_a_close_sends_everything_written_first(
+    monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """What is held for the end of the step, what the socket could not take
+    at once, and what is written between the close and the end of the step
+    all still reach the client, in order, before its end of file."""
+    from llmproxy import _io
+
+    reactor = epollreactor.EPollReactor()
+    lighten(reactor)
+    monkeypatch.setattr(_io, "active", 2 if when == "held-before" else 0)
+    big = bytes(range(256)) * (64 * 1024)  # 16 MB: more than a socket buffer
+
+    def answer(transport: Any) -> None:
+        if when != "written-after":
+            _io.write_now(transport, big)
+            _io.lose(transport)
+        else:
+            _io.write_now(transport, b"head ")
+            _io.lose(transport)
+            _io.write_now(transport, big)
+
+    port, accepted, lost = _closing_server(reactor, answer)
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+    try:
+        client.sendall(b"go")
+        expected = b"head " + big if when == "written-after" else big
+        assert _read_to_eof(reactor, client) == expected
+        assert len(lost) == 1 and lost[0].check(ConnectionDone)
+    finally:
+        client.close()
+        port.stopListening()
+        reactor.doIteration(0)
+
+
+def test_an_abort_after_a_close_is_one_abort(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection aborted after its close was asked for is lost once, as
+    an abort (nothing closes it twice)."""
+    from twisted.internet.error import ConnectionAborted
+
+    from llmproxy import _io
+
+    reactor = epollreactor.EPollReactor()
+    lighten(reactor)
+    monkeypatch.setattr(_io, "active", 0)
+
+    def answer(transport: Any) -> None:
+        _io.lose(transport)
+        transport.abortConnection()
+
+    port, accepted, lost = _closing_server(reactor, answer)
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+    try:
+        client.sendall(b"go")
+        for _ in range(50):
+            reactor.doIteration(0.05)
+            reactor.runUntilCurrent()  # the abort's connectionLost
+            if lost:
+                break
+        reactor.doIteration(0)
+        reactor.runUntilCurrent()
+        assert len(lost) == 1 and lost[0].check(ConnectionAborted)
+    finally:
+        client.close()
+        port.stopListening()
+        reactor.doIteration(0)
+
+
+class _Polls:
+    """An epoll object that records the timeout of every poll."""
+
+    def __init__(self, poller: Any) -> None:
+        self.poller = poller
+        self.timeouts: list[float] = []
+
+    def poll(self, timeout: float, maxevents: int) -> Any:
+        self.timeouts.append(timeout)
+        return self.poller.poll(timeout, maxevents)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.poller, name)
+
+
+def test_work_made_by_a_close_from_a_timer_is_not_kept_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A close asked for outside a socket event (by a timer, say) happens
+    before the next poll; when its connectionLost schedules work (a
+    callLater(0), as an abort does), that poll does not wait."""
+    from llmproxy import _io
+
+    reactor = epollreactor.EPollReactor()
+    polls = reactor._poller = _Polls(reactor._poller)
+    lighten(reactor)
+    monkeypatch.setattr(_io, "active", 0)
+    scheduled: list[Any] = []
+
+    port, accepted, lost = _closing_server(reactor, lambda transport: None)
+    client = _accepted(reactor, port, accepted)
+    try:
+        original = accepted[0].connectionLost
+
+        def then_schedule(reason: Any) -> None:
+            original(reason)
+            scheduled.append(reactor.callLater(0, lambda: None))
+
+        accepted[0].connectionLost = then_schedule
+        _io.lose(accepted[0].transport)  # as a timer would, between steps
+        reactor.doIteration(5.0)
+        assert len(lost) == 1 and lost[0].check(ConnectionDone)
+        assert scheduled and polls.timeouts[-1] == 0
+        assert client.recv(100) == b""
+    finally:
+        client.close()
+        port.stopListening()
+        reactor.doIteration(0)
+
+
+def test_a_close_pending_at_shutdown_happens_with_the_shutdown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A close still pending when the reactor shuts down (asked for by a
+    shutdown trigger, say) is done during the shutdown, as the reactor
+    disconnects everything else."""
+    from llmproxy import _io
+
+    reactor = epollreactor.EPollReactor()
+    lighten(reactor)
+    monkeypatch.setattr(_io, "active", 0)
+    port, accepted, lost = _closing_server(reactor, lambda transport: None)
+    client = _accepted(reactor, port, accepted)
+    try:
+        _io.lose(accepted[0].transport)
+        reactor.fireSystemEvent("shutdown")
+        assert len(lost) == 1 and lost[0].check(ConnectionDone)
+        assert client.recv(100) == b""
+    finally:
+        client.close()
 
 
 class _Echoing(_Reader):

@@ -17,10 +17,13 @@ import pytest
 import pytest_twisted
 from twisted.application.service import IService, IServiceCollection, IServiceMaker
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import ProcessProtocol
 from twisted.plugin import getPlugins
 
 from helpers import NeedleWaiter, collect, send
+from raw_http import Peer, http
 from llmproxy import tap
 from llmproxy.config import parse_config_text
 from llmproxy.tap import build_service
@@ -184,6 +187,19 @@ async def test_twistd_serves_a_stream_and_stops_on_sigterm(
         events = [line for line in body.split(b"\n") if line.startswith(b"data: ")]
         assert events[-1] == b"data: [DONE]"
         assert json.loads(events[1][6:])["choices"][0]["delta"]["content"]
+        # A client that asks for the connection to close (on the daemon's own
+        # loop, which closes it without another poll) has the whole stream first.
+        peer = Peer(reactor)
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), peer)
+        ask = json.dumps({"model": "demo", "stream": True,
+                          "messages": [{"role": "user", "content": "Bye"}]}).encode()
+        reply = await peer.exchange(http(b"POST", b"/v1/chat/completions", ask,
+                                         b"Content-Type: application/json",
+                                         b"Connection: close"))
+        assert reply.status == 200 and reply.header(b"connection") == b"close"
+        assert reply.body.endswith(b"data: [DONE]\n\n")
+        await peer.wait_closed()
+        assert peer.unread() == b"" and peer.reason.check(ConnectionDone)
     finally:
         if not process.ended.called:
             process.transport.signalProcess("TERM")
