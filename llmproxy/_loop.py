@@ -83,12 +83,15 @@ def lighten(reactor: Any) -> bool:
     selectables = getattr(reactor, "_selectables", None)
     dispatch = getattr(reactor, "_doReadOrWrite", None)
     disconnect = getattr(reactor, "_disconnectSelectable", None)
-    if poller is None or not isinstance(selectables, dict) or dispatch is None:
-        return False
-    if disconnect is None:
+    if (poller is None or not isinstance(selectables, dict) or dispatch is None
+            or disconnect is None):
         return False
     if not all(hasattr(reactor, name) for name in _LOOP_STATE):
         return False
+
+    def work_made() -> bool:
+        """Whether a timer was added, a thread call queued or a stop asked."""
+        return bool(reactor._newTimedCalls or reactor.threadCallQueue or reactor._justStopped)
 
     def idle_for() -> float | None:
         """How long the next poll may wait, or -1.0: back to the reactor's loop.
@@ -97,8 +100,7 @@ def lighten(reactor: Any) -> bool:
         timeout) is needed only when one of those may be due; otherwise
         the next poll follows at once.
         """
-        if (reactor._newTimedCalls or reactor.threadCallQueue or reactor._justStopped
-                or not reactor.running):
+        if work_made() or not reactor.running:
             return -1.0
         pending = reactor._pendingTimedCalls
         if not pending:
@@ -108,7 +110,7 @@ def lighten(reactor: Any) -> bool:
 
     def do_poll(timeout: float | None) -> None:
         settle()  # what timers and thread calls wrote (and closed) just now
-        if reactor._newTimedCalls or reactor.threadCallQueue or reactor._justStopped:
+        if work_made():
             timeout = 0  # a close's connectionLost made work: no waiting for it
         while True:
             try:
