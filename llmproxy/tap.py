@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 
 from llmproxy.config import Config, ConfigError, load_config, redact_url
 from llmproxy import logs
+from llmproxy._accept import lighten_port
 from llmproxy._loop import lighten
 from llmproxy.logs import file_log_service
 from llmproxy.web import build_admin_resource, build_resource, build_site
@@ -186,6 +187,7 @@ class _Listener(Service):
             outcome[0].raiseException()
         if outcome:
             self.port = outcome[0]
+            lighten_port(self.port)
             if self._on_listening is not None:
                 self._on_listening()
 
@@ -212,6 +214,7 @@ class _AdoptedListener(_Listener):
         with socket.socket(fileno=os.dup(self._fd)) as inherited:
             family = inherited.family
         self.port = self._reactor.adoptStreamPort(self._fd, family, self._factory)
+        lighten_port(self.port)
         os.close(self._fd)  # the port holds its own duplicate
         self._on_listening()
 
