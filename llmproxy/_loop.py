@@ -19,7 +19,10 @@ is handled inline the way ``_doReadOrWrite`` handles it (``doRead``, a
 raised exception logged where the reactor logs it, the selectable
 disconnected with what it returned or raised), which spares a call and
 its flag tests per event (about 2 % of the instructions under a stream
-load); every other event goes to the reactor's own dispatch.
+load); every other event goes to the reactor's own dispatch. For a plain
+TCP connection the loop also does what ``tcp.Connection.doRead`` does
+(``recv``, then the protocol's ``dataReceived``; an empty read is the
+peer's close), which spares two more calls per event (about 1.5 %).
 The step also sends the writes :mod:`llmproxy._io` held (before polling:
 those of timers; after the events: theirs), which spares a ``callLater(0)``
 per iteration, and then closes the connections ``_io.lose`` left for it.
@@ -40,8 +43,10 @@ from __future__ import annotations
 
 import errno
 import select
+from errno import EWOULDBLOCK
 from typing import Any
 
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.logger import Logger
 from twisted.python import log as legacy_log
 
@@ -60,6 +65,26 @@ _IN = select.EPOLLIN if hasattr(select, "EPOLLIN") else -1
 _LONGEST = 2147483.0
 
 log = Logger()
+
+
+def _plain_tcp() -> tuple[type, ...]:
+    """The TCP transports whose reads the loop may do itself.
+
+    Those whose ``doRead`` is still ``tcp.Connection``'s (a ``recv`` of
+    ``bufferSize`` bytes to the protocol's ``dataReceived``; an empty read
+    is the peer's close, ``EWOULDBLOCK`` nothing, any other error a lost
+    connection), with the attributes that path reads; none otherwise.
+    """
+    from twisted.internet import tcp
+
+    connection = getattr(tcp, "Connection", None)
+    if connection is None or not hasattr(connection, "bufferSize"):
+        return ()
+    return tuple(
+        kind for kind in (getattr(tcp, "Server", None), getattr(tcp, "Client", None))
+        if kind is not None and kind.doRead is connection.doRead
+        and kind._dataReceived is connection._dataReceived
+    )
 
 
 def lighten(reactor: Any) -> bool:
@@ -88,6 +113,8 @@ def lighten(reactor: Any) -> bool:
         return False
     if not all(hasattr(reactor, name) for name in _LOOP_STATE):
         return False
+
+    plain_tcp = _plain_tcp()
 
     def work_made() -> bool:
         """Whether a timer was added, a thread call queued or a stop asked."""
@@ -128,7 +155,20 @@ def lighten(reactor: Any) -> bool:
                         if event == _IN and selectable.fileno() != -1:
                             # A read event, as _doReadOrWrite handles it.
                             try:
-                                why = selectable.doRead()
+                                if type(selectable) in plain_tcp:
+                                    # What tcp.Connection.doRead does.
+                                    try:
+                                        data = selectable.socket.recv(selectable.bufferSize)
+                                    except OSError as e:
+                                        why = None if e.args[0] == EWOULDBLOCK else CONNECTION_LOST
+                                    else:
+                                        if data:
+                                            selectable.protocol.dataReceived(data)
+                                            why = None
+                                        else:
+                                            why = CONNECTION_DONE
+                                else:
+                                    why = selectable.doRead()
                             except BaseException as e:  # noqa: BLE001 - as Twisted
                                 why = e
                                 legacy_log.err()  # where the reactor logs it

@@ -19,6 +19,20 @@ from twisted.web.iweb import IResponse
 WAIT = 10.0
 
 
+def step_until(reactor: Any, done: Any) -> None:
+    """Step a hand-driven reactor's loop until ``done()``; fail after 10 s.
+
+    For tests that build their own reactor and never run it.
+    """
+    import time
+
+    deadline = time.monotonic() + WAIT
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError("the loop never got there")
+        reactor.doIteration(0.1)
+
+
 class NeedleWaiter:
     """Fires Deferreds when given bytes show up in a growing buffer."""
 

@@ -18,6 +18,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
 from llmproxy._loop import lighten
+from helpers import step_until
 
 epollreactor = pytest.importorskip("twisted.internet.epollreactor")
 
@@ -521,3 +522,126 @@ def test_a_step_returns_for_work_its_events_made(pair: Any, work: str) -> None:
     assert reader.reads == 1 and reactor.seconds() < fallback.getTime()
     reactor.removeReader(reader)
     fallback.cancel()
+
+
+class _Recorder:
+    """A TCP protocol that records what reaches it; ``answer`` is what its
+    ``dataReceived`` does with the bytes."""
+
+    def __init__(self, answer: Any = None) -> None:
+        from twisted.internet.protocol import Protocol
+
+        recorder = self
+
+        class Recording(Protocol):
+            def connectionMade(self) -> None:
+                recorder.protocols.append(self)
+
+            def dataReceived(self, data: bytes) -> Any:
+                recorder.received += data
+                if answer is not None:
+                    return answer(data)
+                return None
+
+            def connectionLost(self, reason: Failure = main.CONNECTION_DONE) -> None:
+                recorder.lost.append(reason)
+
+        self.protocol = Recording
+        self.protocols: list[Any] = []
+        self.received = b""
+        self.lost: list[Failure] = []
+
+
+def _tcp_pair(reactor: Any, recorder: _Recorder) -> tuple[Any, socket.socket]:
+    """A listening port on the hand-stepped reactor and a client accepted
+    by it (the server end is a plain tcp.Server)."""
+    from twisted.internet.protocol import Factory
+
+    factory = Factory.forProtocol(recorder.protocol)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+    for _ in range(50):
+        if recorder.protocols:
+            break
+        reactor.doIteration(0.1)
+    assert recorder.protocols
+    return port, client
+
+
+@pytest.mark.parametrize("ending", ["close", "reset"])
+def test_a_tcp_connection_reads_as_twisted_reads_it(ending: str) -> None:
+    """On a plain TCP connection the loop reads what tcp.Connection.doRead
+    would: every byte to the protocol in order (4 MB, many reads), then the
+    peer's close as ConnectionDone or its reset as ConnectionLost, once,
+    and the transport is gone from the reactor."""
+    from twisted.internet.error import ConnectionLost
+
+    reactor = epollreactor.EPollReactor()
+    assert lighten(reactor) is True
+    recorder = _Recorder()
+    port, client = _tcp_pair(reactor, recorder)
+    payload = bytes(range(256)) * (4 * 4096)
+    try:
+        sent = 0
+        client.setblocking(False)
+        while sent < len(payload):  # the loop drains while the client writes
+            try:
+                sent += client.send(payload[sent:sent + 65536])
+            except BlockingIOError:
+                reactor.doIteration(0.1)
+        client.setblocking(True)
+        step_until(reactor, lambda: len(recorder.received) == len(payload))
+        assert recorder.received == payload
+        if ending == "reset":
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        client.close()
+        step_until(reactor, lambda: recorder.lost)
+        reactor.doIteration(0)
+        assert len(recorder.lost) == 1
+        expected = ConnectionDone if ending == "close" else ConnectionLost
+        assert recorder.lost[0].check(expected)
+        assert not [r for r in reactor.getReaders() if r is recorder.protocols[0].transport]
+    finally:
+        client.close()
+        port.stopListening()
+        reactor.doIteration(0)
+
+
+def test_a_tcp_protocol_whose_read_raises_is_disconnected_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A protocol whose dataReceived raises is logged where the reactor logs
+    it and disconnected with the error, once, and the client sees its
+    connection closed; a value returned by dataReceived is ignored, as
+    tcp.Connection ignores it."""
+    errors: list[Any] = []
+    monkeypatch.setattr("twisted.python.log.err", lambda *a, **k: errors.append(a))
+    reactor = epollreactor.EPollReactor()
+    lighten(reactor)
+
+    def answer(data: bytes) -> Any:
+        if data.endswith(b"boom"):
+            raise RuntimeError("dataReceived failed")
+        return main.CONNECTION_LOST  # not a way to close (any more)
+
+    recorder = _Recorder(answer)
+    port, client = _tcp_pair(reactor, recorder)
+    try:
+        client.sendall(b"fine")
+        step_until(reactor, lambda: recorder.received == b"fine")
+        reactor.doIteration(0)
+        assert recorder.lost == [] and errors == []
+        client.sendall(b"boom")
+        step_until(reactor, lambda: recorder.lost)
+        reactor.doIteration(0)
+        assert recorder.received == b"fineboom" and len(recorder.lost) == 1
+        assert len(errors) == 1
+        assert "dataReceived failed" in str(recorder.lost[0].value)
+        try:
+            assert client.recv(10) == b""
+        except ConnectionResetError:
+            pass  # closed with unread bytes: a reset is a close too
+    finally:
+        client.close()
+        port.stopListening()
+        reactor.doIteration(0)
