@@ -7,6 +7,7 @@ format the client has to parse. Nothing listens or connects beyond 127.0.0.1.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.error import ConnectingCancelledError
+from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedError
 from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
@@ -23,7 +24,7 @@ from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceiv
 from twisted.web.http import PotentialDataLoss
 
 from llmproxy.egress._http import MAX_HEAD, UpstreamProtocolError, UpstreamResponse, _Connection
-from llmproxy.egress._pool import ConnectionPool
+from llmproxy.egress._pool import SPARE_WINDOW, ConnectionPool
 
 WAIT = 10.0
 KEY = ("direct", "http", "127.0.0.1", 1)
@@ -168,10 +169,14 @@ class Upstream(Factory):
         """Answer the next requests with ``answers``, in order."""
         self.answers = list(answers)
 
-    def pool(self, max_idle: int = 4, idle_timeout: float = 60.0, timer: Any = None
-             ) -> ConnectionPool:
-        """A pool whose idle timers run on ``timer`` (the reactor by default)."""
-        pool = ConnectionPool(timer or self.reactor, max_idle, idle_timeout)
+    def pool(self, max_idle: int = 4, idle_timeout: float = 60.0, timer: Any = None,
+             spare_window: float = 0.0) -> ConnectionPool:
+        """A pool whose idle timers run on ``timer`` (the reactor by default).
+
+        Spare connections are off unless ``spare_window`` is given: most
+        tests here count the connections their requests open.
+        """
+        pool = ConnectionPool(timer or self.reactor, max_idle, idle_timeout, spare_window)
         self.pools.append(pool)
         return pool
 
@@ -555,3 +560,109 @@ async def test_tcp_connection_delivers_to_the_client_protocol_directly(up: Upstr
                 and (r.getHost(), r.getPeer()) == wanted]
     assert type(client.protocol) is _Connection
     assert (await up.fetch(pool))[0] == b"ok" and len(up.peers) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_growing_demand_opens_a_spare_the_next_request_uses(up: Upstream) -> None:
+    """Two requests in a row finding no idle connection (as when concurrent
+    streams keep growing) make the pool open a spare connection; the next
+    request is sent on it, with no connect of its own, and taking it opens
+    the next spare."""
+    up.script(None, None, OK)  # the first two are never answered: busy
+    pool = up.pool(spare_window=SPARE_WINDOW)
+    busy = [pool.request(KEY, up.endpoint, POST) for _ in range(2)]
+    await up.until(lambda: len(up.peers) == 3)  # two requests' and the spare
+    await up.settle()
+    assert pool.idle_count() == 1
+    third = await up.send(pool)
+    assert (await up.read(third))[0] == b"ok"
+    await up.until(lambda: len(up.peers) == 4)  # the next spare
+    # The third request went on the spare: each of the first three
+    # connections carried one request; the new spare none yet.
+    assert [len(peer.requests) for peer in up.peers] == [1, 1, 1, 0]
+    for d in busy:
+        d.cancel()
+        with pytest.raises(CancelledError):
+            await d
+
+
+@pytest_twisted.ensureDeferred
+async def test_sequential_requests_open_no_spare(up: Upstream) -> None:
+    """Requests one after another on a kept-alive connection find it idle:
+    one connection, no spare."""
+    up.script(OK, OK, OK)
+    pool = up.pool(spare_window=SPARE_WINDOW)
+    for _ in range(3):
+        assert (await up.fetch(pool))[0] == b"ok"
+    await up.settle()
+    assert len(up.peers) == 1 and pool.idle_count() == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_spare_for_requests_far_apart(up: Upstream) -> None:
+    """Requests that each find no idle connection but come further apart
+    than the window (an upstream that closes every connection, light
+    traffic) open one connection each, no spares."""
+    clock = Clock()
+    close = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+    up.script(close, close, close)
+    pool = up.pool(timer=clock, spare_window=SPARE_WINDOW)
+    for n in range(3):
+        assert (await up.fetch(pool))[0] == b"ok"
+        await up.lost(n)
+        clock.advance(SPARE_WINDOW + 0.1)
+    await up.settle()
+    assert len(up.peers) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_spare_that_cannot_connect_fails_nobody(up: Upstream, reactor: Any) -> None:
+    """A spare whose connect fails is dropped quietly; each request that
+    found no idle connection got (and reported) its own connect's error,
+    and the next request that reaches the upstream is answered."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    closed_port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now
+    refused = TCP4ClientEndpoint(reactor, "127.0.0.1", closed_port, timeout=WAIT)
+    pool = up.pool(spare_window=SPARE_WINDOW)
+    with pytest.raises(ConnectionRefusedError):
+        await up.wait(pool.request(KEY, refused, POST))
+    second = pool.request(KEY, refused, POST)  # the second miss: a spare too
+    spare = pool._factory(KEY).spare
+    assert spare is not None
+    with pytest.raises(ConnectionRefusedError):
+        await up.wait(second)
+    assert await up.wait(spare) is None  # its failure handled, not raised
+    assert pool._factory(KEY).spare is None and pool.idle_count() == 0
+    up.script(OK)
+    assert (await up.fetch(pool))[0] == b"ok"
+
+
+@pytest_twisted.ensureDeferred
+async def test_closing_the_pool_stops_a_spare_being_opened(up: Upstream) -> None:
+    """Closing the pool cancels a spare still connecting; nothing is left
+    idle or connecting afterwards."""
+
+    class Slow:
+        """An endpoint whose connects hang until cancelled."""
+
+        def __init__(self) -> None:
+            self.pending: list[Deferred[Any]] = []
+
+        def connect(self, factory: Any) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            self.pending.append(d)
+            return d
+
+    slow = Slow()
+    pool = up.pool(spare_window=SPARE_WINDOW)
+    requests = [pool.request(KEY, slow, POST) for _ in range(2)]
+    assert len(slow.pending) == 3  # the spare's connect and the two requests'
+    await up.wait(pool.close())
+    assert slow.pending[1].called  # the spare's (opened before the second request's)
+    assert pool._factory(KEY).spare is None and pool.idle_count() == 0
+    for d in requests:
+        d.cancel()
+        with pytest.raises(CancelledError):
+            await d

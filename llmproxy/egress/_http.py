@@ -153,6 +153,7 @@ class _Connection(Protocol):
         self.address: str | None = None
         self.attempt: _Attempt | None = None
         self.reused = False
+        self.spare = False  # opened ahead of demand, not used yet
         self.got_bytes = False
         self.buf = b""
         self.response: UpstreamResponse | None = None

@@ -4,6 +4,17 @@ Connections (:class:`~llmproxy.egress._http._Connection`) are kept per
 destination key, bounded in number per key and in idle time; one timer
 sweeps out the idle ones. A request takes the most recently used idle
 connection, or opens one through the endpoint it was given.
+
+While demand for a destination grows (two requests in a row found no idle
+connection, within :data:`SPARE_WINDOW`), the pool opens one spare
+connection ahead of it, and another each time a request takes the spare
+and leaves no idle connection behind: the next request then finds its
+connection open instead of waiting for a handshake (a TCP connect on a
+LAN, a TLS handshake through the outbound proxy on the internet). At most
+one spare is being opened per destination; an open spare is an idle
+connection like any other (closed after ``idle_timeout`` if unused,
+counted in ``max_idle``); steady or sequential traffic, which finds idle
+connections, opens none.
 """
 
 from __future__ import annotations
@@ -18,7 +29,11 @@ from twisted.python.failure import Failure
 
 from llmproxy.egress._http import _DEAD, _IDLE, UpstreamResponse, _Connection
 
-__all__ = ["ConnectionPool"]
+__all__ = ["SPARE_WINDOW", "ConnectionPool"]
+
+#: Seconds: a request finding no idle connection this soon after the last
+#: one that found none means demand is growing (a spare is opened).
+SPARE_WINDOW = 1.0
 
 
 class _Attempt:
@@ -74,12 +89,17 @@ class _Attempt:
             self.on_failure(failure)
 
     def start(self, fresh: bool = False) -> None:
+        pool = self.pool
         if not fresh:
-            conn = self.pool._take(self.key)
+            conn = pool._take(self.key)
             if conn is not None:
+                if conn.spare:
+                    conn.spare = False
+                    pool._demand(self.key, self.endpoint, missed=False)
                 conn.send(self)
                 return
-        connecting = self.endpoint.connect(self.pool._factory(self.key))
+            pool._demand(self.key, self.endpoint, missed=True)
+        connecting = self.endpoint.connect(pool._factory(self.key))
         self.connecting = connecting
         connecting.addCallbacks(self._connected, self._failed)
 
@@ -112,11 +132,20 @@ class _Attempt:
 
 
 class _ConnectionFactory(Factory):
+    """Builds one destination's connections; keeps its demand state.
+
+    Attributes:
+        last_miss: When a request last found no idle connection.
+        spare: The spare connection being opened, if one is.
+    """
+
     noisy = False
 
     def __init__(self, pool: ConnectionPool, key: Hashable) -> None:
         self.pool = pool
         self.key = key
+        self.last_miss = float("-inf")
+        self.spare: Deferred[Any] | None = None
 
     def buildProtocol(self, addr: Any) -> _Connection:
         return _Connection(self.pool, self.key)
@@ -128,15 +157,19 @@ class ConnectionPool:
     Attributes:
         max_idle: Idle connections kept per key.
         idle_timeout: Seconds an idle connection is kept.
+        spare_window: Two requests finding no idle connection this many
+            seconds apart open a spare (0: never).
     """
 
     #: Destination keys remembered (factories); the oldest go first.
     MAX_KEYS = 4096
 
-    def __init__(self, reactor: Any, max_idle: int, idle_timeout: float) -> None:
+    def __init__(self, reactor: Any, max_idle: int, idle_timeout: float,
+                 spare_window: float = SPARE_WINDOW) -> None:
         self.reactor = reactor
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
+        self.spare_window = spare_window
         self._idle: dict[Hashable, list[_Connection]] = {}
         self._factories: dict[Hashable, _ConnectionFactory] = {}
         self._closed = False
@@ -203,6 +236,33 @@ class ConnectionPool:
                 self._factories.pop(next(iter(self._factories)))
             factory = self._factories[key] = _ConnectionFactory(self, key)
         return factory
+
+    def _demand(self, key: Hashable, endpoint: IStreamClientEndpoint, missed: bool) -> None:
+        """A request found no idle connection (``missed``) or took a spare:
+        open a spare if demand is growing and none is idle or being opened."""
+        factory = self._factory(key)
+        if missed:
+            now = self.reactor.seconds()
+            growing = now - factory.last_miss < self.spare_window
+            factory.last_miss = now
+            if not growing:
+                return
+        if factory.spare is not None or self._closed or self._idle.get(key):
+            return
+        opening = endpoint.connect(factory)
+        factory.spare = opening
+        opening.addCallbacks(self._spare_open, self._spare_failed,
+                             callbackArgs=(factory,), errbackArgs=(factory,))
+
+    def _spare_open(self, conn: _Connection, factory: _ConnectionFactory) -> None:
+        factory.spare = None
+        conn.spare = True
+        self._release(conn)  # idle now (or closed: pool full or closing)
+
+    def _spare_failed(self, failure: Failure, factory: _ConnectionFactory) -> None:
+        # Nobody waits for a spare: a request that finds no idle connection
+        # opens its own and sees that error, if it persists.
+        factory.spare = None
 
     def _take(self, key: Hashable) -> _Connection | None:
         idle = self._idle.get(key)
@@ -275,6 +335,9 @@ class ConnectionPool:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        for factory in list(self._factories.values()):
+            if factory.spare is not None:
+                factory.spare.cancel()
         waiting = []
         for idle in list(self._idle.values()):
             for conn in list(idle):
