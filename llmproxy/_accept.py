@@ -8,10 +8,11 @@ measured about 1.6 % of the daemon's instructions. :func:`lighten_port`
 gives a listening port the same loop without it: accept until the socket
 has no more connections or the port's adaptive batch is done (Twisted's
 ``numberAccepts``, kept), build each protocol and transport as Twisted
-does. Any accept error other than "no more connections" (``EMFILE``,
-``ENOBUFS``, ``ECONNABORTED``, ``EPERM``...) hands the rest of the call to
-``tcp.Port.doRead``, which handles and logs each of them as usual
-(``EMFILE`` with its reserved descriptor).
+does. Accept errors are handled as Twisted handles them: ``EPERM`` skipped,
+``ECONNABORTED``, ``ENOBUFS``, ``ENOMEM`` and ``ENFILE`` logged (under
+``tcp.Port``'s log namespace) and the batch ended, ``EMFILE`` handed to
+``tcp.Port.doRead`` (which frees its reserved descriptor to accept and close
+the waiting connections), anything else logged as an unhandled error.
 
 Used by the twistd plugin's listeners only; an application embedding
 llmproxy keeps its own ports as they are.
@@ -19,20 +20,31 @@ llmproxy keeps its own ports as they are.
 
 from __future__ import annotations
 
+import errno
 import socket
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.logger import Logger
 from twisted.python import log as legacy_log
 
 __all__ = ["lighten_port"]
 
 #: How getnameinfo renders an IPv6 peer (its scope id included), as Twisted.
 _NUMERIC = socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
+#: Accept errors Twisted logs and gets past (ending the batch), as tcp.py.
+_ACCEPT_ERRORS = (errno.ENOBUFS, errno.ENFILE, errno.ENOMEM, errno.ECONNABORTED)
+#: The namespace of tcp.Port's log events (kept for log filters).
+_NAMESPACE = "twisted.internet.tcp.Port"
 
 
 class _Port(tcp.Port):
     """A ``tcp.Port`` whose accept loop does only the common case itself."""
+
+    @property
+    def _logger(self) -> Logger:
+        # What tcp.Port's own Logger would be: its namespace, this port.
+        return Logger(namespace=_NAMESPACE, source=self)
 
     def doRead(self) -> None:
         accepts = self.numberAccepts
@@ -40,14 +52,23 @@ class _Port(tcp.Port):
         try:
             listener = self.socket
             factory = self.factory
-            while accepted < accepts:
+            for _ in range(accepts):
                 try:
                     skt, addr = listener.accept()
                 except BlockingIOError:
                     break  # no more connections waiting
-                except OSError:
-                    tcp.Port.doRead(self)  # Twisted's handling of each error
-                    return
+                except OSError as e:
+                    code = e.args[0]
+                    if code == errno.EPERM:
+                        continue  # netfilter refused it; try the next, as Twisted
+                    if code == errno.EMFILE:
+                        tcp.Port.doRead(self)  # Twisted's reserved-descriptor dance
+                        return
+                    if code in _ACCEPT_ERRORS:
+                        self._logger.info("Could not accept new connection ({acceptError})",
+                                          acceptError=errno.errorcode[code])
+                        break
+                    raise
                 accepted += 1
                 if len(addr) == 4:  # IPv6: with its scope id, as Twisted
                     host = socket.getnameinfo(addr, _NUMERIC)[0]
@@ -77,9 +98,10 @@ def lighten_port(port: Any) -> bool:
         port: What a listen returned.
 
     Returns:
-        Whether it was changed (only a plain ``tcp.Port`` is; a subclass,
-        a UNIX or TLS-wrapping port, or a Twisted without the attributes
-        the loop uses is left alone).
+        Whether it was changed (only a plain ``tcp.Port`` is, which
+        includes an ``ssl:`` listener's: its factory does the TLS; a
+        subclass, a UNIX port, or a Twisted without the attributes the
+        loop uses is left alone).
     """
     if type(port) is not tcp.Port:
         return False

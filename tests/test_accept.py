@@ -186,3 +186,48 @@ def test_an_ipv6_peer_is_named_as_twisted_names_it() -> None:
         client.close()
         port.stopListening()
         reactor.doIteration(0)
+
+
+class _FailsOnce:
+    """The port's real listening socket, whose next accept fails once with
+    ``code`` (errors a test cannot make the kernel produce on demand)."""
+
+    def __init__(self, real: socket.socket, code: int) -> None:
+        self.real = real
+        self.code = code
+        self.failed = False
+
+    def accept(self) -> Any:
+        if not self.failed:
+            self.failed = True
+            raise OSError(self.code, "injected")
+        return self.real.accept()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+@pytest.mark.parametrize("code", ["ECONNABORTED", "ENOBUFS", "ENOMEM", "ENFILE"])
+def test_an_accept_error_is_logged_as_twisted_logs_it(listening: Any, code: str) -> None:
+    """A failed accept (a client that reset before it was accepted, memory
+    short for a moment) is logged once, under tcp.Port's log namespace, as
+    Twisted logs it; the waiting client is served on the next step."""
+    import errno
+
+    reactor, factory, port, clients = listening
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    real = port.socket
+    port.socket = _FailsOnce(real, getattr(errno, code))
+    try:
+        waiting = _connect(port, clients)
+        reactor.doIteration(1.0)
+    finally:
+        port.socket = real
+        globalLogPublisher.removeObserver(events.append)
+    logged = [e for e in events if "Could not accept" in str(e.get("log_format"))]
+    assert len(logged) == 1 and logged[0]["acceptError"] == code
+    assert logged[0]["log_namespace"] == "twisted.internet.tcp.Port"
+    assert factory.built == []
+    waiting.sendall(b"later")
+    assert _answer(reactor, waiting).endswith(b" later")
