@@ -155,8 +155,11 @@ def lighten(reactor: Any) -> bool:
                         if event == _IN and selectable.fileno() != -1:
                             # A read event, as _doReadOrWrite handles it.
                             try:
-                                if type(selectable) in plain_tcp:
-                                    # What tcp.Connection.doRead does.
+                                if (type(selectable) in plain_tcp
+                                        and "doRead" not in selectable.__dict__):
+                                    # What tcp.Connection.doRead does (unless
+                                    # replaced on the connection: an abort, a
+                                    # connect in progress).
                                     try:
                                         data = selectable.socket.recv(selectable.bufferSize)
                                     except OSError as e:

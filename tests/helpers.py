@@ -20,7 +20,8 @@ WAIT = 10.0
 
 
 def step_until(reactor: Any, done: Any) -> None:
-    """Step a hand-driven reactor's loop until ``done()``; fail after 10 s.
+    """Step a hand-driven reactor's loop (its due timers, then a poll) until
+    ``done()``; fail after 10 s.
 
     For tests that build their own reactor and never run it.
     """
@@ -30,6 +31,7 @@ def step_until(reactor: Any, done: Any) -> None:
     while not done():
         if time.monotonic() > deadline:
             raise AssertionError("the loop never got there")
+        reactor.runUntilCurrent()
         reactor.doIteration(0.1)
 
 

@@ -645,3 +645,43 @@ def test_a_tcp_protocol_whose_read_raises_is_disconnected_once(
         client.close()
         port.stopListening()
         reactor.doIteration(0)
+
+
+@pytest.mark.parametrize("peer", ["sends", "closes"])
+def test_an_aborted_tcp_connection_reads_nothing_more(peer: str) -> None:
+    """A connection aborted by another connection's event in the same step,
+    then written to, reads nothing more in that step even though its own
+    read event follows: its protocol gets ConnectionAborted, once, as on
+    the reactor's own dispatch (which honours the abort's no-op doRead)."""
+    from twisted.internet.error import ConnectionAborted
+
+    reactor = epollreactor.EPollReactor()
+    lighten(reactor)
+    first = _Recorder()
+    port_x, x = _tcp_pair(reactor, first)
+    victim = first.protocols[0]
+
+    def abort_the_other(data: bytes) -> None:
+        victim.transport.abortConnection()
+        victim.transport.write(b"late")  # registers it for writing again
+
+    second = _Recorder(abort_the_other)
+    port_y, y = _tcp_pair(reactor, second)
+    try:
+        y.sendall(b"abort x")  # ready first
+        if peer == "sends":
+            x.sendall(b"after the abort")
+        else:
+            x.shutdown(socket.SHUT_WR)
+        step_until(reactor, lambda: first.lost)
+        reactor.doIteration(0)
+        assert first.received == b""
+        assert len(first.lost) == 1 and first.lost[0].check(ConnectionAborted)
+    finally:
+        x.close()
+        y.close()
+        for protocol in second.protocols:
+            protocol.transport.abortConnection()
+        port_x.stopListening()
+        port_y.stopListening()
+        reactor.doIteration(0)
