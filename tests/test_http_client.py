@@ -639,29 +639,50 @@ async def test_a_spare_that_cannot_connect_fails_nobody(up: Upstream, reactor: A
     assert (await up.fetch(pool))[0] == b"ok"
 
 
+class _Hanging:
+    """An endpoint whose connects hang until cancelled."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred[Any]] = []
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.pending.append(d)
+        return d
+
+
 @pytest_twisted.ensureDeferred
 async def test_closing_the_pool_stops_a_spare_being_opened(up: Upstream) -> None:
     """Closing the pool cancels a spare still connecting; nothing is left
     idle or connecting afterwards."""
 
-    class Slow:
-        """An endpoint whose connects hang until cancelled."""
-
-        def __init__(self) -> None:
-            self.pending: list[Deferred[Any]] = []
-
-        def connect(self, factory: Any) -> Deferred[Any]:
-            d: Deferred[Any] = Deferred()
-            self.pending.append(d)
-            return d
-
-    slow = Slow()
+    slow = _Hanging()
     pool = up.pool(spare_window=SPARE_WINDOW)
     requests = [pool.request(KEY, slow, POST) for _ in range(2)]
     assert len(slow.pending) == 3  # the spare's connect and the two requests'
     await up.wait(pool.close())
     assert slow.pending[1].called  # the spare's (opened before the second request's)
     assert pool._factory(KEY).spare is None and pool.idle_count() == 0
+    for d in requests:
+        d.cancel()
+        with pytest.raises(CancelledError):
+            await d
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_forgotten_destination_stops_its_spare(up: Upstream, monkeypatch: Any) -> None:
+    """When more destinations are in use than the pool remembers, the oldest
+    one's spare being opened is cancelled with it (never left to connect
+    unseen, nor doubled by a second one)."""
+
+    slow = _Hanging()
+    pool = up.pool(spare_window=SPARE_WINDOW)
+    monkeypatch.setattr(pool, "MAX_KEYS", 1)
+    requests = [pool.request("A", slow, POST) for _ in range(2)]
+    spare = pool._factory("A").spare
+    assert spare is not None and not spare.called
+    requests.append(pool.request("B", slow, POST))  # A is forgotten
+    assert spare.called  # cancelled
     for d in requests:
         d.cancel()
         with pytest.raises(CancelledError):

@@ -233,7 +233,9 @@ class ConnectionPool:
         factory = self._factories.get(key)
         if factory is None:
             if len(self._factories) >= self.MAX_KEYS:
-                self._factories.pop(next(iter(self._factories)))
+                oldest = self._factories.pop(next(iter(self._factories)))
+                if oldest.spare is not None:  # forgotten: stop its spare too
+                    oldest.spare.cancel()
             factory = self._factories[key] = _ConnectionFactory(self, key)
         return factory
 
