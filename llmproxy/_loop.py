@@ -155,11 +155,14 @@ def lighten(reactor: Any) -> bool:
                         if event == _IN and selectable.fileno() != -1:
                             # A read event, as _doReadOrWrite handles it.
                             try:
-                                if (type(selectable) in plain_tcp
-                                        and "doRead" not in selectable.__dict__):
-                                    # What tcp.Connection.doRead does (unless
-                                    # replaced on the connection: an abort, a
-                                    # connect in progress).
+                                if (type(selectable) in plain_tcp and selectable.connected
+                                        and not selectable._aborting):
+                                    # What tcp.Connection.doRead does. (An abort
+                                    # and a connect in progress replace doRead
+                                    # on the connection: not connected, or
+                                    # aborting. Reading __dict__ instead would
+                                    # turn the object's inline attribute values
+                                    # into a dict, slowing every later access.)
                                     try:
                                         data = selectable.socket.recv(selectable.bufferSize)
                                     except OSError as e:
