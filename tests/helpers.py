@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 
 import json
 from typing import Any
@@ -25,8 +26,6 @@ def step_until(reactor: Any, done: Any) -> None:
 
     For tests that build their own reactor and never run it.
     """
-    import time
-
     deadline = time.monotonic() + WAIT
     while not done():
         if time.monotonic() > deadline:

@@ -175,11 +175,8 @@ def test_the_loop_sends_held_writes_without_a_timer(monkeypatch: pytest.MonkeyPa
     port = reactor.listenTCP(0, Factory.forProtocol(Hello), interface="127.0.0.1")
     client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
     try:
-        for _ in range(50):
-            if accepted:
-                break
-            reactor.doIteration(0.1)
-        assert accepted and reactor.getDelayedCalls() == []
+        step_until(reactor, lambda: accepted)
+        assert reactor.getDelayedCalls() == []
         assert client.recv(100) == b"held "
         _io.write_now(accepted[0].transport, b"from a timer")
         assert reactor.getDelayedCalls() == []
@@ -222,12 +219,8 @@ def test_nothing_written_around_an_abort_reaches_the_peer(
     port = reactor.listenTCP(0, Factory.forProtocol(Cancelled), interface="127.0.0.1")
     client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
     try:
-        for _ in range(50):
-            reactor.doIteration(0.05)
-            reactor.runUntilCurrent()  # the abort's connectionLost
-            if accepted and not accepted[0].transport.connected:
-                break
-        assert accepted and not accepted[0].transport.connected
+        # (with the abort's connectionLost, a timer)
+        step_until(reactor, lambda: accepted and not accepted[0].transport.connected)
         try:
             assert client.recv(100) == b""
         except ConnectionResetError:
@@ -282,12 +275,12 @@ def _read_to_eof(reactor: Any, client: socket.socket, steps: int = 400) -> bytes
 def _accepted(reactor: Any, port: Any, accepted: list[Any]) -> socket.socket:
     """A client connected to ``port``, once its server side is accepted."""
     client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
-    for _ in range(50):
-        reactor.doIteration(0.1)
-        if accepted:
-            return client
-    client.close()
-    raise AssertionError("the connection was never accepted")
+    try:
+        step_until(reactor, lambda: accepted)
+    except AssertionError:
+        client.close()
+        raise
+    return client
 
 
 def test_a_close_with_nothing_queued_ends_with_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -372,11 +365,7 @@ def test_an_abort_after_a_close_is_one_abort(monkeypatch: pytest.MonkeyPatch) ->
     client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
     try:
         client.sendall(b"go")
-        for _ in range(50):
-            reactor.doIteration(0.05)
-            reactor.runUntilCurrent()  # the abort's connectionLost
-            if lost:
-                break
+        step_until(reactor, lambda: lost)  # the abort's connectionLost: a timer
         reactor.doIteration(0)
         reactor.runUntilCurrent()
         assert len(lost) == 1 and lost[0].check(ConnectionAborted)
@@ -559,13 +548,7 @@ def _tcp_pair(reactor: Any, recorder: _Recorder) -> tuple[Any, socket.socket]:
 
     factory = Factory.forProtocol(recorder.protocol)
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
-    for _ in range(50):
-        if recorder.protocols:
-            break
-        reactor.doIteration(0.1)
-    assert recorder.protocols
-    return port, client
+    return port, _accepted(reactor, port, recorder.protocols)
 
 
 @pytest.mark.parametrize("ending", ["close", "reset"])
