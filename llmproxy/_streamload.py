@@ -1,12 +1,17 @@
 """The benchmark's stream load generator (a child process of the bench).
 
-``python -m llmproxy._streamload URL COUNT SPREAD CHUNKS DELAY OUT`` opens
-COUNT raw HTTP/1.1 connections to URL's host, spread evenly over SPREAD
-seconds, each asking the fake upstream (through the proxy or not) for an SSE
-stream of CHUNKS events DELAY seconds apart, and writes per-stream
-time-to-first-byte, duration and whether the stream ended properly to OUT
-as JSON. ``... idle URL COUNT HOLD OUT`` opens COUNT connections that send
-nothing, holds them HOLD seconds, and reports how many stayed open.
+``python -m llmproxy._streamload URL COUNT SPREAD CHUNKS DELAY OUT [PID]``
+opens COUNT raw HTTP/1.1 connections to URL's host, spread evenly over
+SPREAD seconds, each asking the fake upstream (through the proxy or not)
+for an SSE stream of CHUNKS events DELAY seconds apart, and writes
+per-stream time-to-first-byte, duration and whether the stream ended
+properly to OUT as JSON (``{"streams": [...], "window": ...}``). With PID,
+``window`` is the CPU that process used while every stream was open at
+once (from the time the first stream would end, CHUNKS * DELAY after the
+first start, to the last start): the load at full concurrency, which ramp-up and
+ramp-down would dilute. ``... idle URL COUNT HOLD OUT`` opens COUNT
+connections that send nothing, holds them HOLD seconds, and reports how
+many stayed open.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ _BODY = json.dumps(
 ).encode()
 
 
-def _streams(url: str, count: int, spread: float, chunks: int, delay: float) -> list[dict]:
+def _streams(url: str, count: int, spread: float, chunks: int, delay: float,
+             watch: int | None = None) -> tuple[list[dict], dict | None]:
     """Run the stream load on plain non-blocking sockets and one epoll.
 
     No reactor: on the generator's core, which it shares with the upstream,
@@ -38,6 +44,11 @@ def _streams(url: str, count: int, spread: float, chunks: int, delay: float) -> 
     and a busy generator delays every first byte it measures. Each stream's
     clock starts when its TCP connection is up (the request is sent then)
     and stops at the first byte of the answer.
+
+    Returns the per-stream results and, with ``watch`` (a process id) and
+    a load whose streams all overlap for a while (SPREAD longer than a
+    stream), that process's CPU seconds over the full-concurrency window
+    and the window's length; otherwise None.
     """
     parts = urlsplit(url)
     address = (parts.hostname, parts.port)
@@ -55,6 +66,20 @@ def _streams(url: str, count: int, spread: float, chunks: int, delay: float) -> 
     begin = clock()
     deadline = begin + spread + 30 + chunks * delay  # a stuck stream ends here
     started = 0
+    # The full-concurrency window: from when the first stream would end to
+    # the last start.
+    window_from = begin + chunks * delay
+    window_to = begin + spread * (count - 1) / max(count, 1)
+    marks: list[tuple[float, float]] = []
+    if watch is not None and window_from < window_to:
+        from llmproxy.bench import _cpu_seconds
+
+        def mark(now: float) -> None:
+            if len(marks) < 2 and now >= (window_to if marks else window_from):
+                marks.append((now, _cpu_seconds(watch)))
+    else:
+        def mark(now: float) -> None:
+            pass
 
     def end(fd: int, now: float) -> None:
         stream = streams.pop(fd)
@@ -68,6 +93,7 @@ def _streams(url: str, count: int, spread: float, chunks: int, delay: float) -> 
 
     while started < count or streams:
         now = clock()
+        mark(now)
         while started < count and begin + spread * started / count <= now:
             results.append({"ttfb_ms": None, "duration_ms": 0, "complete": False})
             try:  # out of file descriptors, say: this stream counts as aborted
@@ -123,7 +149,10 @@ def _streams(url: str, count: int, spread: float, chunks: int, delay: float) -> 
             else:
                 end(fd, now)
     poller.close()
-    return results
+    window = None
+    if len(marks) == 2:
+        window = {"seconds": marks[1][0] - marks[0][0], "cpu_seconds": marks[1][1] - marks[0][1]}
+    return results, window
 
 
 async def _idle(reactor: Any, url: str, count: int, hold: float) -> dict:
@@ -149,10 +178,11 @@ def main(argv: list[str]) -> None:
 
         react(lambda reactor: Deferred.fromCoroutine(idle(reactor)))
         return
-    url, count, spread, chunks, delay, out = argv
-    streams = _streams(url, int(count), float(spread), int(chunks), float(delay))
+    url, count, spread, chunks, delay, out, *watch = argv
+    streams, window = _streams(url, int(count), float(spread), int(chunks), float(delay),
+                               int(watch[0]) if watch else None)
     with open(out, "w") as f:
-        json.dump(streams, f)
+        json.dump({"streams": streams, "window": window}, f)
 
 
 if __name__ == "__main__":

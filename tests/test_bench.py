@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,9 @@ async def test_stream_load_generator_measures_streams(reactor, upstreams, proxie
         env=env, path=str(tmp_path),
     )
     assert await child.ended.addTimeout(30, reactor) == 0, child.output
-    results = json.loads(out.read_text())
-    summary = bench._stream_summary(results)
+    loaded = json.loads(out.read_text())
+    assert loaded["window"] is None  # no CPU watched
+    summary = bench._stream_summary(loaded["streams"])
     assert summary["streams"] == 5 and summary["aborted"] == 0
     assert 0 < summary["ttfb_p50_ms"] <= summary["ttfb_p99_ms"]
     assert len(upstream.requests) == 5
@@ -61,10 +63,42 @@ def test_stream_load_generator_counts_refused_streams_as_aborted() -> None:
     with socket.socket() as listener:  # a loopback port with nobody on it
         listener.bind(("127.0.0.1", 0))
         port = listener.getsockname()[1]
-    results = _streamload._streams(f"http://127.0.0.1:{port}/v1/chat/completions",
-                                   3, 0.01, 2, 0.01)
+    results, window = _streamload._streams(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                           3, 0.01, 2, 0.01)
+    assert window is None
     assert results == [{"ttfb_ms": None, "duration_ms": 0, "complete": False}] * 3
     assert bench._stream_summary(results)["aborted"] == 3
+
+
+def _refused_url() -> str:
+    with socket.socket() as listener:  # a loopback port with nobody on it
+        listener.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{listener.getsockname()[1]}/v1/chat/completions"
+
+
+def test_stream_load_generator_measures_cpu_only_at_full_concurrency() -> None:
+    """The proxy's CPU is reported for the time every stream is open at
+    once (from when the first would end to the last start), not averaged
+    with the ramp-up and ramp-down: a process busy throughout shows a full
+    core over that window, one asleep shows none."""
+    url = _refused_url()  # the schedule is what is measured, not the streams
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    asleep = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        # Streams of 2 x 0.1 s start over 0.6 s: all overlap from 0.2 s on;
+        # the last starts at 0.6 * 29 / 30 = 0.58 s.
+        _, window = _streamload._streams(url, 30, 0.6, 2, 0.1, watch=busy.pid)
+        _, quiet = _streamload._streams(url, 30, 0.6, 2, 0.1, watch=asleep.pid)
+    finally:
+        busy.kill()
+        asleep.kill()
+        busy.wait()
+        asleep.wait()
+    assert 0.37 <= window["seconds"] <= 0.5
+    assert window["cpu_seconds"] >= 0.5 * window["seconds"]
+    assert 0.37 <= quiet["seconds"] <= 0.5 and quiet["cpu_seconds"] < 0.05
+    # Streams longer than the spread never all overlap: no window.
+    assert _streamload._streams(url, 3, 0.1, 2, 0.1, watch=os.getpid())[1] is None
 
 
 def test_percentile() -> None:
