@@ -300,6 +300,8 @@ async def test_body_ended_by_close(up: Upstream, answer: bytes, expected: type) 
     b"HTTP/1.1 200 OK\r\nNoColon\r\n\r\n",
     b"HTTP/1.1 200 OK\r\n Folded: x\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nName : x\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n\tFolded: x\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nName\t: x\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
@@ -307,6 +309,7 @@ async def test_body_ended_by_close(up: Upstream, answer: bytes, expected: type) 
     b"HTTP/1.1 200 OK\r\nX-Split: a\nSet-Cookie: evil=1\r\nContent-Length: 0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nX-Split: a\rb\r\nContent-Length: 0\r\n\r\n",
 ], ids=["no-code", "not-http", "code-99", "101", "no-colon", "folded", "space-before-colon",
+        "tab-folded", "tab-before-colon",
         "cl-text", "cl-negative", "cl-conflict", "oversized", "bare-lf", "bare-cr"])
 @pytest_twisted.ensureDeferred
 async def test_bad_head_never_received(up: Upstream, answer: bytes) -> None:

@@ -58,6 +58,10 @@ _NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
 _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
 
 _NO_BODY_CODES = frozenset((204, 304))
+#: Blanks that may not border a header name, as byte values. (On CPython
+#: 3.11, ``bytes in bytes`` first tries the left side as an integer and
+#: formats a TypeError it then drops: ten times the cost of this lookup.)
+_BLANK = frozenset(b" \t")
 # A chunk size: hex digits only (no sign, prefix or "_"), at most 2**64 - 1.
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 #: A chunk's size line without extensions (the fast path).
@@ -253,7 +257,7 @@ class _Connection(Protocol):
         close = version == b"HTTP/1.0"
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
-            if not colon or not name or name[-1:] in b" \t" or name[:1] in b" \t":
+            if not colon or not name or name[-1] in _BLANK or name[0] in _BLANK:
                 self._bad_head(f"bad header line {line[:100]!r}")
                 return
             name = name.lower()
@@ -269,9 +273,9 @@ class _Connection(Protocol):
                 chunked = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
             elif name == b"connection":
                 tokens = value.lower()
-                if b"close" in tokens:
+                if tokens.find(b"close") >= 0:
                     close = True
-                elif b"keep-alive" in tokens and version == b"HTTP/1.0":
+                elif tokens.find(b"keep-alive") >= 0 and version == b"HTTP/1.0":
                     close = False
         attempt, self.attempt = self.attempt, None
         if attempt is None:  # cancelled meanwhile

@@ -92,7 +92,7 @@ def _bad_target(uri: bytes, segments: list[bytes]) -> str | None:
             parts = decoded.replace(b"\\", b"/").split(b"/")
             if any(part in _DOT_SEGMENTS for part in parts):
                 return "'.' and '..' path segments are not allowed"
-            if b"%" not in decoded:
+            if decoded.find(b"%") < 0:  # cheaper than `in` (see egress._http)
                 break
             decoded = unquote_to_bytes(decoded)
     return None
