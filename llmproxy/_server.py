@@ -365,9 +365,14 @@ class FastChannel(Protocol, TimeoutMixin):
             return
         self.buf = buf[start + length:]
         connection = raw.get(b"connection")
-        persistent = connection is None or not any(
-            v.lower().find(b"close") >= 0 for v in connection[1]
-        )
+        persistent = True
+        if connection is not None:
+            # A loop, not any() over a generator: any() closing it early
+            # (on "close", the usual case) raises GeneratorExit into it.
+            for value in connection[1]:
+                if value.lower().find(b"close") >= 0:
+                    persistent = False
+                    break
         request = FastRequest(
             self, method, uri, headers, buf[start:start + length], persistent
         )
