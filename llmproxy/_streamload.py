@@ -7,11 +7,11 @@ for an SSE stream of CHUNKS events DELAY seconds apart, and writes
 per-stream time-to-first-byte, duration and whether the stream ended
 properly to OUT as JSON (``{"streams": [...], "window": ...}``). With PID,
 ``window`` is the CPU that process used while every stream was open at
-once (from the time the first stream would end, CHUNKS * DELAY after the
-first start, to the last start): the load at full concurrency, which ramp-up and
-ramp-down would dilute. ``... idle URL COUNT HOLD OUT`` opens COUNT
-connections that send nothing, holds them HOLD seconds, and reports how
-many stayed open.
+once (from when the first stream would end, CHUNKS * DELAY after the
+first start, to the last start): the load at full concurrency, which the
+ramp-up and ramp-down would dilute. ``... idle URL COUNT HOLD OUT`` opens
+COUNT connections that send nothing, holds them HOLD seconds, and reports
+how many stayed open.
 """
 
 from __future__ import annotations

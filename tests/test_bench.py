@@ -57,23 +57,19 @@ async def test_stream_load_generator_measures_streams(reactor, upstreams, proxie
     assert len(upstream.requests) == 5
 
 
-def test_stream_load_generator_counts_refused_streams_as_aborted() -> None:
-    """A stream that never connects is reported, not lost: aborted, with no
-    first byte, so the bench's abort count includes it."""
-    with socket.socket() as listener:  # a loopback port with nobody on it
-        listener.bind(("127.0.0.1", 0))
-        port = listener.getsockname()[1]
-    results, window = _streamload._streams(f"http://127.0.0.1:{port}/v1/chat/completions",
-                                           3, 0.01, 2, 0.01)
-    assert window is None
-    assert results == [{"ttfb_ms": None, "duration_ms": 0, "complete": False}] * 3
-    assert bench._stream_summary(results)["aborted"] == 3
-
-
 def _refused_url() -> str:
     with socket.socket() as listener:  # a loopback port with nobody on it
         listener.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{listener.getsockname()[1]}/v1/chat/completions"
+
+
+def test_stream_load_generator_counts_refused_streams_as_aborted() -> None:
+    """A stream that never connects is reported, not lost: aborted, with no
+    first byte, so the bench's abort count includes it."""
+    results, window = _streamload._streams(_refused_url(), 3, 0.01, 2, 0.01)
+    assert window is None
+    assert results == [{"ttfb_ms": None, "duration_ms": 0, "complete": False}] * 3
+    assert bench._stream_summary(results)["aborted"] == 3
 
 
 def test_stream_load_generator_measures_cpu_only_at_full_concurrency() -> None:
@@ -94,9 +90,11 @@ def test_stream_load_generator_measures_cpu_only_at_full_concurrency() -> None:
         asleep.kill()
         busy.wait()
         asleep.wait()
-    assert 0.37 <= window["seconds"] <= 0.5
+    # About 0.38 s (the loop wakes at each start, every 20 ms), not the
+    # whole run's 0.58 s.
+    assert 0.3 <= window["seconds"] <= 0.5
     assert window["cpu_seconds"] >= 0.5 * window["seconds"]
-    assert 0.37 <= quiet["seconds"] <= 0.5 and quiet["cpu_seconds"] < 0.05
+    assert 0.3 <= quiet["seconds"] <= 0.5 and quiet["cpu_seconds"] < 0.05
     # Streams longer than the spread never all overlap: no window.
     assert _streamload._streams(url, 3, 0.1, 2, 0.1, watch=os.getpid())[1] is None
 
