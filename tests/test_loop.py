@@ -513,6 +513,76 @@ def test_a_step_returns_for_work_its_events_made(pair: Any, work: str) -> None:
     fallback.cancel()
 
 
+class _Scripted(_Reader):
+    """Runs ``actions[n]`` on its n-th read (counting from 1)."""
+
+    def __init__(self, reactor: Any, sock: socket.socket, actions: dict[int, Any]) -> None:
+        super().__init__(reactor, sock)
+        self.actions = actions
+        self.reads = 0
+
+    def doRead(self) -> Any:
+        self.reads += 1
+        super().doRead()
+        action = self.actions.get(self.reads)
+        if action is not None:
+            action()
+        return None
+
+
+def test_a_timer_made_by_an_event_is_waited_for_in_the_step(pair: Any) -> None:
+    """A timer a socket event made for later does not end the step: the
+    step adds it to the reactor's timers and polls until it is due, and
+    the reactor's loop then runs it on time."""
+    reactor = epollreactor.EPollReactor()
+    assert lighten(reactor) is True
+    reactor.running = True
+    fired: list[int] = []
+    made: list[Any] = []
+    reader = _Scripted(reactor, pair[0], {1: lambda: made.append(
+        reactor.callLater(0.05, fired.append, 1))})
+    reactor.addReader(reader)
+    pair[1].sendall(b"hello")
+    reactor.doIteration(reactor.timeout())
+    assert reader.reads == 1 and fired == []
+    assert reactor.getDelayedCalls() == made
+    assert reactor.seconds() >= made[0].getTime()  # it waited for the timer
+    reactor.runUntilCurrent()
+    assert fired == [1]
+    reactor.removeReader(reader)
+
+
+def test_timers_cancelled_in_a_step_do_not_pile_up(pair: Any) -> None:
+    """Timers that events make and then cancel (a request's timeouts) end
+    the step once there are enough of them, so that the reactor's loop
+    drops them from its heap as Twisted does, rather than keeping them
+    until they would have been due."""
+    reactor = epollreactor.EPollReactor()
+    assert lighten(reactor) is True
+    reactor.running = True
+    fallback = reactor.callLater(2, lambda: None)  # a broken step returns only then
+    reactor.runUntilCurrent()
+    timers: list[Any] = []
+
+    def make() -> None:
+        timers.extend(reactor.callLater(100, lambda: None) for _ in range(100))
+        pair[1].sendall(b" again")  # a second read, in the same step
+
+    def cancel() -> None:
+        for timer in timers:
+            timer.cancel()
+
+    reader = _Scripted(reactor, pair[0], {1: make, 2: cancel})
+    reactor.addReader(reader)
+    pair[1].sendall(b"hello")
+    reactor.doIteration(reactor.timeout())
+    assert reader.reads == 2 and reactor.seconds() < fallback.getTime()
+    reactor.runUntilCurrent()
+    assert reactor._pendingTimedCalls == [fallback]
+    reactor.removeReader(reader)
+    fallback.cancel()
+
+
 class _Recorder:
     """A TCP protocol that records what reaches it; ``answer`` is what its
     ``dataReceived`` does with the bytes."""
