@@ -120,9 +120,13 @@ def lighten(reactor: Any) -> bool:
 
     plain_tcp = _plain_tcp()
 
+    def loop_work() -> bool:
+        """Whether a thread call is queued or a stop asked."""
+        return bool(reactor.threadCallQueue or reactor._justStopped)
+
     def work_made() -> bool:
         """Whether a timer was added, a thread call queued or a stop asked."""
-        return bool(reactor._newTimedCalls or reactor.threadCallQueue or reactor._justStopped)
+        return bool(reactor._newTimedCalls) or loop_work()
 
     def idle_for() -> float | None:
         """How long the next poll may wait, or -1.0: back to the reactor's loop.
@@ -136,7 +140,7 @@ def lighten(reactor: Any) -> bool:
         trip through the reactor's loop for each batch that made one
         measured about 5 % of the instructions under a stream load.
         """
-        if reactor.threadCallQueue or reactor._justStopped or not reactor.running:
+        if loop_work() or not reactor.running:
             return -1.0
         if reactor._newTimedCalls:
             reactor._insertNewDelayedCalls()

@@ -30,6 +30,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater, react
 
+from llmproxy.bench import _cpu_seconds
+
 _BODY = json.dumps(
     {"model": "bench", "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
 ).encode()
@@ -70,16 +72,8 @@ def _streams(url: str, count: int, spread: float, chunks: int, delay: float,
     # the last start.
     window_from = begin + chunks * delay
     window_to = begin + spread * (count - 1) / max(count, 1)
-    marks: list[tuple[float, float]] = []
-    if watch is not None and window_from < window_to:
-        from llmproxy.bench import _cpu_seconds
-
-        def mark(now: float) -> None:
-            if len(marks) < 2 and now >= (window_to if marks else window_from):
-                marks.append((now, _cpu_seconds(watch)))
-    else:
-        def mark(now: float) -> None:
-            pass
+    marks: list[tuple[float, float]] = []  # (time, CPU) at each end
+    watching = watch is not None and window_from < window_to
 
     def end(fd: int, now: float) -> None:
         stream = streams.pop(fd)
@@ -93,7 +87,8 @@ def _streams(url: str, count: int, spread: float, chunks: int, delay: float,
 
     while started < count or streams:
         now = clock()
-        mark(now)
+        if watching and len(marks) < 2 and now >= (window_to if marks else window_from):
+            marks.append((now, _cpu_seconds(watch)))
         while started < count and begin + spread * started / count <= now:
             results.append({"ttfb_ms": None, "duration_ms": 0, "complete": False})
             try:  # out of file descriptors, say: this stream counts as aborted

@@ -79,7 +79,9 @@ def test_stream_load_generator_measures_cpu_only_at_full_concurrency() -> None:
     core over that window, one asleep shows none."""
     url = _refused_url()  # the schedule is what is measured, not the streams
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    asleep = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # Blocked reading its stdin until we kill it.
+    asleep = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                              stdin=subprocess.PIPE)
     try:
         # Streams of 2 x 0.1 s start over 0.6 s: all overlap from 0.2 s on;
         # the last starts at 0.6 * 29 / 30 = 0.58 s.
@@ -90,6 +92,7 @@ def test_stream_load_generator_measures_cpu_only_at_full_concurrency() -> None:
         asleep.kill()
         busy.wait()
         asleep.wait()
+        asleep.stdin.close()
     # About 0.38 s (the loop wakes at each start, every 20 ms), not the
     # whole run's 0.58 s.
     assert 0.3 <= window["seconds"] <= 0.5

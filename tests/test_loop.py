@@ -447,24 +447,20 @@ def test_a_close_pending_at_shutdown_happens_with_the_shutdown(
         client.close()
 
 
-class _Echoing(_Reader):
-    """On its first read writes once more to the other end, and may run a
-    ``then`` callable (scheduling work for the reactor's loop)."""
+class _Scripted(_Reader):
+    """Runs ``actions[n]`` on its n-th read (counting from 1)."""
 
-    def __init__(self, reactor: Any, sock: socket.socket, other: socket.socket,
-                 then: Any = None) -> None:
+    def __init__(self, reactor: Any, sock: socket.socket, actions: dict[int, Any]) -> None:
         super().__init__(reactor, sock)
-        self.other = other
-        self.then = then
+        self.actions = actions
         self.reads = 0
 
     def doRead(self) -> Any:
         self.reads += 1
         super().doRead()
-        if self.reads == 1:
-            self.other.sendall(b" again")
-            if self.then is not None:
-                self.then()
+        action = self.actions.get(self.reads)
+        if action is not None:
+            action()
         return None
 
 
@@ -478,7 +474,7 @@ def test_a_step_keeps_polling_until_a_timer_is_due(pair: Any) -> None:
     fired: list[int] = []
     reactor.callLater(0.05, fired.append, 1)
     reactor.runUntilCurrent()  # the timer is now pending
-    reader = _Echoing(reactor, pair[0], pair[1])
+    reader = _Scripted(reactor, pair[0], {1: lambda: pair[1].sendall(b" again")})
     reactor.addReader(reader)
     pair[1].sendall(b"hello")
     reactor.doIteration(reactor.timeout())
@@ -504,30 +500,13 @@ def test_a_step_returns_for_work_its_events_made(pair: Any, work: str) -> None:
         "thread call": lambda: reactor.callFromThread(lambda: None),
         "stop": lambda: setattr(reactor, "_justStopped", True),
     }[work]
-    reader = _Echoing(reactor, pair[0], pair[1], then)
+    reader = _Scripted(reactor, pair[0], {1: lambda: (pair[1].sendall(b" again"), then())})
     reactor.addReader(reader)
     pair[1].sendall(b"hello")
     reactor.doIteration(reactor.timeout())
     assert reader.reads == 1 and reactor.seconds() < fallback.getTime()
     reactor.removeReader(reader)
     fallback.cancel()
-
-
-class _Scripted(_Reader):
-    """Runs ``actions[n]`` on its n-th read (counting from 1)."""
-
-    def __init__(self, reactor: Any, sock: socket.socket, actions: dict[int, Any]) -> None:
-        super().__init__(reactor, sock)
-        self.actions = actions
-        self.reads = 0
-
-    def doRead(self) -> Any:
-        self.reads += 1
-        super().doRead()
-        action = self.actions.get(self.reads)
-        if action is not None:
-            action()
-        return None
 
 
 def test_a_timer_made_by_an_event_is_waited_for_in_the_step(pair: Any) -> None:
