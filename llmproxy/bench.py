@@ -6,8 +6,11 @@ llmproxy (a real ``twistd`` process), drives load with ``wrk`` (Debian
 package ``wrk``) or the stream generator ``llmproxy._streamload``, and
 reports requests/s, latency or time to first byte for the same load
 straight to the upstream and through the proxy (with logging and metrics
-on, and for wrk's scenarios also off). With two or more cores the proxy is
-pinned to core 0 and everything else to core 1. Every child runs on the
+on, and for wrk's scenarios also off). For ``streams`` and
+``streams-fast`` the same load also runs through nginx as a plain streaming
+proxy when nginx is installed: the CPU a C proxy needs on this machine at
+this moment. With two or more cores the proxy is pinned to core 0 and
+everything else to core 1. Every child runs on the
 bench's own Python, which the report names: the interpreter's build
 matters (see the README's Performance section).
 
@@ -227,6 +230,52 @@ def _nginx_stream_location(chunks: int, delay: float) -> str:
     return "\n            ".join(lines)
 
 
+#: nginx as a plain streaming reverse proxy: the reference the stream
+#: scenarios compare the proxy's CPU with (same core, same load, same
+#: window). One process (no master), an access log line per request as
+#: llmproxy writes one, keep-alive to the upstream, nothing buffered.
+_NGINX_PROXY = """daemon off;
+master_process off;
+worker_processes 1;
+pid {work}/nginx-proxy.pid;
+error_log {work}/nginx-proxy-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log {work}/nginx-proxy-access.log;
+    client_body_temp_path {work}/nginx-proxy-body;
+    proxy_temp_path {work}/nginx-proxy-temp;
+    fastcgi_temp_path {work}/nginx-proxy-fastcgi;
+    uwsgi_temp_path {work}/nginx-proxy-uwsgi;
+    scgi_temp_path {work}/nginx-proxy-scgi;
+    upstream llm {{
+        server 127.0.0.1:{upstream};
+        keepalive 1024;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=1024;
+        location / {{
+            proxy_pass http://llm;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+def _start_nginx_proxy(nginx: str, work: Path, port: int, upstream_port: int,
+                       core: int | None) -> subprocess.Popen:
+    """nginx proxying ``port`` to the upstream, as one process (its pid is
+    the one whose CPU counts)."""
+    conf = work / "nginx-proxy.conf"
+    conf.write_text(_NGINX_PROXY.format(work=work, port=port, upstream=upstream_port))
+    proxy = _start([*_pin(core), nginx, "-c", str(conf), "-p", str(work)],
+                   str(work), work / "nginx-proxy.log")
+    _wait_listening(port, proxy, work / "nginx-proxy.log")
+    return proxy
+
+
 def _nginx() -> str | None:
     found = shutil.which("nginx")
     return found or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
@@ -397,43 +446,58 @@ def _run_streams(args: argparse.Namespace, results: dict[str, Any], work: Path,
             _run_idle(results, work, upstream_port, proxy_core, other_core)
             return
         path = "/v1/chat/completions"
-        directs, proxied = [], []
+        nginx = _nginx() if args.nginx_proxy else None
+        directs: list[dict[str, Any]] = []
+        proxied: list[dict[str, Any]] = []
+        references: list[dict[str, Any]] = []
         for _ in range(max(1, args.repeat)):
             direct = _stream_summary(
                 _load([f"http://127.0.0.1:{upstream_port}{path}", *load], other_core,
                       work)["streams"]
             )
+            directs.append(direct)
             port = _free_port()
             proxy = _start_proxy(work, port, upstream_port, proxy_core)
-            try:
-                cpu_before, wall_before = _cpu_seconds(proxy.pid), time.monotonic()
-                loaded = _load([f"http://127.0.0.1:{port}{path}", *load], other_core, work,
-                               watch=proxy.pid)
-                wall = time.monotonic() - wall_before
-                cpu = _cpu_seconds(proxy.pid) - cpu_before
-                summary = _stream_summary(loaded["streams"])
-                # The target's load is 1,000 streams open at once: the CPU
-                # over the window when they all are. The whole run's average
-                # (ramp-up and ramp-down included) is about two thirds of
-                # that for `streams`; it is kept for comparison. (The spread
-                # is at least twice a stream's length, so the window exists.)
-                window = loaded["window"] or {"cpu_seconds": cpu, "seconds": wall}
-                summary["proxy_cpu_percent"] = round(
-                    100 * window["cpu_seconds"] / window["seconds"], 1)
-                summary["proxy_cpu_percent_whole_run"] = round(100 * cpu / wall, 1)
-                summary["proxy_peak_rss_mb"] = round(_peak_rss_mb(proxy.pid), 1)
-            finally:
-                _stop(proxy)
-            for q in ("p50", "p99"):
-                summary[f"ttfb_overhead_{q}_ms"] = round(
-                    summary[f"ttfb_{q}_ms"] - direct[f"ttfb_{q}_ms"], 2
-                )
-            directs.append(direct)
-            proxied.append(summary)
+            proxied.append(_proxied_streams(proxy, port, path, load, direct, other_core, work))
+            if nginx is not None:
+                # The same load through nginx on the same core, right after:
+                # what a C proxy costs on this machine at this moment.
+                port = _free_port()
+                proxy = _start_nginx_proxy(nginx, work, port, upstream_port, proxy_core)
+                references.append(
+                    _proxied_streams(proxy, port, path, load, direct, other_core, work))
         results["runs"]["direct"] = _medians(directs)
         results["runs"]["proxy (logs+metrics on)"] = _medians(proxied)
+        if references:
+            results["runs"]["nginx as the proxy (access log on)"] = _medians(references)
     finally:
         _stop(upstream)
+
+
+def _proxied_streams(proxy: subprocess.Popen, port: int, path: str, load: list[str],
+                     direct: dict[str, Any], core: int | None, work: Path) -> dict[str, Any]:
+    """Drive ``load`` through the running ``proxy`` (stopped after): its
+    first bytes against ``direct``'s, its CPU and peak RSS."""
+    try:
+        cpu_before, wall_before = _cpu_seconds(proxy.pid), time.monotonic()
+        loaded = _load([f"http://127.0.0.1:{port}{path}", *load], core, work, watch=proxy.pid)
+        wall = time.monotonic() - wall_before
+        cpu = _cpu_seconds(proxy.pid) - cpu_before
+        summary = _stream_summary(loaded["streams"])
+        # The target's load is 1,000 streams open at once: the CPU over the
+        # window when they all are. The whole run's average (ramp-up and
+        # ramp-down included) is about two thirds of that for `streams`; it
+        # is kept for comparison. (The spread is at least twice a stream's
+        # length, so the window exists.)
+        window = loaded["window"] or {"cpu_seconds": cpu, "seconds": wall}
+        summary["proxy_cpu_percent"] = round(100 * window["cpu_seconds"] / window["seconds"], 1)
+        summary["proxy_cpu_percent_whole_run"] = round(100 * cpu / wall, 1)
+        summary["proxy_peak_rss_mb"] = round(_peak_rss_mb(proxy.pid), 1)
+    finally:
+        _stop(proxy)
+    for q in ("p50", "p99"):
+        summary[f"ttfb_overhead_{q}_ms"] = round(summary[f"ttfb_{q}_ms"] - direct[f"ttfb_{q}_ms"], 2)
+    return summary
 
 
 def _proxy_config(path: Path, port: int, upstream: int, observability: bool) -> None:
@@ -547,6 +611,12 @@ def _report(results: dict[str, Any]) -> str:
         ]
         for name, run in results["runs"].items():
             lines.append(f"{name}: " + ", ".join(f"{k}={v}" for k, v in run.items()))
+        ours = results["runs"].get("proxy (logs+metrics on)", {}).get("proxy_cpu_percent")
+        theirs = results["runs"].get("nginx as the proxy (access log on)", {}).get(
+            "proxy_cpu_percent")
+        if ours and theirs:
+            lines.append(f"proxy CPU while all streams are open: llmproxy {ours} %, "
+                         f"nginx {theirs} % ({ours / theirs:.1f} times nginx's)")
         return "\n".join(lines)
     lines = [
         f"scenario {results['scenario']}, {results['connections']} connections, "
@@ -588,6 +658,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="alternate the on/off runs (or, for streams and streams-fast, "
                              "the direct and proxy runs) this many times; medians reported")
+    parser.add_argument("--no-nginx-proxy", dest="nginx_proxy", action="store_false",
+                        help="streams and streams-fast: skip the reference run through "
+                             "nginx as the proxy (made when nginx is installed)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
     results = run(args)

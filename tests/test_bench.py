@@ -1,4 +1,4 @@
-"""The benchmark's own pieces that need no wrk or nginx."""
+"""The benchmark's own pieces (all but one need no wrk or nginx)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.defer import Deferred
@@ -142,3 +143,53 @@ def test_report_names_the_python_that_ran_the_proxy() -> None:
     first = bench._report(results).splitlines()[0]
     assert python["executable"] in first
     assert ("shared libpython" if python["libpython_shared"] else "static libpython") in first
+
+
+def test_report_compares_the_proxy_cpu_with_nginx_as_the_proxy() -> None:
+    """With the reference run, the stream report ends with both CPU figures
+    and their ratio; without it, with no such line."""
+    python = bench._interpreter()
+    runs = {
+        "direct": {"streams": 10},
+        "proxy (logs+metrics on)": {"streams": 10, "proxy_cpu_percent": 18.0},
+        "nginx as the proxy (access log on)": {"streams": 10, "proxy_cpu_percent": 7.5},
+    }
+    results = {"scenario": "streams", "pinned": True, "python": python, "runs": runs}
+    assert bench._report(results).splitlines()[-1] == (
+        "proxy CPU while all streams are open: llmproxy 18.0 %, nginx 7.5 % "
+        "(2.4 times nginx's)"
+    )
+    del runs["nginx as the proxy (access log on)"]
+    assert "times nginx" not in bench._report(results)
+
+
+@pytest.mark.skipif(bench._nginx() is None, reason="nginx is not installed")
+def test_nginx_reference_proxies_streams_as_they_come_and_logs_each(tmp_path) -> None:
+    """The reference run: nginx on its own (one process, whose CPU is
+    read), in front of the fake upstream, passes every stream through
+    event by event and writes an access line per request, as llmproxy
+    does; it is stopped afterwards."""
+    upstream_port = bench._free_port()
+    upstream = bench._start(
+        [sys.executable, "-m", "llmproxy.testing.upstream", "--port", str(upstream_port)],
+        str(tmp_path), tmp_path / "upstream.log",
+    )
+    try:
+        bench._wait_listening(upstream_port, upstream, tmp_path / "upstream.log")
+        port = bench._free_port()
+        proxy = bench._start_nginx_proxy(bench._nginx(), tmp_path, port, upstream_port, None)
+        # 4 streams of 3 events 0.2 s apart, started over 0.6 s: a window.
+        load = ["4", "0.6", "3", "0.2"]
+        direct = {"ttfb_p50_ms": 1.0, "ttfb_p99_ms": 2.0}
+        summary = bench._proxied_streams(
+            proxy, port, "/v1/chat/completions", load, direct, None, tmp_path)
+    finally:
+        bench._stop(upstream)
+    assert proxy.poll() is not None  # stopped
+    assert summary["streams"] == 4 and summary["aborted"] == 0
+    # The first event arrives long before the stream's last (0.6 s in).
+    assert summary["ttfb_p99_ms"] < 300
+    assert summary["ttfb_overhead_p99_ms"] == round(summary["ttfb_p99_ms"] - 2.0, 2)
+    assert 0 <= summary["proxy_cpu_percent"] <= 100 and summary["proxy_peak_rss_mb"] > 1
+    lines = (tmp_path / "nginx-proxy-access.log").read_text().splitlines()
+    assert len(lines) == 4 and all("POST /v1/chat/completions" in line for line in lines)
