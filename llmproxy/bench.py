@@ -237,6 +237,7 @@ def _nginx_stream_location(chunks: int, delay: float) -> str:
 _NGINX_PROXY = """daemon off;
 master_process off;
 worker_processes 1;
+worker_rlimit_nofile 8192;
 pid {work}/nginx-proxy.pid;
 error_log {work}/nginx-proxy-error.log warn;
 events {{ worker_connections 8192; }}
