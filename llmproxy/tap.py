@@ -279,7 +279,7 @@ class _Workers(Service):
 #: The file descriptor on which workers 2..N find the listening socket.
 _WORKER_FD = 3
 
-#: Second-generation collections between two full ones (Python's default
+#: Middle-generation collections between two full ones (Python's default
 #: is 10; see _freeze_startup_objects).
 FULL_COLLECTION_EVERY = 100
 
@@ -301,12 +301,12 @@ def _freeze_startup_objects() -> None:
     Full collections then still walk every object of the requests in
     flight: with 1,000 streams open one took 30-50 ms, and at 1,000 new
     streams a second Python's default (a full collection after every 10
-    second-generation ones, about every 2 s there) spent 1-2 % of the core
+    middle-generation ones, about every 2 s there) spent 1-2 % of the core
     on them. A request's objects are freed by reference counting (a
     streamed request leaves no reference cycle: loads of 300 to 5,000
     streams left the collector the same 2,611 objects as a daemon started
     and stopped with no load), so full collections come after
-    :data:`FULL_COLLECTION_EVERY` second-generation ones instead; the
+    :data:`FULL_COLLECTION_EVERY` middle-generation ones instead; the
     younger generations, which catch short-lived cycles (an error's
     traceback, say), are left as they are.
     """
@@ -316,7 +316,7 @@ def _freeze_startup_objects() -> None:
     first, second, third = gc.get_threshold()
     gc.set_threshold(first, second, max(third, FULL_COLLECTION_EVERY))
     _log.debug("{count} startup objects frozen for the garbage collector; a full "
-               "collection after every {every} second-generation ones",
+               "collection after every {every} middle-generation ones",
                count=gc.get_freeze_count(), every=gc.get_threshold()[2])
 
 

@@ -414,12 +414,12 @@ async def test_twistd_freezes_startup_objects_for_the_gc(reactor: Any, tmp_path:
         await process.ended.addTimeout(WAIT, reactor)
     count = re.search(rb"(\d+) startup objects frozen", process.output)
     assert count is not None and int(count.group(1)) > 10_000
-    assert b"a full collection after every 100 second-generation ones" in process.output
+    assert b"a full collection after every 100 middle-generation ones" in process.output
 
 
 def test_freezing_makes_full_collections_rarer_and_keeps_the_young_ones() -> None:
     """With the startup objects frozen, a full collection waits for 100
-    second-generation ones (not Python's 10); the two younger generations
+    middle-generation ones (not Python's 10); the two younger generations
     keep their thresholds, and a higher setting is not lowered."""
     before = gc.get_threshold()
     try:
