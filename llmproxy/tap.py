@@ -284,6 +284,57 @@ _WORKER_FD = 3
 FULL_COLLECTION_EVERY = 100
 
 
+#: Open files below which the daemon warns at startup: each stream holds
+#: two (the client's connection and the upstream's).
+ENOUGH_OPEN_FILES = 4096
+#: What the soft limit is raised to when the hard limit is unlimited (Linux
+#: refuses an unlimited open-file limit; this is its default ceiling).
+_OPEN_FILES_CEILING = 1 << 20
+
+
+def _raise_open_file_limit(reactor: Any) -> None:
+    """Raise the soft open-file limit to the hard one, as Go programs do.
+
+    A shell's default soft limit is often 1,024 descriptors while the hard
+    limit is far higher; each stream in flight holds two (the client's
+    connection and the upstream's), so from such a shell ``twistd -n
+    llmproxy`` could hold about 500 streams before accepts fail with
+    ``EMFILE``. Under systemd the unit files set ``LimitNOFILE``. A reactor
+    built on ``select()`` (which cannot watch descriptors past 1,024) keeps
+    the limit it has. Called when the daemon owns its process.
+
+    Args:
+        reactor: The reactor the daemon runs on.
+    """
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    from twisted.internet.selectreactor import SelectReactor
+
+    if isinstance(reactor, SelectReactor):
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = _OPEN_FILES_CEILING if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as e:
+            _log.warn("could not raise the open-file limit from {soft} to {target}: {error}",
+                      soft=soft, target=target, error=str(e))
+        else:
+            _log.info("open-file limit raised from {soft} to {target}",
+                      soft=soft, target=target)
+            soft = target
+    if soft != resource.RLIM_INFINITY and soft < ENOUGH_OPEN_FILES:
+        _log.warn(
+            "the open-file limit is {limit}: each stream in flight holds two, so "
+            "about {streams} at once; raise the hard limit (LimitNOFILE= under "
+            "systemd, ulimit -Hn in a shell)",
+            limit=soft, streams=soft // 2,
+        )
+
+
 def _freeze_startup_objects() -> None:
     """Keep what startup made (modules, classes, config) out of GC passes.
 
@@ -346,6 +397,8 @@ class Daemon(MultiService):
         self._retiring: Deferred[Any] | None = None
 
     def startService(self) -> None:
+        if self.handle_signals:
+            _raise_open_file_limit(self.reactor)
         super().startService()
         if self.handle_signals:
             # The reactor installs its own handlers while it starts; ours

@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -152,7 +153,8 @@ class Twistd(ProcessProtocol, NeedleWaiter):
 
 
 def spawn_twistd(
-    reactor: Any, config: Path, cwd: Path, argv: list[str] | None = None
+    reactor: Any, config: Path, cwd: Path, argv: list[str] | None = None,
+    twistd: list[str] = TWISTD,
 ) -> Twistd:
     """Start ``twistd -n llmproxy --config CONFIG`` (or ``argv``) from here."""
     process = Twistd()
@@ -162,7 +164,7 @@ def spawn_twistd(
     reactor.spawnProcess(
         process,
         sys.executable,
-        [*TWISTD, *(argv or ["-n", "--pidfile=", "llmproxy", "--config", str(config)])],
+        [*twistd, *(argv or ["-n", "--pidfile=", "llmproxy", "--config", str(config)])],
         env=env,
         path=str(cwd),
     )
@@ -391,6 +393,87 @@ async def test_sighup_reloads_a_valid_config_and_refuses_a_bad_one(
             process.transport.signalProcess("TERM")
         code = await process.ended.addTimeout(WAIT, reactor)
     assert code == 0, process.output.decode()
+
+
+#: twistd as started from a shell whose soft open-file limit is 64 (the
+#: hard limit unchanged).
+LOW_LIMIT_TWISTD = [
+    sys.executable, "-c",
+    "import resource; soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard)); "
+    "from twisted.scripts.twistd import run; run()",
+]
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_raises_a_low_open_file_limit(
+    reactor: Any, tmp_path: Path, client: Any
+) -> None:
+    """Started with a soft limit of 64 open files, the daemon raises it to
+    the hard limit and says so: it then holds 100 idle client connections
+    and still answers a request (at 64 it would refuse connections)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"the hard open-file limit here is {hard}")
+    port, demo_port = free_port(), free_port()
+    config = demo_config(tmp_path / "demo.yml", port, demo_port)
+    process = spawn_twistd(reactor, config, tmp_path, twistd=LOW_LIMIT_TWISTD)
+    idle: list[socket.socket] = []
+    try:
+        await process.wait_for(b"starting on %d" % port).addTimeout(WAIT, reactor)
+        await process.wait_for(b"open-file limit raised from 64 to ").addTimeout(WAIT, reactor)
+        assert b"the open-file limit is" not in process.output  # no warning
+        for _ in range(100):
+            idle.append(socket.create_connection(("127.0.0.1", port)))
+        response = await send(
+            client, reactor, f"http://127.0.0.1:{port}/v1/chat/completions",
+            {"model": "demo", "messages": [{"role": "user", "content": "Hi"}]},
+        )
+        assert response.code == 200
+        assert (await collect(response).done.addTimeout(WAIT, reactor)).startswith(b"{")
+    finally:
+        for connection in idle:
+            connection.close()
+        if not process.ended.called:
+            process.transport.signalProcess("TERM")
+        await process.ended.addTimeout(WAIT, reactor)
+    assert b"Traceback" not in process.output
+
+
+def test_a_low_hard_open_file_limit_is_raised_to_and_warned_about() -> None:
+    """With a hard limit of 2,048 the soft one goes up to it, and the log
+    warns that about 1,024 streams fit, naming what to raise."""
+    script = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 2048))\n"
+        "from twisted.logger import globalLogBeginner, textFileLogObserver\n"
+        "globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])\n"
+        "from twisted.internet.epollreactor import EPollReactor\n"
+        "from llmproxy import tap\n"
+        "tap._raise_open_file_limit(EPollReactor())\n"
+        "print('limits', resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=WAIT, check=True).stdout
+    assert "open-file limit raised from 64 to 2048" in out
+    assert "the open-file limit is 2048: each stream in flight holds two, so about 1024" in out
+    assert "LimitNOFILE=" in out
+    assert "limits (2048, 2048)" in out
+
+
+def test_open_file_limit_stays_for_a_select_reactor() -> None:
+    """select() cannot watch descriptors past 1,024: under a select-based
+    reactor the limit is left as it is."""
+    from twisted.internet.selectreactor import SelectReactor
+
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, before[1]))
+        tap._raise_open_file_limit(SelectReactor())
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 256
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, before)
 
 
 @pytest_twisted.ensureDeferred
