@@ -287,9 +287,22 @@ FULL_COLLECTION_EVERY = 100
 #: Open files below which the daemon warns at startup: each stream holds
 #: two (the client's connection and the upstream's).
 ENOUGH_OPEN_FILES = 4096
-#: What the soft limit is raised to when the hard limit is unlimited (Linux
-#: refuses an unlimited open-file limit; this is its default ceiling).
+#: What the soft limit is raised to when the hard limit is unlimited (which
+#: Linux never reports for open files; some BSDs do, and cap the soft limit
+#: lower: then the raise fails and is reported).
 _OPEN_FILES_CEILING = 1 << 20
+
+
+def _select_based(reactor: Any) -> bool:
+    """Whether ``reactor`` watches descriptors with ``select()``."""
+    kinds = []
+    for module, name in (("twisted.internet.selectreactor", "SelectReactor"),
+                         ("twisted.internet._threadedselect", "ThreadedSelectReactor")):
+        try:
+            kinds.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            continue
+    return isinstance(reactor, tuple(kinds))
 
 
 def _raise_open_file_limit(reactor: Any) -> None:
@@ -301,7 +314,8 @@ def _raise_open_file_limit(reactor: Any) -> None:
     llmproxy`` could hold about 500 streams before accepts fail with
     ``EMFILE``. Under systemd the unit files set ``LimitNOFILE``. A reactor
     built on ``select()`` (which cannot watch descriptors past 1,024) keeps
-    the limit it has. Called when the daemon owns its process.
+    the limit it has. Called when the daemon owns its process, once its
+    log file is open; never raises.
 
     Args:
         reactor: The reactor the daemon runs on.
@@ -310,23 +324,28 @@ def _raise_open_file_limit(reactor: Any) -> None:
         import resource
     except ImportError:  # not POSIX
         return
-    from twisted.internet.selectreactor import SelectReactor
-
-    if isinstance(reactor, SelectReactor):
+    if _select_based(reactor):
         return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return
+    if soft == resource.RLIM_INFINITY:
+        return
     target = _OPEN_FILES_CEILING if hard == resource.RLIM_INFINITY else hard
-    if soft != resource.RLIM_INFINITY and soft < target:
+    if soft < target:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (OSError, ValueError) as e:
-            _log.warn("could not raise the open-file limit from {soft} to {target}: {error}",
-                      soft=soft, target=target, error=str(e))
-        else:
-            _log.info("open-file limit raised from {soft} to {target}",
-                      soft=soft, target=target)
-            soft = target
-    if soft != resource.RLIM_INFINITY and soft < ENOUGH_OPEN_FILES:
+            _log.warn(
+                "could not raise the open-file limit from {soft} to {target} ({error}): "
+                "each stream in flight holds two open files, so about {streams} at once",
+                soft=soft, target=target, error=str(e), streams=soft // 2,
+            )
+            return
+        _log.info("open-file limit raised from {soft} to {target}", soft=soft, target=target)
+        soft = target
+    if soft < ENOUGH_OPEN_FILES:
         _log.warn(
             "the open-file limit is {limit}: each stream in flight holds two, so "
             "about {streams} at once; raise the hard limit (LimitNOFILE= under "
@@ -359,7 +378,8 @@ def _freeze_startup_objects() -> None:
     and stopped with no load), so full collections come after
     :data:`FULL_COLLECTION_EVERY` middle-generation ones instead; the
     younger generations, which catch short-lived cycles (an error's
-    traceback, say), are left as they are.
+    traceback, say), are left as they are. (A collector that ignores the
+    third threshold, such as a free-threaded build's, is unchanged.)
     """
     gc.unfreeze()
     gc.collect()
@@ -397,10 +417,11 @@ class Daemon(MultiService):
         self._retiring: Deferred[Any] | None = None
 
     def startService(self) -> None:
-        if self.handle_signals:
-            _raise_open_file_limit(self.reactor)
         super().startService()
         if self.handle_signals:
+            # After the children started, so that the log file has it too
+            # (nothing is accepted before the reactor runs).
+            _raise_open_file_limit(self.reactor)
             # The reactor installs its own handlers while it starts; ours
             # replace them once it has.
             self.reactor.callLater(0, self._install_signals)

@@ -410,13 +410,15 @@ async def test_twistd_raises_a_low_open_file_limit(
     reactor: Any, tmp_path: Path, client: Any
 ) -> None:
     """Started with a soft limit of 64 open files, the daemon raises it to
-    the hard limit and says so: it then holds 100 idle client connections
-    and still answers a request (at 64 it would refuse connections)."""
+    the hard limit and says so, on the console and in its log file: it
+    then holds 100 idle client connections and still answers a request
+    (at 64 it would refuse connections)."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    if hard != resource.RLIM_INFINITY and hard < 1024:
-        pytest.skip(f"the hard open-file limit here is {hard}")
+    if hard != resource.RLIM_INFINITY and hard < tap.ENOUGH_OPEN_FILES:
+        pytest.skip(f"the hard open-file limit here is {hard}: the daemon would warn")
     port, demo_port = free_port(), free_port()
-    config = demo_config(tmp_path / "demo.yml", port, demo_port)
+    config = demo_config(tmp_path / "demo.yml", port, demo_port,
+                         "log: {file: logs/llmproxy.log}\n")
     process = spawn_twistd(reactor, config, tmp_path, twistd=LOW_LIMIT_TWISTD)
     idle: list[socket.socket] = []
     try:
@@ -438,6 +440,10 @@ async def test_twistd_raises_a_low_open_file_limit(
             process.transport.signalProcess("TERM")
         await process.ended.addTimeout(WAIT, reactor)
     assert b"Traceback" not in process.output
+    events = [json.loads(line) for line in
+              (tmp_path / "logs" / "llmproxy.log").read_text().splitlines()]
+    raised = [e for e in events if e.get("log_format", "").startswith("open-file limit raised")]
+    assert len(raised) == 1 and raised[0]["soft"] == 64 and raised[0]["target"] > 64
 
 
 def test_a_low_hard_open_file_limit_is_raised_to_and_warned_about() -> None:
@@ -464,14 +470,17 @@ def test_a_low_hard_open_file_limit_is_raised_to_and_warned_about() -> None:
 
 def test_open_file_limit_stays_for_a_select_reactor() -> None:
     """select() cannot watch descriptors past 1,024: under a select-based
-    reactor the limit is left as it is."""
+    reactor (Twisted's select reactor, or its threaded one) the limit is
+    left as it is."""
+    from twisted.internet._threadedselect import ThreadedSelectReactor
     from twisted.internet.selectreactor import SelectReactor
 
     before = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (256, before[1]))
-        tap._raise_open_file_limit(SelectReactor())
-        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 256
+        for reactor in (SelectReactor(), ThreadedSelectReactor()):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (256, before[1]))
+            tap._raise_open_file_limit(reactor)
+            assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 256
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, before)
 
