@@ -193,3 +193,28 @@ def test_nginx_reference_proxies_streams_as_they_come_and_logs_each(tmp_path) ->
     assert 0 <= summary["proxy_cpu_percent"] <= 100 and summary["proxy_peak_rss_mb"] > 1
     lines = (tmp_path / "nginx-proxy-access.log").read_text().splitlines()
     assert len(lines) == 4 and all("POST /v1/chat/completions" in line for line in lines)
+
+
+def test_an_nginx_reference_that_does_not_listen_is_stopped(tmp_path, monkeypatch) -> None:
+    """A reference proxy that runs but never listens ends its start with
+    the bench's one-line error (the stream run then goes on without it),
+    and is not left running."""
+    fake = tmp_path / "nginx"
+    fake.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake.chmod(0o755)
+    started: list[subprocess.Popen] = []
+    real_start = bench._start
+
+    def start(argv: list[str], cwd: str, log: Path) -> subprocess.Popen:
+        started.append(real_start(argv, cwd, log))
+        return started[-1]
+
+    def never_listening(port: int, process: subprocess.Popen, log: Path) -> None:
+        raise SystemExit(f"bench: nothing listens on port {port} after 20 s")
+
+    monkeypatch.setattr(bench, "_start", start)
+    monkeypatch.setattr(bench, "_wait_listening", never_listening)
+    with pytest.raises(SystemExit, match="nothing listens"):
+        bench._start_nginx_proxy(str(fake), tmp_path, bench._free_port(), 9, None)
+    assert len(started) == 1
+    assert started[0].poll() == -15  # stopped (SIGTERM), not exited on its own
