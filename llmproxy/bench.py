@@ -281,15 +281,13 @@ def _start_nginx_proxy(nginx: str, work: Path, port: int, upstream_port: int,
 
 
 def _raise_open_file_limit() -> None:
-    """Raise this process's soft open-file limit to the hard one (its
+    """Raise this process's soft open-file limit as the daemon does (its
     children inherit it): 1,000 streams hold over 2,000 descriptors in the
     proxy, and nginx as one process keeps the limit it is given."""
-    try:
-        import resource
+    from llmproxy.tap import raise_open_file_limit
 
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard != resource.RLIM_INFINITY and soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        raise_open_file_limit()
     except (ImportError, OSError, ValueError):
         pass  # the runs report what they get
 

@@ -293,16 +293,27 @@ ENOUGH_OPEN_FILES = 4096
 _OPEN_FILES_CEILING = 1 << 20
 
 
-def _select_based(reactor: Any) -> bool:
-    """Whether ``reactor`` watches descriptors with ``select()``."""
-    kinds = []
-    for module, name in (("twisted.internet.selectreactor", "SelectReactor"),
-                         ("twisted.internet._threadedselect", "ThreadedSelectReactor")):
-        try:
-            kinds.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            continue
-    return isinstance(reactor, tuple(kinds))
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise this process's soft open-file limit to its hard one (children
+    inherit it).
+
+    Returns:
+        The soft limit before and after (equal when there was nothing to
+        raise; ``resource.RLIM_INFINITY`` stays as it is).
+
+    Raises:
+        OSError, ValueError: The system refused the new limit.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return soft, soft
+    target = _OPEN_FILES_CEILING if hard == resource.RLIM_INFINITY else hard
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return soft, target
+    return soft, soft
 
 
 def _raise_open_file_limit(reactor: Any) -> None:
@@ -320,32 +331,29 @@ def _raise_open_file_limit(reactor: Any) -> None:
     Args:
         reactor: The reactor the daemon runs on.
     """
+    from twisted.internet._threadedselect import ThreadedSelectReactor
+    from twisted.internet.selectreactor import SelectReactor
+
+    if isinstance(reactor, (SelectReactor, ThreadedSelectReactor)):
+        return
     try:
         import resource
-    except ImportError:  # not POSIX
-        return
-    if _select_based(reactor):
+
+        before = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # not POSIX
         return
     try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    except (OSError, ValueError):
+        before, soft = raise_open_file_limit()
+    except (OSError, ValueError) as e:
+        _log.warn(
+            "could not raise the open-file limit from {soft} ({error}): "
+            "each stream in flight holds two open files, so about {streams} at once",
+            soft=before, error=str(e), streams=before // 2,
+        )
         return
-    if soft == resource.RLIM_INFINITY:
-        return
-    target = _OPEN_FILES_CEILING if hard == resource.RLIM_INFINITY else hard
-    if soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (OSError, ValueError) as e:
-            _log.warn(
-                "could not raise the open-file limit from {soft} to {target} ({error}): "
-                "each stream in flight holds two open files, so about {streams} at once",
-                soft=soft, target=target, error=str(e), streams=soft // 2,
-            )
-            return
-        _log.info("open-file limit raised from {soft} to {target}", soft=soft, target=target)
-        soft = target
-    if soft < ENOUGH_OPEN_FILES:
+    if soft != before:
+        _log.info("open-file limit raised from {soft} to {target}", soft=before, target=soft)
+    if soft != resource.RLIM_INFINITY and soft < ENOUGH_OPEN_FILES:
         _log.warn(
             "the open-file limit is {limit}: each stream in flight holds two, so "
             "about {streams} at once; raise the hard limit (LimitNOFILE= under "
