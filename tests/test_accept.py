@@ -101,6 +101,13 @@ def test_a_burst_of_connections_is_accepted_and_each_served(listening: Any) -> N
     assert peers == {client.getsockname() for client in clients}
     sessions = {protocol.transport.sessionno for _, protocol in factory.built}
     assert len(sessions) == 5
+    # Each transport's socket is a standard one of the listener's kind,
+    # non-blocking, and its own ends are the client's.
+    for n, (_, protocol) in enumerate(factory.built):
+        skt = protocol.transport.socket
+        assert (skt.family, skt.type, skt.gettimeout()) == (socket.AF_INET, socket.SOCK_STREAM, 0.0)
+    ends = {protocol.transport.socket.getpeername() for _, protocol in factory.built}
+    assert ends == {client.getsockname() for client in clients}
 
 
 def test_a_refused_connection_is_closed_and_the_next_served(listening: Any) -> None:
@@ -181,6 +188,8 @@ def test_an_ipv6_peer_is_named_as_twisted_names_it() -> None:
         assert _answer(reactor, client) == b"::1 %d six" % client_port
         addr, protocol = factory.built[0]
         assert (addr.type, addr.host, addr.port) == ("TCP", "::1", client_port)
+        assert protocol.transport.socket.family == socket.AF_INET6
+        assert protocol.transport.getPeer().port == client_port
         protocol.transport.abortConnection()
     finally:
         client.close()
@@ -197,11 +206,12 @@ class _FailsOnce:
         self.code = code
         self.failed = False
 
-    def accept(self) -> Any:
+    def _accept(self) -> Any:
+        # The system call the port's loop makes (socket.accept's own).
         if not self.failed:
             self.failed = True
             raise OSError(self.code, "injected")
-        return self.real.accept()
+        return self.real._accept()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)

@@ -14,6 +14,7 @@ import json
 
 import pytest
 import pytest_twisted
+from helpers import WAIT
 from raw_http import Fast, assert_chat, chat, chat_body, http
 from twisted.internet.task import deferLater
 
@@ -270,3 +271,33 @@ async def test_proxied_requests_leave_no_reference_cycles(fast: Fast) -> None:
         gc.set_debug(0)
         gc.garbage.clear()
     assert ours == []
+
+
+
+@pytest.mark.parametrize("when", ["waiting-for-the-head", "mid-stream"])
+@pytest.mark.parametrize("leaving", ["close", "abort"])
+@pytest_twisted.ensureDeferred
+async def test_a_client_leaving_stops_the_upstream(fast: Fast, when: str, leaving: str) -> None:
+    """A client that closes (or resets) its connection while the upstream is
+    slow to answer, or in the middle of a slow stream: the proxy closes the
+    upstream's connection at once, so no more tokens are paid for, and
+    serves the next client."""
+    gw = await fast.start()
+    peer = await gw.connect()
+    arrived = gw.upstream.next_request()
+    slow = (b"X-Fake-Header-Delay: 30" if when == "waiting-for-the-head"
+            else b"X-Fake-Chunk-Delay: 0.5")
+    peer.transport.write(chat("leaving", b"X-Fake-Chunks: 100", slow, stream=True))
+    upstream_request = await arrived.addTimeout(WAIT, fast.reactor)
+    if when == "mid-stream":
+        await peer.wait_for(b"data: ")
+    assert not upstream_request.done.called
+    if leaving == "close":
+        peer.transport.loseConnection()
+    else:
+        peer.transport.abortConnection()
+    # Long before the upstream would finish (30 s for the head, 50 s for
+    # the stream): its connection was closed.
+    outcome = await upstream_request.done.addTimeout(5, fast.reactor)
+    assert outcome == "disconnected"
+    assert_chat(await (await gw.connect()).exchange(chat("next")), "next")

@@ -158,7 +158,11 @@ class ProxyResource(Resource):
         exchange.fallbacks = list(route.fallbacks)
         if route.rewrite_model is not None:
             self._switch_model(exchange, route.rewrite_model, body)
-        request.notifyFinish().addErrback(exchange.on_client_gone)
+        when_gone = getattr(request, "when_gone", None)
+        if when_gone is not None:  # the fast path's request: no Deferred
+            when_gone(exchange.on_client_gone)
+        else:
+            request.notifyFinish().addErrback(exchange.on_client_gone)
         self.inflight.add(exchange)
         exchange.on_done = self._done
         self._attempt(exchange)
