@@ -436,6 +436,32 @@ def _run_idle(results: dict[str, Any], work: Path, upstream_port: int,
         _stop(proxy)
 
 
+#: Streams open at once in ``streams`` and ``streams-fast``.
+OPEN_STREAMS = 1000
+
+
+def _stream_load(scenario: str, chunks: int, duration: float) -> tuple[int, float, int, float]:
+    """The stream load: how many streams, started evenly over how many
+    seconds, of how many content events how far apart.
+
+    Both scenarios keep about :data:`OPEN_STREAMS` streams open at once:
+    with the default 20 events, streams of 10 s (events 500 ms apart) start
+    at 100 a second, streams of 1 s (50 ms apart) at 1,000 a second. More
+    events per stream make longer streams that start less often, so the
+    per-stream work (a connection, a request, a response head, an access
+    record) weighs less against the per-event work. Starts are spread over
+    at least twice a stream's length, so the second half runs at the full
+    concurrency.
+
+    Returns:
+        ``(count, spread, chunks, delay)``: the stream generator's arguments.
+    """
+    delay = 0.05 if scenario == "streams-fast" else 0.5
+    length = chunks * delay
+    spread = max(2 * length, duration)
+    return int(OPEN_STREAMS / length * spread), spread, chunks, delay
+
+
 def _run_streams(args: argparse.Namespace, results: dict[str, Any], work: Path,
                  proxy_core: int | None, other_core: int | None) -> None:
     """The streams, streams-fast and idle scenarios.
@@ -444,17 +470,12 @@ def _run_streams(args: argparse.Namespace, results: dict[str, Any], work: Path,
     (a fresh proxy each time); each overhead is against the direct run just
     before it, and the report gives medians and ranges.
     """
-    # Both keep about 1,000 streams open at once: streams of 10 s (20 chunks
-    # 500 ms apart) start at 100 a second, streams of 1 s (50 ms apart) at
-    # 1,000 a second. Starts are spread evenly over at least twice a
-    # stream's length, so the second half runs at the full concurrency.
-    fast = args.scenario == "streams-fast"
-    rate, delay = (1000, 0.05) if fast else (100, 0.5)
-    spread = max(2 * 20 * delay, args.duration)
-    count = int(rate * spread)
-    load = [str(count), str(spread), "20", str(delay)]
+    count, spread, chunks, delay = _stream_load(args.scenario, args.chunks, args.duration)
+    results["chunks_per_stream"] = chunks
+    results["new_streams_per_s"] = round(count / spread, 1)
+    load = [str(count), str(spread), str(chunks), str(delay)]
     upstream_port = _free_port()
-    upstream = _start_upstream(args.scenario, upstream_port, other_core, work, 20, delay)
+    upstream = _start_upstream(args.scenario, upstream_port, other_core, work, chunks, delay)
     results["upstream"] = "nginx" if "nginx" in str(upstream.args) else "fake upstream"
     try:
         _wait_listening(upstream_port, upstream, work / "upstream.log")
@@ -626,8 +647,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _report(results: dict[str, Any]) -> str:
     if results["scenario"] in ("streams", "streams-fast", "idle"):
+        load = ""
+        if "chunks_per_stream" in results:
+            load = (f"{results['chunks_per_stream']} events per stream, "
+                    f"{results['new_streams_per_s']:g} new streams a second, ")
         lines = [
-            f"scenario {results['scenario']}, proxy pinned: {results['pinned']}, "
+            f"scenario {results['scenario']}, {load}proxy pinned: {results['pinned']}, "
             f"{_describe(results['python'])}"
         ]
         for name, run in results["runs"].items():
@@ -666,6 +691,17 @@ def _report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point."""
     parser = argparse.ArgumentParser(prog="python -m llmproxy.bench", description=__doc__)
@@ -682,6 +718,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-nginx-proxy", dest="nginx_proxy", action="store_false",
                         help="streams and streams-fast: skip the reference run through "
                              "nginx as the proxy (made when nginx is installed)")
+    parser.add_argument("--chunks", type=_positive, default=20,
+                        help="streams and streams-fast: content events per stream (default "
+                             "20); streams start less often as they get longer, so about "
+                             f"{OPEN_STREAMS:,} stay open")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
     _raise_open_file_limit()

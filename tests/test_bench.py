@@ -218,3 +218,41 @@ def test_an_nginx_reference_that_does_not_listen_is_stopped(tmp_path, monkeypatc
         bench._start_nginx_proxy(str(fake), tmp_path, bench._free_port(), 9, None)
     assert len(started) == 1
     assert started[0].poll() == -15  # stopped (SIGTERM), not exited on its own
+
+
+@pytest.mark.parametrize("chunks", [1, 10, 20, 40, 200])
+@pytest.mark.parametrize("scenario", ["streams", "streams-fast"])
+def test_stream_loads_keep_a_thousand_streams_open(scenario: str, chunks: int) -> None:
+    """Whatever the events per stream, about 1,000 streams are open at once
+    (start rate times a stream's length), their starts span at least two
+    stream lengths (so the full-concurrency window exists) and the events
+    keep the scenario's spacing; the default is the issue's load: 20
+    events 500 ms apart starting at 100 a second, or 50 ms apart at 1,000
+    a second."""
+    count, spread, events, delay = bench._stream_load(scenario, chunks, 5.0)
+    assert (events, delay) == (chunks, 0.05 if scenario == "streams-fast" else 0.5)
+    length = chunks * delay
+    assert spread == max(2 * length, 5.0)
+    assert count / spread * length == pytest.approx(1000, rel=0.01)
+    if chunks == 20:
+        assert count / spread == (1000 if scenario == "streams-fast" else 100)
+
+
+def test_the_events_per_stream_are_a_positive_whole_number(capsys) -> None:
+    """--chunks 0 (or a word) is refused with a message naming the option,
+    before anything starts."""
+    for bad in ("0", "-3", "many"):
+        with pytest.raises(SystemExit) as exit_:
+            bench.main(["--scenario", "streams", "--chunks", bad])
+        assert exit_.value.code == 2
+        assert "--chunks" in capsys.readouterr().err
+
+
+def test_the_stream_report_says_the_load() -> None:
+    """The stream report's first line gives the events per stream and the
+    start rate, the load's two knobs."""
+    results = {"scenario": "streams", "pinned": True, "python": bench._interpreter(),
+               "chunks_per_stream": 40, "new_streams_per_s": 50.0,
+               "runs": {"direct": {"streams": 1}}}
+    first = bench._report(results).splitlines()[0]
+    assert "40 events per stream, 50 new streams a second" in first
