@@ -471,8 +471,9 @@ def _run_streams(args: argparse.Namespace, results: dict[str, Any], work: Path,
     before it, and the report gives medians and ranges.
     """
     count, spread, chunks, delay = _stream_load(args.scenario, args.chunks, args.duration)
-    results["chunks_per_stream"] = chunks
-    results["new_streams_per_s"] = round(count / spread, 1)
+    if args.scenario != "idle":
+        results["chunks_per_stream"] = chunks
+        results["new_streams_per_s"] = round(count / spread, 1)
     load = [str(count), str(spread), str(chunks), str(delay)]
     upstream_port = _free_port()
     upstream = _start_upstream(args.scenario, upstream_port, other_core, work, chunks, delay)
