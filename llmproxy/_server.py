@@ -25,6 +25,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
@@ -165,7 +166,7 @@ class FastRequest:
         return values[-1] if values else None
 
     def getClientAddress(self) -> Any:
-        return self.channel.peer
+        return self.channel.client_address()
 
     def isSecure(self) -> bool:
         return self.channel.secure
@@ -263,7 +264,10 @@ class FastRequest:
             d.errback(reason)
         on_gone, self._on_gone = self._on_gone, []
         for callback in on_gone:
-            callback(reason)
+            try:
+                callback(reason)
+            except Exception:  # as a Deferred would: logged, the rest still run
+                log.failure("while handling a client that left")
 
 
 class FastChannel(Protocol, TimeoutMixin):
@@ -271,7 +275,8 @@ class FastChannel(Protocol, TimeoutMixin):
 
     Attributes:
         site: The site (for its root resource, limits and timeout).
-        peer: The client's address.
+        peer: The client's address on a plain TCP connection, else None
+            (asked of the transport per request: see :meth:`client_address`).
         secure: Whether the connection is TLS.
     """
 
@@ -294,9 +299,12 @@ class FastChannel(Protocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
-        # The address the listener built this channel for is the peer's
-        # (the transport would build another one, through attrs' validators).
-        self.peer = self.addr if self.addr is not None else self.transport.getPeer()
+        # On a plain TCP connection the address the listener built this
+        # channel for is the peer's (the transport would build another,
+        # through attrs' validators). Behind anything else the transport is
+        # asked per request: a PROXY-protocol listener (`haproxy:`) knows
+        # the client only once its header has arrived.
+        self.peer = self.addr if type(self.transport) is tcp.Server else None
         self.secure = ISSLTransport.providedBy(self.transport)
         self.setTimeout(self.site.timeOut)
 
@@ -322,6 +330,11 @@ class FastChannel(Protocol, TimeoutMixin):
             return
         self.resetTimeout()
         self._next()
+
+    def client_address(self) -> Any:
+        """The client's address (a request's ``getClientAddress``)."""
+        peer = self.peer
+        return peer if peer is not None else self.transport.getPeer()
 
     def _next(self) -> None:
         buf = self.buf
@@ -445,7 +458,7 @@ class FastChannel(Protocol, TimeoutMixin):
             # from its end (re-armed here, reset when the request ends).
             self.setTimeout(self.site.timeOut)
             return
-        log.info("Timing out client: {peer}", peer=str(self.peer))
+        log.info("Timing out client: {peer}", peer=str(self.client_address()))
         self.transport.loseConnection()
         self._abort = self.callLater(ABORT_TIMEOUT, self.transport.abortConnection)
 

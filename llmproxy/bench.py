@@ -474,6 +474,10 @@ def _run_streams(args: argparse.Namespace, results: dict[str, Any], work: Path,
     if args.scenario != "idle":
         results["chunks_per_stream"] = chunks
         results["new_streams_per_s"] = round(count / spread, 1)
+        if count / spread > MAX_STREAM_RATE:
+            print(f"bench: {count / spread:,.0f} new streams a second is more than the "
+                  f"{MAX_STREAM_RATE:,} the load generator and upstream are known to keep up "
+                  "with; their own limits may show in the results", file=sys.stderr)
     load = [str(count), str(spread), str(chunks), str(delay)]
     upstream_port = _free_port()
     upstream = _start_upstream(args.scenario, upstream_port, other_core, work, chunks, delay)
@@ -692,14 +696,23 @@ def _report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _positive(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
+#: The most events per stream ``--chunks`` takes (a 500 s stream in
+#: ``streams``; nginx's config has a line per event).
+MAX_CHUNKS = 1000
+#: New streams a second the stream generator and the upstream were built
+#: for (``streams-fast``'s rate); fewer events per stream ask for more.
+MAX_STREAM_RATE = 1000
+
+
+def _chunks(text: str) -> int:
+    """An argparse type: events per stream, 1 to :data:`MAX_CHUNKS`."""
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    if not 1 <= value <= MAX_CHUNKS:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number from 1 to {MAX_CHUNKS}, got {text!r}")
     return value
 
 
@@ -719,7 +732,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-nginx-proxy", dest="nginx_proxy", action="store_false",
                         help="streams and streams-fast: skip the reference run through "
                              "nginx as the proxy (made when nginx is installed)")
-    parser.add_argument("--chunks", type=_positive, default=20,
+    parser.add_argument("--chunks", type=_chunks, default=20,
                         help="streams and streams-fast: content events per stream (default "
                              "20); streams start less often as they get longer, so about "
                              f"{OPEN_STREAMS:,} stay open")

@@ -9,7 +9,7 @@ import pytest
 import pytest_twisted
 from raw_http import Fast
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -135,17 +135,23 @@ class Proxies:
         self.ports: list[Any] = []
         self.roots: list[Any] = []
 
-    async def start(self, config: Config | str) -> str:
+    async def start(self, config: Config | str, endpoint: str | None = None) -> str:
         """Serve ``config`` on 127.0.0.1; returns the proxy's base URL.
 
-        Host names in the config resolve through :attr:`resolver`.
+        Host names in the config resolve through :attr:`resolver`. With
+        ``endpoint`` (a server endpoint string on 127.0.0.1, port 0) the
+        site listens there instead of on a plain TCP port.
         """
         if isinstance(config, str):
             config = parse_config_text(config, environ={})
         wrapped = ResolvingReactor(self.reactor, self.resolver)
         root = build_resource(config, wrapped)
         site = build_site(config, self.reactor, root)
-        port = await TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1").listen(site)
+        if endpoint is None:
+            listening = TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1")
+        else:
+            listening = serverFromString(self.reactor, endpoint)
+        port = await listening.listen(site)
         self.ports.append(port)
         self.roots.append(root)
         return f"http://127.0.0.1:{port.getHost().port}"

@@ -239,9 +239,9 @@ def test_stream_loads_keep_a_thousand_streams_open(scenario: str, chunks: int) -
 
 
 def test_the_events_per_stream_are_a_positive_whole_number(capsys) -> None:
-    """--chunks 0 (or a word) is refused with a message naming the option,
-    before anything starts."""
-    for bad in ("0", "-3", "many"):
+    """--chunks 0, over 1,000 (or a word) is refused with a message naming
+    the option, before anything starts."""
+    for bad in ("0", "-3", "1001", "many"):
         with pytest.raises(SystemExit) as exit_:
             bench.main(["--scenario", "streams", "--chunks", bad])
         assert exit_.value.code == 2

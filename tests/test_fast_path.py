@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import gc
 import json
+from typing import Any
 
 import pytest
 import pytest_twisted
-from helpers import WAIT
+from helpers import WAIT, raw_connect
 from raw_http import Fast, assert_chat, chat, chat_body, http
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionLost
 from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 
+from llmproxy._server import FastHeaders, FastRequest
+from llmproxy.proxy import ProxyResource
 from llmproxy.testing.upstream import REPLY_TEXT
 
 _BIG = b"x" * (100 * 1024)  # over the fast path's 64 KiB body limit
@@ -301,3 +308,77 @@ async def test_a_client_leaving_stops_the_upstream(fast: Fast, when: str, leavin
     outcome = await upstream_request.done.addTimeout(5, fast.reactor)
     assert outcome == "disconnected"
     assert_chat(await (await gw.connect()).exchange(chat("next")), "next")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_client_address_is_the_connections_peer(reactor, upstreams, proxies,
+                                                          access, monkeypatch) -> None:
+    """On a plain TCP listener a fast-path request's client is its
+    connection's peer, port included (what the timeout log line names, and
+    what X-Forwarded-For and the access record take the host from)."""
+    upstream, base = await upstreams.start()
+    url = await proxies.start(f'target_map:\n  "/v1/": "{base}"\n')
+    seen: list[Any] = []
+    render = ProxyResource.render
+
+    def spy(resource: Any, request: Any) -> Any:
+        seen.append((request.getClientAddress(), request.channel.transport.getPeer()))
+        return render(resource, request)
+
+    monkeypatch.setattr(ProxyResource, "render", spy)
+    client = await raw_connect(reactor, url, chat("peer"))
+    await client.wait_for(b"chatcmpl").addTimeout(WAIT, reactor)
+    port = client.transport.getHost().port
+    ((address, peer),) = seen
+    assert address == peer == IPv4Address("TCP", "127.0.0.1", port)
+    await access.wait(1).addTimeout(WAIT, reactor)
+    assert access[0]["client_ip"] == "127.0.0.1"
+    client.transport.loseConnection()
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-write", "header-then-request"])
+@pytest_twisted.ensureDeferred
+async def test_behind_a_proxy_protocol_listener_the_client_is_the_one_named(
+    reactor, upstreams, proxies, access, split: bool
+) -> None:
+    """Behind a load balancer speaking the PROXY protocol (a ``haproxy:``
+    listener), a fast-path request's client is the one the PROXY header
+    names, not the balancer: in X-Forwarded-For upstream and in the access
+    record."""
+    upstream, base = await upstreams.start()
+    url = await proxies.start(f'target_map:\n  "/v1/": "{base}"\n',
+                              endpoint="haproxy:tcp:0:interface=127.0.0.1")
+    header = b"PROXY TCP4 127.9.8.7 127.0.0.1 40000 80\r\n"
+    client = await raw_connect(reactor, url, header if split else header + chat("behind"))
+    if split:
+        await deferLater(reactor, 0.05, lambda: None)
+        client.transport.write(chat("behind"))
+    await client.wait_for(b"chatcmpl").addTimeout(WAIT, reactor)
+    forwarded = upstream.requests[-1].headers.getRawHeaders(b"x-forwarded-for")
+    assert forwarded == [b"127.9.8.7"]
+    await access.wait(1).addTimeout(WAIT, reactor)
+    assert access[0]["client_ip"] == "127.9.8.7"
+    client.transport.loseConnection()
+
+
+@pytest.mark.allow_logged_failures
+def test_a_client_gone_callback_that_raises_is_logged_and_the_next_still_runs() -> None:
+    """As with a Deferred's errbacks: one hook raising does not stop the
+    others, and the error is logged, not raised into the connection's
+    close."""
+    request = FastRequest(None, b"POST", b"/v1/x", FastHeaders(), b"", True)
+    called: list[Any] = []
+    events: list[dict] = []
+    request.when_gone(lambda reason: 1 / 0)
+    request.when_gone(called.append)
+    globalLogPublisher.addObserver(events.append)
+    try:
+        reason = Failure(ConnectionLost())
+        request.connection_lost(reason)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert called == [reason]
+    assert any("client that left" in str(e.get("log_format")) and
+               e["log_failure"].check(ZeroDivisionError) for e in events)
+    request.connection_lost(reason)  # a second loss calls nothing again
+    assert called == [reason]
