@@ -30,7 +30,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater, react
 
-from llmproxy.bench import _cpu_seconds
+from llmproxy.bench import cpu_seconds
 
 _BODY = json.dumps(
     {"model": "bench", "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
@@ -88,7 +88,7 @@ def _streams(url: str, count: int, spread: float, chunks: int, delay: float,
     while started < count or streams:
         now = clock()
         if watching and len(marks) < 2 and now >= (window_to if marks else window_from):
-            marks.append((now, _cpu_seconds(watch)))
+            marks.append((now, cpu_seconds(watch)))
         while started < count and begin + spread * started / count <= now:
             results.append({"ttfb_ms": None, "duration_ms": 0, "complete": False})
             try:  # out of file descriptors, say: this stream counts as aborted

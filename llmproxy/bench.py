@@ -105,7 +105,7 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     """User+system CPU seconds a process used so far (Linux /proc)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -526,10 +526,10 @@ def _proxied_streams(proxy: subprocess.Popen, port: int, path: str, load: list[s
     """Drive ``load`` through the running ``proxy`` (stopped after): its
     first bytes against ``direct``'s, its CPU and peak RSS."""
     try:
-        cpu_before, wall_before = _cpu_seconds(proxy.pid), time.monotonic()
+        cpu_before, wall_before = cpu_seconds(proxy.pid), time.monotonic()
         loaded = _load([f"http://127.0.0.1:{port}{path}", *load], core, work, watch=proxy.pid)
         wall = time.monotonic() - wall_before
-        cpu = _cpu_seconds(proxy.pid) - cpu_before
+        cpu = cpu_seconds(proxy.pid) - cpu_before
         summary = _stream_summary(loaded["streams"])
         # The target's load is 1,000 streams open at once: the CPU over the
         # window when they all are. The whole run's average (ramp-up and
@@ -629,10 +629,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 try:
                     _wait_listening(port, proxy, work / "proxy.log")
-                    cpu_before = _cpu_seconds(proxy.pid)
+                    cpu_before = cpu_seconds(proxy.pid)
                     run_result = _wrk(f"http://127.0.0.1:{port}{path}", args.connections,
                                       args.duration, chunks, other_core, work)
-                    cpu = _cpu_seconds(proxy.pid) - cpu_before
+                    cpu = cpu_seconds(proxy.pid) - cpu_before
                     run_result["proxy_cpu_percent"] = round(100 * cpu / args.duration, 1)
                     run_result["proxy_peak_rss_mb"] = round(_peak_rss_mb(proxy.pid), 1)
                     results["runs"].setdefault(name, []).append(run_result)
