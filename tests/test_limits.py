@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 
-from llmproxy import limits
 from llmproxy.egress._noproxy import NetworkSet
 from llmproxy.limits import (
     KeyStore,
@@ -22,6 +21,7 @@ from llmproxy.limits import (
     presented_key,
     retry_after,
 )
+from llmproxy.limits import _keys
 
 TRUSTED = NetworkSet(["10.0.0.0/8", "fd00::/8"])
 
@@ -531,7 +531,7 @@ def test_every_digest_compared(monkeypatch: pytest.MonkeyPatch) -> None:
         calls.append(1)
         return compare(a, b)
 
-    monkeypatch.setattr(limits.hmac, "compare_digest", counting)
+    monkeypatch.setattr(_keys.hmac, "compare_digest", counting)
     store = KeyStore.from_config([PLAIN, HASHED, "third-key"], None)
     assert store.check(PLAIN) is not None
     assert len(calls) == 3
