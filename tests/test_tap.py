@@ -26,7 +26,7 @@ from twisted.plugin import getPlugins
 
 from helpers import NeedleWaiter, collect, send
 from raw_http import Peer, http
-from llmproxy import tap
+from llmproxy import daemon, tap
 from llmproxy.config import parse_config_text
 from llmproxy.tap import build_service
 
@@ -414,7 +414,7 @@ async def test_twistd_raises_a_low_open_file_limit(
     then holds 100 idle client connections and still answers a request
     (at 64 it would refuse connections)."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    if hard != resource.RLIM_INFINITY and hard < tap.ENOUGH_OPEN_FILES:
+    if hard != resource.RLIM_INFINITY and hard < daemon.ENOUGH_OPEN_FILES:
         pytest.skip(f"the hard open-file limit here is {hard}: the daemon would warn")
     port, demo_port = free_port(), free_port()
     config = demo_config(tmp_path / "demo.yml", port, demo_port,
@@ -455,8 +455,8 @@ def test_a_low_hard_open_file_limit_is_raised_to_and_warned_about() -> None:
         "from twisted.logger import globalLogBeginner, textFileLogObserver\n"
         "globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])\n"
         "from twisted.internet.epollreactor import EPollReactor\n"
-        "from llmproxy import tap\n"
-        "tap._raise_open_file_limit(EPollReactor())\n"
+        "from llmproxy import daemon\n"
+        "daemon._raise_open_file_limit(EPollReactor())\n"
         "print('limits', resource.getrlimit(resource.RLIMIT_NOFILE))\n"
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -470,16 +470,25 @@ def test_a_low_hard_open_file_limit_is_raised_to_and_warned_about() -> None:
 
 def test_open_file_limit_stays_for_a_select_reactor() -> None:
     """select() cannot watch descriptors past 1,024: under a select-based
-    reactor (Twisted's select reactor, or its threaded one) the limit is
-    left as it is."""
-    from twisted.internet._threadedselect import ThreadedSelectReactor
+    reactor (Twisted's select reactor, a subclass of it, or its threaded
+    one) the limit is left as it is.
+
+    The threaded reactor's module is private: it is told by its module's
+    name, so a stand-in class from that module plays it here.
+    """
     from twisted.internet.selectreactor import SelectReactor
 
+    class MySelectReactor(SelectReactor):
+        """A reactor derived from the select reactor."""
+
+    ThreadedSelectReactor = type(
+        "ThreadedSelectReactor", (), {"__module__": "twisted.internet._threadedselect"}
+    )
     before = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
-        for reactor in (SelectReactor(), ThreadedSelectReactor()):
+        for reactor in (SelectReactor(), MySelectReactor(), ThreadedSelectReactor()):
             resource.setrlimit(resource.RLIMIT_NOFILE, (256, before[1]))
-            tap._raise_open_file_limit(reactor)
+            daemon._raise_open_file_limit(reactor)
             assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 256
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, before)
@@ -516,10 +525,10 @@ def test_freezing_makes_full_collections_rarer_and_keeps_the_young_ones() -> Non
     before = gc.get_threshold()
     try:
         gc.set_threshold(700, 10, 10)
-        tap._freeze_startup_objects()
-        assert gc.get_threshold() == (700, 10, tap.FULL_COLLECTION_EVERY) == (700, 10, 100)
+        daemon._freeze_startup_objects()
+        assert gc.get_threshold() == (700, 10, daemon.FULL_COLLECTION_EVERY) == (700, 10, 100)
         gc.set_threshold(500, 20, 1000)
-        tap._freeze_startup_objects()
+        daemon._freeze_startup_objects()
         assert gc.get_threshold() == (500, 20, 1000)
     finally:
         gc.unfreeze()
