@@ -15,7 +15,8 @@ import pytest_twisted
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.defer import Deferred
 
-from llmproxy import _streamload, bench
+from llmproxy import bench
+from llmproxy.bench import _process, _report, _scenarios, _servers, _streamload
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,14 +46,14 @@ async def test_stream_load_generator_measures_streams(reactor, upstreams, proxie
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     reactor.spawnProcess(
         child, sys.executable,
-        [sys.executable, "-m", "llmproxy._streamload",
+        [sys.executable, "-m", "llmproxy.bench._streamload",
          proxy + "/v1/chat/completions", "5", "0.1", "3", "0.01", str(out)],
         env=env, path=str(tmp_path),
     )
     assert await child.ended.addTimeout(30, reactor) == 0, child.output
     loaded = json.loads(out.read_text())
     assert loaded["window"] is None  # no CPU watched
-    summary = bench._stream_summary(loaded["streams"])
+    summary = _report._stream_summary(loaded["streams"])
     assert summary["streams"] == 5 and summary["aborted"] == 0
     assert 0 < summary["ttfb_p50_ms"] <= summary["ttfb_p99_ms"]
     assert len(upstream.requests) == 5
@@ -70,7 +71,7 @@ def test_stream_load_generator_counts_refused_streams_as_aborted() -> None:
     results, window = _streamload._streams(_refused_url(), 3, 0.01, 2, 0.01)
     assert window is None
     assert results == [{"ttfb_ms": None, "duration_ms": 0, "complete": False}] * 3
-    assert bench._stream_summary(results)["aborted"] == 3
+    assert _report._stream_summary(results)["aborted"] == 3
 
 
 def test_stream_load_generator_measures_cpu_only_at_full_concurrency() -> None:
@@ -106,8 +107,8 @@ def test_stream_load_generator_measures_cpu_only_at_full_concurrency() -> None:
 def test_percentile() -> None:
     """Percentiles pick from the sorted values."""
     values = [float(v) for v in range(1, 101)]
-    assert bench._percentile(values, 0.5) == 51
-    assert bench._percentile(values, 0.99) == 100
+    assert _report._percentile(values, 0.5) == 51
+    assert _report._percentile(values, 0.99) == 100
 
 
 def test_repeated_stream_runs_report_medians_ranges_and_every_abort() -> None:
@@ -121,26 +122,26 @@ def test_repeated_stream_runs_report_medians_ranges_and_every_abort() -> None:
         {"streams": 1000, "aborted": 0, "ttfb_overhead_p50_ms": 1.1, "proxy_cpu_percent": 17.0,
          "proxy_peak_rss_mb": 68.0},
     ]
-    merged = bench._medians(runs)
+    merged = _report._medians(runs)
     assert merged["streams"] == 3000 and merged["aborted"] == 2
     assert merged["proxy_peak_rss_mb"] == 70.5
     assert merged["ttfb_overhead_p50_ms"] == 1.1
     assert merged["ttfb_overhead_p50_ms_range"] == [0.9, 1.4]
     assert merged["proxy_cpu_percent"] == 17.0 and merged["repeats"] == 3
-    assert bench._medians(runs[:1]) == runs[0]
+    assert _report._medians(runs[:1]) == runs[0]
 
 
 def test_report_names_the_python_that_ran_the_proxy() -> None:
     """The interpreter build changes the numbers by about a third: every
     report says which one ran, and whether its libpython is shared."""
-    python = bench._interpreter()
+    python = _process._interpreter()
     assert python["version"] == sys.version.split()[0]
     assert python["executable"] == os.path.realpath(sys.executable)
     with open("/proc/self/maps", encoding="utf-8") as maps:
         assert python["libpython_shared"] == ("libpython" in maps.read())
     results = {"scenario": "streams", "pinned": True, "python": python,
                "runs": {"direct": {"streams": 1}}}
-    first = bench._report(results).splitlines()[0]
+    first = _report._report(results).splitlines()[0]
     assert python["executable"] in first
     assert ("shared libpython" if python["libpython_shared"] else "static libpython") in first
 
@@ -148,43 +149,43 @@ def test_report_names_the_python_that_ran_the_proxy() -> None:
 def test_report_compares_the_proxy_cpu_with_nginx_as_the_proxy() -> None:
     """With the reference run, the stream report ends with both CPU figures
     and their ratio; without it, with no such line."""
-    python = bench._interpreter()
+    python = _process._interpreter()
     runs = {
         "direct": {"streams": 10},
         "proxy (logs+metrics on)": {"streams": 10, "proxy_cpu_percent": 18.0},
         "nginx as the proxy (access log on)": {"streams": 10, "proxy_cpu_percent": 7.5},
     }
     results = {"scenario": "streams", "pinned": True, "python": python, "runs": runs}
-    assert bench._report(results).splitlines()[-1] == (
+    assert _report._report(results).splitlines()[-1] == (
         "proxy CPU while all streams are open: llmproxy 18.0 %, nginx 7.5 % "
         "(2.4 times nginx's)"
     )
     del runs["nginx as the proxy (access log on)"]
-    assert "times nginx" not in bench._report(results)
+    assert "times nginx" not in _report._report(results)
 
 
-@pytest.mark.skipif(bench._nginx() is None, reason="nginx is not installed")
+@pytest.mark.skipif(_servers._nginx() is None, reason="nginx is not installed")
 def test_nginx_reference_proxies_streams_as_they_come_and_logs_each(tmp_path) -> None:
     """The reference run: nginx on its own (one process, whose CPU is
     read), in front of the fake upstream, passes every stream through
     event by event and writes an access line per request, as llmproxy
     does; it is stopped afterwards."""
-    upstream_port = bench._free_port()
-    upstream = bench._start(
+    upstream_port = _process._free_port()
+    upstream = _process._start(
         [sys.executable, "-m", "llmproxy.testing.upstream", "--port", str(upstream_port)],
         str(tmp_path), tmp_path / "upstream.log",
     )
     try:
-        bench._wait_listening(upstream_port, upstream, tmp_path / "upstream.log")
-        port = bench._free_port()
-        proxy = bench._start_nginx_proxy(bench._nginx(), tmp_path, port, upstream_port, None)
+        _process._wait_listening(upstream_port, upstream, tmp_path / "upstream.log")
+        port = _process._free_port()
+        proxy = _servers._start_nginx_proxy(_servers._nginx(), tmp_path, port, upstream_port, None)
         # 4 streams of 3 events 0.2 s apart, started over 0.6 s: a window.
         load = ["4", "0.6", "3", "0.2"]
         direct = {"ttfb_p50_ms": 1.0, "ttfb_p99_ms": 2.0}
-        summary = bench._proxied_streams(
+        summary = _scenarios._proxied_streams(
             proxy, port, "/v1/chat/completions", load, direct, None, tmp_path)
     finally:
-        bench._stop(upstream)
+        _process._stop(upstream)
     assert proxy.poll() is not None  # stopped
     assert summary["streams"] == 4 and summary["aborted"] == 0
     # The first event arrives long before the stream's last (0.6 s in).
@@ -203,7 +204,7 @@ def test_an_nginx_reference_that_does_not_listen_is_stopped(tmp_path, monkeypatc
     fake.write_text("#!/bin/sh\nexec sleep 60\n")
     fake.chmod(0o755)
     started: list[subprocess.Popen] = []
-    real_start = bench._start
+    real_start = _process._start
 
     def start(argv: list[str], cwd: str, log: Path) -> subprocess.Popen:
         started.append(real_start(argv, cwd, log))
@@ -212,10 +213,10 @@ def test_an_nginx_reference_that_does_not_listen_is_stopped(tmp_path, monkeypatc
     def never_listening(port: int, process: subprocess.Popen, log: Path) -> None:
         raise SystemExit(f"bench: nothing listens on port {port} after 20 s")
 
-    monkeypatch.setattr(bench, "_start", start)
-    monkeypatch.setattr(bench, "_wait_listening", never_listening)
+    monkeypatch.setattr(_servers, "_start", start)
+    monkeypatch.setattr(_servers, "_wait_listening", never_listening)
     with pytest.raises(SystemExit, match="nothing listens"):
-        bench._start_nginx_proxy(str(fake), tmp_path, bench._free_port(), 9, None)
+        _servers._start_nginx_proxy(str(fake), tmp_path, _process._free_port(), 9, None)
     assert len(started) == 1
     assert started[0].poll() == -15  # stopped (SIGTERM), not exited on its own
 
@@ -229,7 +230,7 @@ def test_stream_loads_keep_a_thousand_streams_open(scenario: str, chunks: int) -
     keep the scenario's spacing; the default is the issue's load: 20
     events 500 ms apart starting at 100 a second, or 50 ms apart at 1,000
     a second."""
-    count, spread, events, delay = bench._stream_load(scenario, chunks, 5.0)
+    count, spread, events, delay = _scenarios._stream_load(scenario, chunks, 5.0)
     assert (events, delay) == (chunks, 0.05 if scenario == "streams-fast" else 0.5)
     length = chunks * delay
     assert spread == max(2 * length, 5.0)
@@ -251,8 +252,8 @@ def test_the_events_per_stream_are_a_positive_whole_number(capsys) -> None:
 def test_the_stream_report_says_the_load() -> None:
     """The stream report's first line gives the events per stream and the
     start rate, the load's two knobs."""
-    results = {"scenario": "streams", "pinned": True, "python": bench._interpreter(),
+    results = {"scenario": "streams", "pinned": True, "python": _process._interpreter(),
                "chunks_per_stream": 40, "new_streams_per_s": 50.0,
                "runs": {"direct": {"streams": 1}}}
-    first = bench._report(results).splitlines()[0]
+    first = _report._report(results).splitlines()[0]
     assert "40 events per stream, 50 new streams a second" in first

@@ -22,7 +22,8 @@ from llmproxy.logs._console import (
     console_observer_factory,
     level_filtered,
 )
-from llmproxy.logs._file import RotatingJSONLog, gzip_file
+from llmproxy.logs._file import RotatingJSONLog
+from llmproxy.logs._gzip import gzip_file
 from llmproxy.logs._lines import ACCESS_NAMESPACE as ACCESS_NAMESPACE
 from llmproxy.logs._lines import event_line
 from llmproxy.logs._service import LogService, file_log_service

@@ -1,12 +1,14 @@
-"""The rotating JSON log file: :class:`RotatingJSONLog` and its helpers."""
+"""The rotating JSON log file: :class:`RotatingJSONLog` and its helpers.
+
+The default compressor, :func:`~llmproxy.logs.gzip_file`, lives in
+``_gzip``.
+"""
 
 from __future__ import annotations
 
 import datetime
-import gzip
 import os
 import re
-import shutil
 import sys
 import threading
 import time
@@ -20,25 +22,10 @@ from twisted.logger import ILogObserver, LogEvent, Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from llmproxy.logs._gzip import gzip_file
 from llmproxy.logs._lines import _safe_repr, event_line
 
 log = Logger(namespace="llmproxy.logs")
-
-#: Bytes copied at a time while compressing.
-_CHUNK = 1024 * 1024
-
-
-def gzip_file(source: str, target: str) -> None:
-    """Gzip ``source`` into ``target``, reading and writing in chunks.
-
-    Blocking: run it in a thread, not on the reactor.
-
-    Args:
-        source: The file to compress.
-        target: The gzip file to create (overwritten if it exists).
-    """
-    with open(source, "rb") as src, gzip.open(target, "wb", compresslevel=6) as dst:
-        shutil.copyfileobj(src, dst, _CHUNK)
 
 
 def _stamp(seconds: float) -> str:

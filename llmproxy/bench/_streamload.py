@@ -1,6 +1,6 @@
 """The benchmark's stream load generator (a child process of the bench).
 
-``python -m llmproxy._streamload URL COUNT SPREAD CHUNKS DELAY OUT [PID]``
+``python -m llmproxy.bench._streamload URL COUNT SPREAD CHUNKS DELAY OUT [PID]``
 opens COUNT raw HTTP/1.1 connections to URL's host, spread evenly over
 SPREAD seconds, each asking the fake upstream (through the proxy or not)
 for an SSE stream of CHUNKS events DELAY seconds apart, and writes

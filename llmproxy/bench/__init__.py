@@ -1,0 +1,35 @@
+"""A benchmark: ``python -m llmproxy.bench``.
+
+Starts an upstream (nginx when installed: a canned completion, and with
+Debian's echo module SSE streams; else the package's fake upstream) and
+llmproxy (a real ``twistd`` process), drives load with ``wrk`` (Debian
+package ``wrk``) or the stream generator ``llmproxy.bench._streamload``,
+and reports requests/s, latency or time to first byte for the same load
+straight to the upstream and through the proxy (with logging and metrics
+on, and for wrk's scenarios also off). For ``streams`` and
+``streams-fast`` the same load also runs through nginx as a plain streaming
+proxy when nginx is installed: the CPU a C proxy needs on this machine at
+this moment. With two or more cores the proxy is pinned to core 0 and
+everything else to core 1. Every child runs on the
+bench's own Python, which the report names: the interpreter's build
+matters (see the README's Performance section).
+
+This is a command-line tool, not part of the daemon: it blocks, waits on
+child processes and is never imported by the proxy.
+"""
+
+# The modules, by concern (this docstring is also the --help text):
+#   _cli        the command line (main)
+#   _scenarios  the scenarios and their load drivers (run, wrk, the stream runs)
+#   _servers    the upstream, llmproxy under twistd, nginx as the reference proxy
+#   _process    child processes, ports, CPU and memory from /proc, the interpreter
+#   _report     stream summaries, medians of repeated runs, the text report
+#   _streamload the stream load generator, run as a child process
+
+from __future__ import annotations
+
+from llmproxy.bench._cli import MAX_CHUNKS, main
+from llmproxy.bench._process import cpu_seconds
+from llmproxy.bench._scenarios import CHAT, MAX_STREAM_RATE, OPEN_STREAMS, run
+
+__all__ = ["CHAT", "MAX_CHUNKS", "MAX_STREAM_RATE", "OPEN_STREAMS", "cpu_seconds", "main", "run"]

@@ -1,0 +1,59 @@
+"""The bench's command line: ``python -m llmproxy.bench [options]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from llmproxy.bench._process import _raise_open_file_limit
+from llmproxy.bench._report import _report
+from llmproxy.bench._scenarios import OPEN_STREAMS, run
+
+
+#: The most events per stream ``--chunks`` takes (a 500 s stream in
+#: ``streams``; nginx's config has a line per event).
+MAX_CHUNKS = 1000
+
+
+def _chunks(text: str) -> int:
+    """An argparse type: events per stream, 1 to :data:`MAX_CHUNKS`."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_CHUNKS:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number from 1 to {MAX_CHUNKS}, got {text!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line entry point."""
+    from llmproxy import bench  # its docstring is the --help text
+
+    parser = argparse.ArgumentParser(prog="python -m llmproxy.bench", description=bench.__doc__)
+    parser.add_argument(
+        "--scenario",
+        choices=("nonstream", "sse", "streams", "streams-fast", "idle"),
+        default="nonstream",
+    )
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per run")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="alternate the on/off runs (or, for streams and streams-fast, "
+                             "the direct and proxy runs) this many times; medians reported")
+    parser.add_argument("--no-nginx-proxy", dest="nginx_proxy", action="store_false",
+                        help="streams and streams-fast: skip the reference run through "
+                             "nginx as the proxy (made when nginx is installed)")
+    parser.add_argument("--chunks", type=_chunks, default=20,
+                        help="streams and streams-fast: content events per stream (default "
+                             "20); streams start less often as they get longer, so about "
+                             f"{OPEN_STREAMS:,} stay open")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    _raise_open_file_limit()
+    results = run(args)
+    print(_report(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -1,0 +1,115 @@
+"""The bench's results: stream summaries, medians of repeated runs, the report.
+
+Pure functions over the results' dictionaries; nothing here starts or
+measures a process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _stream_summary(results: list[dict]) -> dict[str, Any]:
+    ttfb = [r["ttfb_ms"] for r in results if r["ttfb_ms"] is not None]
+    return {
+        "streams": len(results),
+        "aborted": sum(1 for r in results if not r["complete"]),
+        "ttfb_p50_ms": round(_percentile(ttfb, 0.5), 2),
+        "ttfb_p99_ms": round(_percentile(ttfb, 0.99), 2),
+    }
+
+
+#: Stream counts add up over repeated runs; peak RSS is the worst run's.
+_SUMMED = frozenset({"streams", "aborted"})
+_WORST = frozenset({"proxy_peak_rss_mb"})
+
+
+def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Repeated stream runs as one: each number's median (and its range).
+
+    Args:
+        runs: One summary per run, with the same keys.
+
+    Returns:
+        The medians (but streams and aborted streams are totals, and peak
+        RSS the highest); with more than one run also ``repeats`` and, for
+        each median that varied, ``<key>_range`` as ``[min, max]``.
+    """
+    merged: dict[str, Any] = {}
+    for key in runs[0]:
+        values = [run[key] for run in runs]
+        if key in _SUMMED:
+            merged[key] = sum(values)
+        elif key in _WORST:
+            merged[key] = max(values)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            ordered = sorted(values)
+            middle = len(ordered) // 2
+            median = (ordered[middle] if len(ordered) % 2
+                      else (ordered[middle - 1] + ordered[middle]) / 2)
+            merged[key] = round(median, 2) if isinstance(median, float) else median
+            if len(runs) > 1 and ordered[0] != ordered[-1]:
+                merged[f"{key}_range"] = [ordered[0], ordered[-1]]
+        else:
+            merged[key] = values[-1]
+    if len(runs) > 1:
+        merged["repeats"] = len(runs)
+    return merged
+
+
+def _describe(python: dict[str, Any]) -> str:
+    kind = {True: "shared libpython", False: "static libpython", None: "libpython unknown"}
+    return f"python {python['version']} ({python['executable']}, {kind[python['libpython_shared']]})"
+
+
+def _report(results: dict[str, Any]) -> str:
+    if results["scenario"] in ("streams", "streams-fast", "idle"):
+        load = ""
+        if "chunks_per_stream" in results:
+            load = (f"{results['chunks_per_stream']} events per stream, "
+                    f"{results['new_streams_per_s']:g} new streams a second, ")
+        lines = [
+            f"scenario {results['scenario']}, {load}proxy pinned: {results['pinned']}, "
+            f"{_describe(results['python'])}"
+        ]
+        for name, run in results["runs"].items():
+            lines.append(f"{name}: " + ", ".join(f"{k}={v}" for k, v in run.items()))
+        ours = results["runs"].get("proxy (logs+metrics on)", {}).get("proxy_cpu_percent")
+        theirs = results["runs"].get("nginx as the proxy (access log on)", {}).get(
+            "proxy_cpu_percent")
+        if ours and theirs:
+            lines.append(f"proxy CPU while all streams are open: llmproxy {ours} %, "
+                         f"nginx {theirs} % ({ours / theirs:.1f} times nginx's)")
+        return "\n".join(lines)
+    lines = [
+        f"scenario {results['scenario']}, {results['connections']} connections, "
+        f"{results['seconds']:g} s each, proxy pinned to one core: {results['pinned']}, "
+        f"upstream: {results['upstream']}, {_describe(results['python'])}",
+        f"{'run':<28}{'req/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
+        f"{'errors':>8}{'CPU %':>7}{'RSS MB':>8}",
+    ]
+    for name, r in results["runs"].items():
+        lines.append(
+            f"{name:<28}{r['requests_per_s']:>10.0f}{r['p50_ms']:>9.2f}{r['p90_ms']:>9.2f}"
+            f"{r['p99_ms']:>9.2f}{r['errors']:>8}"
+            f"{r.get('proxy_cpu_percent', float('nan')):>7.0f}"
+            f"{r.get('proxy_peak_rss_mb', float('nan')):>8.1f}"
+        )
+    lines.append(
+        f"logging+metrics cost: {results['observability_cost_percent']}% of throughput"
+    )
+    direct = results["runs"]["direct"]["requests_per_s"]
+    proxy = results["runs"]["proxy (logs+metrics on)"]["requests_per_s"]
+    if proxy and direct < 3 * proxy:
+        lines.append(
+            "note: the upstream is not 3x faster than the proxy here, so the proxy "
+            "numbers are bounded by the upstream (compare on/off as a ratio only)"
+        )
+    return "\n".join(lines)
