@@ -1,0 +1,152 @@
+"""The fake upstream's canned JSON replies and the helpers behind them.
+
+Chat completions, Anthropic messages, embeddings, the model list, the echo
+and OpenAI-shaped errors, built as plain dicts from the request payload.
+Private to :mod:`llmproxy.testing.upstream`, which re-exports the constants.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import struct
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llmproxy.testing.upstream import UpstreamRequest
+
+DEFAULT_MODEL = "fake-model"
+REPLY_TEXT = "Hello from the llmproxy fake upstream."
+EMBEDDING_DIMENSIONS = 8
+
+
+def _error(message: str, kind: str, code: str) -> dict[str, Any]:
+    """An OpenAI-shaped error body."""
+    return {"error": {"message": message, "type": kind, "code": code}}
+
+
+def _split_reply(pieces: int) -> list[str]:
+    """Split :data:`REPLY_TEXT` into ``pieces`` roughly equal word pieces."""
+    words = re.findall(r"\S+\s*", REPLY_TEXT)
+    units = words if pieces <= len(words) else list(REPLY_TEXT)
+    n = len(units)
+    return ["".join(units[i * n // pieces : (i + 1) * n // pieces]) for i in range(pieces)]
+
+
+def _words(value: object) -> int:
+    """Count the words in strings, lists, messages and text parts."""
+    if isinstance(value, str):
+        return len(value.split())
+    if isinstance(value, list):
+        return sum(_words(item) for item in value)
+    if isinstance(value, dict):
+        return _words(value.get("content")) + _words(value.get("text"))
+    return 0
+
+
+def _embedding(item: object) -> list[float]:
+    """A deterministic vector whose values are exact in float32."""
+    digest = hashlib.sha256(json.dumps(item).encode()).digest()
+    values = struct.unpack(f"<{EMBEDDING_DIMENSIONS}H", digest[: 2 * EMBEDDING_DIMENSIONS])
+    return [value / 32768 - 1 for value in values]
+
+
+def _model(payload: dict[str, Any]) -> str:
+    """The ``model`` of the request body, else :data:`DEFAULT_MODEL`."""
+    model = payload.get("model")
+    return model if isinstance(model, str) and model else DEFAULT_MODEL
+
+
+def _models() -> dict[str, Any]:
+    """The ``GET /v1/models`` reply: one model, :data:`DEFAULT_MODEL`."""
+    model = {"id": DEFAULT_MODEL, "object": "model", "created": 0, "owned_by": "llmproxy"}
+    return {"object": "list", "data": [model]}
+
+
+def _echo(record: UpstreamRequest) -> dict[str, Any]:
+    """The ``/echo`` reply: the method, uri, headers and body received."""
+
+    def text(raw: bytes) -> str:
+        return raw.decode("latin-1")
+
+    headers = [
+        [text(name).lower(), text(value)]
+        for name, values in record.headers.getAllRawHeaders()
+        for value in values
+    ]
+    echo = {"method": text(record.method), "uri": text(record.uri), "headers": headers}
+    return {**echo, "body": text(record.body)}
+
+
+def _chat_base(payload: dict[str, Any], serial: int, created: int) -> dict[str, Any]:
+    """The fields every chat completion object (or chunk) starts with.
+
+    Args:
+        payload: The request body.
+        serial: The number of requests recorded, for the id.
+        created: The creation time, in whole seconds.
+    """
+    ident = f"chatcmpl-fake{serial:06d}"
+    base: dict[str, Any] = {"id": ident, "object": "chat.completion", "created": created}
+    base["model"] = _model(payload)
+    return base
+
+
+def _chat_usage(payload: dict[str, Any]) -> dict[str, int]:
+    """The chat ``usage``: prompt words (at least 1) and the reply's words."""
+    prompt, output = max(1, _words(payload.get("messages"))), len(REPLY_TEXT.split())
+    usage = {"prompt_tokens": prompt, "completion_tokens": output}
+    usage["total_tokens"] = prompt + output
+    return usage
+
+
+def _chat_completion(payload: dict[str, Any], serial: int, created: int) -> dict[str, Any]:
+    """A whole (non-streamed) ``chat.completion`` object.
+
+    Args:
+        payload: The request body.
+        serial: The number of requests recorded, for the id.
+        created: The creation time, in whole seconds.
+    """
+    message = {"role": "assistant", "content": REPLY_TEXT, "refusal": None}
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+    base = _chat_base(payload, serial, created)
+    return {**base, "choices": [choice], "usage": _chat_usage(payload)}
+
+
+def _embeddings(payload: dict[str, Any]) -> dict[str, Any]:
+    """The ``/v1/embeddings`` reply: one vector per input, float or base64."""
+    raw = payload.get("input", "")
+    inputs = raw if isinstance(raw, list) and raw and not isinstance(raw[0], int) else [raw]
+    data = []
+    for index, item in enumerate(inputs):
+        vector: Any = _embedding(item)
+        if payload.get("encoding_format") == "base64":
+            vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": vector})
+    tokens = max(1, sum(_words(i) if isinstance(i, str) else 1 for i in inputs))
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return {"object": "list", "data": data, "model": _model(payload), "usage": usage}
+
+
+def _message(payload: dict[str, Any], serial: int) -> dict[str, Any]:
+    """A whole Anthropic ``message`` object.
+
+    Args:
+        payload: The request body.
+        serial: The number of requests recorded, for the id.
+    """
+    prompt = max(1, _words(payload.get("messages")) + _words(payload.get("system")))
+    output = len(REPLY_TEXT.split())
+    return {
+        "id": f"msg_fake{serial:06d}",
+        "type": "message",
+        "role": "assistant",
+        "model": _model(payload),
+        "content": [{"type": "text", "text": REPLY_TEXT}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": prompt, "output_tokens": output},
+    }

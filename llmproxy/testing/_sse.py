@@ -1,0 +1,81 @@
+"""The fake upstream's server-sent event streams.
+
+Builds the OpenAI ``chat.completion.chunk`` stream and the Anthropic
+``messages`` stream as lists of encoded events, each marked as a content
+piece or not (``X-Fake-Abort-After`` counts content pieces). Private to
+:mod:`llmproxy.testing.upstream`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from llmproxy.testing._replies import _chat_base, _chat_usage, _split_reply
+
+_Events = list[tuple[bytes, bool]]  # (an SSE event, whether it is a content piece)
+
+
+def _sse(data: object, event: str | None = None) -> bytes:
+    """Encode one event: an optional ``event:`` line and a JSON ``data:`` line."""
+    prefix = f"event: {event}\n" if event else ""
+    return f"{prefix}data: {json.dumps(data)}\n\n".encode()
+
+
+def _chat_events(payload: dict[str, Any], serial: int, created: int, pieces: int) -> _Events:
+    """A streamed chat completion, ending with ``data: [DONE]``.
+
+    Args:
+        payload: The request body (``stream_options.include_usage`` adds a
+            usage event).
+        serial: The number of requests recorded, for the id.
+        created: The creation time, in whole seconds.
+        pieces: The number of content pieces.
+
+    Returns:
+        The events.
+    """
+    base = _chat_base(payload, serial, created)
+    usage = _chat_usage(payload)
+    base["object"] = "chat.completion.chunk"
+
+    def chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return _sse({**base, "choices": [choice]})
+
+    events = [(chunk({"role": "assistant", "content": ""}), False)]
+    events += [(chunk({"content": piece}), True) for piece in _split_reply(pieces)]
+    events.append((chunk({}, "stop"), False))
+    options = payload.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage"):
+        events.append((_sse({**base, "choices": [], "usage": usage}), False))
+    return events + [(b"data: [DONE]\n\n", False)]
+
+
+def _message_events(message: dict[str, Any], pieces: int) -> _Events:
+    """A streamed Anthropic message, from ``message_start`` to ``message_stop``.
+
+    Args:
+        message: The whole message, as :func:`~._replies._message` builds it.
+        pieces: The number of ``content_block_delta`` pieces.
+
+    Returns:
+        The events.
+    """
+    prompt, output = message["usage"]["input_tokens"], message["usage"]["output_tokens"]
+    usage = {"input_tokens": prompt, "output_tokens": 1}
+    start = {**message, "content": [], "stop_reason": None, "usage": usage}
+    sequence: list[tuple[str, dict[str, Any]]] = [
+        ("message_start", {"message": start}),
+        ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+        ("ping", {}),
+    ]
+    for text in _split_reply(pieces):
+        delta = {"type": "text_delta", "text": text}
+        sequence.append(("content_block_delta", {"index": 0, "delta": delta}))
+    stop = {"stop_reason": "end_turn", "stop_sequence": None}
+    sequence.append(("content_block_stop", {"index": 0}))
+    sequence.append(("message_delta", {"delta": stop, "usage": {"output_tokens": output}}))
+    sequence.append(("message_stop", {}))
+    piece = "content_block_delta"
+    return [(_sse({"type": n, **data}, n), n == piece) for n, data in sequence]
