@@ -21,7 +21,6 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from llmproxy import __version__
-from llmproxy._server import FastChannel
 from llmproxy.config import Config, ConfigError
 from llmproxy.egress import Egress
 from llmproxy.egress._noproxy import NetworkSet
@@ -55,8 +54,6 @@ class RootResource(Resource):
     """
 
     isLeaf = True
-    #: LLMProxySite serves plain proxied requests itself (llmproxy._server).
-    fast_path = True
 
     def __init__(
         self, proxy: ProxyResource, close: Any = None, metrics: Metrics | None = None
@@ -170,7 +167,7 @@ def build_admin_resource(root: RootResource) -> Resource:
     """
     admin = Resource()
     if root.metrics is not None:
-        admin.putChild(b"metrics", MetricsResource(root.metrics.registry))
+        admin.putChild(b"metrics", MetricsResource(root.metrics.registry, root.proxy.reactor))
     admin.putChild(b"healthz", _Health(root, ready=False))
     admin.putChild(b"readyz", _Health(root, ready=True))
     return admin
@@ -334,21 +331,6 @@ class LLMProxySite(Site):
 
     def log(self, request: Request) -> None:
         """Proxied requests log one event of their own (see proxy.py)."""
-
-    def buildProtocol(self, addr: Any) -> Any:
-        """A connection starts on llmproxy's fast path (:mod:`llmproxy._server`).
-
-        It serves plain HTTP/1.1 proxied requests itself and hands anything
-        else, and the rest of that connection, to twisted.web's channel.
-        Sites whose root is not llmproxy's RootResource use twisted.web only.
-        """
-        if getattr(self.resource, "fast_path", False):
-            return FastChannel(self, addr)
-        return super().buildProtocol(addr)
-
-    def build_web_channel(self, addr: Any) -> Any:
-        """twisted.web's own channel for a connection, as Site builds it."""
-        return super().buildProtocol(addr)
 
 
 def build_site(config: Config, reactor: Any, resource: Resource | None = None) -> LLMProxySite:

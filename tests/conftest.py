@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from raw_http import Fast
+from raw_http import Gateways
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.logger import globalLogPublisher
@@ -16,7 +16,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from llmproxy.config import Config, parse_config_text
 from llmproxy.resolver import ResolvingReactor
 from llmproxy.testing.resolver import FakeResolver
-from llmproxy.web import LLMProxySite, build_resource, build_site
+from llmproxy.web import build_resource, build_site
 
 #: Seconds any single wait in a loopback test may take.
 WAIT = 10.0
@@ -180,20 +180,8 @@ async def client(reactor: Any) -> AsyncIterator[Agent]:
 
 
 @pytest_twisted.async_yield_fixture
-async def fast(
-    reactor: Any, upstreams: Any, proxies: Any, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[Fast]:
-    """The harness; its connections are aborted after the test."""
-    harness = Fast(reactor, upstreams, proxies)
-    original = LLMProxySite.build_web_channel
-
-    def build_web_channel(site: LLMProxySite, addr: Any) -> Any:
-        harness.handovers.append(addr)
-        return original(site, addr)
-
-    monkeypatch.setattr(LLMProxySite, "build_web_channel", build_web_channel)
+async def gateways(reactor: Any, upstreams: Any, proxies: Any) -> AsyncIterator[Gateways]:
+    """Proxies in front of fake upstreams; raw connections aborted after the test."""
+    harness = Gateways(reactor, upstreams, proxies)
     yield harness
-    for peer in harness.peers:
-        if not peer.closed.called:
-            peer.transport.abortConnection()
-            await peer.wait_closed()
+    await harness.close()

@@ -1,7 +1,7 @@
 """A raw HTTP/1.1 client harness for the proxy's front end.
 
-:class:`Fast` (the ``fast`` fixture in conftest) starts proxies routing
-``/v1/`` and ``/echo/`` to a fake upstream; :class:`Peer` is a raw
+:class:`Gateways` (the ``gateways`` fixture in conftest) starts proxies
+routing ``/v1/`` and ``/echo/`` to a fake upstream; :class:`Peer` is a raw
 connection reading strictly parsed responses one after another.
 """
 
@@ -137,34 +137,53 @@ class Gateway:
     url: str
     upstream: Any
     config: str
-    fast: Fast
+    gateways: Gateways
 
-    async def connect(self, url: str | None = None) -> Peer:
-        """A new raw connection to this proxy (or to ``url``)."""
-        peer = Peer(self.fast.reactor)
+    async def connect(self, url: str | None = None, source: str | None = None) -> Peer:
+        """A new raw connection to this proxy (or to ``url``).
+
+        Args:
+            url: Another proxy's base URL on 127.0.0.1.
+            source: A loopback address to connect from (e.g. ``127.0.0.2``).
+        """
+        reactor = self.gateways.reactor
+        peer = Peer(reactor)
         port = int((url or self.url).rsplit(":", 1)[1])
-        endpoint = TCP4ClientEndpoint(self.fast.reactor, "127.0.0.1", port)
-        await connectProtocol(endpoint, peer).addTimeout(WAIT, self.fast.reactor)
+        bind = None if source is None else (source, 0)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=bind)
+        await connectProtocol(endpoint, peer).addTimeout(WAIT, reactor)
         peer.transport.setTcpNoDelay(True)
-        self.fast.peers.append(peer)
+        self.gateways.peers.append(peer)
         return peer
 
 
 @attrs.define
-class Fast:
-    """Starts proxies; ``handovers`` lists each connection given to twisted.web."""
+class Gateways:
+    """Starts proxies in front of fake upstreams; keeps the raw connections."""
 
     reactor: Any
     upstreams: Any
     proxies: Any
-    handovers: list[Any] = attrs.field(factory=list)
     peers: list[Peer] = attrs.field(factory=list)
 
-    async def start(self, extra: str = "") -> Gateway:
-        """A proxy routing ``/v1/`` and ``/echo/`` to a new fake upstream."""
+    async def start(self, extra: str = "", endpoint: str | None = None) -> Gateway:
+        """A proxy routing ``/v1/`` and ``/echo/`` to a new fake upstream.
+
+        Args:
+            extra: More config lines.
+            endpoint: A server endpoint string to listen on instead of plain
+                TCP (on 127.0.0.1, port 0).
+        """
         upstream, base = await self.upstreams.start()
         config = f'target_map:\n  "/v1/": "{base}"\n  "/echo/": "{base}"\n' + extra
-        return Gateway(await self.proxies.start(config), upstream, config, self)
+        return Gateway(await self.proxies.start(config, endpoint), upstream, config, self)
+
+    async def close(self) -> None:
+        """Abort the connections still open and wait until they are closed."""
+        for peer in self.peers:
+            if not peer.closed.called:
+                peer.transport.abortConnection()
+                await peer.wait_closed()
 
 
 def http(method: bytes, target: bytes, body: bytes = b"", *headers: bytes,

@@ -453,6 +453,31 @@ async def test_tunnels_pooled_per_upstream_and_never_mixed_with_direct(
 
 
 @pytest_twisted.ensureDeferred
+async def test_direct_and_proxied_http_never_share_a_connection(
+    reactor, upstreams, proxies, client, tinyproxy, events
+):
+    """Requests to one http upstream, alternately direct and via the proxy,
+    each go their own way: a kept-alive direct connection never carries a
+    proxied request, nor the other way round."""
+    upstream, base = await upstreams.start()
+    proxy = await proxies.start(
+        f'target_map:\n  "/v1/": {{urls: ["{base}"], via: proxy}}\n'
+        f'model_routes:\n  "direct-model": {{urls: ["{base}"], via: direct}}\n'
+        f'proxy_url: "{tinyproxy.url}"\n'
+    )
+    order = ["m", "direct-model", "m", "direct-model", "m", "direct-model"]
+    for i, model in enumerate(order):
+        response, body = await fetch(
+            client, reactor, proxy + "/v1/chat/completions", {**CHAT, "model": model},
+            headers={"X-Request-ID": f"way-{i}"},
+        )
+        assert response.code == 200, body
+        relayed = upstream.requests[-1].headers.hasHeader(b"via")
+        assert relayed == (model == "m"), (i, model)
+        assert request_event(events, f"way-{i}")["egress"] == ("proxy" if model == "m" else "direct")
+
+
+@pytest_twisted.ensureDeferred
 async def test_internal_name_goes_direct_through_the_cache(
     reactor, upstreams, proxies, client, mini_proxies, events
 ):

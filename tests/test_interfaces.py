@@ -12,11 +12,12 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver
+from twisted.web.client import URI
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface.verify import verifyObject
 
 from llmproxy.config import parse_config_text
-from llmproxy.egress import Egress
-from llmproxy.egress._http import _BodyHandle
+from llmproxy.egress import BytesProducer, Egress
 from llmproxy.egress._connect import ConnectTunnelEndpoint
 from llmproxy.logs import RotatingJSONLog, console_observer
 from llmproxy.resolver import CachingResolver, ResolvingReactor
@@ -39,7 +40,9 @@ def cases(tmp_path: Any) -> list[tuple[Any, Any]]:
         (IHostnameResolver, CachingResolver(FakeResolver(), clock)),
         (IHostnameResolver, FakeResolver()),
         (IReactorPluggableNameResolver, ResolvingReactor(clock, FakeResolver())),
-        (IPushProducer, _BodyHandle(None)),
+        (IBodyProducer, BytesProducer(b"{}")),
+        (IAgentEndpointFactory, e.direct_endpoints),
+        (IAgentEndpointFactory, e.tunnel_endpoints),
         (IStreamClientEndpoint, ConnectTunnelEndpoint(clock, e.proxy_endpoint, "p:1", "h", 443, None, 1.0)),
         (ILogObserver, RotatingJSONLog(str(tmp_path / "l.log"), reactor=clock, compress=False)),
         (ILogObserver, console_observer("info")),
@@ -53,15 +56,17 @@ def test_declared_interfaces_are_provided(tmp_path: Any) -> None:
 
 
 def test_endpoints_are_made_once_per_destination() -> None:
-    """Egress reuses endpoints per destination, bounded in number."""
+    """Endpoints are reused per destination and way out, bounded in number."""
     e = egress()
-    first = e.endpoint("direct", e.upstream("http://a.test:80/x"))
-    assert e.endpoint("direct", e.upstream("http://a.test/y")) is first
-    assert e.endpoint("direct", e.upstream("https://a.test:80/y")) is not first
-    assert e.endpoint("proxy", e.upstream("https://a.test:80/y")) is not first
-    for i in range(e.MAX_CACHED + 10):
-        e.endpoint("direct", e.upstream(f"http://h{i}.test/"))
-    assert len(e._endpoints) == e.MAX_CACHED
+    direct, tunnel = e.direct_endpoints, e.tunnel_endpoints
+    first = direct.endpointForURI(URI.fromBytes(b"http://a.test:80/x"))
+    assert direct.endpointForURI(URI.fromBytes(b"http://a.test/y")) is first
+    assert direct.endpointForURI(URI.fromBytes(b"https://a.test:80/y")) is not first
+    assert tunnel.endpointForURI(URI.fromBytes(b"https://a.test:80/y")) is not first
+    for i in range(direct.MAX + 10):
+        direct.endpointForURI(URI.fromBytes(b"http://h%d.test/" % i))
+        e.upstream(f"http://h{i}.test/")
+    assert len(direct.table) == direct.MAX
     assert len(e._upstreams) == e.MAX_CACHED
 
 

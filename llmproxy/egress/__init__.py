@@ -1,67 +1,77 @@
 """The outbound side: how each upstream request leaves the machine.
 
 :class:`Egress` decides per destination host whether to connect directly or
-through ``proxy_url``, and sends each request with llmproxy's own HTTP/1.1
-client (:mod:`llmproxy.egress._http`) over one of three kinds of pooled
-connection, so a direct connection and a tunnelled one to the same host
-never share a pool key:
+through ``proxy_url``, and sends each request with Twisted's client, over one
+:class:`~twisted.web.client.HTTPConnectionPool` per way out, so a direct
+connection and a tunnelled one to the same host never share a pool:
 
-- direct: a ``HostnameEndpoint`` that resolves through the caching
-  resolver (TLS around it for https);
-- proxy, ``http://`` upstream: connections to the proxy, requests in
-  absolute form with ``Proxy-Authorization``;
-- proxy, ``https://`` upstream: a CONNECT tunnel to host:port, TLS to the
-  upstream inside it.
+- ``direct``: :meth:`Agent.usingEndpointFactory
+  <twisted.web.client.Agent.usingEndpointFactory>` with
+  :class:`~llmproxy.egress._endpoints.DirectEndpoints` (``HostnameEndpoint``
+  over the caching resolver, TLS by ``BrowserLikePolicyForHTTPS``);
+- ``proxy``, for ``http://`` upstreams: :class:`~twisted.web.client.ProxyAgent`
+  to the proxy, with ``Proxy-Authorization``;
+- ``tunnel``, for ``https://`` upstreams through the proxy: an Agent over
+  :class:`~llmproxy.egress._endpoints.TunnelEndpoints` (TLS inside our CONNECT
+  tunnel).
 
-Each response says which way it went (``egress``) and the address it
-connected to (``address``).
+Each response is a :class:`RoutedResponse` that says which way it went and
+where it connected (the configured upstream's host and port when direct, the
+proxy's otherwise).
+
+A request is never sent twice behind the caller's back: Twisted's Agent
+resends only a body-less idempotent request on a reused connection, and
+:meth:`Egress.request` resends only a request that provably never left
+(:class:`~twisted.web.client.RequestNotSent`).
 """
 
 from __future__ import annotations
 
 import base64
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import attrs
-from twisted.internet._sslverify import IOpenSSLTrustRoot  # not re-exported publicly
-from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
-)
-from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.ssl import platformTrust
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
 from twisted.logger import Logger
+from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
-from twisted.web.client import URI, BrowserLikePolicyForHTTPS
+from twisted.web.client import (
+    URI,
+    Agent,
+    HTTPConnectionPool,
+    ProxyAgent,
+    RequestNotSent,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
-from llmproxy.config import Config, TLSConfig
+from llmproxy.config import Config
 from llmproxy.egress._connect import (
     ConnectTunnelEndpoint,
     TunnelError,
     TunnelTimeout,
     host_port,
 )
-from llmproxy.egress._http import UpstreamProtocolError, UpstreamResponse
+from llmproxy.egress._endpoints import DirectEndpoints, TunnelEndpoints, tls_policy
 from llmproxy.egress._noproxy import NetworkSet, NoProxy, parse_ip
-from llmproxy.egress._pool import ConnectionPool
 from llmproxy.resolver import CachingResolver, ResolvingReactor
 
 __all__ = [
+    "BytesProducer",
     "ConnectTunnelEndpoint",
     "Egress",
     "NetworkSet",
     "NoProxy",
+    "RoutedResponse",
     "TunnelError",
     "TunnelTimeout",
-    "UpstreamProtocolError",
-    "UpstreamResponse",
+    "Upstream",
+    "close_pool",
     "tls_policy",
 ]
 
@@ -73,81 +83,92 @@ CLOSE_TIMEOUT = 5.0
 DIRECT = "direct"
 PROXY = "proxy"
 
-# Methods whose requests carry no Content-Length when they have no body.
-_BODYLESS = frozenset((b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"))
+#: The pools, one per way out.
+POOLS = ("direct", "proxy", "tunnel")
 
 
-@implementer(IOpenSSLTrustRoot)
-@attrs.frozen
-class _SystemTrustPlusFile:
-    """The system trust store plus the CA certificates of one PEM file."""
+class RoutedResponse(proxyForInterface(IResponse, "response")):  # type: ignore[misc]
+    """An upstream response that knows how it was reached.
 
-    ca_file: str
+    Attributes:
+        response: Twisted's response.
+        egress: ``direct`` or ``proxy``.
+        address: ``host:port`` the connection went to: the upstream's (as
+            configured) when direct, the proxy's otherwise.
+    """
 
-    def _addCACertsToContext(self, context: Any) -> None:
-        context.set_default_verify_paths()
-        context.load_verify_locations(self.ca_file)
+    def __init__(self, response: IResponse, egress: str, address: str) -> None:
+        self.response = response
+        self.egress = egress
+        self.address = address
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header ``name`` (lowercase), if any."""
+        values = self.response.headers.getRawHeaders(name)
+        return values[0] if values else None
 
 
-def tls_policy(tls: TLSConfig) -> BrowserLikePolicyForHTTPS:
-    """The TLS policy for upstreams: verify certificates and host names.
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body already in memory, written in one piece.
+
+    The body was read (and size-limited) by twisted.web before the request
+    was routed, so it is written synchronously: Agent sends it with a
+    Content-Length and never holds a second copy.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        """Wrap ``body``."""
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        """Write the whole body."""
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        """Nothing to pause: the body is written in one piece."""
+
+    def resumeProducing(self) -> None:
+        """Nothing to resume: the body is written in one piece."""
+
+    def stopProducing(self) -> None:
+        """Nothing to stop: the body is written in one piece."""
+
+
+def close_pool(pool: HTTPConnectionPool, reactor: Any) -> Deferred[None]:
+    """Close a pool's idle connections, giving up after a few seconds.
 
     Args:
-        tls: The ``tls`` config section.
+        pool: The pool to close.
+        reactor: For the time limit.
 
     Returns:
-        A policy trusting the system store, plus ``tls.ca_file`` if set.
+        Fires when the connections are closed or the time is up.
     """
-    root = _SystemTrustPlusFile(tls.ca_file) if tls.ca_file else platformTrust()
-    return BrowserLikePolicyForHTTPS(trustRoot=root)
+    d = pool.closeCachedConnections()
+    d.addTimeout(CLOSE_TIMEOUT, reactor)
+    d.addErrback(lambda _: None)
+    return d
 
 
 def _detached(d: Deferred[Any]) -> Deferred[Any]:
-    """A Deferred that can be cancelled without cancelling shared work."""
+    """A Deferred that can be cancelled without cancelling shared work.
+
+    Failures reach it too: nothing on the way is swallowed.
+    """
     out: Deferred[Any] = Deferred()
 
     def fire(result: Any) -> None:
         if not out.called:
-            out.callback(result)
+            if isinstance(result, Failure):
+                out.errback(result)
+            else:
+                out.callback(result)
 
-    d.addCallback(fire)
+    d.addBoth(fire)
     return out
-
-
-class _Decided:
-    """An attempt that waits for the direct-or-proxy decision first."""
-
-    def __init__(
-        self, send: Callable[..., Any], on_failure: Callable[[Failure], object], *args: Any
-    ) -> None:
-        """Remember the send.
-
-        Args:
-            send: Called as ``send(route, *args, on_failure)`` once decided.
-            on_failure: Where a cancellation before then is reported.
-            args: The rest of ``send``'s arguments.
-        """
-        self._send = send
-        self._on_failure = on_failure
-        self._args = args
-        self._attempt: Any = None
-        self._cancelled = False
-
-    def start(self, decided: Deferred[str]) -> None:
-        decided.addCallback(self._decided)
-
-    def _decided(self, route: str) -> None:
-        if not self._cancelled:
-            self._attempt = self._send(route, *self._args, self._on_failure)
-
-    def cancel(self) -> None:
-        if self._cancelled:
-            return
-        self._cancelled = True
-        if self._attempt is not None:
-            self._attempt.cancel()
-        else:
-            self._on_failure(Failure(CancelledError()))
 
 
 @attrs.frozen
@@ -156,19 +177,18 @@ class Upstream:
 
     Attributes:
         scheme: ``http`` or ``https``.
-        host: The host name or IP literal (IPv6 without brackets).
+        host: The host name (IDNA) or IP literal (IPv6 without brackets).
         port: The port.
-        prefix: The URL's path, without a trailing slash (``b""`` for none).
-        authority: The Host header: host, and the port unless the default.
-        origin: ``scheme://authority``, for absolute-form targets.
+        base: ``scheme://authority/path`` as bytes, without a trailing
+            slash: the request's path and query are appended to it.
+        address: ``host:port``, as the access record names the destination.
     """
 
     scheme: str
     host: str
     port: int
-    prefix: bytes
-    authority: bytes
-    origin: bytes
+    base: bytes
+    address: str
 
     @classmethod
     def parse(cls, url: str) -> Upstream:
@@ -186,17 +206,11 @@ class Upstream:
         host = parts.hostname
         if ":" not in host:
             host = host.encode("idna").decode("ascii")
-        authority = host_port(host, port) if port != default else (
-            f"[{host}]" if ":" in host else host
-        )
-        return cls(
-            scheme=scheme,
-            host=host,
-            port=port,
-            prefix=parts.path.rstrip("/").encode("utf-8"),
-            authority=authority.encode("ascii"),
-            origin=f"{scheme}://{authority}".encode("ascii"),
-        )
+        address = host_port(host, port)
+        authority = address if port != default else (f"[{host}]" if ":" in host else host)
+        base = f"{scheme}://{authority}{parts.path.rstrip('/')}"
+        return cls(scheme=scheme, host=host, port=port, base=base.encode("ascii"),
+                   address=address)
 
 
 @attrs.frozen
@@ -238,14 +252,17 @@ class Egress:
         reactor: The reactor (timers, connections).
         resolver: The caching resolver used to decide and to connect.
         policy: The TLS policy for upstreams.
-        pool: The persistent connections, keyed by how they reach where.
+        pools: The persistent pools by way out: ``direct``, ``proxy``
+            (http through the proxy) and ``tunnel`` (https through it).
+        direct_endpoints: The direct endpoint factory.
+        tunnel_endpoints: The tunnel endpoint factory (with a proxy_url).
     """
 
-    #: Parsed upstream URLs and endpoints kept (the oldest go first).
+    #: Parsed upstream URLs kept (the least recently used go first).
     MAX_CACHED = 1024
 
     def __init__(self, config: Config, reactor: Any) -> None:
-        """Build the pool and the proxy endpoint.
+        """Build the agents and their pools.
 
         Args:
             config: The validated configuration.
@@ -254,31 +271,42 @@ class Egress:
         """
         self.config = config
         self.reactor = reactor
-        self.resolver = CachingResolver(
-            reactor.nameResolver, reactor, ttl=config.dns_cache_ttl
-        )
-        self._connecting = ResolvingReactor(reactor, self.resolver)
+        self.resolver = CachingResolver(reactor.nameResolver, reactor, ttl=config.dns_cache_ttl)
+        connecting = ResolvingReactor(reactor, self.resolver)
         self.policy = tls_policy(config.tls)
-        self.pool = ConnectionPool(reactor, config.pool.max_per_host, config.pool.idle_timeout)
+        self.pools = {name: self._pool() for name in POOLS}
+        timeout = config.timeouts.connect
+        self.direct_endpoints = DirectEndpoints(connecting, self.policy, timeout)
+        self._direct = Agent.usingEndpointFactory(
+            reactor, self.direct_endpoints, pool=self.pools["direct"]
+        )
         self.no_proxy = NoProxy(config.no_proxy)
         self.direct_networks = NetworkSet(config.direct_networks)
         self._upstreams: OrderedDict[str, Upstream] = OrderedDict()
-        self._endpoints: OrderedDict[tuple[str, str, str, int], IStreamClientEndpoint] = (
-            OrderedDict()
-        )
         self.proxy: _Proxy | None = None
+        self.tunnel_endpoints: TunnelEndpoints | None = None
         if config.proxy_url is not None:
-            self.proxy = _Proxy.parse(config.proxy_url)
+            self.proxy = proxy = _Proxy.parse(config.proxy_url)
             endpoint: IStreamClientEndpoint = HostnameEndpoint(
-                self._connecting, self.proxy.host, self.proxy.port,
-                timeout=config.timeouts.connect,
+                connecting, proxy.host, proxy.port, timeout=timeout
             )
-            if self.proxy.scheme == "https":
-                creator = self.policy.creatorForNetloc(
-                    self.proxy.host.encode("ascii"), self.proxy.port
-                )
+            if proxy.scheme == "https":
+                creator = self.policy.creatorForNetloc(proxy.host.encode("ascii"), proxy.port)
                 endpoint = wrapClientTLS(creator, endpoint)
             self.proxy_endpoint = endpoint
+            self._proxy_http = ProxyAgent(endpoint, reactor, pool=self.pools["proxy"])
+            self.tunnel_endpoints = TunnelEndpoints(
+                reactor, endpoint, proxy.name, proxy.authorization, self.policy, timeout
+            )
+            self._tunnel = Agent.usingEndpointFactory(
+                reactor, self.tunnel_endpoints, pool=self.pools["tunnel"]
+            )
+
+    def _pool(self) -> HTTPConnectionPool:
+        pool = HTTPConnectionPool(self.reactor, persistent=True)
+        pool.maxPersistentPerHost = self.config.pool.max_per_host
+        pool.cachedConnectionTimeout = self.config.pool.idle_timeout
+        return pool
 
     def decide(self, host: str, via: str = "auto") -> Deferred[str]:
         """Decide how to reach ``host``.
@@ -312,7 +340,7 @@ class Egress:
         return _detached(self.resolver.resolve(host)).addCallback(by_address)
 
     def upstream(self, url: str) -> Upstream:
-        """The parsed form of an upstream base URL (cached)."""
+        """The parsed form of an upstream base URL (cached, bounded)."""
         upstream = self._upstreams.get(url)
         if upstream is None:
             upstream = self._upstreams[url] = Upstream.parse(url)
@@ -320,141 +348,82 @@ class Egress:
                 self._upstreams.popitem(last=False)
         return upstream
 
-    def endpoint(self, route: str, upstream: Upstream) -> IStreamClientEndpoint:
-        """The endpoint for new connections to ``upstream`` via ``route``.
-
-        Direct: TCP (TLS for https) to the upstream. Proxy: TLS inside a
-        CONNECT tunnel for https, the proxy itself for http. Endpoints are
-        made once per destination, in a bounded table.
-        """
-        if route == PROXY and upstream.scheme == "http":
-            return self.proxy_endpoint
-        key = (route, upstream.scheme, upstream.host, upstream.port)
-        endpoint = self._endpoints.get(key)
-        if endpoint is not None:
-            return endpoint
-        timeout = self.config.timeouts.connect
-        ip = parse_ip(upstream.host) if route == DIRECT else None
-        if ip is not None:
-            # An IP literal needs no resolving nor happy eyeballs: a plain
-            # TCP endpoint connects in a fraction of HostnameEndpoint's time.
-            tcp = TCP4ClientEndpoint if ip.version == 4 else TCP6ClientEndpoint
-            endpoint = tcp(self.reactor, upstream.host, upstream.port, timeout=timeout)
-        elif route == DIRECT:
-            endpoint = HostnameEndpoint(
-                self._connecting, upstream.host, upstream.port, timeout=timeout
-            )
-        else:
-            endpoint = ConnectTunnelEndpoint(
-                self.reactor, self.proxy_endpoint, self.proxy.name, upstream.host,
-                upstream.port, self.proxy.authorization, timeout,
-            )
-        if upstream.scheme == "https":
-            # Upstream.parse made the host ASCII (IDNA) already.
-            creator = self.policy.creatorForNetloc(upstream.host.encode("ascii"), upstream.port)
-            endpoint = wrapClientTLS(creator, endpoint)
-        self._endpoints[key] = endpoint
-        if len(self._endpoints) > self.MAX_CACHED:
-            self._endpoints.popitem(last=False)
-        return endpoint
-
     def request(
         self,
         method: bytes,
         url: str,
         target: bytes,
-        headers: list[tuple[bytes, bytes]],
+        headers: Headers,
         body: bytes = b"",
         via: str = "auto",
-    ) -> Deferred[UpstreamResponse]:
+    ) -> Deferred[RoutedResponse]:
         """Send a request upstream, directly or through the proxy.
 
         Args:
             method: The HTTP method.
             url: The upstream's base URL (from the config).
-            target: Path and query, appended to the base URL's path.
-            headers: End-to-end request headers as ``(name, value)``; Host,
-                Content-Length and Proxy-Authorization are added here.
-            body: The request body.
+            target: Path and query, appended to the base URL.
+            headers: End-to-end request headers (Host and Content-Length
+                are the agent's, Proxy-Authorization is added here).
+            body: The request body (sent with a Content-Length if any).
             via: The route's override.
 
         Returns:
-            Fires with the response once its head arrived. Cancelling stops
-            the attempt.
-        """
-        d: Deferred[UpstreamResponse] = Deferred(lambda _: pending.cancel())
-        pending = self.send(method, url, target, headers, body, via, d.callback, d.errback)
-        return d
-
-    def send(
-        self,
-        method: bytes,
-        url: str,
-        target: bytes,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes,
-        via: str,
-        on_response: Callable[[UpstreamResponse], object],
-        on_failure: Callable[[Failure], object],
-    ) -> Any:
-        """:meth:`request` without a Deferred (the proxy's hot path).
-
-        Args:
-            method: As for :meth:`request`.
-            url: As for :meth:`request`.
-            target: As for :meth:`request`.
-            headers: As for :meth:`request`.
-            body: As for :meth:`request`.
-            via: As for :meth:`request`.
-            on_response: Called with the response once its head arrived.
-            on_failure: Called with the failure instead (once either way).
-
-        Returns:
-            Something whose ``cancel()`` stops the attempt; ``on_failure``
-            then gets a CancelledError unless it ended already.
+            Fires with the response once its head arrived, or fails with why
+            not (any error on the way included). Cancelling stops the
+            attempt.
         """
         upstream = self.upstream(url)
+        uri = upstream.base + target
+        producer = BytesProducer(body) if body else None
         if self.proxy is None or via == DIRECT:
-            return self._send(DIRECT, upstream, method, target, headers, body,
-                              on_response, on_failure)
-        pending = _Decided(self._send, on_failure, upstream, method, target, headers, body,
-                           on_response)
-        pending.start(self.decide(upstream.host, via))
-        return pending
+            return self._send(DIRECT, upstream, method, uri, headers, producer)
+        decided = self.decide(upstream.host, via)
+        return decided.addCallback(self._send, upstream, method, uri, headers, producer)
 
     def _send(
-        self, route: str, upstream: Upstream, method: bytes, target: bytes,
-        headers: list[tuple[bytes, bytes]], body: bytes,
-        on_response: Callable[[UpstreamResponse], object],
-        on_failure: Callable[[Failure], object],
-    ) -> Any:
-        path = upstream.prefix + target
-        parts = [method, b" "]
-        if route == PROXY and upstream.scheme == "http":
-            key: tuple[str, ...] = (PROXY,)
-            parts += [upstream.origin, path, b" HTTP/1.1\r\nHost: ", upstream.authority, b"\r\n"]
-            if self.proxy.authorization is not None:
-                parts += [b"Proxy-Authorization: ", self.proxy.authorization, b"\r\n"]
+        self,
+        route: str,
+        upstream: Upstream,
+        method: bytes,
+        uri: bytes,
+        headers: Headers,
+        producer: BytesProducer | None,
+    ) -> Deferred[RoutedResponse]:
+        if route == DIRECT:
+            agent: Any = self._direct
+            address = upstream.address
         else:
-            key = (route, upstream.scheme, upstream.host, upstream.port)
-            parts += [path, b" HTTP/1.1\r\nHost: ", upstream.authority, b"\r\n"]
-        for name, value in headers:
-            parts += [name, b": ", value, b"\r\n"]
-        if body or method not in _BODYLESS:
-            parts.append(b"Content-Length: %d\r\n" % len(body))
-        parts += [b"\r\n", body]
-        return self.pool.send(
-            key, self.endpoint(route, upstream), b"".join(parts), method == b"HEAD",
-            route, self.proxy.name if route == PROXY else None, on_response, on_failure,
-        )
+            assert self.proxy is not None
+            address = self.proxy.name
+            if upstream.scheme == "https":
+                agent = self._tunnel
+            else:
+                agent = self._proxy_http
+                if self.proxy.authorization is not None:
+                    headers = headers.copy()
+                    headers.setRawHeaders(b"proxy-authorization", [self.proxy.authorization])
+
+        def unsent(failure: Failure) -> Any:
+            # The pooled connection was found unusable before a byte of the
+            # request was written: it never left, so one more try is safe.
+            failure.trap(RequestNotSent)
+            log.debug("request to {address} not sent on a pooled connection; "
+                      "sending it on another", address=address)
+            return maybeDeferred(agent.request, method, uri, headers, producer)
+
+        # An endpoint that cannot be made (a TLS name the IDNA rules refuse,
+        # say) raises inside Agent.request: it becomes this Deferred's
+        # failure, never an exception the caller would not expect.
+        d = maybeDeferred(agent.request, method, uri, headers, producer)
+        d.addErrback(unsent)
+        return d.addCallback(RoutedResponse, route, address)
 
     def close(self) -> Deferred[None]:
-        """Close the pool's idle connections (bounded in time).
+        """Close every pool's idle connections (bounded in time).
 
         Returns:
             Fires when done.
         """
-        d = self.pool.close()
-        d.addTimeout(CLOSE_TIMEOUT, self.reactor)
-        d.addBoth(lambda _: None)
-        return d
+        closing = [close_pool(pool, self.reactor) for pool in self.pools.values()]
+        return gatherResults(closing).addCallback(lambda _: None)

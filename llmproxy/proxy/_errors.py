@@ -6,9 +6,17 @@ import json
 
 from OpenSSL import SSL
 from service_identity import VerificationError
+from twisted.internet import error as ierror
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed, ResponseNeverReceived
+from twisted.web.client import (
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.server import Request
+
+from llmproxy.config import TimeoutsConfig
+from llmproxy.egress import TunnelError, TunnelTimeout
 
 
 def error_body(message: str, type_: str, code: str, request_id: str) -> bytes:
@@ -57,7 +65,7 @@ def send_error(
     request.finish()
 
 
-_WRAPPERS = (ResponseFailed, ResponseNeverReceived)
+_WRAPPERS = (ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed)
 
 
 def _causes(failure: Failure) -> list[Failure]:
@@ -83,3 +91,55 @@ def _describe_failure(failure: Failure) -> str:
 
 def _is_tls_failure(failure: Failure) -> bool:
     return failure.check(SSL.Error, VerificationError) is not None
+
+
+def classify_failure(
+    failure: Failure, where: str | None, timed_out: bool, timeouts: TimeoutsConfig
+) -> tuple[int, str, str]:
+    """Map an upstream failure to the client's error.
+
+    Args:
+        failure: Why the attempt failed.
+        where: The upstream's base URL, for the message.
+        timed_out: The response-header timeout cancelled the attempt.
+        timeouts: The configured time limits, for the message.
+
+    Returns:
+        ``(status, code, message)``.
+    """
+    if timed_out:
+        return (
+            504,
+            "upstream_timeout",
+            f"upstream {where} sent no response headers within "
+            f"{timeouts.response_header:g} s",
+        )
+    causes = _causes(failure)
+    for cause in causes:
+        if cause.check(TunnelTimeout):
+            return 504, "upstream_proxy_timeout", str(cause.value)
+        if cause.check(TunnelError):
+            return 502, "upstream_proxy_error", str(cause.value)
+        if _is_tls_failure(cause):
+            return 502, "upstream_tls_error", (
+                f"TLS to upstream {where} failed (bad or untrusted certificate?): "
+                f"{_describe_failure(cause)}"
+            )
+        if cause.check(ierror.DNSLookupError):
+            return 502, "upstream_dns_error", (
+                f"upstream host name of {where} does not resolve"
+            )
+        if cause.check(ierror.ConnectionRefusedError):
+            return 502, "upstream_refused", f"upstream {where} refused the connection"
+        if cause.check(ierror.TimeoutError, ierror.TCPTimedOutError):
+            return 504, "upstream_connect_timeout", (
+                f"connecting to upstream {where} timed out after "
+                f"{timeouts.connect:g} s"
+            )
+    if any(cause.check(ierror.ConnectError) for cause in causes):
+        return 502, "upstream_unreachable", (
+            f"upstream {where} is unreachable: {_describe_failure(failure)}"
+        )
+    return 502, "upstream_failed", (
+        f"upstream {where} failed before responding: {_describe_failure(failure)}"
+    )

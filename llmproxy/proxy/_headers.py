@@ -51,26 +51,3 @@ def _end_to_end(headers: Headers, drop: frozenset[bytes] | set[bytes]) -> list:
         if name.lower() not in drop and name.lower() not in extra
     ]
 
-
-def _response_headers(pairs: list[tuple[bytes, bytes]], out: Headers) -> None:
-    """Copy an upstream response's end-to-end headers into ``out``.
-
-    Args:
-        pairs: ``(lowercase name, value)`` as received (Content-Length too:
-            the caller sets it from the body's framing).
-        out: The downstream response headers; a name received replaces what
-            ``out`` had (twisted.web's own Server and Date, say).
-    """
-    extra: set[bytes] = set()
-    for name, value in pairs:
-        if name == b"connection":
-            extra.update(t.strip() for t in value.lower().split(b","))
-    seen: set[bytes] = set()
-    for name, value in pairs:
-        if name in HOP_BY_HOP or name == b"content-length" or name in extra:
-            continue
-        if name in seen:
-            out.addRawHeader(name, value)
-        else:
-            seen.add(name)
-            out.setRawHeaders(name, [value])

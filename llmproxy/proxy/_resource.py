@@ -4,25 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from llmproxy.config import TimeoutsConfig
-from llmproxy.egress import Egress, TunnelError, TunnelTimeout, UpstreamResponse
+from llmproxy.egress import Egress, RoutedResponse
 from llmproxy.limits import client_ip, presented_key, retry_after
 from llmproxy.metrics import Metrics
-from llmproxy.proxy._errors import (
-    _causes,
-    _describe_failure,
-    _is_tls_failure,
-    send_error,
-)
+from llmproxy.proxy._errors import classify_failure, send_error
 from llmproxy.proxy._exchange import (
     Guard,
     _Discard,
@@ -32,8 +28,8 @@ from llmproxy.proxy._exchange import (
 from llmproxy.proxy._headers import (
     _REQUEST_OWN,
     _REQUEST_OWN_AND_CREDENTIALS,
+    HOP_BY_HOP,
     _end_to_end,
-    _response_headers,
 )
 from llmproxy.proxy._targets import (
     _bad_target,
@@ -52,9 +48,6 @@ log = Logger(namespace="llmproxy.proxy")
 # Forwarding headers llmproxy writes itself (a client's X-Forwarded-For is
 # extended, not copied).
 _FORWARDING = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id"))
-
-# exchange.pending while egress.send() runs.
-_SENDING = object()
 
 
 class ProxyResource(Resource):
@@ -117,13 +110,28 @@ class ProxyResource(Resource):
             ``NOT_DONE_YET``.
         """
         rid = request_id_for(request.getHeader(b"x-request-id"))
+        try:
+            self._forward(request, rid)
+        except Exception:
+            # A bug: the client gets an OpenAI-shaped 500, not twisted.web's
+            # HTML traceback page, and the daemon goes on.
+            log.failure("bug while handling request {request_id}", request_id=rid)
+            if not request.startedWriting and not request.finished:
+                send_error(request, 500, "internal error in llmproxy", "server_error",
+                           "internal_error", rid)
+            elif not request.finished:
+                request.loseConnection()
+        return NOT_DONE_YET
+
+    def _forward(self, request: Request, rid: str) -> None:
+        """Check, route and send one request (the body of :meth:`render`)."""
         # twisted.web unquotes postpath; route and forward the raw path.
         raw = request.path.split(b"/")[1 + len(request.prepath):] if request.path[:1] == b"/" else []
         path = _safe_path(b"/" + b"/".join(raw))
         problem = _bad_target(request.uri, raw)
         if problem is not None:
             send_error(request, 400, problem, "invalid_request_error", "invalid_path", rid)
-            return NOT_DONE_YET
+            return
         request.content.seek(0)
         body = request.content.read()
         exchange = _Exchange(request, rid, path, self.reactor, self.metrics, self.access_log)
@@ -134,7 +142,7 @@ class ProxyResource(Resource):
         exchange.record["client_ip"] = client
         exchange.record["bytes_in"] = len(body)
         if not self._admit(request, exchange, client):
-            return NOT_DONE_YET
+            return
         model = extract_model(body)
         exchange.record["model"] = model
         route = self.router.route(path, model)
@@ -149,7 +157,7 @@ class ProxyResource(Resource):
                 rid,
             )
             exchange.log_done("error")
-            return NOT_DONE_YET
+            return
         exchange.record["route"] = route.path_key
         _, question, query = request.uri.partition(b"?")
         exchange.path, exchange.query = path, question + _safe_query(query)
@@ -158,15 +166,10 @@ class ProxyResource(Resource):
         exchange.fallbacks = list(route.fallbacks)
         if route.rewrite_model is not None:
             self._switch_model(exchange, route.rewrite_model, body)
-        when_gone = getattr(request, "when_gone", None)
-        if when_gone is not None:  # the fast path's request: no Deferred
-            when_gone(exchange.on_client_gone)
-        else:
-            request.notifyFinish().addErrback(exchange.on_client_gone)
+        request.notifyFinish().addErrback(exchange.on_client_gone)
         self.inflight.add(exchange)
         exchange.on_done = self._done
         self._attempt(exchange)
-        return NOT_DONE_YET
 
     def _switch_model(self, exchange: _Exchange, model: str, body: bytes) -> None:
         """Send ``model`` upstream instead of the client's (alias, fallback)."""
@@ -191,17 +194,17 @@ class ProxyResource(Resource):
         exchange.timer = self.reactor.callLater(
             self.timeouts.response_header, self._headers_timed_out, exchange
         )
-        # The callbacks may run before send() returns (a failure found at
-        # once, even a retry): only a still-pending attempt is kept.
-        exchange.pending = _SENDING
-        pending = self.egress.send(
+        d = self.egress.request(
             request.method, url, exchange.path + exchange.query, headers,
             exchange.body_sent, pool.via,
-            lambda response: self._got_response(response, exchange),
-            lambda failure: self._failed(failure, exchange),
         )
-        if exchange.pending is _SENDING:
-            exchange.pending = pending
+        # The callbacks may run at once (a failure found before anything was
+        # sent, even a retry that starts the next attempt): they clear
+        # exchange.pending, so it is set first.
+        exchange.pending = d
+        d.addCallbacks(
+            self._got_response, self._failed, callbackArgs=(exchange,), errbackArgs=(exchange,)
+        )
 
     def _can_retry(self, exchange: _Exchange) -> bool:
         """Move on to another upstream if one is left: True if so."""
@@ -314,36 +317,36 @@ class ProxyResource(Resource):
             if transport is not None:
                 transport.abortConnection()
 
-    def _upstream_headers(
-        self, request: Request, rid: str, pool: UpstreamPool
-    ) -> list[tuple[bytes, bytes]]:
+    def _upstream_headers(self, request: Request, rid: str, pool: UpstreamPool) -> Headers:
         """The headers to send upstream: end-to-end ones plus forwarding."""
         api_key, auth_header = pool.api_key, pool.auth_header
         if self.guard.keys is not None or api_key is not None or auth_header == "none":
             drop = _REQUEST_OWN_AND_CREDENTIALS
         else:
             drop = _REQUEST_OWN
-        headers = []
+        headers = Headers()
         forwarded: list[bytes] = []
         for name, values in _end_to_end(request.requestHeaders, drop):
             lower = name.lower()
             if lower == b"x-forwarded-for":
                 forwarded = list(values)
             elif lower not in _FORWARDING:
-                headers.extend([(name, value) for value in values])
+                headers.setRawHeaders(name, values)
         if api_key is not None and auth_header != "none":
             value = api_key.encode("utf-8")
             if auth_header == "bearer":
-                headers.append((b"Authorization", b"Bearer " + value))
+                headers.setRawHeaders(b"authorization", [b"Bearer " + value])
             else:
-                headers.append((auth_header.encode("ascii"), value))
+                headers.setRawHeaders(auth_header.encode("ascii"), [value])
         host = getattr(request.getClientAddress(), "host", None)
         if host:
             forwarded.append(host.encode("ascii"))
         if forwarded:
-            headers.append((b"X-Forwarded-For", b", ".join(forwarded)))
-        headers.append((b"X-Forwarded-Proto", b"https" if request.isSecure() else b"http"))
-        headers.append((b"X-Request-ID", rid.encode("ascii")))
+            headers.setRawHeaders(b"x-forwarded-for", [b", ".join(forwarded)])
+        headers.setRawHeaders(
+            b"x-forwarded-proto", [b"https" if request.isSecure() else b"http"]
+        )
+        headers.setRawHeaders(b"x-request-id", [rid.encode("ascii")])
         return headers
 
     def _headers_timed_out(self, exchange: _Exchange) -> None:
@@ -352,13 +355,13 @@ class ProxyResource(Resource):
             exchange.timed_out = True
             exchange.pending.cancel()
 
-    def _got_response(self, response: UpstreamResponse, exchange: _Exchange) -> None:
+    def _got_response(self, response: RoutedResponse, exchange: _Exchange) -> None:
         try:
             self._respond(response, exchange)
         except Exception:
             self._bug(Failure(), exchange)
 
-    def _respond(self, response: UpstreamResponse, exchange: _Exchange) -> None:
+    def _respond(self, response: RoutedResponse, exchange: _Exchange) -> None:
         exchange.pending = None
         if exchange.timer is not None:
             exchange.timer.cancel()
@@ -402,11 +405,14 @@ class ProxyResource(Resource):
             exchange.usage = UsageReader(content_type, response.header(b"content-encoding"))
         request.setResponseCode(response.code, response.phrase)
         out = request.responseHeaders
-        _response_headers(response.headers, out)
-        # A known length is kept, so that a body cut short upstream is
-        # visibly short for the client too.
+        for name, values in _end_to_end(response.headers, HOP_BY_HOP):
+            out.setRawHeaders(name, values)
+        # Twisted's client keeps Content-Length out of response.headers
+        # (except for HEAD, where it is the entity's): a known length is
+        # kept, so that a body cut short upstream is visibly short for the
+        # client too.
         if (
-            response.length is not None
+            response.length is not UNKNOWN_LENGTH
             and request.method != b"HEAD"
             and response.code not in NO_BODY_CODES
         ):
@@ -434,7 +440,9 @@ class ProxyResource(Resource):
                 log.debug("request {request_id} failed after its client left",
                           request_id=exchange.rid)
             return
-        status, code, message = self._classify(failure, exchange)
+        status, code, message = classify_failure(
+            failure, exchange.upstream, exchange.timed_out, self.timeouts
+        )
         if not exchange.timed_out and self._upstream_failed(exchange, message):
             return
         if exchange.timed_out:
@@ -455,46 +463,6 @@ class ProxyResource(Resource):
         exchange.record["status"] = status
         send_error(exchange.request, status, message, "upstream_error", code, exchange.rid)
         exchange.log_done("error", code)
-
-    def _classify(self, failure: Failure, exchange: _Exchange) -> tuple[int, str, str]:
-        """Map an upstream failure to (status, code, message)."""
-        where = exchange.upstream
-        if exchange.timed_out:
-            return (
-                504,
-                "upstream_timeout",
-                f"upstream {where} sent no response headers within "
-                f"{self.timeouts.response_header:g} s",
-            )
-        causes = _causes(failure)
-        for cause in causes:
-            if cause.check(TunnelTimeout):
-                return 504, "upstream_proxy_timeout", str(cause.value)
-            if cause.check(TunnelError):
-                return 502, "upstream_proxy_error", str(cause.value)
-            if _is_tls_failure(cause):
-                return 502, "upstream_tls_error", (
-                    f"TLS to upstream {where} failed (bad or untrusted certificate?): "
-                    f"{_describe_failure(cause)}"
-                )
-            if cause.check(ierror.DNSLookupError):
-                return 502, "upstream_dns_error", (
-                    f"upstream host name of {where} does not resolve"
-                )
-            if cause.check(ierror.ConnectionRefusedError):
-                return 502, "upstream_refused", f"upstream {where} refused the connection"
-            if cause.check(ierror.TimeoutError, ierror.TCPTimedOutError):
-                return 504, "upstream_connect_timeout", (
-                    f"connecting to upstream {where} timed out after "
-                    f"{self.timeouts.connect:g} s"
-                )
-        if any(cause.check(ierror.ConnectError) for cause in causes):
-            return 502, "upstream_unreachable", (
-                f"upstream {where} is unreachable: {_describe_failure(failure)}"
-            )
-        return 502, "upstream_failed", (
-            f"upstream {where} failed before responding: {_describe_failure(failure)}"
-        )
 
     def _bug(self, failure: Failure, exchange: _Exchange) -> None:
         log.failure(

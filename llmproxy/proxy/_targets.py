@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 if TYPE_CHECKING:
-    from llmproxy.egress import UpstreamResponse
+    from llmproxy.egress import RoutedResponse
 
 _MAX_REQUEST_ID = 128
 
@@ -92,7 +92,7 @@ def _bad_target(uri: bytes, segments: list[bytes]) -> str | None:
             parts = decoded.replace(b"\\", b"/").split(b"/")
             if any(part in _DOT_SEGMENTS for part in parts):
                 return "'.' and '..' path segments are not allowed"
-            if decoded.find(b"%") < 0:  # cheaper than `in` (see egress._http)
+            if decoded.find(b"%") < 0:
                 break
             decoded = unquote_to_bytes(decoded)
     return None
@@ -123,7 +123,7 @@ def _safe_query(query: bytes) -> bytes:
     return quote_from_bytes(query, safe=_QUERY_SAFE).encode("ascii")
 
 
-def _retry_after(response: UpstreamResponse) -> float | None:
+def _retry_after(response: RoutedResponse) -> float | None:
     """An upstream's Retry-After in seconds, if it sent a number."""
     value = response.header(b"retry-after")
     try:
