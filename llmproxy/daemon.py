@@ -62,6 +62,13 @@ def one_line_exit(message: str) -> SystemExit:
     return SystemExit(f"llmproxy: {message}")
 
 
+def _watch(factory: Any, port: Any) -> None:
+    """Let the Site pause ``port`` at max_connections (LLMProxySite)."""
+    watch = getattr(factory, "watch_port", None)
+    if watch is not None:
+        watch(port)
+
+
 class Listener(Service):
     """Listens on an endpoint; startup fails if the port cannot be bound.
 
@@ -103,6 +110,7 @@ class Listener(Service):
             outcome[0].raiseException()
         if outcome:
             self.port = outcome[0]
+            _watch(self._factory, self.port)
             if self._on_listening is not None:
                 self._on_listening()
 
@@ -115,6 +123,9 @@ class Listener(Service):
         super().stopService()
         if self.port is not None:
             port, self.port = self.port, None
+            unwatch = getattr(self._factory, "unwatch_port", None)
+            if unwatch is not None:
+                unwatch(port)
             return port.stopListening()
         return None
 
@@ -143,6 +154,7 @@ class AdoptedListener(Listener):
         with socket.socket(fileno=os.dup(self._fd)) as inherited:
             family = inherited.family
         self.port = self._reactor.adoptStreamPort(self._fd, family, self._factory)
+        _watch(self._factory, self.port)
         os.close(self._fd)  # the port holds its own duplicate
         self._on_listening()
 

@@ -159,6 +159,14 @@ class Metrics:
         self.rate_limited = Counter(
             "llmproxy_rate_limited", "Requests refused by the rate limit.", registry=r
         )
+        self.client_connections = Gauge(
+            "llmproxy_client_connections", "Client connections open now.", registry=r
+        )
+        self.connection_limit_reached = Counter(
+            "llmproxy_max_connections_reached",
+            "Times max_connections was reached and accepting paused.",
+            registry=r,
+        )
         self._dns = _DNSCollector(resolver)
         r.register(self._dns)
         # Labelled children by label values (bounded: the labels are).

@@ -133,6 +133,7 @@ class Proxies:
         self.reactor = reactor
         self.resolver = FakeResolver({"localhost": ["127.0.0.1"]})
         self.ports: list[Any] = []
+        self.sites: list[Any] = []
         self.roots: list[Any] = []
 
     async def start(self, config: Config | str, endpoint: str | None = None) -> str:
@@ -152,7 +153,9 @@ class Proxies:
         else:
             listening = serverFromString(self.reactor, endpoint)
         port = await listening.listen(site)
+        site.watch_port(port)  # as the daemon's listeners do (max_connections)
         self.ports.append(port)
+        self.sites.append(site)
         self.roots.append(root)
         return f"http://127.0.0.1:{port.getHost().port}"
 

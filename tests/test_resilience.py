@@ -14,6 +14,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from helpers import collect, fetch, header, send
+from llmproxy.web import build_admin_resource
 
 WAIT = 10.0
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "temperature": 0.5}
@@ -196,6 +197,15 @@ async def test_readyz_lists_pools_and_their_health(reactor, upstreams, proxies, 
     )
     await fetch(client, reactor, proxy + "/v1/chat/completions", CHAT)
     response, data = await fetch(client, reactor, proxy + "/readyz", method=b"GET")
+    assert data == b"ready\n", "the public port names no upstream"
+    admin = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Site(build_admin_resource(proxies.roots[-1]))
+    )
+    try:
+        url = f"http://127.0.0.1:{admin.getHost().port}/readyz"
+        response, data = await fetch(client, reactor, url, method=b"GET")
+    finally:
+        await admin.stopListening()
     pools = {p["pool"]: p["upstreams"] for p in json.loads(data)["pools"]}
     health = {u["url"]: u["healthy"] for u in pools["/v1/"]}
     assert health == {dead: False, live_url: True}

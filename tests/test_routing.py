@@ -267,8 +267,10 @@ def test_same_model_on_two_paths_shares_its_pool() -> None:
         (b"", None),
         (b"   ", None),
         (b"{", None),
-        (b'{"model": "gpt-4"', None),
-        (b'{"model": "gpt-4"} trailing', None),
+        # Not validated as JSON past the model (the upstream does that).
+        (b'{"model": "gpt-4"', "gpt-4"),
+        (b'{"model": "gpt-4"} trailing', "gpt-4"),
+        (b'{"model": "gpt-4', None),
         (b'{"model": "\xff\xfe"}', None),
         (b"\xff\xfe\x00\x01", None),
         (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", None),
@@ -278,7 +280,17 @@ def test_same_model_on_two_paths_shares_its_pool() -> None:
             b"name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\x00\x00\xff\r\n--boundary--\r\n",
             None,
         ),
-        (b'{"model": "m", "deep": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
+        (b'{"model": "m", "deep": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "m"),
+        (b'{"deep": ' + b"[" * 100_000 + b"]" * 100_000 + b', "model": "last"}', "last"),
+        (b'{"deep": ' + b"[" * 100_000 + b'{"model": "nested"}' + b"]" * 100_000 + b"}", None),
+        (b'{"text": "say \\"model\\": \\"x\\"", "model": "real"}', "real"),
+        (b'{"a": "\\\\", "model": "after-escaped-backslash"}', "after-escaped-backslash"),
+        (b'{"a": "[{", "model": "brackets-in-strings"}', "brackets-in-strings"),
+        (b'{"model": "first", "x": {"model": "inner"}, "model": "second"}', "second"),
+        (b'{"model": "first", "model": 4}', None),
+        (b'{"name": "model", "n": 1}', None),
+        (b'{"model" : \n "spaced"}', "spaced"),
+        (b'{"messages": [' + b'{"model": 1},' * 1001 + b'{}], "model": "too-many"}', None),
         (b"{" * 100_000, None),
         (b'{"a": ' * 50_000 + b"1" + b"}" * 50_000, None),
     ],
@@ -348,6 +360,40 @@ def test_extract_model_returns_the_model_of_any_json_object(
     body = json.dumps(document, ensure_ascii=ensure_ascii, indent=indent).encode()
 
     assert extract_model(body) == model
+
+
+KEYS = st.sampled_from(["model", "messages", "a", 'mo"del', "model\\"]) | st.text(max_size=5)
+NESTED = st.recursive(
+    st.none() | st.integers() | st.sampled_from(["model", "[{", '"model": "x"', "\\", ""])
+    | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(KEYS, children, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    document=st.dictionaries(KEYS, NESTED, max_size=6),
+    ensure_ascii=st.booleans(),
+    indent=st.sampled_from([None, 0, 2]),
+)
+def test_extract_model_agrees_with_json_loads(
+    document: dict[str, Any], ensure_ascii: bool, indent: int | None
+) -> None:
+    """On any JSON object, the model found is the one json.loads would give.
+
+    ``model`` keys and look-alike strings are spread at every depth, inside
+    strings and as values.
+
+    Args:
+        document: A JSON object.
+        ensure_ascii: Whether non-ASCII text is escaped.
+        indent: How the JSON is laid out.
+    """
+    body = json.dumps(document, ensure_ascii=ensure_ascii, indent=indent).encode()
+    model = json.loads(body).get("model")
+
+    assert extract_model(body) == (model if isinstance(model, str) else None)
 
 
 # -- the routing rule, against an oracle ----------------------------------

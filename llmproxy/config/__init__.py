@@ -233,6 +233,7 @@ def parse_config(
         fallbacks=_fallbacks(top, model_routes),
         max_retry_wait=_seconds(top, "max_retry_wait", 2.0),
         workers=top.get("workers", _positive_int) or 1,
+        max_connections=top.get("max_connections", _positive_int),
         source=source,
     )
 
@@ -265,6 +266,7 @@ _TOP_KEYS = (
     "max_retry_wait",
     "workers",
     "backlog",
+    "max_connections",
 )
 
 

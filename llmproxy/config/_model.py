@@ -111,12 +111,15 @@ class TimeoutsConfig:
             between requests.
         stream_idle: A response body from which no byte arrives for this
             long is aborted.
+        request_read: A client must send a whole request, head and body,
+            within this long of its first byte, else 408 and a close.
     """
 
     response_header: float = 900.0
     connect: float = 10.0
     client_idle: float = 60.0
     stream_idle: float = 300.0
+    request_read: float = 30.0
 
 
 @attrs.frozen
@@ -243,6 +246,8 @@ class Config:
             the model failed before the first byte.
         workers: Processes serving the one listening socket (the first
             opens it, the others adopt it).
+        max_connections: Open client connections per process at most; None
+            for what the open-file limit allows.
         max_retry_wait: Longest Retry-After honoured before retrying the
             same upstream when no other is left.
         source: Where the config came from (a file name), for messages.
@@ -275,6 +280,7 @@ class Config:
     )
     max_retry_wait: float = 2.0
     workers: int = 1
+    max_connections: int | None = None
     source: str = "<config>"
 
 

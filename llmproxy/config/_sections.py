@@ -157,7 +157,7 @@ def _rate_limit(value: Any, path: str) -> RateLimitConfig:
 
 def _timeouts(value: Any, path: str) -> TimeoutsConfig:
     table = _Mapping(value, path)
-    fields = ("response_header", "connect", "client_idle", "stream_idle")
+    fields = ("response_header", "connect", "client_idle", "stream_idle", "request_read")
     table.check_keys(fields)
     given = {k: table.get(k, _number) for k in fields}
     return TimeoutsConfig(**{k: v for k, v in given.items() if v is not None})

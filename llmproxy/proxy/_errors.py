@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
+from typing import Any
 
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -43,6 +45,61 @@ def error_body(message: str, type_: str, code: str, request_id: str) -> bytes:
     ).encode("utf-8")
 
 
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase of ``status`` (``Too Many Requests``).
+
+    twisted.web's own table lacks some (429, 431 are "Unknown Status");
+    Python's has a few of RFC 9110's older names, replaced here.
+    """
+    phrase = _RFC9110_PHRASES.get(status)
+    if phrase is not None:
+        return phrase
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b"Unknown Status"
+
+
+# Where RFC 9110 renamed a status that Python's HTTPStatus still names the
+# old way.
+_RFC9110_PHRASES = {
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    416: b"Range Not Satisfiable",
+    422: b"Unprocessable Content",
+}
+
+
+def write_raw_error(
+    transport: Any, status: int, message: str, type_: str, code: str, rid: str
+) -> None:
+    """Answer on a connection with no request to answer through, then close it.
+
+    For what is refused before twisted.web has a whole request (a body over
+    the limit, a request too slow to arrive, a head too large): a complete
+    HTTP/1.1 response with a JSON error and ``Connection: close``.
+
+    Args:
+        transport: The client's connection.
+        status: The HTTP status code.
+        message: What went wrong.
+        type_: The error type.
+        code: The error code.
+        rid: The request id.
+    """
+    body = error_body(message, type_, code, rid)
+    head = (
+        b"HTTP/1.1 %d %s\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: %d\r\n"
+        b"X-Request-ID: %s\r\n"
+        b"Connection: close\r\n\r\n"
+        % (status, reason_phrase(status), len(body), rid.encode("ascii"))
+    )
+    transport.write(head + body)
+    transport.loseConnection()
+
+
 def send_error(
     request: Request, status: int, message: str, type_: str, code: str, rid: str
 ) -> None:
@@ -57,7 +114,7 @@ def send_error(
         rid: The request id.
     """
     body = error_body(message, type_, code, rid)
-    request.setResponseCode(status)
+    request.setResponseCode(status, reason_phrase(status))
     request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
     request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
     request.responseHeaders.setRawHeaders(b"x-request-id", [rid.encode("ascii")])

@@ -8,6 +8,7 @@ upstream connection as the client's producer (:class:`_Watched`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -113,6 +114,9 @@ class _Exchange:
         self.path = b""
         self.query = b""
         self.body_sent = b""
+        # Response header names copied from the upstream (undone when its
+        # body fails before a byte reached the client).
+        self.copied_headers: list[bytes] = []
         if metrics is not None:
             metrics.started()
 
@@ -176,15 +180,27 @@ class _StreamToClient(Protocol):
     socket.
     """
 
-    def __init__(self, exchange: _Exchange, clock: IReactorTime, idle: float) -> None:
+    def __init__(
+        self,
+        exchange: _Exchange,
+        clock: IReactorTime,
+        idle: float,
+        failed_early: Callable[[_Exchange, Failure, bool], object] | None = None,
+    ) -> None:
         """Set up the stream.
 
         Args:
             exchange: The request.
             clock: For the idle timer.
             idle: Seconds the upstream may stay silent (``stream_idle``).
+            failed_early: Called as ``failed_early(exchange, reason,
+                idled_out)`` when the body fails before anything was sent
+                to the client (the head, then the upstream died): still a
+                failure before the first byte, which the caller may retry.
+                It takes over the pool's accounting.
         """
         self.exchange = exchange
+        self.failed_early = failed_early
         self.request = exchange.request
         self.producing = False
         self.clock = clock
@@ -256,15 +272,26 @@ class _StreamToClient(Protocol):
         exchange = self.exchange
         exchange.body = None
         self.unwatch()
-        if exchange.pool is not None and exchange.url is not None:
-            exchange.pool.finished(exchange.url)
         if self.producing:
             self.producing = False
             if not exchange.client_gone:
                 self.request.unregisterProducer()
+        done = isinstance(reason.value, (ResponseDone, PotentialDataLoss))
+        if (
+            not done
+            and not exchange.client_gone
+            and not self.request.startedWriting
+            and self.failed_early is not None
+        ):
+            # Nothing reached the client yet, not even the head: the
+            # upstream failed before the first byte after all.
+            self.failed_early(exchange, reason, self.idled_out)
+            return
+        if exchange.pool is not None and exchange.url is not None:
+            exchange.pool.finished(exchange.url)
         if exchange.client_gone:
             return
-        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
+        if done:
             self.request.finish()
             exchange.log_done("ok")
             return

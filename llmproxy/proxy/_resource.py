@@ -18,7 +18,7 @@ from llmproxy.config import TimeoutsConfig
 from llmproxy.egress import Egress, RoutedResponse
 from llmproxy.limits import client_ip, presented_key, retry_after
 from llmproxy.metrics import Metrics
-from llmproxy.proxy._errors import classify_failure, send_error
+from llmproxy.proxy._errors import classify_failure, reason_phrase, send_error
 from llmproxy.proxy._exchange import (
     Guard,
     _Discard,
@@ -143,9 +143,10 @@ class ProxyResource(Resource):
         exchange.record["bytes_in"] = len(body)
         if not self._admit(request, exchange, client):
             return
-        model = extract_model(body)
+        router = self.router
+        model = extract_model(body) if router.uses_model else None
         exchange.record["model"] = model
-        route = self.router.route(path, model)
+        route = router.route(path, model)
         if route is None:
             exchange.record["status"] = 404
             send_error(
@@ -403,10 +404,12 @@ class ProxyResource(Resource):
         )
         if exchange.access_log or exchange.metrics is not None:
             exchange.usage = UsageReader(content_type, response.header(b"content-encoding"))
-        request.setResponseCode(response.code, response.phrase)
+        request.setResponseCode(response.code, response.phrase or reason_phrase(response.code))
         out = request.responseHeaders
+        copied = exchange.copied_headers = []
         for name, values in _end_to_end(response.headers, HOP_BY_HOP):
             out.setRawHeaders(name, values)
+            copied.append(name)
         # Twisted's client keeps Content-Length out of response.headers
         # (except for HEAD, where it is the entity's): a known length is
         # kept, so that a body cut short upstream is visibly short for the
@@ -420,7 +423,9 @@ class ProxyResource(Resource):
         out.setRawHeaders(b"x-request-id", [exchange.rid.encode("ascii")])
         out.setRawHeaders(b"x-llmproxy-upstream-attempts", [b"%d" % exchange.attempts])
         request.defaultContentType = None
-        exchange.body = _StreamToClient(exchange, self.reactor, self.timeouts.stream_idle)
+        exchange.body = _StreamToClient(
+            exchange, self.reactor, self.timeouts.stream_idle, self._failed_before_body
+        )
         response.deliverBody(exchange.body)
 
     def _failed(self, failure: Failure, exchange: _Exchange) -> None:
@@ -429,7 +434,33 @@ class ProxyResource(Resource):
         except Exception:
             self._bug(Failure(), exchange)
 
-    def _fail(self, failure: Failure, exchange: _Exchange) -> None:
+    def _failed_before_body(self, exchange: _Exchange, reason: Failure, idled_out: bool) -> None:
+        """The head came, then the body failed before any byte reached the
+        client: a failure before the first byte (retried, or an error)."""
+        try:
+            out = exchange.request.responseHeaders
+            for name in exchange.copied_headers:
+                out.removeHeader(name)
+            for name in (b"content-length", b"x-llmproxy-upstream-attempts"):
+                out.removeHeader(name)
+            exchange.record["status"] = None
+            exchange.usage = None
+            classified = None
+            if idled_out:
+                classified = (504, "upstream_timeout", (
+                    f"upstream {exchange.upstream} sent its response head, then no "
+                    f"body byte for {self.timeouts.stream_idle:g} s"
+                ))
+            self._fail(reason, exchange, classified)
+        except Exception:
+            self._bug(Failure(), exchange)
+
+    def _fail(
+        self,
+        failure: Failure,
+        exchange: _Exchange,
+        classified: tuple[int, str, str] | None = None,
+    ) -> None:
         exchange.pending = None
         if exchange.timer is not None:
             exchange.timer.cancel()
@@ -440,7 +471,7 @@ class ProxyResource(Resource):
                 log.debug("request {request_id} failed after its client left",
                           request_id=exchange.rid)
             return
-        status, code, message = classify_failure(
+        status, code, message = classified or classify_failure(
             failure, exchange.upstream, exchange.timed_out, self.timeouts
         )
         if not exchange.timed_out and self._upstream_failed(exchange, message):

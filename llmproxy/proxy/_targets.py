@@ -67,13 +67,26 @@ _VARIANT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
 _DOT_SEGMENTS = frozenset({b".", b".."})
 
 
+#: Rounds of percent-decoding checked; a segment still changing after
+#: them is refused (no legitimate client encodes a path that deep).
+_MAX_DECODES = 4
+
+
+def _is_dot_segment(part: bytes) -> bool:
+    """``.`` or ``..``, also with ``;`` parameters (Tomcat reads ``..;`` as
+    ``..``)."""
+    return part.partition(b";")[0] in _DOT_SEGMENTS
+
+
 def _bad_target(uri: bytes, segments: list[bytes]) -> str | None:
     """Why a request target must not be forwarded, or None if it is fine.
 
     Only origin-form targets (``/path?query``) are proxied: an absolute-form
     target (``http://elsewhere/``) is not a request for us, and ``.`` or
-    ``..`` segments (percent-encoded or not, or hidden behind an encoded
-    slash) would let a client climb out of the route's base path upstream.
+    ``..`` segments would let a client climb out of the route's base path
+    upstream, however they are dressed: with ``;`` parameters (``..;``),
+    percent-encoded any number of times (each round of decoding is
+    checked), or behind an encoded slash or backslash.
 
     Args:
         uri: The request target as received.
@@ -88,13 +101,18 @@ def _bad_target(uri: bytes, segments: list[bytes]) -> str | None:
         return None  # no segment can be, or decode to, a dot segment
     for segment in segments:
         decoded = segment
-        for _ in range(3):  # some stacks decode more than once: so do we
+        for _ in range(_MAX_DECODES + 1):
             parts = decoded.replace(b"\\", b"/").split(b"/")
-            if any(part in _DOT_SEGMENTS for part in parts):
+            if any(_is_dot_segment(part) for part in parts):
                 return "'.' and '..' path segments are not allowed"
             if decoded.find(b"%") < 0:
                 break
-            decoded = unquote_to_bytes(decoded)
+            again = unquote_to_bytes(decoded)
+            if again == decoded:
+                break
+            decoded = again
+        else:
+            return f"path segments percent-encoded more than {_MAX_DECODES} times are not allowed"
     return None
 
 

@@ -17,6 +17,7 @@ from llmproxy.routing._pool import (
     _Health as _Health,
     _ZeroClock as _ZeroClock,
 )
-from llmproxy.routing._router import Route, Router, extract_model
+from llmproxy.routing._model import extract_model
+from llmproxy.routing._router import Route, Router
 
 __all__ = ["MAX_COOLDOWN", "Route", "Router", "UpstreamPool", "extract_model"]

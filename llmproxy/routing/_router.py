@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 
 import attrs
@@ -88,6 +87,9 @@ class Router:
         self._fallbacks = {
             model: tuple(chain) for model, chain in (fallbacks or {}).items()
         }
+        #: Whether any route depends on the body's ``model`` (else the proxy
+        #: never looks for it).
+        self.uses_model = bool(self._models)
 
     @classmethod
     def from_config(cls, config: Config, clock: _Clock | None = None) -> Router:
@@ -173,26 +175,3 @@ class Router:
             The pools, each once.
         """
         return [*self._path_pools, *self._models.values()]
-
-
-def extract_model(body: bytes) -> str | None:
-    """Read the ``model`` of a JSON request body without changing the body.
-
-    Args:
-        body: The request body as received.
-
-    Returns:
-        The body's top-level ``model`` if the body is a JSON object whose
-        ``model`` is a string, else None (for multipart uploads, for example).
-    """
-    if not body.lstrip()[:1] == b"{":
-        return None
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    if isinstance(document, dict):
-        model = document.get("model")
-        if isinstance(model, str):
-            return model
-    return None

@@ -18,7 +18,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
 from llmproxy import __version__
 from llmproxy.config import Config, ConfigError
@@ -26,7 +26,8 @@ from llmproxy.egress import Egress
 from llmproxy.egress._noproxy import NetworkSet
 from llmproxy.limits import KeyStore, RateLimiter
 from llmproxy.metrics import Metrics, MetricsResource
-from llmproxy.proxy import Guard, ProxyResource, error_body, request_id_for, send_error
+from llmproxy.proxy import Guard, ProxyResource
+from llmproxy.proxy._errors import reason_phrase
 from llmproxy.routing import Router
 
 __all__ = [
@@ -122,11 +123,26 @@ class RootResource(Resource):
             if postpath[0] == b"healthz":
                 return _json(request, _HEALTH)
             if postpath[0] == b"readyz":
-                return self.render_ready(request)
+                return self.render_public_ready(request)
         return self.proxy.render(request)
 
+    def render_public_ready(self, request: Request) -> bytes:
+        """``/readyz`` on the public port: 200 ``ready`` or 503 ``starting``.
+
+        Only the word: the upstreams and their health are for the admin
+        listener (:meth:`render_ready`), never for anyone who can reach the
+        proxy.
+        """
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        if not self.ready:
+            request.setResponseCode(503, reason_phrase(503))
+            return b"starting\n"
+        return b"ready\n"
+
     def render_ready(self, request: Request) -> bytes:
-        """``/readyz``: 200 once listening with a loaded config, else 503.
+        """``/readyz`` on the admin listener: 200 once listening with a loaded
+        config, else 503.
 
         The body lists every pool and its upstreams' health.
         """
@@ -135,7 +151,7 @@ class RootResource(Resource):
             for pool in self.proxy.router.pools()
         ]
         if not self.ready:
-            request.setResponseCode(503)
+            request.setResponseCode(503, reason_phrase(503))
             return _json(request, json.dumps({"status": "starting", "pools": pools}).encode())
         return _json(request, json.dumps({"status": "ready", "pools": pools}).encode())
 
@@ -247,104 +263,4 @@ def build_guard(config: Config, clock: Any) -> Guard:
     )
 
 
-class _LimitedRequest(Request):
-    """A request whose body may not exceed the site's ``max_body_bytes``.
-
-    twisted.web reads a whole body before ``render``: a declared
-    Content-Length over the limit is refused before any of it is read, and a
-    chunked body as soon as it passes the limit, with a 413 JSON error and a
-    closed connection.
-    """
-
-    _refused = False
-    _received = 0
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # A proxy forwards bodies as they are: never parse them as forms
-        # (that costs every JSON POST a MIME header parse, and every
-        # multipart upload a full parse).
-        kwargs.setdefault("parsePOSTFormSubmission", False)
-        super().__init__(*args, **kwargs)
-
-    def process(self) -> None:
-        """Refuse ``OPTIONS *`` (and any ``*`` target): nothing to proxy."""
-        if self.path == b"*":
-            rid = request_id_for(self.getHeader(b"x-request-id"))
-            send_error(
-                self, 400, "the '*' request target is not supported",
-                "invalid_request_error", "invalid_path", rid,
-            )
-            return
-        super().process()
-
-    def _limit(self) -> int | None:
-        return getattr(getattr(self.channel, "site", None), "max_body_bytes", None)
-
-    def gotLength(self, length: int | None) -> None:
-        limit = self._limit()
-        if length is not None and limit is not None and length > limit:
-            self._refuse(limit)
-            return
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._refused:
-            return
-        self._received += len(data)
-        limit = self._limit()
-        if limit is not None and self._received > limit:
-            self._refuse(limit)
-            return
-        super().handleContentChunk(data)
-
-    def _refuse(self, limit: int) -> None:
-        self._refused = True
-        rid = request_id_for(self.getHeader(b"x-request-id"))
-        body = error_body(
-            f"request body larger than max_body_bytes ({limit} bytes)",
-            "invalid_request_error", "body_too_large", rid,
-        )
-        head = (
-            b"HTTP/1.1 413 Payload Too Large\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Content-Length: %d\r\n"
-            b"X-Request-ID: %s\r\n"
-            b"Connection: close\r\n\r\n" % (len(body), rid.encode("ascii"))
-        )
-        transport = self.channel.transport
-        transport.write(head + body)
-        transport.loseConnection()
-        log.info("refused a request body over max_body_bytes; request_id={request_id}",
-                 request_id=rid)
-
-
-class LLMProxySite(Site):
-    """The Site llmproxy listens with: no tracebacks, body size limit.
-
-    Attributes:
-        max_body_bytes: The largest request body accepted.
-    """
-
-    displayTracebacks = False
-    requestFactory = _LimitedRequest
-    max_body_bytes: int | None = None
-
-    def log(self, request: Request) -> None:
-        """Proxied requests log one event of their own (see proxy.py)."""
-
-
-def build_site(config: Config, reactor: Any, resource: Resource | None = None) -> LLMProxySite:
-    """Build the public Site.
-
-    Args:
-        config: The validated configuration.
-        reactor: The reactor.
-        resource: The root resource (default: :func:`build_resource`).
-
-    Returns:
-        The Site to listen with.
-    """
-    root = resource if resource is not None else build_resource(config, reactor)
-    site = LLMProxySite(root, reactor=reactor, timeout=config.timeouts.client_idle)
-    site.max_body_bytes = config.max_body_bytes
-    return site
+from llmproxy.web._site import LLMProxySite, build_site  # noqa: E402 (needs build_resource)
