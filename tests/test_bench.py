@@ -16,7 +16,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.defer import Deferred
 
 from llmproxy import bench
-from llmproxy.bench import _process, _report, _scenarios, _servers, _streamload
+from llmproxy.bench import _cli, _hostile, _process, _report, _scenarios, _servers, _streamload
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -257,3 +257,127 @@ def test_the_stream_report_says_the_load() -> None:
                "runs": {"direct": {"streams": 1}}}
     first = _report._report(results).splitlines()[0]
     assert "40 events per stream, 50 new streams a second" in first
+
+
+@pytest.mark.parametrize("size", [42, 43, 44, 45, 1000, 4097])
+def test_hostile_body_is_json_of_the_size_asked_with_model_last(size: int) -> None:
+    """The hostile body is valid JSON of exactly the size asked: empty
+    objects only in ``messages``, then the top-level ``model`` last, which
+    the proxy's routing finds."""
+    from llmproxy.routing import extract_model
+
+    body = _hostile.hostile_body(size)
+    assert len(body) == size
+    document = json.loads(body)
+    assert list(document) == ["messages", "model"]
+    assert document["model"] == _hostile.HOSTILE_MODEL == "big-model"
+    assert document["messages"] and all(m == {} for m in document["messages"])
+    assert len(document["messages"]) == body.count(b"{}")
+    assert len(body) - 4 * len(document["messages"]) < 40  # all but the ends are objects
+    assert extract_model(body) == "big-model"
+
+
+def test_hostile_body_fills_mebibytes_and_refuses_too_small_sizes() -> None:
+    """A MiB body is a MiB to the byte; a size too small for one object and
+    the model is refused."""
+    body = _hostile.hostile_body(1024 * 1024)
+    assert len(body) == 1024 * 1024 and body.endswith(b'}], "model": "big-model"}')
+    assert _hostile.hostile_body(40) == b'{"messages": [{}], "model": "big-model"}'
+    with pytest.raises(ValueError, match="at least 40 bytes"):
+        _hostile.hostile_body(39)
+
+
+def test_hostile_config_routes_the_model_and_takes_the_body(tmp_path) -> None:
+    """The proxy's config for hostile-body passes the daemon's own config
+    check, routes ``big-model`` by ``model_routes`` (so the proxy looks
+    for ``model``) and takes a body of the largest size allowed."""
+    from llmproxy.config import load_config
+
+    biggest = _hostile.MAX_BODY_MIB * 1024 * 1024
+    path = tmp_path / "proxy.yml"
+    _servers._proxy_config(path, 8080, 9090, True, _hostile._hostile_config(9090, biggest))
+    config = load_config(str(path))
+    assert list(config.model_routes) == ["big-model"]
+    assert config.max_body_bytes > biggest
+    _servers._proxy_config(path, 8080, 9090, True, _hostile._hostile_config(9090, 1024))
+    assert load_config(str(path)).max_body_bytes == 64 * 1024 * 1024
+
+
+@pytest.mark.parametrize("option,bad,most", [
+    ("--body-mib", "0", 256), ("--body-mib", "257", 256), ("--body-mib", "-1", 256),
+    ("--body-mib", "32.5", 256), ("--body-mib", "big", 256),
+    ("--bodies", "0", 20), ("--bodies", "21", 20),
+])
+def test_hostile_options_are_checked_before_anything_starts(
+        capsys, option: str, bad: str, most: int) -> None:
+    """--body-mib outside 1 to 256 MiB (or --bodies outside 1 to 20, or a
+    word) is refused with a usage error naming the option and the range."""
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--scenario", "hostile-body", option, bad])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: expected a whole number from 1 to {most}, got {bad!r}" in err
+
+
+def test_hostile_option_bounds_are_allowed() -> None:
+    """The range's ends are taken as they are."""
+    body_mib = _cli._whole_number(_hostile.MAX_BODY_MIB)
+    assert (body_mib("1"), body_mib("256")) == (1, 256)
+
+
+def test_phase_summary_counts_the_requests_in_flight_during_the_phase() -> None:
+    """A phase counts every request in flight at some time during it (a
+    request stalled across its start too), its failures as errors, and
+    the latency of the 2xx ones."""
+    samples = [
+        (0.0, 0.5, 200),     # over before the phase
+        (0.9, 0.2, 200),     # started before, stalled into it
+        (1.1, 0.001, 200),
+        (1.2, 0.003, 200),
+        (1.3, 0.002, 0),     # connection failed
+        (1.4, 0.004, 502),
+        (2.5, 0.001, 200),   # after it
+    ]
+    phase = _report._phase_summary(samples, 1.0, 2.0)
+    assert phase == {"seconds": 1.0, "requests": 5, "errors": 2,
+                     "p50_ms": 3.0, "p99_ms": 200.0, "max_ms": 200.0}
+    empty = _report._phase_summary(samples, 3.0, 4.0)
+    assert empty["requests"] == 0 and empty["max_ms"] != empty["max_ms"]  # nan
+
+
+def test_hostile_report_gives_rss_latencies_stall_and_the_bodies() -> None:
+    """The hostile-body report: a line for the load, the daemon's RSS
+    (growth in MB and per body size), each phase, the stall and the
+    bodies' own latency."""
+    phase = {"seconds": 1.25, "requests": 900, "errors": 0,
+             "p50_ms": 1.0, "p99_ms": 2.5, "max_ms": 3.25}
+    results = {
+        "scenario": "hostile-body", "pinned": True, "upstream": "nginx",
+        "python": {"version": "3.11.2", "executable": "/usr/bin/python3.11",
+                   "libpython_shared": False},
+        "body_mib": 32, "body_bytes": 33554432, "objects_per_body": 8388598, "bodies": 3,
+        "runs": {"baseline": phase,
+                 "hostile bodies": dict(phase, requests=700, p50_ms=1.5, p99_ms=90.0,
+                                        max_ms=301.0)},
+        "rss": {"before_mb": 66.0, "peak_mb": 130.5, "after_mb": 70.25, "growth_mb": 64.5,
+                "growth_per_body_size": 2.02, "peak_reset_after_warm_up": True},
+        "stall_ms": 300.0,
+        "hostile_requests": [{"status": 200, "latency_ms": 420.06},
+                             {"status": 200, "latency_ms": 401.0}],
+    }
+    assert _report._report(results).splitlines() == [
+        "scenario hostile-body, 3 bodies of 32 MiB one after another (8,388,598 empty "
+        "objects each, model last), proxy pinned to one core: True, upstream: nginx, "
+        "python 3.11.2 (/usr/bin/python3.11, static libpython)",
+        "daemon RSS: 66.0 MB after warm-up, peak 130.5 MB with the bodies (+64.5 MB, "
+        "2.02 times the 32 MiB body), 70.25 MB after them",
+        "small requests, baseline: 1.25 s, 900 requests, 0 errors, latency p50 1.00 ms, "
+        "p99 2.50 ms, max 3.25 ms",
+        "small requests, hostile bodies: 1.25 s, 700 requests, 0 errors, latency p50 1.50 ms, "
+        "p99 90.00 ms, max 301.00 ms",
+        "stall other clients see: 300.00 ms (max latency with the bodies minus the "
+        "baseline p50)",
+        "hostile requests: 200, 200 in 420.1, 401.0 ms",
+    ]
+    results["rss"]["peak_reset_after_warm_up"] = False
+    assert "peak 130.5 MB since start (VmHWM could not be reset)" in _report._report(results)

@@ -9,7 +9,23 @@ straight to the upstream and through the proxy (with logging and metrics
 on, and for wrk's scenarios also off). For ``streams`` and
 ``streams-fast`` the same load also runs through nginx as a plain streaming
 proxy when nginx is installed: the CPU a C proxy needs on this machine at
-this moment. With two or more cores the proxy is pinned to core 0 and
+this moment.
+
+``hostile-body`` measures what a huge body of tiny JSON objects costs the
+daemon, whose routing reads the body's top-level ``model`` (the config
+routes ``big-model`` by ``model_routes``). While one keep-alive connection
+sends small chat completions one after another, each timed, another sends
+``--bodies`` (default 3) bodies ``{"messages": [{}, {}, ...], "model":
+"big-model"}`` of ``--body-mib`` (default 32, at most 256) MiB one after
+another; each must come back 2xx from the upstream. It reports the daemon's
+RSS after a warm-up and its peak while the bodies went through (growth in
+MB and as a multiple of the body size), the small requests' latency p50,
+p99 and max with the bodies and in a baseline phase as long right after,
+the stall other clients see (that max minus the baseline p50) and the
+bodies' own latency. It runs no wrk and ignores ``--connections``,
+``--duration`` and ``--repeat``.
+
+With two or more cores the proxy is pinned to core 0 and
 everything else to core 1. Every child runs on the
 bench's own Python, which the report names: the interpreter's build
 matters (see the README's Performance section).
@@ -21,6 +37,7 @@ child processes and is never imported by the proxy.
 # The modules, by concern (this docstring is also the --help text):
 #   _cli        the command line (main)
 #   _scenarios  the scenarios and their load drivers (run, wrk, the stream runs)
+#   _hostile    the hostile-body scenario: its bodies, its two clients, its phases
 #   _servers    the upstream, llmproxy under twistd, nginx as the reference proxy
 #   _process    child processes, ports, CPU and memory from /proc, the interpreter
 #   _report     stream summaries, medians of repeated runs, the text report

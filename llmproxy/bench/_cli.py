@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Callable
 
+from llmproxy.bench._hostile import MAX_BODIES, MAX_BODY_MIB
 from llmproxy.bench._process import _raise_open_file_limit
 from llmproxy.bench._report import _report
 from llmproxy.bench._scenarios import OPEN_STREAMS, run
@@ -16,16 +18,24 @@ from llmproxy.bench._scenarios import OPEN_STREAMS, run
 MAX_CHUNKS = 1000
 
 
-def _chunks(text: str) -> int:
-    """An argparse type: events per stream, 1 to :data:`MAX_CHUNKS`."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= MAX_CHUNKS:
-        raise argparse.ArgumentTypeError(
-            f"expected a whole number from 1 to {MAX_CHUNKS}, got {text!r}")
-    return value
+def _whole_number(highest: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from 1 to ``highest``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if not 1 <= value <= highest:
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number from 1 to {highest}, got {text!r}")
+        return value
+
+    return parse
+
+
+#: Events per stream, 1 to :data:`MAX_CHUNKS`.
+_chunks = _whole_number(MAX_CHUNKS)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llmproxy.bench", description=bench.__doc__)
     parser.add_argument(
         "--scenario",
-        choices=("nonstream", "sse", "streams", "streams-fast", "idle"),
+        choices=("nonstream", "sse", "streams", "streams-fast", "idle", "hostile-body"),
         default="nonstream",
     )
     parser.add_argument("--connections", type=int, default=16)
@@ -50,6 +60,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="streams and streams-fast: content events per stream (default "
                              "20); streams start less often as they get longer, so about "
                              f"{OPEN_STREAMS:,} stay open")
+    parser.add_argument("--body-mib", type=_whole_number(MAX_BODY_MIB), default=32,
+                        metavar="MIB",
+                        help=f"hostile-body: each body's size in MiB, 1 to {MAX_BODY_MIB} "
+                             "(default 32)")
+    parser.add_argument("--bodies", type=_whole_number(MAX_BODIES), default=3,
+                        help=f"hostile-body: bodies sent one after another, 1 to "
+                             f"{MAX_BODIES} (default 3)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
     _raise_open_file_limit()

@@ -8,6 +8,7 @@ the bench is a command-line tool, never imported by the daemon.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def _free_port() -> int:
@@ -49,6 +50,21 @@ def _pin(core: int | None) -> list[str]:
     if core is None or not shutil.which("taskset"):
         return []
     return ["taskset", "-c", str(core)]
+
+
+@contextlib.contextmanager
+def _pinned(core: int | None) -> Iterator[None]:
+    """Run the calling thread, and the threads it starts meanwhile, on one
+    core (Linux: the affinity is a thread's, inherited by new threads)."""
+    if core is None or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {core})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
 
 
 def _child_env() -> dict[str, str]:
@@ -103,6 +119,16 @@ def _peak_rss_mb(pid: int) -> float:
 
 def _rss_mb(pid: int) -> float:
     return _memory_mb(pid, "VmRSS")
+
+
+def _reset_peak_rss(pid: int) -> bool:
+    """Start a process's VmHWM afresh from its VmRSS (Linux 4.0 and later:
+    ``5`` to ``/proc/PID/clear_refs``); False when that is not allowed."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def _raise_open_file_limit() -> None:

@@ -1,4 +1,5 @@
-"""The bench's results: stream summaries, medians of repeated runs, the report.
+"""The bench's results: stream and phase summaries, medians of repeated runs,
+the reports.
 
 Pure functions over the results' dictionaries; nothing here starts or
 measures a process.
@@ -23,6 +24,33 @@ def _stream_summary(results: list[dict]) -> dict[str, Any]:
         "aborted": sum(1 for r in results if not r["complete"]),
         "ttfb_p50_ms": round(_percentile(ttfb, 0.5), 2),
         "ttfb_p99_ms": round(_percentile(ttfb, 0.99), 2),
+    }
+
+
+def _phase_summary(samples: list[tuple[float, float, int]], start: float,
+                   end: float) -> dict[str, Any]:
+    """The requests in flight at some time between ``start`` and ``end``.
+
+    Args:
+        samples: Per request ``(start, seconds, status)``, on the clock of
+            ``start`` and ``end``; status 0 for a failed connection.
+        start: The phase's start.
+        end: The phase's end.
+
+    Returns:
+        The phase's ``seconds``, its ``requests`` and ``errors`` (not 2xx),
+        and the 2xx requests' latency ``p50_ms``, ``p99_ms`` and ``max_ms``.
+    """
+    inside = [(status, seconds) for began, seconds, status in samples
+              if began < end and began + seconds > start]
+    latencies = [1000 * seconds for status, seconds in inside if 200 <= status < 300]
+    return {
+        "seconds": round(end - start, 2),
+        "requests": len(inside),
+        "errors": len(inside) - len(latencies),
+        "p50_ms": round(_percentile(latencies, 0.5), 2),
+        "p99_ms": round(_percentile(latencies, 0.99), 2),
+        "max_ms": round(max(latencies, default=float("nan")), 2),
     }
 
 
@@ -69,7 +97,40 @@ def _describe(python: dict[str, Any]) -> str:
     return f"python {python['version']} ({python['executable']}, {kind[python['libpython_shared']]})"
 
 
+def _hostile_report(results: dict[str, Any]) -> str:
+    """The ``hostile-body`` report: the load, the daemon's RSS, each
+    phase's small requests, the stall and the bodies' own latency."""
+    rss = results["rss"]
+    since = ("with the bodies" if rss["peak_reset_after_warm_up"]
+             else "since start (VmHWM could not be reset)")
+    lines = [
+        f"scenario hostile-body, {results['bodies']} bodies of {results['body_mib']} MiB "
+        f"one after another ({results['objects_per_body']:,} empty objects each, model last), "
+        f"proxy pinned to one core: {results['pinned']}, upstream: {results['upstream']}, "
+        f"{_describe(results['python'])}",
+        f"daemon RSS: {rss['before_mb']} MB after warm-up, peak {rss['peak_mb']} MB {since} "
+        f"(+{rss['growth_mb']} MB, {rss['growth_per_body_size']:g} times the "
+        f"{results['body_mib']} MiB body), {rss['after_mb']} MB after them",
+    ]
+    for name, phase in results["runs"].items():
+        lines.append(
+            f"small requests, {name}: {phase['seconds']:g} s, {phase['requests']} requests, "
+            f"{phase['errors']} errors, latency p50 {phase['p50_ms']:.2f} ms, "
+            f"p99 {phase['p99_ms']:.2f} ms, max {phase['max_ms']:.2f} ms"
+        )
+    lines.append(f"stall other clients see: {results['stall_ms']:.2f} ms "
+                 "(max latency with the bodies minus the baseline p50)")
+    hostile = results["hostile_requests"]
+    lines.append(
+        "hostile requests: " + ", ".join(str(h["status"]) for h in hostile)
+        + " in " + ", ".join(f"{h['latency_ms']:.1f}" for h in hostile) + " ms"
+    )
+    return "\n".join(lines)
+
+
 def _report(results: dict[str, Any]) -> str:
+    if results["scenario"] == "hostile-body":
+        return _hostile_report(results)
     if results["scenario"] in ("streams", "streams-fast", "idle"):
         load = ""
         if "chunks_per_stream" in results:

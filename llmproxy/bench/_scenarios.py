@@ -2,8 +2,9 @@
 
 ``nonstream`` and ``sse`` run ``wrk``; ``streams``, ``streams-fast`` and
 ``idle`` run the stream load generator, :mod:`llmproxy.bench._streamload`,
-in its own process. :func:`run` runs the chosen scenario straight to the
-upstream and through the proxy and returns the results.
+in its own process; ``hostile-body`` lives in :mod:`llmproxy.bench._hostile`.
+:func:`run` runs the chosen scenario straight to the upstream and through
+the proxy (``hostile-body``: through the proxy only) and returns the results.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmproxy.bench._hostile import _run_hostile
 from llmproxy.bench._process import (
     _child_env,
     _free_port,
@@ -241,10 +243,13 @@ def _proxied_streams(proxy: subprocess.Popen, port: int, path: str, load: list[s
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark and return its results."""
-    if not shutil.which("wrk"):
-        raise SystemExit("bench: wrk is not installed (apt-get install wrk)")
     cores = os.cpu_count() or 1
     proxy_core, other_core = (0, 1) if cores >= 2 else (None, None)
+    if args.scenario == "hostile-body":  # its own load, no wrk
+        with tempfile.TemporaryDirectory(prefix="llmproxy-bench-") as tmp:
+            return _run_hostile(args, Path(tmp), proxy_core, other_core, CHAT)
+    if not shutil.which("wrk"):
+        raise SystemExit("bench: wrk is not installed (apt-get install wrk)")
     chunks = 20 if args.scenario == "sse" else 1
     path = "/v1/chat/completions"
     results: dict[str, Any] = {

@@ -1,7 +1,8 @@
 """The servers the bench starts besides the load.
 
-The upstream: nginx when installed (a canned completion, and with Debian's
-echo module SSE streams), else the package's fake upstream. llmproxy itself,
+The upstream: nginx when installed (a canned completion, also to bodies of
+any size, and with Debian's echo module SSE streams), else the package's
+fake upstream. llmproxy itself,
 a real ``twistd`` process, and its config. nginx as a plain streaming
 reverse proxy: the reference the stream scenarios compare the proxy's CPU
 with.
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from llmproxy.bench._process import _pin, _start, _stop, _wait_listening
 
@@ -142,6 +143,25 @@ def _start_nginx_proxy(nginx: str, work: Path, port: int, upstream_port: int,
     return proxy
 
 
+def _nginx_big_bodies(canned: str) -> tuple[str, str]:
+    """nginx's modules line and location for ``hostile-body``: the canned
+    completion for bodies of any size (nginx refuses bodies over 1 MiB by
+    default), answered once the whole body is read, as a model API reads a
+    prompt, when the echo module is there (``return`` answers at once and
+    discards the body as it comes).
+
+    The body is read into memory, of its own size: a temporary file would
+    be the worker's, which (nginx started as root) runs as ``nobody`` and
+    cannot write in the bench's private folder.
+    """
+    if not _ECHO_MODULE.exists():
+        return "", "client_max_body_size 0;\n            " + canned
+    lines = ["client_max_body_size 0;", "client_body_buffer_size 1024m;",
+             "default_type application/json;", "echo_read_request_body;",
+             f"echo -n '{_COMPLETION}';"]
+    return f"load_module {_ECHO_MODULE};", "\n            ".join(lines)
+
+
 def _nginx() -> str | None:
     found = shutil.which("nginx")
     return found or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
@@ -149,10 +169,11 @@ def _nginx() -> str | None:
 
 def _start_upstream(scenario: str, port: int, core: int | None, work: Path,
                     chunks: int = 20, delay: float = 0.0) -> subprocess.Popen:
-    """nginx when installed (a canned completion; with the echo module also
-    ``chunks`` SSE events ``delay`` s apart for streams), else the fake."""
+    """nginx when installed (a canned completion, for ``hostile-body`` after
+    bodies of any size; with the echo module also ``chunks`` SSE events
+    ``delay`` s apart for streams), else the fake."""
     nginx = _nginx()
-    streaming = scenario != "nonstream"
+    streaming = scenario not in ("nonstream", "hostile-body")
     if nginx and (not streaming or _ECHO_MODULE.exists()):
         conf = work / "nginx.conf"
         if streaming:
@@ -161,6 +182,8 @@ def _start_upstream(scenario: str, port: int, core: int | None, work: Path,
         else:
             modules = ""
             location = f"default_type application/json;\n            return 200 '{_COMPLETION}';"
+        if scenario == "hostile-body":
+            modules, location = _nginx_big_bodies(location)
         conf.write_text(_NGINX.format(work=work, port=port, modules=modules, location=location))
         return _start([*_pin(core), nginx, "-c", str(conf), "-p", str(work)],
                       str(work), work / "upstream.log")
@@ -170,10 +193,12 @@ def _start_upstream(scenario: str, port: int, core: int | None, work: Path,
     )
 
 
-def _start_proxy(work: Path, port: int, upstream_port: int, core: int | None) -> subprocess.Popen:
-    """llmproxy under twistd, logs and metrics on, listening on ``port``."""
+def _start_proxy(work: Path, port: int, upstream_port: int, core: int | None,
+                 extra: Sequence[str] = ()) -> subprocess.Popen:
+    """llmproxy under twistd, logs and metrics on, listening on ``port``;
+    ``extra`` are more lines of its config."""
     config = work / "proxy.yml"
-    _proxy_config(config, port, upstream_port, True)
+    _proxy_config(config, port, upstream_port, True, extra)
     proxy = _start(
         [*_pin(core), sys.executable, "-c",
          "from twisted.scripts.twistd import run; run()",
@@ -185,7 +210,8 @@ def _start_proxy(work: Path, port: int, upstream_port: int, core: int | None) ->
     return proxy
 
 
-def _proxy_config(path: Path, port: int, upstream: int, observability: bool) -> None:
+def _proxy_config(path: Path, port: int, upstream: int, observability: bool,
+                  extra: Sequence[str] = ()) -> None:
     lines = [
         f'listen: "tcp:{port}:interface=127.0.0.1"',
         f'target_map: {{"/v1/": "http://127.0.0.1:{upstream}"}}',
@@ -195,4 +221,4 @@ def _proxy_config(path: Path, port: int, upstream: int, observability: bool) -> 
     else:
         lines += ["admin_listen: null", "metrics: false",
                   "log: {file: null, access: false, level: warn}"]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join([*lines, *extra]) + "\n")

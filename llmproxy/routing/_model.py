@@ -97,18 +97,23 @@ def extract_model(body: bytes) -> str | None:
     start = _LEADING_WHITESPACE.match(body).end()
     if body[start:start + 1] != b"{":
         return None
-    if body.find(_KEY) < 0:
+    candidate = body.find(_KEY, start)
+    if candidate < 0:
         return None
-    if body.count(_KEY) > MAX_CANDIDATES:
-        return None
-    neutral = body.replace(*_ESCAPED_BACKSLASH).replace(*_ESCAPED_QUOTE)
+    if body.find(b"\\", start) >= 0:
+        neutral = body.replace(*_ESCAPED_BACKSLASH).replace(*_ESCAPED_QUOTE)
+        candidate = neutral.find(_KEY, start)
+    else:
+        neutral = body  # no escapes: every quote is a delimiter already
     found: str | None = None
     # Walk the candidates left to right, keeping a position known to be
     # outside any string and the bracket depth there: each byte is looked at
     # a bounded number of times.
-    pos, depth = start, 0
-    candidate = neutral.find(_KEY, pos)
+    pos, depth, looked = start, 0, 0
     while candidate >= 0:
+        looked += 1
+        if looked > MAX_CANDIDATES:
+            return None
         skeleton = _skeleton(neutral[pos:candidate])
         if skeleton.count(b'"') % 2:
             # Inside a string (only in a body that is not JSON): resume after
