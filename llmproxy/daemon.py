@@ -400,7 +400,7 @@ class Daemon(MultiService):
                 error=str(e),
             )
             return False
-        for key in ("listen", "admin_listen", "log", "demo_upstream"):
+        for key in ("listen", "admin_listen", "log", "demo_upstream", "workers"):
             if getattr(config, key) != getattr(self.config, key):
                 _log.warn("config reload: {key} changes only on restart", key=key)
         new_root.proxy.worker = self.root.proxy.worker

@@ -6,25 +6,28 @@ embedding app) never collide. Labels stay bounded: models that no route
 names count as ``other``, routes and upstreams come from the config, and
 client addresses are never labels.
 
+With ``workers: N`` above 1 the instruments use prometheus_client's
+multiprocess mode: each process writes its values to files in the
+directory named by :data:`MULTIPROC_DIR_ENV` (made per run by
+:mod:`llmproxy.workers`), and the first process's ``/metrics`` reads them
+all (:attr:`Metrics.multiprocess_dir`). prometheus_client chooses that mode
+once, when it is first imported (``prometheus_client.values.ValueClass``),
+so this module imports it lazily: only when the first :class:`Metrics` is
+built, after the daemon has set the variable.
+
 Importing this module has no side effects: no reactor is installed (the
-resource takes the reactor it runs on as an argument).
+resource takes the reactor it runs on as an argument), and prometheus_client
+is not imported.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-)
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.exposition import choose_encoder
-from prometheus_client.registry import Collector
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,15 +36,83 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from llmproxy.config import Config
 
-__all__ = ["Metrics", "MetricsResource"]
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import CounterMetricFamily
+
+__all__ = [
+    "MULTIPROC_DIR_ENV",
+    "Metrics",
+    "MetricsResource",
+    "forget_process",
+    "multiprocess_possible",
+]
+
+#: The environment variable that puts prometheus_client in multiprocess mode
+#: (read when it is first imported, and when each value is created).
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 
 _log = Logger()
 
 
-class _DNSCollector(Collector):
-    """Reports the caching resolver's hit and miss counters."""
+def multiprocess_possible() -> bool:
+    """Say whether prometheus_client can still run in multiprocess mode here.
+
+    Returns:
+        True when prometheus_client is not imported yet (setting
+        :data:`MULTIPROC_DIR_ENV` now is in time), or was imported in
+        multiprocess mode; False when it was imported without the variable
+        and keeps every value in this process's memory.
+    """
+    values = sys.modules.get("prometheus_client.values")
+    if values is None:
+        return True
+    return values.ValueClass is not values.MutexValue
+
+
+def forget_process(pid: int, path: str) -> None:
+    """Drop an ended process's live gauges from the shared metrics.
+
+    prometheus_client's ``mark_process_dead``: its ``livesum`` gauges (in
+    flight, connections) stop counting; its counters and histograms stay in
+    the sums.
+
+    Args:
+        pid: The process that ended.
+        path: The multiprocess directory.
+    """
+    from prometheus_client.multiprocess import mark_process_dead
+
+    mark_process_dead(pid, path)
+
+
+def _multiprocess_dir(config: Config) -> str | None:
+    """The multiprocess directory these instruments should use, if any.
+
+    Args:
+        config: ``workers`` above 1 asks for the shared files.
+
+    Returns:
+        The directory, when ``workers`` is above 1, :data:`MULTIPROC_DIR_ENV`
+        names a directory and prometheus_client runs in multiprocess mode;
+        else None (this process's values, served as they are).
+    """
+    if getattr(config, "workers", 1) <= 1:
+        return None
+    path = os.environ.get(MULTIPROC_DIR_ENV)
+    if not path or not os.path.isdir(path) or not multiprocess_possible():
+        return None
+    return path
+
+
+class _DNSCollector:
+    """Reports the caching resolver's hit and miss counters.
+
+    A prometheus_client collector (its ``Collector`` is a protocol: a
+    ``collect`` method is all it takes).
+    """
 
     def __init__(self, resolver: Any) -> None:
         self.resolver = resolver
@@ -51,6 +122,9 @@ class _DNSCollector(Collector):
         self._lock = threading.Lock()
 
     def collect(self) -> Iterator[CounterMetricFamily]:
+        """Yield the hit and miss counters (monotonic across reloads)."""
+        from prometheus_client.core import CounterMetricFamily
+
         with self._lock:
             resolver = self.resolver
             if resolver is not self._seen:
@@ -91,6 +165,13 @@ class Metrics:
         ejections: Upstreams taken out of rotation, by upstream.
         fallbacks: Requests sent to a fallback model, by that model.
         rate_limited: Requests refused by the rate limit.
+        store_errors: Limit store failures, by operation.
+        budget_tokens: Tokens counted against budgets, by key name.
+        budget_refused: Requests refused over budget, by key name.
+        budget_usage_missing: Budgeted answers without usage, by key name.
+        multiprocess_dir: With ``workers`` above 1, the directory where
+            every worker's values are shared (:attr:`registry` then reads
+            them all); None in a single process.
     """
 
     def __init__(self, config: Config, resolver: Any = None) -> None:
@@ -100,9 +181,15 @@ class Metrics:
             config: Names the models that get their own label value.
             resolver: The caching resolver whose hits and misses to report.
         """
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         self.registry = CollectorRegistry(auto_describe=True)
+        self.multiprocess_dir = _multiprocess_dir(config)
         self._models = frozenset(config.model_routes)
-        r = self.registry
+        # Shared between workers, each instrument writes its values to this
+        # process's files and is registered nowhere: the registry serves
+        # what MultiProcessCollector reads from every worker's files.
+        r = self.registry if self.multiprocess_dir is None else None
         self.requests = Counter(
             "llmproxy_requests",
             "Requests answered, by route, model, upstream and status class.",
@@ -123,8 +210,11 @@ class Metrics:
             buckets=_SECONDS,
             registry=r,
         )
+        # Gauges: summed over the workers still running ("livesum"; the
+        # mode is ignored in a single process).
         self.inflight = Gauge(
-            "llmproxy_inflight_requests", "Requests being proxied now.", registry=r
+            "llmproxy_inflight_requests", "Requests being proxied now.", registry=r,
+            multiprocess_mode="livesum",
         )
         self.upstream_errors = Counter(
             "llmproxy_upstream_errors",
@@ -160,15 +250,48 @@ class Metrics:
             "llmproxy_rate_limited", "Requests refused by the rate limit.", registry=r
         )
         self.client_connections = Gauge(
-            "llmproxy_client_connections", "Client connections open now.", registry=r
+            "llmproxy_client_connections", "Client connections open now.", registry=r,
+            multiprocess_mode="livesum",
         )
         self.connection_limit_reached = Counter(
             "llmproxy_max_connections_reached",
             "Times max_connections was reached and accepting paused.",
             registry=r,
         )
+        self.store_errors = Counter(
+            "llmproxy_limit_store_errors",
+            "Rate-limit store calls that failed or timed out, by what was asked "
+            "(check, add_usage).",
+            ["op"],
+            registry=r,
+        )
+        self.budget_tokens = Counter(
+            "llmproxy_budget_tokens",
+            "Tokens counted against client keys' budgets, by key name.",
+            ["key"],
+            registry=r,
+        )
+        self.budget_refused = Counter(
+            "llmproxy_budget_refused",
+            "Requests refused because their key's budget was spent, by key name.",
+            ["key"],
+            registry=r,
+        )
+        self.budget_usage_missing = Counter(
+            "llmproxy_budget_usage_missing",
+            "Answers to keys with a budget that reported no token usage, by key name.",
+            ["key"],
+            registry=r,
+        )
+        if self.multiprocess_dir is not None:
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            MultiProcessCollector(self.registry, path=self.multiprocess_dir)
+        # The DNS cache counters are read from this process's resolver at
+        # scrape time, which the multiprocess files cannot sum: with workers
+        # they are worker 1's (the only registry served is worker 1's).
         self._dns = _DNSCollector(resolver)
-        r.register(self._dns)
+        self.registry.register(self._dns)
         # Labelled children by label values (bounded: the labels are).
         self._children: dict[tuple[str, str, str, str], tuple[Any, ...]] = {}
         self._errors: dict[tuple[str, str], Any] = {}
@@ -304,6 +427,8 @@ class MetricsResource(Resource):
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             request.write(b"metrics unavailable\n")
             request.finish()
+
+        from prometheus_client.exposition import choose_encoder
 
         accept = request.getHeader(b"accept")
         encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else None)

@@ -18,18 +18,21 @@ from typing import Any
 import attrs
 import yaml
 from twisted.application.service import MultiService, Service
+from twisted.logger import Logger
 from twisted.python import usage
 
 from llmproxy import logs
-from llmproxy.config import Config, ConfigError, load_config, redact_url
+from llmproxy.config import ClientKey, Config, ConfigError, load_config, redact_url
 from llmproxy.daemon import AdoptedListener, Daemon, Listener, one_line_exit
 from llmproxy.logs import file_log_service
 from llmproxy.web import build_admin_resource, build_resource, build_site
-from llmproxy.workers import WORKER_FD, Workers, worker_log_file
+from llmproxy.workers import WORKER_FD, Workers, share_metrics, worker_log_file
 
 __all__ = ["Options", "makeService"]
 
 DEFAULT_CONFIG = "etc/config.yml"
+
+_log = Logger()
 
 
 class Options(usage.Options):
@@ -104,6 +107,10 @@ def dump_config(config: Config) -> str:
 
 def _plain(value: Any, key: str = "") -> Any:
     """Turn config objects into YAML-able data, hiding secrets."""
+    if isinstance(value, ClientKey):
+        if value.name is None and value.budget is None:
+            return "***"
+        return {"key": "***", "name": value.name, "budget": _plain(value.budget)}
     if attrs.has(type(value)):
         return {
             field.name: _plain(getattr(value, field.name), field.name)
@@ -113,14 +120,24 @@ def _plain(value: Any, key: str = "") -> Any:
     if isinstance(value, Mapping):
         return {k: _plain(v, k) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        if key == "keys":
-            return ["***" for _ in value]
-        return [_plain(v) for v in value]
+        return [_plain(v, "" if key == "keys" else key) for v in value]
     if key == "api_key" and value is not None:
         return "***"
-    if key == "proxy_url" and value is not None:
+    if key in ("proxy_url", "store") and value is not None:
         return redact_url(value).strip("'")
     return value
+
+
+def _warn_unshared_limits(config: Config, root: Any) -> None:
+    """With several workers and no shared store, limits are per process."""
+    limits = root.proxy.guard.limits
+    if limits is not None and not limits.shared:
+        _log.warn(
+            "workers: {workers} without rate_limit.store: each worker keeps its own "
+            "rate limits and budgets, so a client gets up to {workers} times its "
+            "limit; set rate_limit.store to share them (see README, Several instances)",
+            workers=config.workers,
+        )
 
 
 class _CloseService(Service):
@@ -175,17 +192,24 @@ def build_service(
             run no admin listener or demo upstream.
 
     Returns:
-        A MultiService with the log file (if configured), the demo upstream
-        (if configured), the public listener, the admin listener and the
-        pool closer.
+        A MultiService with the shared metrics directory (workers above 1),
+        the log file (if configured), the demo upstream (if configured), the
+        public listener, the admin listener and the pool closer.
     """
+    workers = getattr(config, "workers", 1)
+    # Before the instruments exist: they choose where their values live.
+    shared = share_metrics(config, reactor) if worker == 1 and path is not None else None
     try:
         root = build_resource(config, reactor)
     except ConfigError as e:
         raise one_line_exit(f"config error: {e}") from None
-    if getattr(config, "workers", 1) > 1:
+    if workers > 1:
         root.proxy.worker = worker
     top = Daemon(config, reactor, root, path)
+    if shared is not None:
+        # The first child: stopped last, once the workers have ended.
+        shared.setName("metrics-dir")
+        shared.setServiceParent(top)
     if config.log.file:
         logs = file_log_service(
             worker_log_file(config.log.file, worker),
@@ -215,11 +239,12 @@ def build_service(
         listener = AdoptedListener(reactor, WORKER_FD, site, listening)
     listener.setName("web")
     listener.setServiceParent(top)
-    workers = getattr(config, "workers", 1)
     if worker == 1 and workers > 1:
         if path is None:
             raise one_line_exit("workers > 1 needs the config file's path")
-        spawner = Workers(reactor, listener, workers, path)
+        _warn_unshared_limits(config, root)
+        spawner = Workers(reactor, listener, workers, path,
+                          shared.path if shared is not None else None)
         spawner.setName("workers")
         spawner.setServiceParent(top)
     if config.admin_listen is not None and worker == 1:

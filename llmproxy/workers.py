@@ -5,17 +5,23 @@ The first process (twistd) listens and starts workers 2..N with
 Each finds the listening socket on file descriptor :data:`WORKER_FD`, adopts
 it and runs the same daemon (:func:`worker_main`), writing its own log file
 (:func:`worker_log_file`). SIGHUP and SIGTERM received by the first process
-are passed on to them.
+are passed on to them. Their metrics are summed through a directory the
+first process makes for the run (:class:`MetricsDirectory`).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
+from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, globalLogBeginner
@@ -24,11 +30,19 @@ from twisted.python.failure import Failure
 from llmproxy import logs
 from llmproxy.config import ConfigError, load_config
 from llmproxy.daemon import one_line_exit
+from llmproxy.metrics import MULTIPROC_DIR_ENV, forget_process, multiprocess_possible
 
 if TYPE_CHECKING:
     from llmproxy.daemon import Listener
 
-__all__ = ["WORKER_FD", "Workers", "worker_log_file", "worker_main"]
+__all__ = [
+    "WORKER_FD",
+    "MetricsDirectory",
+    "Workers",
+    "share_metrics",
+    "worker_log_file",
+    "worker_main",
+]
 
 #: The file descriptor on which workers 2..N find the listening socket.
 WORKER_FD = 3
@@ -36,26 +50,114 @@ WORKER_FD = 3
 _log = Logger()
 
 
+class MetricsDirectory(Service):
+    """The run's directory where every worker writes its metrics.
+
+    Made empty when created, named in :data:`MULTIPROC_DIR_ENV` for this
+    process (before prometheus_client is imported: see
+    :mod:`llmproxy.metrics`) and, through the environment, for the workers
+    it spawns; removed when the daemon stops, or at exit if it never
+    started.
+
+    Attributes:
+        path: The directory.
+    """
+
+    def __init__(self, reactor: Any, environ: MutableMapping[str, str] | None = None) -> None:
+        """Make the directory and name it in the environment.
+
+        Args:
+            reactor: The reactor the daemon runs on.
+            environ: The environment to set (``os.environ``).
+        """
+        self._reactor = reactor
+        self._environ = os.environ if environ is None else environ
+        self._previous = self._environ.get(MULTIPROC_DIR_ENV)
+        # A new directory for each run: no file of an earlier run's process
+        # (whose pid may come back) is ever summed.
+        self.path = tempfile.mkdtemp(prefix="llmproxy-metrics-")
+        self._environ[MULTIPROC_DIR_ENV] = self.path
+        atexit.register(self.remove)
+
+    def remove(self) -> None:
+        """Remove the directory and restore the environment (idempotent)."""
+        atexit.unregister(self.remove)
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self._environ.get(MULTIPROC_DIR_ENV) == self.path:
+            if self._previous is None:
+                del self._environ[MULTIPROC_DIR_ENV]
+            else:
+                self._environ[MULTIPROC_DIR_ENV] = self._previous
+
+    def stopService(self) -> Deferred[None]:
+        """Remove the directory on the reactor's next turn.
+
+        Connections aborted at the end of ``shutdown_grace`` are lost (and
+        their requests counted) on that turn, not before.
+
+        Returns:
+            A Deferred that fires once the directory is gone.
+        """
+        super().stopService()
+        return deferLater(self._reactor, 0, self.remove)
+
+
+def share_metrics(config: Any, reactor: Any) -> MetricsDirectory | None:
+    """Make the run's metrics directory when workers will share /metrics.
+
+    Called by the first process before its instruments are built.
+
+    Args:
+        config: The validated configuration.
+        reactor: The reactor the daemon runs on.
+
+    Returns:
+        The directory's service with ``workers`` above 1 and metrics on;
+        None otherwise, or (with a warning) when prometheus_client was
+        imported before without it: then ``/metrics`` reports the first
+        worker alone.
+    """
+    if getattr(config, "workers", 1) <= 1 or not config.metrics:
+        return None
+    if not multiprocess_possible():
+        _log.warn(
+            "prometheus_client was imported before {variable} was set: "
+            "/metrics reports worker 1 only",
+            variable=MULTIPROC_DIR_ENV,
+        )
+        return None
+    return MetricsDirectory(reactor)
+
+
 class _WorkerProcess(ProcessProtocol):
     """One extra worker, as seen from the first."""
 
-    def __init__(self, number: int) -> None:
+    def __init__(self, number: int, metrics_dir: str | None = None) -> None:
         """Name the worker.
 
         Args:
             number: Its worker number (2..N).
+            metrics_dir: The shared metrics directory, if any.
         """
         self.number = number
+        self.metrics_dir = metrics_dir
+        self.pid: int | None = None
         self.ended: Deferred[None] = Deferred()
 
+    def connectionMade(self) -> None:
+        """Remember the process id (the transport forgets it at the end)."""
+        self.pid = self.transport.pid
+
     def processEnded(self, reason: Failure) -> None:
-        """Log the end and fire :attr:`ended`.
+        """Log the end, drop its live gauges, and fire :attr:`ended`.
 
         Args:
             reason: How the process ended.
         """
         _log.info("worker {worker} ended: {reason}", worker=self.number,
                   reason=reason.getErrorMessage())
+        if self.metrics_dir is not None and self.pid is not None:
+            forget_process(self.pid, self.metrics_dir)
         self.ended.callback(None)
 
 
@@ -69,7 +171,10 @@ class Workers(Service):
         workers: The processes started, in worker order.
     """
 
-    def __init__(self, reactor: Any, listener: Listener, count: int, path: str) -> None:
+    def __init__(
+        self, reactor: Any, listener: Listener, count: int, path: str,
+        metrics_dir: str | None = None,
+    ) -> None:
         """Remember what to start.
 
         Args:
@@ -77,25 +182,31 @@ class Workers(Service):
             listener: The first worker's listener (listening once started).
             count: The number of workers, this one included.
             path: The config file the workers load.
+            metrics_dir: The run's metrics directory (:class:`MetricsDirectory`),
+                named in the workers' environment; None: metrics not shared.
         """
         self._reactor = reactor
         self._listener = listener
         self._count = count
         self._path = path
+        self._metrics_dir = metrics_dir
         self.workers: list[_WorkerProcess] = []
 
     def startService(self) -> None:
         """Start workers 2..N, each with the listening socket as WORKER_FD."""
         super().startService()
         fd = self._listener.port.fileno()
+        env = os.environ.copy()
+        if self._metrics_dir is not None:
+            env[MULTIPROC_DIR_ENV] = self._metrics_dir
         for number in range(2, self._count + 1):
-            worker = _WorkerProcess(number)
+            worker = _WorkerProcess(number, self._metrics_dir)
             self._reactor.spawnProcess(
                 worker,
                 sys.executable,
                 [sys.executable, "-m", "llmproxy.workers", "--worker", str(number),
                  "--config", self._path],
-                env=os.environ.copy(),
+                env=env,
                 childFDs={0: 0, 1: 1, 2: 2, WORKER_FD: fd},
             )
             self.workers.append(worker)

@@ -23,7 +23,8 @@ GOOD = """\
 proxy_url: "http://user:s3cret-proxy@proxy.example:3128"
 target_map:
   /v1/: {urls: [https://api.openai.com/v1], api_key: sk-live-upstream}
-auth: {keys: [client-secret-key]}
+auth: {keys: [client-secret-key, {key: team-secret-key, name: team-a, budget: 1000/day}]}
+rate_limit: {rate: 5, store: "redis://:s3cret-redis@127.0.0.1:6399/0"}
 """
 
 
@@ -42,12 +43,16 @@ def test_check_prints_the_effective_config_redacted(tmp_path: Path) -> None:
     """--check: exit 0, every key with its default, no secret in sight."""
     result = check(tmp_path, GOOD)
     assert result.returncode == 0, result.stderr
-    for secret in ("s3cret-proxy", "sk-live-upstream", "client-secret-key"):
+    for secret in ("s3cret-proxy", "sk-live-upstream", "client-secret-key", "team-secret-key",
+                   "s3cret-redis"):
         assert secret not in result.stdout + result.stderr
     effective = yaml.safe_load(result.stdout)
     assert effective["proxy_url"] == "http://user:***@proxy.example:3128"
     assert effective["target_map"]["/v1/"]["api_key"] == "***"
-    assert effective["auth"]["keys"] == ["***"]
+    assert effective["auth"]["keys"] == [
+        "***", {"key": "***", "name": "team-a", "budget": {"tokens": 1000, "per": "day"}}
+    ]
+    assert effective["rate_limit"]["store"] == "redis://:***@127.0.0.1:6399/0"
     assert effective["shutdown_grace"] == 30.0
     assert effective["listen"] == "tcp:8000:backlog=1024"
     assert not (tmp_path / "logs").exists(), "--check must not start anything"

@@ -39,7 +39,10 @@ from llmproxy.config._model import DEFAULT_DIRECT_NETWORKS as DEFAULT_DIRECT_NET
 from llmproxy.config._model import LOG_LEVELS as LOG_LEVELS
 from llmproxy.config._model import STRATEGIES as STRATEGIES
 from llmproxy.config._model import VIA_CHOICES as VIA_CHOICES
+from llmproxy.config._model import BUDGET_PERIODS as BUDGET_PERIODS
 from llmproxy.config._model import AuthConfig as AuthConfig
+from llmproxy.config._model import BudgetConfig as BudgetConfig
+from llmproxy.config._model import ClientKey as ClientKey
 from llmproxy.config._model import LogConfig as LogConfig
 from llmproxy.config._model import TLSConfig as TLSConfig
 from llmproxy.config._sections import (

@@ -19,7 +19,10 @@ __all__ = [
     "LOG_LEVELS",
     "STRATEGIES",
     "VIA_CHOICES",
+    "BUDGET_PERIODS",
     "AuthConfig",
+    "BudgetConfig",
+    "ClientKey",
     "Config",
     "ConfigError",
     "LogConfig",
@@ -86,17 +89,61 @@ class RouteConfig:
 
 @attrs.frozen
 class RateLimitConfig:
-    """The seed's per-client token bucket.
+    """The seed's per-client token bucket, and where limits are kept.
 
     Attributes:
-        rate: Tokens added per second (may be fractional).
+        rate: Tokens added per second (may be fractional); None for no rate
+            limit (a section holding only the store, for budgets).
         burst: Bucket size.
         key: What a client is: its ``ip`` or, with auth on, its ``api_key``.
+        store: ``redis://[:password@]host:port/db`` shared by every worker
+            and instance, or None for limits kept in each process.
+        store_timeout: Seconds one check of the store may take.
+        on_store_error: ``allow`` (let the request through) or ``deny``
+            (503) when the store does not answer in time.
     """
 
-    rate: float
+    rate: float | None
     burst: int
     key: str = "ip"
+    store: str | None = attrs.field(default=None, repr=lambda url: redact_url(url))
+    store_timeout: float = 0.05
+    on_store_error: str = "allow"
+
+
+#: Budget windows (calendar, UTC).
+BUDGET_PERIODS = ("minute", "hour", "day", "month")
+
+
+@attrs.frozen
+class BudgetConfig:
+    """A client key's token budget.
+
+    Attributes:
+        tokens: Tokens (prompt + completion, as upstreams report them) per
+            window.
+        per: The calendar window in UTC: ``minute``, ``hour``, ``day`` or
+            ``month``.
+    """
+
+    tokens: int
+    per: str
+
+
+@attrs.frozen
+class ClientKey:
+    """One accepted client key.
+
+    Attributes:
+        key: The key, or ``sha256:`` and its digest (a secret; never shown).
+        name: A name for logs, metrics and ``/budgets`` (letters, digits,
+            ``.``, ``_``, ``-``), or None.
+        budget: The key's token budget, or None for no budget.
+    """
+
+    key: str = attrs.field(repr=lambda _: "***")
+    name: str | None = None
+    budget: BudgetConfig | None = None
 
 
 @attrs.frozen
@@ -201,11 +248,16 @@ class AuthConfig:
     """Client keys.
 
     Attributes:
-        keys: Accepted keys (secrets; never shown).
-        keys_file: A file of keys, one a line (``sha256:<hex>`` for a hash).
+        keys: Accepted keys, with their names and budgets (secrets; never
+            shown).
+        keys_file: A file of keys, one a line (``sha256:<hex>`` for a
+            hash), optionally followed by ``name=NAME`` and
+            ``budget=TOKENS/PER``.
     """
 
-    keys: tuple[str, ...] = attrs.field(default=(), repr=lambda keys: f"<{len(keys)} keys>")
+    keys: tuple[ClientKey, ...] = attrs.field(
+        default=(), repr=lambda keys: f"<{len(keys)} keys>"
+    )
     keys_file: str | None = None
 
 

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
+import re
 from typing import Any
 
 from llmproxy.config._model import (
     AUTH_HEADERS,
+    BUDGET_PERIODS,
     DEFAULT_ADMIN_LISTEN,
     LOG_LEVELS,
     STRATEGIES,
     VIA_CHOICES,
     AuthConfig,
+    BudgetConfig,
+    ClientKey,
     ConfigError,
     LogConfig,
     PoolConfig,
@@ -36,7 +40,6 @@ from llmproxy.config._values import (
     _number,
     _positive_int,
     _string,
-    _string_list,
     _url,
 )
 
@@ -142,17 +145,91 @@ def _routes(value: Any, path: str) -> Mapping[str, RouteConfig]:
 
 def _rate_limit(value: Any, path: str) -> RateLimitConfig:
     table = _Mapping(value, path)
-    table.check_keys(("rate", "burst", "key"))
+    table.check_keys(("rate", "burst", "key", "store", "store_timeout", "on_store_error"))
     rate = table.get("rate", _number)
     burst = table.get("burst", _positive_int)
     key = table.get("key", _string) or "ip"
     if key not in ("ip", "api_key"):
         raise ConfigError(_join(path, "key"), f"expected ip or api_key, got {key!r}")
-    if rate is None:
+    store = table.get("store", _redis_url)
+    if rate is None and store is None:
         raise ConfigError(_join(path, "rate"), "required: tokens per second")
     if burst is None:
-        burst = max(1, int(rate))
-    return RateLimitConfig(rate=rate, burst=burst, key=key)
+        burst = max(1, int(rate or 1))
+    on_error = table.get("on_store_error", _string) or "allow"
+    if on_error not in ("allow", "deny"):
+        raise ConfigError(
+            _join(path, "on_store_error"), f"expected allow or deny, got {on_error!r}"
+        )
+    return RateLimitConfig(
+        rate=rate, burst=burst, key=key, store=store,
+        store_timeout=table.get("store_timeout", _number) or 0.05,
+        on_store_error=on_error,
+    )
+
+
+def _redis_url(value: Any, path: str) -> str:
+    from llmproxy.limits._redis import parse_redis_url
+
+    url = _string(value, path).strip()
+    try:
+        parse_redis_url(url)
+    except ValueError as e:
+        raise ConfigError(path, str(e)) from None
+    return url
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
+
+def key_name(value: Any, path: str) -> str:
+    """A client key's name: 1-64 letters, digits, ``.``, ``_``, ``-``.
+
+    Names appear in logs, metric labels and store keys, so nothing else is
+    allowed (no spaces, quotes or control characters).
+    """
+    name = _string(value, path)
+    if not _NAME.match(name):
+        raise ConfigError(
+            path, "a key name is 1-64 letters, digits, '.', '_' or '-', starting "
+            f"with a letter or digit; got {name[:70]!r}"
+        )
+    return name
+
+
+def budget(value: Any, path: str) -> BudgetConfig:
+    """``{tokens: N, per: minute|hour|day|month}``, or the text ``N/per``."""
+    if isinstance(value, str):
+        tokens_text, slash, per = value.partition("/")
+        if not slash or not tokens_text.strip().isdigit():
+            raise ConfigError(path, f"expected TOKENS/PER such as 2000000/day, got {value!r}")
+        value = {"tokens": int(tokens_text), "per": per.strip()}
+    table = _Mapping(value, path)
+    table.check_keys(("tokens", "per"))
+    tokens = table.get("tokens", _positive_int)
+    if tokens is None:
+        raise ConfigError(_join(path, "tokens"), "required: tokens per window")
+    per = table.get("per", _string)
+    if per not in BUDGET_PERIODS:
+        raise ConfigError(
+            _join(path, "per"), f"expected one of {', '.join(BUDGET_PERIODS)}, got {per!r}"
+        )
+    return BudgetConfig(tokens=tokens, per=per)
+
+
+def _client_key(value: Any, path: str) -> ClientKey:
+    if isinstance(value, str):
+        return ClientKey(key=_string(value, path))
+    table = _Mapping(value, path)
+    table.check_keys(("key", "name", "budget"))
+    key = table.get("key", _string)
+    if key is None:
+        raise ConfigError(_join(path, "key"), "required: the key (use ${ENV})")
+    name = table.get("name", key_name)
+    limit = table.get("budget", budget)
+    if limit is not None and name is None:
+        raise ConfigError(_join(path, "name"), "a key with a budget needs a name")
+    return ClientKey(key=key, name=name, budget=limit)
 
 
 def _timeouts(value: Any, path: str) -> TimeoutsConfig:
@@ -231,7 +308,18 @@ def _log(value: Any, path: str) -> LogConfig:
 def _auth(value: Any, path: str) -> AuthConfig:
     table = _Mapping(value, path)
     table.check_keys(("keys", "keys_file"))
-    keys = tuple(table.get("keys", _string_list) or ())
+    listed = table.value.get("keys")
+    if listed is not None and not isinstance(listed, list):
+        raise ConfigError(_join(path, "keys"), f"expected a list, got {_describe(listed)}")
+    keys = tuple(
+        _client_key(item, f"{_join(path, 'keys')}[{i}]") for i, item in enumerate(listed or ())
+    )
+    seen: set[str] = set()
+    for i, k in enumerate(keys):
+        if k.name is not None:
+            if k.name in seen:
+                raise ConfigError(f"{_join(path, 'keys')}[{i}].name", f"{k.name!r} is used twice")
+            seen.add(k.name)
     keys_file = table.get("keys_file", _string)
     if keys_file is not None:
         try:

@@ -10,10 +10,29 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Iterable, Sequence
+from typing import Any
 
+import attrs
 from twisted.web.http_headers import Headers
 
-__all__ = ["KeyStore", "presented_key"]
+from llmproxy.config import BudgetConfig, ClientKey, ConfigError
+
+__all__ = ["KeyInfo", "KeyStore", "presented_key"]
+
+
+@attrs.frozen
+class KeyInfo:
+    """What the proxy knows of an accepted key, without the key.
+
+    Attributes:
+        id: ``key-`` and the first 8 hex digits of the key's SHA-256.
+        name: The configured name, or None.
+        budget: The key's token budget, or None.
+    """
+
+    id: str
+    name: str | None = None
+    budget: BudgetConfig | None = None
 
 _HASH_PREFIX = "sha256:"
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
@@ -55,22 +74,29 @@ class KeyStore:
     caller's decision (``len(store) == 0`` means no keys are configured).
     """
 
-    def __init__(self, digests: Iterable[bytes]) -> None:
+    def __init__(self, digests: Iterable[bytes | tuple[bytes, str | None, Any]]) -> None:
         """Store the digests.
 
         Args:
-            digests: SHA-256 digests (32 bytes each) of the accepted keys;
-                duplicates are dropped.
+            digests: SHA-256 digests (32 bytes each) of the accepted keys,
+                or ``(digest, name, budget)``; duplicates are dropped (the
+                first wins).
 
         Raises:
             ValueError: If a digest is not 32 bytes.
         """
-        entries: dict[bytes, str] = {}
-        for digest in digests:
+        entries: dict[bytes, KeyInfo] = {}
+        for item in digests:
+            digest, name, limit = item if isinstance(item, tuple) else (item, None, None)
             if len(digest) != hashlib.sha256().digest_size:
                 raise ValueError("a key digest must be 32 bytes (SHA-256)")
-            entries.setdefault(bytes(digest), "key-" + digest.hex()[:8])
+            info = KeyInfo("key-" + digest.hex()[:8], name, limit)
+            entries.setdefault(bytes(digest), info)
         self._entries = tuple(entries.items())
+
+    def named(self) -> list[KeyInfo]:
+        """The keys that have a name, in configuration order."""
+        return [info for _, info in self._entries if info.name is not None]
 
     def __len__(self) -> int:
         """Return how many distinct keys are accepted."""
@@ -81,7 +107,9 @@ class KeyStore:
         return f"<KeyStore with {len(self._entries)} key(s)>"
 
     @classmethod
-    def from_config(cls, keys: Sequence[str], keys_file: str | None) -> KeyStore:
+    def from_config(
+        cls, keys: Sequence[str | ClientKey], keys_file: str | None
+    ) -> KeyStore:
         """Build a store from configured keys and an optional keys file.
 
         Both take plain keys (hashed at load) or stored hashes written as
@@ -102,20 +130,32 @@ class KeyStore:
                 ``sha256:`` line (naming its line number). Messages never
                 contain a key.
         """
-        digests: list[bytes] = []
+        digests: list[tuple[bytes, str | None, Any]] = []
         for index, entry in enumerate(keys):
-            entry = entry.strip()
-            digest = _parse_entry(entry) if entry else None
+            if isinstance(entry, str):
+                entry = ClientKey(key=entry)
+            text = entry.key.strip()
+            digest = _parse_entry(text) if text else None
             if digest is None:
                 raise ValueError(
                     f"keys[{index}]: expected a key or 'sha256:' and 64 hex digits"
                 )
-            digests.append(digest)
+            digests.append((digest, entry.name, entry.budget))
         if keys_file is not None:
             digests.extend(_read_keys_file(keys_file))
+        names = [name for _, name, _ in digests if name is not None]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"key name {name!r} is used twice")
         return cls(digests)
 
     def check(self, presented: str | None) -> str | None:
+        """The id of the stored key ``presented`` is, if any (see
+        :meth:`lookup`)."""
+        info = self.lookup(presented)
+        return info.id if info is not None else None
+
+    def lookup(self, presented: str | None) -> KeyInfo | None:
         """Say which stored key, if any, ``presented`` is.
 
         The presented key is hashed and compared with every stored digest
@@ -126,22 +166,25 @@ class KeyStore:
             presented: The key the client sent, or None.
 
         Returns:
-            A stable non-secret id (``key-`` and the first 8 hex digits of the
-            key's SHA-256) for logs and rate limiting, or None when the key
-            is missing or unknown.
+            The key's info: a stable non-secret id (``key-`` and the first 8
+            hex digits of the key's SHA-256) for logs and rate limiting, its
+            name and budget; None when the key is missing or unknown.
         """
         if not presented:
             return None
         digest = _digest(presented)
-        found: str | None = None
-        for stored, key_id in self._entries:
+        found: KeyInfo | None = None
+        for stored, info in self._entries:
             if hmac.compare_digest(stored, digest):
-                found = key_id
+                found = info
         return found
 
 
-def _read_keys_file(path: str) -> list[bytes]:
-    """Read a keys file into digests.
+def _read_keys_file(path: str) -> list[tuple[bytes, str | None, Any]]:
+    """Read a keys file into digests with their names and budgets.
+
+    A line is a key (or ``sha256:`` and its digest), optionally followed by
+    ``name=NAME`` and ``budget=TOKENS/PER``, separated by spaces.
 
     Args:
         path: The file's path.
@@ -171,14 +214,38 @@ def _read_keys_file(path: str) -> list[bytes]:
             raise ValueError(f"keys file {path!r}, line {number}: not UTF-8")
         if not line or line.startswith("#"):
             continue
-        digest = _parse_entry(line)
+        key, *fields = line.split()
+        digest = _parse_entry(key)
         if digest is None:
             raise ValueError(
                 f"keys file {path!r}, line {number}: malformed entry, expected"
                 " 'sha256:' and 64 hex digits"
             )
-        digests.append(digest)
+        digests.append((digest, *_key_fields(fields, f"keys file {path!r}, line {number}")))
     return digests
+
+
+def _key_fields(fields: list[str], where: str) -> tuple[str | None, BudgetConfig | None]:
+    """``name=`` and ``budget=`` after a key on a keys file line."""
+    from llmproxy.config._sections import budget, key_name
+
+    values: dict[str, str] = {}
+    for field in fields:
+        name, equals, value = field.partition("=")
+        if not equals or name not in ("name", "budget") or name in values:
+            raise ValueError(
+                f"{where}: after the key, expected name=NAME and budget=TOKENS/PER, "
+                f"got {field[:40]!r}"
+            )
+        values[name] = value
+    try:
+        key = key_name(values["name"], "name") if "name" in values else None
+        limit = budget(values["budget"], "budget") if "budget" in values else None
+    except ConfigError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if limit is not None and key is None:
+        raise ValueError(f"{where}: a key with a budget needs a name")
+    return key, limit
 
 
 def presented_key(headers: Headers) -> str | None:

@@ -22,7 +22,8 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from llmproxy.egress._noproxy import NetworkSet
-from llmproxy.limits import KeyStore, RateLimiter
+from llmproxy.limits import KeyStore
+from llmproxy.limits._store import Limits
 from llmproxy.logs import ACCESS_NAMESPACE
 from llmproxy.metrics import Metrics
 from llmproxy.proxy._errors import _describe_failure
@@ -47,13 +48,13 @@ class Guard:
     Attributes:
         trusted: Peers whose X-Forwarded-For / X-Real-IP are believed.
         keys: Client keys, or None for an open proxy.
-        limiter: The per-client token buckets, or None.
+        limits: The rate limit and the keys' budgets, or None.
         limit_by_key: Buckets per client key instead of per IP.
     """
 
     trusted: NetworkSet = attrs.field(factory=lambda: NetworkSet(()))
     keys: KeyStore | None = None
-    limiter: RateLimiter | None = None
+    limits: Limits | None = None
     limit_by_key: bool = False
 
 
@@ -114,6 +115,9 @@ class _Exchange:
         self.path = b""
         self.query = b""
         self.body_sent = b""
+        # The client's key (with its budget) and the limits that count it.
+        self.key: Any = None
+        self.limits: Any = None
         # Response header names copied from the upstream (undone when its
         # body fails before a byte reached the client).
         self.copied_headers: list[bytes] = []
@@ -141,6 +145,12 @@ class _Exchange:
                 value = getattr(usage, name)
                 if value is not None:
                     record[name] = value
+            if self.key is not None and self.limits is not None and outcome != "error":
+                if usage.prompt_tokens is None and usage.completion_tokens is None:
+                    tokens = None
+                else:
+                    tokens = (usage.prompt_tokens or 0) + (usage.completion_tokens or 0)
+                self.limits.record_usage(self.key, tokens)
         if self.access_log:
             # What Logger.info would emit, built directly: once per request.
             event = dict(record)

@@ -17,6 +17,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from llmproxy.config import TimeoutsConfig
 from llmproxy.egress import Egress, RoutedResponse
 from llmproxy.limits import client_ip, presented_key, retry_after
+from llmproxy.limits._store import Verdict
 from llmproxy.metrics import Metrics
 from llmproxy.proxy._errors import classify_failure, reason_phrase, send_error
 from llmproxy.proxy._exchange import (
@@ -44,6 +45,8 @@ from llmproxy.routing import Router, UpstreamPool, extract_model
 
 # The package's namespace, as before the split into modules.
 log = Logger(namespace="llmproxy.proxy")
+
+_ALLOWED = Verdict("ok")
 
 # Forwarding headers llmproxy writes itself (a client's X-Forwarded-For is
 # extended, not copied).
@@ -141,7 +144,27 @@ class ProxyResource(Resource):
         client = client_ip(peer, request.requestHeaders, self.guard.trusted)
         exchange.record["client_ip"] = client
         exchange.record["bytes_in"] = len(body)
-        if not self._admit(request, exchange, client):
+        verdict = self._admit(request, exchange, client)
+        if verdict is None:
+            return
+        if isinstance(verdict, Deferred):
+            # A shared store answers later (within rate_limit.store_timeout).
+            request.notifyFinish().addErrback(exchange.on_client_gone)
+            verdict.addCallback(self._admitted, exchange, path, body, True)
+            verdict.addErrback(self._bug, exchange)
+            return
+        self._admitted(verdict, exchange, path, body)
+
+    def _admitted(
+        self, verdict: Verdict, exchange: _Exchange, path: bytes, body: bytes,
+        waited: bool = False,
+    ) -> None:
+        """Route and send a request the limits let through (or refuse it)."""
+        if exchange.client_gone:
+            return
+        request = exchange.request
+        if verdict.outcome != "ok":
+            self._refuse(verdict, exchange)
             return
         router = self.router
         model = extract_model(body) if router.uses_model else None
@@ -155,7 +178,7 @@ class ProxyResource(Resource):
                 f"no route for path {path.decode('utf-8', 'replace')!r}",
                 "invalid_request_error",
                 "route_not_found",
-                rid,
+                exchange.rid,
             )
             exchange.log_done("error")
             return
@@ -167,7 +190,8 @@ class ProxyResource(Resource):
         exchange.fallbacks = list(route.fallbacks)
         if route.rewrite_model is not None:
             self._switch_model(exchange, route.rewrite_model, body)
-        request.notifyFinish().addErrback(exchange.on_client_gone)
+        if not waited:
+            request.notifyFinish().addErrback(exchange.on_client_gone)
         self.inflight.add(exchange)
         exchange.on_done = self._done
         self._attempt(exchange)
@@ -254,13 +278,20 @@ class ProxyResource(Resource):
         self._attempt(exchange)
         return True
 
-    def _admit(self, request: Request, exchange: _Exchange, client: str | None) -> bool:
-        """Check the client's key and rate limit; answer 401/429 if refused."""
+    def _admit(
+        self, request: Request, exchange: _Exchange, client: str | None
+    ) -> Verdict | Deferred[Verdict] | None:
+        """Check the client's key (401 if refused), then ask the limits.
+
+        Returns:
+            None when refused already, else the limits' verdict (a Deferred
+            with a shared store).
+        """
         guard = self.guard
-        key_id = None
+        key = None
         if guard.keys is not None:
-            key_id = guard.keys.check(presented_key(request.requestHeaders))
-            if key_id is None:
+            key = guard.keys.lookup(presented_key(request.requestHeaders))
+            if key is None:
                 exchange.record["status"] = 401
                 send_error(
                     request, 401,
@@ -268,24 +299,43 @@ class ProxyResource(Resource):
                     "invalid_request_error", "invalid_api_key", exchange.rid,
                 )
                 exchange.log_done("error", "invalid_api_key")
-                return False
-            exchange.record["client_key"] = key_id
-        if guard.limiter is not None:
-            bucket = key_id if guard.limit_by_key and key_id else (client or "unknown")
-            wait = guard.limiter.take(bucket)
-            if wait > 0:
-                seconds = retry_after(wait)
-                exchange.record["status"] = 429
-                request.responseHeaders.setRawHeaders(b"retry-after", [b"%d" % seconds])
-                send_error(
-                    request, 429, f"rate limit exceeded: retry in {seconds} s",
-                    "rate_limit_error", "rate_limited", exchange.rid,
-                )
-                if self.metrics is not None:
-                    self.metrics.rate_limited.inc()
-                exchange.log_done("error", "rate_limited")
-                return False
-        return True
+                return None
+            exchange.record["client_key"] = key.id
+            if key.name is not None:
+                exchange.record["key_name"] = key.name
+        limits = guard.limits
+        if limits is None:
+            return _ALLOWED
+        if key is not None and key.budget is not None:
+            exchange.key, exchange.limits = key, limits
+        bucket = key.id if guard.limit_by_key and key is not None else (client or "unknown")
+        return limits.check(bucket, key)
+
+    def _refuse(self, verdict: Verdict, exchange: _Exchange) -> None:
+        """Answer 429 (rate limit, budget) or 503 (store down, deny)."""
+        request = exchange.request
+        seconds = retry_after(verdict.wait)
+        request.responseHeaders.setRawHeaders(b"retry-after", [b"%d" % seconds])
+        if verdict.outcome == "rate_limited":
+            status, message, type_, code = (
+                429, f"rate limit exceeded: retry in {seconds} s", "rate_limit_error",
+                "rate_limited",
+            )
+            if self.metrics is not None:
+                self.metrics.rate_limited.inc()
+        elif verdict.outcome == "over_budget":
+            status, message, type_, code = (
+                429, f"the token budget of key {exchange.key.name!r} is spent: it "
+                f"renews in {seconds} s", "insufficient_quota", "insufficient_quota",
+            )
+        else:
+            status, message, type_, code = (
+                503, "the rate limit store is not answering; try again shortly",
+                "server_error", "limit_store_unavailable",
+            )
+        exchange.record["status"] = status
+        send_error(request, status, message, type_, code, exchange.rid)
+        exchange.log_done("error", code)
 
     def _done(self, exchange: _Exchange) -> None:
         self.inflight.discard(exchange)
@@ -402,7 +452,7 @@ class ProxyResource(Resource):
         record["stream"] = bool(content_type) and content_type.lower().startswith(
             b"text/event-stream"
         )
-        if exchange.access_log or exchange.metrics is not None:
+        if exchange.access_log or exchange.metrics is not None or exchange.key is not None:
             exchange.usage = UsageReader(content_type, response.header(b"content-encoding"))
         request.setResponseCode(response.code, response.phrase or reason_phrase(response.code))
         out = request.responseHeaders

@@ -13,18 +13,20 @@ other path, routed by the part of the path below where it is mounted.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from llmproxy import __version__
 from llmproxy.config import Config, ConfigError
 from llmproxy.egress import Egress
 from llmproxy.egress._noproxy import NetworkSet
 from llmproxy.limits import KeyStore, RateLimiter
+from llmproxy.limits._store import Limits, MemoryStore, budget_window
 from llmproxy.metrics import Metrics, MetricsResource
 from llmproxy.proxy import Guard, ProxyResource
 from llmproxy.proxy._errors import reason_phrase
@@ -94,6 +96,14 @@ class RootResource(Resource):
             A Deferred that fires once the old proxy is retired.
         """
         old_proxy, old_close = self.proxy, self._close
+        old_limits, new_limits = old_proxy.guard.limits, other.proxy.guard.limits
+        if (
+            old_limits is not None and new_limits is not None
+            and isinstance(old_limits.store, MemoryStore)
+            and isinstance(new_limits.store, MemoryStore)
+        ):
+            # Budgets kept in this process survive the reload.
+            new_limits.store.carry_over(old_limits.store)
         self.proxy, self._close = other.proxy, other._close
         self.retired.append(old_proxy)
 
@@ -172,6 +182,66 @@ class _Health(Resource):
         return _json(request, _HEALTH)
 
 
+class _Budgets(Resource):
+    """``/budgets`` of the admin site: each named key's use and budget."""
+
+    isLeaf = True
+
+    def __init__(self, root: RootResource) -> None:
+        super().__init__()
+        self._root = root
+
+    def render_GET(self, request: Request) -> Any:
+        guard = self._root.proxy.guard
+        keys = guard.keys.named() if guard.keys is not None else []
+        limits = guard.limits
+        now = time.time()
+        rows: list[dict[str, Any]] = []
+        asked: list[Deferred[Any]] = []
+        for key in keys:
+            row: dict[str, Any] = {"name": key.name, "key": key.id, "budget": None}
+            rows.append(row)
+            if key.budget is None or limits is None:
+                continue
+            window, ends = budget_window(key.budget.per, now)
+            row.update(budget={"tokens": key.budget.tokens, "per": key.budget.per},
+                       window=window, resets_at=ends, used=None)
+            used = limits.store.budget_used(key.name, window)
+            if isinstance(used, Deferred):
+                asked.append(used.addCallbacks(
+                    lambda n, row=row: row.update(used=n),
+                    lambda failure, row=row: row.update(error=_store_error(failure)),
+                ))
+            else:
+                row["used"] = used
+        if not asked:
+            return _json(request, _budget_rows(rows))
+        gone: list[bool] = []
+        request.notifyFinish().addBoth(lambda _: gone.append(True))
+
+        def answer(_: Any) -> None:
+            if not gone:
+                request.write(_json(request, _budget_rows(rows)))
+                request.finish()
+
+        gatherResults(asked).addCallback(answer).addErrback(
+            lambda failure: log.failure("/budgets failed", failure)
+        )
+        return NOT_DONE_YET
+
+
+def _budget_rows(rows: list[dict[str, Any]]) -> bytes:
+    """The ``/budgets`` body, with what is left of each budget."""
+    for row in rows:
+        if row["budget"] is not None and row.get("used") is not None:
+            row["remaining"] = max(0, row["budget"]["tokens"] - row["used"])
+    return json.dumps({"keys": rows}).encode()
+
+
+def _store_error(failure: Any) -> str:
+    return "store unavailable: " + " ".join(str(failure.value).split())[:200]
+
+
 def build_admin_resource(root: RootResource) -> Resource:
     """The admin site's root: ``/metrics``, ``/healthz`` and ``/readyz``.
 
@@ -184,6 +254,7 @@ def build_admin_resource(root: RootResource) -> Resource:
     admin = Resource()
     if root.metrics is not None:
         admin.putChild(b"metrics", MetricsResource(root.metrics.registry, root.proxy.reactor))
+    admin.putChild(b"budgets", _Budgets(root))
     admin.putChild(b"healthz", _Health(root, ready=False))
     admin.putChild(b"readyz", _Health(root, ready=True))
     return admin
@@ -214,10 +285,10 @@ def build_resource(
     Returns:
         The root resource; mount it anywhere in a twisted.web tree.
     """
-    close = None
+    closing = []
     if egress is None:
         egress = Egress(config, reactor)
-        close = egress.close
+        closing.append(egress.close)
     resolver = egress.resolver
     if not config.metrics:
         metrics = None
@@ -225,20 +296,30 @@ def build_resource(
         metrics = Metrics(config, resolver=resolver)
     else:
         metrics.configure(config, resolver)
+    guard = build_guard(config, reactor, metrics)
+    if guard.limits is not None:
+        guard.limits.store.start()
+        closing.append(guard.limits.close)
     proxy = ProxyResource(
         Router.from_config(config, clock=reactor), egress, reactor, config.timeouts, metrics,
-        access_log=config.log.access, guard=build_guard(config, reactor),
+        access_log=config.log.access, guard=guard,
         max_retry_wait=config.max_retry_wait,
     )
-    return RootResource(proxy, close, metrics)
+
+    def close() -> Deferred[Any]:
+        return gatherResults([maybeDeferred(c) for c in closing]).addCallback(lambda _: None)
+
+    return RootResource(proxy, close if closing else None, metrics)
 
 
-def build_guard(config: Config, clock: Any) -> Guard:
-    """Client addresses, keys and rate limits for a config.
+def build_guard(config: Config, clock: Any, metrics: Metrics | None = None) -> Guard:
+    """Client addresses, keys, rate limits and budgets for a config.
 
     Args:
         config: The validated configuration.
-        clock: For the token buckets.
+        clock: For the token buckets (the reactor; a Redis store connects
+            with it).
+        metrics: Where limit store failures and budgets are counted.
 
     Returns:
         The guard.
@@ -252,15 +333,38 @@ def build_guard(config: Config, clock: Any) -> Guard:
             keys = KeyStore.from_config(config.auth.keys, config.auth.keys_file)
         except ValueError as e:
             raise ConfigError("auth.keys_file", str(e)) from None
-    limiter = None
-    if config.rate_limit is not None:
-        limiter = RateLimiter(config.rate_limit.rate, config.rate_limit.burst, clock)
+    rate_limit = config.rate_limit
+    budgets = keys is not None and any(k.budget is not None for k in keys.named())
+    limits = None
+    if rate_limit is not None or budgets:
+        rate = rate_limit.rate if rate_limit is not None else None
+        burst = rate_limit.burst if rate_limit is not None else 1
+        store: Any
+        if rate_limit is not None and rate_limit.store is not None:
+            from llmproxy.limits._redis import RedisStore
+
+            store = RedisStore(rate_limit.store, clock, rate_limit.store_timeout)
+        else:
+            limiter = RateLimiter(rate, burst, clock) if rate is not None else None
+            store = MemoryStore(_WallClock(), limiter)
+        limits = Limits(
+            store, clock, rate, burst,
+            on_store_error=rate_limit.on_store_error if rate_limit is not None else "allow",
+            metrics=metrics, wall_clock=_WallClock(),
+        )
     return Guard(
         trusted=NetworkSet(config.trusted_proxies),
         keys=keys,
-        limiter=limiter,
-        limit_by_key=config.rate_limit is not None and config.rate_limit.key == "api_key",
+        limits=limits,
+        limit_by_key=rate_limit is not None and rate_limit.key == "api_key",
     )
+
+
+class _WallClock:
+    """Unix time for budget windows (calendar days, months in UTC)."""
+
+    def seconds(self) -> float:
+        return time.time()
 
 
 from llmproxy.web._site import LLMProxySite, build_site  # noqa: E402 (needs build_resource)

@@ -1,0 +1,231 @@
+"""Token budgets per client key (in-process store) and their config.
+
+The shared (Redis) store is tested in test_shared_limits.py; here a single
+proxy keeps its budgets itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.web.server import Site
+
+from conftest import timeout
+from helpers import fetch, header
+from llmproxy.config import ConfigError, parse_config_text
+from llmproxy.limits._store import budget_window
+from llmproxy.web import build_admin_resource
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "one two three four"}]}
+# The fake upstream's usage for CHAT: 4 prompt words + its 6-word reply.
+TOKENS = 4 + 6
+
+
+def budget_config(base: str, tokens: int, extra: str = "") -> str:
+    """Two named keys: team-a with a budget, team-b without one."""
+    return (
+        f'target_map:\n  "/v1/": "{base}"\n'
+        "auth:\n  keys:\n"
+        f"    - {{key: key-a-secret, name: team-a, budget: {{tokens: {tokens}, per: day}}}}\n"
+        "    - {key: key-b-secret, name: team-b}\n" + extra
+    )
+
+
+def bearer(key: str) -> dict[str, str]:
+    """The Authorization header for ``key``."""
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def admin_get(reactor: Any, root: Any, client: Any, path: str) -> tuple[Any, bytes]:
+    """GET ``path`` from an admin site serving ``root``."""
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Site(build_admin_resource(root))
+    )
+    try:
+        return await fetch(client, reactor, f"http://127.0.0.1:{port.getHost().port}{path}",
+                           method=b"GET")
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_spent_budget_refuses_with_insufficient_quota(
+    reactor, upstreams, proxies, client, access
+) -> None:
+    """Streamed and whole answers count; the next request gets 429 with Retry-After."""
+    upstream, base = await upstreams.start()
+    proxy = await proxies.start(budget_config(base, tokens=2 * TOKENS))
+    url = proxy + "/v1/chat/completions"
+    response, _ = await fetch(client, reactor, url, CHAT, headers=bearer("key-a-secret"))
+    assert response.code == 200
+    streamed = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    response, body = await fetch(client, reactor, url, streamed, headers=bearer("key-a-secret"))
+    assert response.code == 200 and b"[DONE]" in body
+    await timeout(access.wait(2), reactor)
+    sent = len(upstream.requests)
+    response, body = await fetch(client, reactor, url, CHAT, headers=bearer("key-a-secret"))
+    assert response.code == 429
+    error = json.loads(body)["error"]
+    assert error["type"] == "insufficient_quota" and error["code"] == "insufficient_quota"
+    assert "key-a-secret" not in body.decode()
+    _, ends = budget_window("day", reactor.seconds())
+    retry = int(header(response, "retry-after"))
+    assert 0 < retry <= ends - reactor.seconds() + 1
+    assert len(upstream.requests) == sent, "refused before anything went upstream"
+    # Another key is unaffected.
+    response, _ = await fetch(client, reactor, url, CHAT, headers=bearer("key-b-secret"))
+    assert response.code == 200
+    await timeout(access.wait(4), reactor)
+    assert [r.get("key_name") for r in access] == ["team-a"] * 3 + ["team-b"]
+    assert all("key-a-secret" not in json.dumps(r, default=str) for r in access)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_without_usage_adds_nothing_and_is_counted(
+    reactor, upstreams, proxies, client, access
+) -> None:
+    """A stream without a usage event leaves the budget as it was."""
+    _, base = await upstreams.start()
+    proxy = await proxies.start(budget_config(base, tokens=TOKENS))
+    url = proxy + "/v1/chat/completions"
+    for _ in range(3):
+        response, _ = await fetch(client, reactor, url, {**CHAT, "stream": True},
+                                  headers=bearer("key-a-secret"))
+        assert response.code == 200
+    await timeout(access.wait(3), reactor)
+    root = proxies.roots[-1]
+    registry = root.metrics.registry
+    assert registry.get_sample_value(
+        "llmproxy_budget_usage_missing_total", {"key": "team-a"}) == 3
+    response, body = await admin_get(reactor, root, client, "/budgets")
+    rows = {row["name"]: row for row in json.loads(body)["keys"]}
+    assert rows["team-a"]["used"] == 0 and rows["team-a"]["remaining"] == TOKENS
+    assert rows["team-b"]["budget"] is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_budgets_lists_use_and_budget_per_named_key(
+    reactor, upstreams, proxies, client, access
+) -> None:
+    """GET /budgets on the admin site: use, budget, window, never a key."""
+    _, base = await upstreams.start()
+    proxy = await proxies.start(budget_config(base, tokens=1000))
+    response, _ = await fetch(client, reactor, proxy + "/v1/chat/completions", CHAT,
+                              headers=bearer("key-a-secret"))
+    assert response.code == 200
+    await timeout(access.wait(1), reactor)
+    response, body = await admin_get(reactor, proxies.roots[-1], client, "/budgets")
+    assert response.code == 200
+    assert header(response, "content-type") == "application/json"
+    rows = {row["name"]: row for row in json.loads(body)["keys"]}
+    assert rows["team-a"]["used"] == TOKENS
+    assert rows["team-a"]["remaining"] == 1000 - TOKENS
+    assert rows["team-a"]["budget"] == {"tokens": 1000, "per": "day"}
+    assert rows["team-a"]["window"].startswith("day:")
+    assert b"secret" not in body
+
+
+def test_keys_file_lines_carry_names_and_budgets(tmp_path: Path) -> None:
+    """``KEY name=N budget=T/per`` lines; mistakes name the line, never the key."""
+    from llmproxy.limits import KeyStore
+
+    path = tmp_path / "keys"
+    path.write_text("# team keys\nk-one name=team-a budget=500/hour\nk-two\nk-three name=ops\n")
+    store = KeyStore.from_config([], str(path))
+    one = store.lookup("k-one")
+    assert one.name == "team-a" and (one.budget.tokens, one.budget.per) == (500, "hour")
+    assert store.lookup("k-two").name is None
+    assert [k.name for k in store.named()] == ["team-a", "ops"]
+    for line, problem in [
+        ("k-secret name=bad/name", "a key name is"),
+        ("k-secret budget=500/week", "expected one of minute"),
+        ("k-secret budget=500/day", "needs a name"),
+        ("k-secret colour=blue", "expected name=NAME"),
+    ]:
+        path.write_text(line + "\n")
+        with pytest.raises(ValueError) as raised:
+            KeyStore.from_config([], str(path))
+        assert problem in str(raised.value) and "line 1" in str(raised.value)
+        assert "k-secret" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "keys, key, problem",
+    [
+        ('{key: k, name: "team a"}', "auth.keys[0].name", "a key name is"),
+        ('{key: k, name: "x\\u0000y"}', "auth.keys[0].name", "a key name is"),
+        ("{key: k, name: " + "n" * 65 + "}", "auth.keys[0].name", "a key name is"),
+        ("{key: k, budget: {tokens: 5, per: day}}", "auth.keys[0].name", "needs a name"),
+        ("{key: k, name: t, budget: {tokens: 0, per: day}}", "auth.keys[0].budget.tokens",
+         "at least 1"),
+        ("{key: k, name: t, budget: {tokens: 5, per: week}}", "auth.keys[0].budget.per",
+         "expected one of"),
+        ("{name: t}", "auth.keys[0].key", "required"),
+        ("{key: k, name: t, colour: red}", "auth.keys[0].colour", "unknown key"),
+    ],
+)
+def test_key_config_mistakes_name_the_key(keys: str, key: str, problem: str) -> None:
+    """Odd names and bad budgets are refused with one line naming the key."""
+    text = f'target_map: {{"/": "http://a"}}\nauth:\n  keys: [{keys}]\n'
+    with pytest.raises(ConfigError) as raised:
+        parse_config_text(text, environ={})
+    assert raised.value.key == key
+    assert problem in str(raised.value)
+
+
+def test_two_keys_may_not_share_a_name() -> None:
+    """Names identify budgets: each is used once."""
+    text = ('target_map: {"/": "http://a"}\nauth:\n  keys: [{key: a, name: t}, '
+            "{key: b, name: t}]\n")
+    with pytest.raises(ConfigError) as raised:
+        parse_config_text(text, environ={})
+    assert raised.value.key == "auth.keys[1].name"
+
+
+@pytest.mark.parametrize(
+    "per, now, window, ends",
+    [
+        ("minute", 1764750605.5, "minute:2025-12-03T08:30", 1764750660.0),
+        ("hour", 1764750605.5, "hour:2025-12-03T08", 1764752400.0),
+        ("day", 1764750605.5, "day:2025-12-03", 1764806400.0),
+        ("month", 1764750605.5, "month:2025-12", 1767225600.0),
+        ("month", 1767225599.0, "month:2025-12", 1767225600.0),
+        ("month", 1767225600.0, "month:2026-01", 1769904000.0),
+    ],
+)
+def test_budget_windows_are_calendar_windows_in_utc(
+    per: str, now: float, window: str, ends: float
+) -> None:
+    """Windows start on the minute, hour, day or month in UTC."""
+    assert budget_window(per, now) == (window, ends)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_applies_new_budgets_and_keeps_what_was_used(
+    reactor, upstreams, proxies, client, access
+) -> None:
+    """SIGHUP's new root: the changed budget applies, the use so far counts."""
+    from llmproxy.web import build_resource
+
+    _, base = await upstreams.start()
+    proxy = await proxies.start(budget_config(base, tokens=TOKENS))
+    url = proxy + "/v1/chat/completions"
+    response, _ = await fetch(client, reactor, url, CHAT, headers=bearer("key-a-secret"))
+    assert response.code == 200
+    await timeout(access.wait(1), reactor)
+    response, _ = await fetch(client, reactor, url, CHAT, headers=bearer("key-a-secret"))
+    assert response.code == 429
+    root = proxies.roots[-1]
+    bigger = parse_config_text(budget_config(base, tokens=3 * TOKENS), environ={})
+    await root.replace(build_resource(bigger, reactor, metrics=root.metrics))
+    codes = []
+    for i in range(3):
+        response, _ = await fetch(client, reactor, url, CHAT, headers=bearer("key-a-secret"))
+        codes.append(response.code)
+        await timeout(access.wait(3 + i), reactor)  # its usage is counted
+    assert codes == [200, 200, 429], "1 + 2 answers fit the new budget of 3"
