@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,7 +19,10 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.defer import Deferred
 
 from llmproxy import bench
-from llmproxy.bench import _cli, _hostile, _process, _report, _scenarios, _servers, _streamload
+from llmproxy.config import load_config
+from llmproxy.bench import (
+    _cli, _hostile, _limitstore, _process, _report, _scenarios, _servers, _streamload,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -291,8 +297,6 @@ def test_hostile_config_routes_the_model_and_takes_the_body(tmp_path) -> None:
     """The proxy's config for hostile-body passes the daemon's own config
     check, routes ``big-model`` by ``model_routes`` (so the proxy looks
     for ``model``) and takes a body of the largest size allowed."""
-    from llmproxy.config import load_config
-
     biggest = _hostile.MAX_BODY_MIB * 1024 * 1024
     path = tmp_path / "proxy.yml"
     _servers._proxy_config(path, 8080, 9090, True, _hostile._hostile_config(9090, biggest))
@@ -381,3 +385,116 @@ def test_hostile_report_gives_rss_latencies_stall_and_the_bodies() -> None:
     ]
     results["rss"]["peak_reset_after_warm_up"] = False
     assert "peak 130.5 MB since start (VmHWM could not be reset)" in _report._report(results)
+
+
+def test_limit_store_defaults_to_none_and_applies_to_wrk_scenarios(capsys) -> None:
+    """--limit-store is none unless asked; nonstream and sse take each
+    choice; another scenario, or an unknown store, is a usage error."""
+    assert _cli._parse_args([]).limit_store == "none"
+    assert _cli._parse_args(["--scenario", "streams"]).limit_store == "none"
+    for scenario, store in itertools.product(("nonstream", "sse"), _limitstore.LIMIT_STORES):
+        assert _cli._parse_args(["--scenario", scenario, "--limit-store", store]).limit_store \
+            == store
+    for argv, message in [
+        (["--limit-store", "disk"], "invalid choice: 'disk'"),
+        (["--scenario", "streams", "--limit-store", "redis"],
+         "redis applies to the nonstream and sse scenarios only, not streams"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            bench.main(argv)
+        assert exit_.value.code == 2
+        assert "--limit-store" in (err := capsys.readouterr().err) and message in err
+
+
+@pytest.mark.parametrize("observability", [True, False])
+@pytest.mark.parametrize("store", _limitstore.LIMIT_STORES)
+def test_limit_store_config_passes_the_daemons_check(tmp_path, store: str,
+                                                     observability: bool) -> None:
+    """Each store's config lines load as the daemon loads them: no limit,
+    or one that never refuses, in the process or in the local Redis (which
+    needs its port; an unknown store is a bug)."""
+    path = tmp_path / "proxy.yml"
+    _servers._proxy_config(path, 8080, 9090, observability,
+                           _limitstore.limit_config(store, 6390))
+    limit = load_config(str(path)).rate_limit
+    if store == "none":
+        assert limit is None
+        return
+    assert (limit.rate, limit.burst, limit.key) == (1_000_000, 1_000_000, "ip")
+    assert limit.store == ("redis://127.0.0.1:6390/0" if store == "redis" else None)
+    assert (limit.store_timeout, limit.on_store_error) == (0.05, "allow")
+    with pytest.raises(ValueError, match="no config for limit store"):
+        _limitstore.limit_config(store + "-not", 6390)
+    with pytest.raises(ValueError, match="no config for limit store 'redis'"):
+        _limitstore.limit_config("redis")
+
+
+def test_redis_replies_and_info_are_read() -> None:
+    """RESP: the command is an array of bulk strings; simple, integer and
+    bulk replies are read, an error or a cut reply raises OSError; INFO's
+    script calls (EVAL and EVALSHA) and commands processed are counted."""
+    assert _limitstore._encode(("INFO", "all")) == b"*2\r\n$4\r\nINFO\r\n$3\r\nall\r\n"
+    for reply, value in [(b"+PONG\r\n", b"PONG"), (b":7\r\n", b"7"),
+                         (b"$5\r\na\r\nbc\r\n", b"a\r\nbc"), (b"$-1\r\n", b"")]:
+        assert _limitstore._read_reply(io.BytesIO(reply)) == value
+    for reply in (b"-ERR no\r\n", b"$5\r\nab", b"", b"*1\r\n"):
+        with pytest.raises(OSError):
+            _limitstore._read_reply(io.BytesIO(reply))
+    info = _limitstore._parse_info(
+        "# Stats\r\ntotal_commands_processed:4497\r\n\r\n# Commandstats\r\n"
+        "cmdstat_evalsha:calls=1122,usec=9,usec_per_call=0.1,rejected_calls=0\r\n"
+        "cmdstat_eval:calls=2,usec=1,usec_per_call=0.5\r\n"
+        "cmdstat_time:calls=1124,usec=3,usec_per_call=0.01\r\n")
+    assert info["total_commands_processed"] == "4497"
+    assert _limitstore._script_calls(info) == 1124
+    assert _limitstore._script_calls({}) == 0
+
+
+def test_redis_that_never_answers_or_exits_fails_the_bench(tmp_path) -> None:
+    """Waiting for Redis takes a bounded number of connects; a Redis that
+    exited ends the bench with its log."""
+    log = tmp_path / "redis.log"
+    log.write_text("Fatal: bad option\n")
+    port = int(_refused_url().split(":")[2].split("/")[0])
+    running = SimpleNamespace(poll=lambda: None)
+    with pytest.raises(SystemExit, match="did not answer on port .* after 3 tries"):
+        _limitstore._wait_redis(port, running, log, tries=3, step=0)
+    exited = SimpleNamespace(poll=lambda: 1, returncode=1)
+    with pytest.raises(SystemExit, match="(?s)exited early.*Fatal: bad option"):
+        _limitstore._wait_redis(port, exited, log, tries=3, step=0)
+
+
+def test_redis_must_see_about_every_request() -> None:
+    """A run Redis saw nothing of, or under 90 % of, fails; wrk's last
+    requests in flight may make Redis see a few more."""
+    for seen in (1016, 900):
+        _limitstore.check_seen(1000, seen)
+    with pytest.raises(SystemExit, match="Redis saw none of the 1,000 requests"):
+        _limitstore.check_seen(1000, 0)
+    with pytest.raises(SystemExit, match="only 899 of the 1,000 requests"):
+        _limitstore.check_seen(1000, 899)
+
+
+def test_wrk_report_names_the_limit_store_and_what_redis_saw() -> None:
+    """The first line names the store (none for results from before the
+    option); with Redis a last line gives the scripts it ran."""
+    run = {"requests_per_s": 1000.0, "p50_ms": 1.0, "p90_ms": 2.0, "p99_ms": 3.0, "errors": 0}
+    results = {"scenario": "nonstream", "connections": 16, "seconds": 5.0, "pinned": True,
+               "upstream": "nginx", "python": _process._interpreter(),
+               "observability_cost_percent": 10.0,
+               "runs": {"direct": dict(run, requests_per_s=40000.0),
+                        "proxy (logs+metrics on)": run, "proxy (logs+metrics off)": run}}
+    assert _report._report(results).startswith(
+        "scenario nonstream, limit store: none (no rate limit), 16 connections, 5 s each")
+    results["limit_store"] = "memory"
+    assert "limit store: memory (a rate limit in the process)," in _report._report(results)
+    runs = [{"requests": n, "redis_scripts": n + 16, "redis_commands": 4 * n + 64}
+            for n in (5000, 4000)]
+    results.update(limit_store="redis", redis=_limitstore.seen_summary(
+        {"port": 6390, "version": "7.0.15"}, runs))
+    lines = _report._report(results).splitlines()
+    assert ("limit store: redis (a shared rate limit, redis 7.0.15 on 127.0.0.1:6390), "
+            "16 connections") in lines[0]
+    assert lines[-1] == ("redis ran the rate-limit script 9,032 times for 9,000 requests "
+                         "through the proxy (1.004 a request; 36,128 commands in all, those "
+                         "in the scripts included)")

@@ -11,6 +11,18 @@ on, and for wrk's scenarios also off). For ``streams`` and
 proxy when nginx is installed: the CPU a C proxy needs on this machine at
 this moment.
 
+``--limit-store`` (``nonstream`` and ``sse``) gives the proxy a rate limit
+that never refuses (10**6 requests a second, as many of burst), to show
+what the check costs a request: ``none`` (the default) sets no limit,
+``memory`` keeps it in the proxy's process, ``redis`` in a shared store, a
+``redis-server`` (Debian package ``redis-server``) the bench starts on a
+free loopback port and stops at the end. With ``redis`` each proxy run
+starts once the proxy's store connection is up, and the bench fails unless
+Redis ran the rate-limit script for at least 90 % of the requests wrk
+counted (the proxy lets requests through while its store is down); the
+report gives the scripts and commands Redis ran. The report's first line
+and the JSON (``limit_store``, ``redis``) name the store.
+
 ``hostile-body`` measures what a huge body of tiny JSON objects costs the
 daemon, whose routing reads the body's top-level ``model`` (the config
 routes ``big-model`` by ``model_routes``). While one keep-alive connection
@@ -38,6 +50,7 @@ child processes and is never imported by the proxy.
 #   _cli        the command line (main)
 #   _scenarios  the scenarios and their load drivers (run, wrk, the stream runs)
 #   _hostile    the hostile-body scenario: its bodies, its two clients, its phases
+#   _limitstore --limit-store: the proxy's rate-limit config, a local redis-server
 #   _servers    the upstream, llmproxy under twistd, nginx as the reference proxy
 #   _process    child processes, ports, CPU and memory from /proc, the interpreter
 #   _report     stream summaries, medians of repeated runs, the text report

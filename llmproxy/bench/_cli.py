@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from llmproxy.bench._hostile import MAX_BODIES, MAX_BODY_MIB
+from llmproxy.bench._limitstore import LIMIT_STORES
 from llmproxy.bench._process import _raise_open_file_limit
 from llmproxy.bench._report import _report
 from llmproxy.bench._scenarios import OPEN_STREAMS, run
@@ -38,8 +39,12 @@ def _whole_number(highest: int) -> Callable[[str], int]:
 _chunks = _whole_number(MAX_CHUNKS)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command line entry point."""
+#: The scenarios ``--limit-store`` applies to (wrk's, through the proxy).
+_LIMITED_SCENARIOS = ("nonstream", "sse")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line's options, checked; a usage error (exit 2) if wrong."""
     from llmproxy import bench  # its docstring is the --help text
 
     parser = argparse.ArgumentParser(prog="python -m llmproxy.bench", description=bench.__doc__)
@@ -67,8 +72,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bodies", type=_whole_number(MAX_BODIES), default=3,
                         help=f"hostile-body: bodies sent one after another, 1 to "
                              f"{MAX_BODIES} (default 3)")
+    parser.add_argument("--limit-store", choices=LIMIT_STORES, default="none",
+                        help="nonstream and sse: the proxy's rate limit (one that never "
+                             "refuses): none (default), memory (in the process) or redis "
+                             "(a local redis-server the bench starts)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
+    if args.limit_store != "none" and args.scenario not in _LIMITED_SCENARIOS:
+        parser.error(f"argument --limit-store: {args.limit_store} applies to the "
+                     f"{' and '.join(_LIMITED_SCENARIOS)} scenarios only, not {args.scenario}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line entry point."""
+    args = _parse_args(argv)
     _raise_open_file_limit()
     results = run(args)
     print(_report(results))

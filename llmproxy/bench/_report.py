@@ -128,6 +128,18 @@ def _hostile_report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _limit_store(results: dict[str, Any]) -> str:
+    """The rate-limit store a wrk scenario's proxy used, for its first line."""
+    store = results.get("limit_store", "none")
+    if store == "none":
+        return "none (no rate limit)"
+    if store == "memory":
+        return "memory (a rate limit in the process)"
+    redis = results.get("redis")
+    where = f", redis {redis['version']} on 127.0.0.1:{redis['port']}" if redis else ""
+    return f"{store} (a shared rate limit{where})"
+
+
 def _report(results: dict[str, Any]) -> str:
     if results["scenario"] == "hostile-body":
         return _hostile_report(results)
@@ -150,7 +162,8 @@ def _report(results: dict[str, Any]) -> str:
                          f"nginx {theirs} % ({ours / theirs:.1f} times nginx's)")
         return "\n".join(lines)
     lines = [
-        f"scenario {results['scenario']}, {results['connections']} connections, "
+        f"scenario {results['scenario']}, limit store: {_limit_store(results)}, "
+        f"{results['connections']} connections, "
         f"{results['seconds']:g} s each, proxy pinned to one core: {results['pinned']}, "
         f"upstream: {results['upstream']}, {_describe(results['python'])}",
         f"{'run':<28}{'req/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
@@ -166,6 +179,14 @@ def _report(results: dict[str, Any]) -> str:
     lines.append(
         f"logging+metrics cost: {results['observability_cost_percent']}% of throughput"
     )
+    if "redis" in results:
+        redis = results["redis"]
+        lines.append(
+            f"redis ran the rate-limit script {redis['scripts']:,} times for "
+            f"{redis['proxied_requests']:,} requests through the proxy "
+            f"({redis['scripts_per_request']} a request; {redis['commands']:,} commands "
+            "in all, those in the scripts included)"
+        )
     direct = results["runs"]["direct"]["requests_per_s"]
     proxy = results["runs"]["proxy (logs+metrics on)"]["requests_per_s"]
     if proxy and direct < 3 * proxy:

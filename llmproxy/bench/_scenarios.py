@@ -4,12 +4,15 @@
 ``idle`` run the stream load generator, :mod:`llmproxy.bench._streamload`,
 in its own process; ``hostile-body`` lives in :mod:`llmproxy.bench._hostile`.
 :func:`run` runs the chosen scenario straight to the upstream and through
-the proxy (``hostile-body``: through the proxy only) and returns the results.
+the proxy (``hostile-body``: through the proxy only) and returns the results;
+``nonstream`` and ``sse`` with the ``--limit-store`` rate limit of
+:mod:`llmproxy.bench._limitstore`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -22,6 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from llmproxy.bench._hostile import _run_hostile
+from llmproxy.bench._limitstore import (
+    _redis_counts,
+    await_store,
+    check_seen,
+    limit_config,
+    local_redis,
+    redis_server,
+    seen_summary,
+)
 from llmproxy.bench._process import (
     _child_env,
     _free_port,
@@ -73,10 +85,12 @@ def _wrk(url: str, connections: int, seconds: float, chunks: int, core: int | No
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
     latency = dict(re.findall(r"^\s+(50|90|99)%\s+(\S+)", out, re.M))
+    requests = re.search(r"(\d+) requests in", out)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: (.*)", out)
     return {
         "requests_per_s": float(rate[1]) if rate else 0.0,
+        "requests": int(requests[1]) if requests else 0,
         "p50_ms": _parse_latency(latency.get("50", "")),
         "p90_ms": _parse_latency(latency.get("90", "")),
         "p99_ms": _parse_latency(latency.get("99", "")),
@@ -241,6 +255,56 @@ def _proxied_streams(proxy: subprocess.Popen, port: int, path: str, load: list[s
     return summary
 
 
+def _wrk_proxy_runs(args: argparse.Namespace, results: dict[str, Any], work: Path,
+                    upstream_port: int, chunks: int, proxy_core: int | None,
+                    other_core: int | None, redis: dict[str, Any] | None) -> None:
+    """wrk through the proxy, logs and metrics on and off alternately,
+    ``--repeat`` times each, with the ``--limit-store`` rate limit.
+
+    With ``redis`` (the local Redis's port and version), each run starts
+    once the proxy's store connection is up, records the scripts and
+    commands Redis ran during it, and fails unless Redis ran a script for
+    about every request; ``results["redis"]`` sums them up.
+    """
+    path = "/v1/chat/completions"
+    extra = limit_config(args.limit_store, redis["port"] if redis else None)
+    variants = [("proxy (logs+metrics on)", True), ("proxy (logs+metrics off)", False)]
+    proxied: list[dict[str, Any]] = []
+    for name, observability in variants * args.repeat:
+        port = _free_port()
+        config, log = work / f"{observability}.yml", work / "proxy.log"
+        _proxy_config(config, port, upstream_port, observability, extra)
+        proxy = _start(
+            [*_pin(proxy_core), sys.executable, "-c",
+             "from twisted.scripts.twistd import run; run()",
+             "-n", "--pidfile=", "llmproxy", "--config", str(config)],
+            str(work), log,
+        )
+        try:
+            _wait_listening(port, proxy, log)
+            scripts = commands = 0
+            if redis:
+                scripts = await_store(redis["port"], port, path, CHAT, log)
+                commands = _redis_counts(redis["port"])[1]
+            cpu_before = cpu_seconds(proxy.pid)
+            run_result = _wrk(f"http://127.0.0.1:{port}{path}", args.connections,
+                              args.duration, chunks, other_core, work)
+            cpu = cpu_seconds(proxy.pid) - cpu_before
+            run_result["proxy_cpu_percent"] = round(100 * cpu / args.duration, 1)
+            run_result["proxy_peak_rss_mb"] = round(_peak_rss_mb(proxy.pid), 1)
+            if redis:
+                now_scripts, now_commands = _redis_counts(redis["port"])
+                run_result["redis_scripts"] = now_scripts - scripts
+                run_result["redis_commands"] = now_commands - commands
+                check_seen(run_result["requests"], run_result["redis_scripts"])
+            results["runs"].setdefault(name, []).append(run_result)
+            proxied.append(run_result)
+        finally:
+            _stop(proxy)
+    if redis:
+        results["redis"] = seen_summary(redis, proxied)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark and return its results."""
     cores = os.cpu_count() or 1
@@ -264,6 +328,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="llmproxy-bench-") as tmp:
             _run_streams(args, results, Path(tmp), proxy_core, other_core)
         return results
+    if args.limit_store == "redis" and redis_server() is None:
+        raise SystemExit("bench: redis-server is not installed (apt-get install redis-server)")
+    results["limit_store"] = args.limit_store
     with tempfile.TemporaryDirectory(prefix="llmproxy-bench-") as tmp:
         work = Path(tmp)
         upstream_port = _free_port()
@@ -275,28 +342,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"http://127.0.0.1:{upstream_port}{path}", args.connections,
                 args.duration, chunks, other_core, work,
             )
-            variants = [("proxy (logs+metrics on)", True), ("proxy (logs+metrics off)", False)]
-            for name, observability in variants * args.repeat:
-                port = _free_port()
-                config = work / f"{observability}.yml"
-                _proxy_config(config, port, upstream_port, observability)
-                proxy = _start(
-                    [*_pin(proxy_core), sys.executable, "-c",
-                     "from twisted.scripts.twistd import run; run()",
-                     "-n", "--pidfile=", "llmproxy", "--config", str(config)],
-                    tmp, work / "proxy.log",
-                )
-                try:
-                    _wait_listening(port, proxy, work / "proxy.log")
-                    cpu_before = cpu_seconds(proxy.pid)
-                    run_result = _wrk(f"http://127.0.0.1:{port}{path}", args.connections,
-                                      args.duration, chunks, other_core, work)
-                    cpu = cpu_seconds(proxy.pid) - cpu_before
-                    run_result["proxy_cpu_percent"] = round(100 * cpu / args.duration, 1)
-                    run_result["proxy_peak_rss_mb"] = round(_peak_rss_mb(proxy.pid), 1)
-                    results["runs"].setdefault(name, []).append(run_result)
-                finally:
-                    _stop(proxy)
+            # Redis runs beside the load and is stopped at the end, also on errors.
+            store = (local_redis(work, other_core) if args.limit_store == "redis"
+                     else contextlib.nullcontext())
+            with store as redis:
+                _wrk_proxy_runs(args, results, work, upstream_port, chunks, proxy_core,
+                                other_core, redis)
         finally:
             _stop(upstream)
     # Runs alternate on/off; each variant reports its median run by req/s.
