@@ -33,7 +33,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import attrs
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
 from twisted.logger import Logger
@@ -410,14 +410,18 @@ class Egress:
             failure.trap(RequestNotSent)
             log.debug("request to {address} not sent on a pooled connection; "
                       "sending it on another", address=address)
-            return maybeDeferred(agent.request, method, uri, headers, producer)
+            return maybeDeferred(agent.request, method, uri, headers, producer).addCallback(
+                RoutedResponse, route, address
+            )
 
         # An endpoint that cannot be made (a TLS name the IDNA rules refuse,
         # say) raises inside Agent.request: it becomes this Deferred's
         # failure, never an exception the caller would not expect.
-        d = maybeDeferred(agent.request, method, uri, headers, producer)
-        d.addErrback(unsent)
-        return d.addCallback(RoutedResponse, route, address)
+        try:
+            d = agent.request(method, uri, headers, producer)
+        except Exception:
+            return fail()
+        return d.addCallbacks(RoutedResponse, unsent, callbackArgs=(route, address))
 
     def close(self) -> Deferred[None]:
         """Close every pool's idle connections (bounded in time).

@@ -161,8 +161,20 @@ class UpstreamPool:
         Returns:
             A URL from :attr:`urls`, or None when all of them are excluded.
         """
-        now = self.clock.seconds()
         urls, health = self.urls, self._health
+        if len(urls) == 1:
+            # One upstream: the strategy has nothing to choose.
+            url = urls[0]
+            if url in exclude:
+                return None
+            h = health[url]
+            if h.ejected_until is not None:
+                now = self.clock.seconds()
+                if now >= h.ejected_until and (not h.trial or now >= h.trial_until):
+                    h.trial = True
+                    h.trial_until = now + h.cooldown
+            return url
+        now = self.clock.seconds()
         eligible = []
         last_resort: _Health | None = None
         last_url = None

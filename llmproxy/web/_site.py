@@ -133,7 +133,6 @@ class _GuardedChannel(HTTPChannel):
 
     site: LLMProxySite
     _deadline: Any = None
-    _in_request_line = True
     _head_bytes = 0
     _refused = False
 
@@ -153,17 +152,17 @@ class _GuardedChannel(HTTPChannel):
     def lineReceived(self, line: bytes) -> None:
         # Count the head as twisted.web does, and answer 431 before its
         # own limit would close the connection with a bare 400.
-        self._head_bytes += len(line)
-        if self._head_bytes > self.totalHeadersSize:
+        size = self._head_bytes = self._head_bytes + len(line)
+        if size > self.totalHeadersSize:
             self._refuse(431, "request headers larger than "
                          f"{self.totalHeadersSize} bytes", "headers_too_large")
             return
-        if line:
-            self._in_request_line = False
         super().lineReceived(line)
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        if self._in_request_line:
+        # twisted.web makes a request's Request at its request line: none
+        # yet means the request line is the one too long.
+        if not self.requests:
             self._refuse(414, f"request line longer than {self.MAX_LENGTH} bytes",
                          "uri_too_long")
         else:
@@ -184,7 +183,6 @@ class _GuardedChannel(HTTPChannel):
             if self._deadline.active():
                 self._deadline.cancel()
             self._deadline = None
-        self._in_request_line = True
         self._head_bytes = 0
 
     def _too_slow(self) -> None:
