@@ -484,8 +484,8 @@ def test_wrk_report_names_the_limit_store_and_what_redis_saw() -> None:
                "observability_cost_percent": 10.0,
                "runs": {"direct": dict(run, requests_per_s=40000.0),
                         "proxy (logs+metrics on)": run, "proxy (logs+metrics off)": run}}
-    assert _report._report(results).startswith(
-        "scenario nonstream, limit store: none (no rate limit), 16 connections, 5 s each")
+    assert _report._report(results).startswith("scenario nonstream, 1 proxy worker, "
+                                               "limit store: none (no rate limit), 16 conn")
     results["limit_store"] = "memory"
     assert "limit store: memory (a rate limit in the process)," in _report._report(results)
     runs = [{"requests": n, "redis_scripts": n + 16, "redis_commands": 4 * n + 64}

@@ -37,7 +37,22 @@ the stall other clients see (that max minus the baseline p50) and the
 bodies' own latency. It runs no wrk and ignores ``--connections``,
 ``--duration`` and ``--repeat``.
 
-With two or more cores the proxy is pinned to core 0 and
+``--workers N`` (``nonstream`` and ``sse``; 1 to 64, default 1) gives the
+proxy's config ``workers: N``: twistd and N-1 ``python -m llmproxy.workers``
+children serving its one listening socket. The proxy is pinned to cores
+0..N-1 (twistd under ``taskset``; its children inherit that), wrk and the
+upstream to the other cores. Each proxy run starts once all N processes are
+up and idle; its CPU % and peak RSS are summed over them, and the report
+adds req/s per proxy CPU-second: requests a second divided by the
+CPU-seconds a second those processes used together, the figure to compare
+across worker counts. A machine with fewer than N + 1 cores leaves no core
+for the load: the bench still runs, pins nothing, and says in the report
+(and in the JSON: ``per_cpu_comparable`` false, ``cores_note``) that the
+per-CPU figures are not comparable. The report's first line and the JSON
+(``workers``, ``cores``, ``proxy_cores``, ``load_cores``) name the workers
+and where everything ran.
+
+Otherwise, with two or more cores the proxy is pinned to core 0 and
 everything else to core 1. Every child runs on the
 bench's own Python, which the report names: the interpreter's build
 matters (see the README's Performance section).

@@ -38,8 +38,12 @@ def _whole_number(highest: int) -> Callable[[str], int]:
 #: Events per stream, 1 to :data:`MAX_CHUNKS`.
 _chunks = _whole_number(MAX_CHUNKS)
 
+#: The most proxy processes ``--workers`` takes.
+MAX_WORKERS = 64
 
-#: The scenarios ``--limit-store`` applies to (wrk's, through the proxy).
+
+#: The scenarios ``--limit-store`` and ``--workers`` apply to (wrk's,
+#: through the proxy).
 _LIMITED_SCENARIOS = ("nonstream", "sse")
 
 
@@ -76,11 +80,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="nonstream and sse: the proxy's rate limit (one that never "
                              "refuses): none (default), memory (in the process) or redis "
                              "(a local redis-server the bench starts)")
+    parser.add_argument("--workers", type=_whole_number(MAX_WORKERS), default=1, metavar="N",
+                        help="nonstream and sse: the proxy's processes (its config's "
+                             f"workers), 1 to {MAX_WORKERS} (default 1), pinned to cores "
+                             "0..N-1, the load to the others")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
+    scenarios = " and ".join(_LIMITED_SCENARIOS)
     if args.limit_store != "none" and args.scenario not in _LIMITED_SCENARIOS:
         parser.error(f"argument --limit-store: {args.limit_store} applies to the "
-                     f"{' and '.join(_LIMITED_SCENARIOS)} scenarios only, not {args.scenario}")
+                     f"{scenarios} scenarios only, not {args.scenario}")
+    if args.workers != 1 and args.scenario not in _LIMITED_SCENARIOS:
+        parser.error(f"argument --workers: {args.workers} workers apply to the "
+                     f"{scenarios} scenarios only, not {args.scenario}")
     return args
 
 

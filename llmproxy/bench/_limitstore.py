@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-from llmproxy.bench._process import _free_port, _pin, _start, _stop
+from llmproxy.bench._process import Cores, _free_port, _pin, _start, _stop
 
 #: The ``--limit-store`` choices; ``none`` is the default.
 LIMIT_STORES = ("none", "memory", "redis")
@@ -166,11 +166,11 @@ def redis_server() -> str | None:
 
 
 @contextlib.contextmanager
-def local_redis(work: Path, core: int | None) -> Iterator[dict[str, Any]]:
+def local_redis(work: Path, core: Cores) -> Iterator[dict[str, Any]]:
     """A ``redis-server`` on a free loopback port for the ``with`` block.
 
-    It runs pinned to ``core``, in ``work``/redis, saving nothing, and is
-    stopped when the block ends, also on errors.
+    It runs pinned to ``core`` (a core or a CPU list), in ``work``/redis,
+    saving nothing, and is stopped when the block ends, also on errors.
 
     Yields:
         ``{"port": ..., "version": ...}``.

@@ -1,9 +1,11 @@
 """The bench's child processes and what it measures of them.
 
-Starting, pinning (``taskset``), waiting for and stopping children; a free
-loopback port; a process's CPU seconds and memory from ``/proc``; the raised
-open-file limit; the interpreter every child runs on. Blocking by design:
-the bench is a command-line tool, never imported by the daemon.
+Starting, pinning (``taskset``), waiting for and stopping children; where
+the proxy and the load run (``--workers``); a free loopback port; a
+process's CPU seconds and memory, and the processes under it, from
+``/proc``; the raised open-file limit; the interpreter every child runs on.
+Blocking by design: the bench is a command-line tool, never imported by the
+daemon.
 """
 
 from __future__ import annotations
@@ -45,11 +47,38 @@ def _wait_listening(
     raise SystemExit(f"bench: nothing listens on port {port} after {seconds:g} s")
 
 
-def _pin(core: int | None) -> list[str]:
-    """A taskset prefix pinning a command to one core, if possible."""
-    if core is None or not shutil.which("taskset"):
+#: Where a child runs: one core, a taskset CPU list (``"0-1"``), or None
+#: (anywhere).
+Cores = int | str | None
+
+
+def _pin(cores: Cores) -> list[str]:
+    """A taskset prefix pinning a command to a core or a CPU list, if possible."""
+    if cores is None or not shutil.which("taskset"):
         return []
-    return ["taskset", "-c", str(core)]
+    return ["taskset", "-c", str(cores)]
+
+
+def _cpu_list(first: int, last: int) -> str:
+    """A taskset CPU list: ``"2"`` or ``"2-3"``."""
+    return str(first) if first == last else f"{first}-{last}"
+
+
+def core_plan(cores: int, workers: int) -> tuple[str | None, str | None]:
+    """Where ``workers`` proxy processes and the load run on ``cores`` cores.
+
+    Args:
+        cores: The machine's cores (``os.cpu_count()``).
+        workers: The proxy's processes (``--workers``).
+
+    Returns:
+        ``(proxy, load)`` taskset CPU lists: the proxy on cores
+        0..workers-1, the load generator and upstream on the rest; both
+        None (nothing pinned) when no core is left for the load.
+    """
+    if cores < workers + 1:
+        return None, None
+    return _cpu_list(0, workers - 1), _cpu_list(workers, cores - 1)
 
 
 @contextlib.contextmanager
@@ -96,10 +125,84 @@ def _stop(process: subprocess.Popen) -> None:
 def cpu_seconds(pid: int) -> float:
     """User+system CPU seconds a process used so far (Linux /proc)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = _stat_fields(pid, Path("/proc"))
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return float("nan")
+
+
+def _stat_fields(pid: int, proc: Path) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command's name (state first)."""
+    return (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _children(pid: int, proc: Path = Path("/proc")) -> list[int]:
+    """A process's children: from ``/proc/PID/task/*/children`` where the
+    kernel has those files, else by each process's parent in ``/proc``."""
+    listed = list((proc / str(pid) / "task").glob("*/children"))
+    if listed:
+        found: set[int] = set()
+        for path in listed:
+            with contextlib.suppress(OSError, ValueError):  # the thread ended
+                found.update(int(child) for child in path.read_text().split())
+        return sorted(found)
+    children = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):  # gone
+            if int(_stat_fields(int(entry.name), proc)[1]) == pid:
+                children.append(int(entry.name))
+    return sorted(children)
+
+
+def process_tree(pid: int, proc: Path = Path("/proc")) -> list[int]:
+    """A process and every process under it (the proxy: twistd, then its
+    workers), parents before their children."""
+    tree, index = [pid], 0
+    while index < len(tree):
+        tree += [child for child in _children(tree[index], proc) if child not in tree]
+        index += 1
+    return tree
+
+
+def tree_cpu_seconds(pids: list[int]) -> float:
+    """User+system CPU seconds the processes used so far, summed (NaN when
+    one is gone)."""
+    return sum(cpu_seconds(pid) for pid in pids)
+
+
+def _await_workers(process: subprocess.Popen, workers: int, log: Path,
+                   seconds: float = 30.0, step: float = 0.25) -> list[int]:
+    """Wait until the proxy runs ``workers`` processes that all went idle
+    (started, imports done: under two clock ticks of CPU in ``step``).
+
+    Returns:
+        Their pids, the first process's first.
+
+    Raises:
+        SystemExit: The proxy exited, or did not settle in ``seconds``.
+    """
+    deadline = time.monotonic() + seconds
+    last: tuple[list[int], float] | None = None
+    pids: list[int] = []
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(
+                f"bench: the proxy exited early (status {process.returncode}):\n"
+                + log.read_text(errors="replace")[-2000:]
+            )
+        pids = process_tree(process.pid)
+        cpu = tree_cpu_seconds(pids)
+        if (len(pids) == workers and last is not None and last[0] == pids
+                and cpu - last[1] < 2 / os.sysconf("SC_CLK_TCK")):
+            return pids
+        last = (pids, cpu)
+        time.sleep(step)  # a CLI tool waiting for the proxy's workers to start
+    raise SystemExit(
+        f"bench: the proxy runs {len(pids)} processes after {seconds:g} s, not {workers} "
+        "idle ones; its log ends:\n" + log.read_text(errors="replace")[-2000:]
+    )
 
 
 def _memory_mb(pid: int, field: str) -> float:

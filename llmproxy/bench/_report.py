@@ -140,6 +140,47 @@ def _limit_store(results: dict[str, Any]) -> str:
     return f"{store} (a shared rate limit{where})"
 
 
+def per_cpu_second(requests_per_s: float, cpu_seconds: float, seconds: float) -> float | None:
+    """Requests a second per proxy CPU-second a second: ``requests_per_s``
+    divided by ``cpu_seconds / seconds``, the CPU the proxy's processes used
+    together over a run of ``seconds``. None when no CPU was measured."""
+    if not cpu_seconds > 0 or not seconds > 0:  # also NaN: a process was gone
+        return None
+    return round(requests_per_s * seconds / cpu_seconds, 1)
+
+
+def _plural(count: int, noun: str, plural: str = "") -> str:
+    """``1 core``, ``2 cores`` (or the ``plural`` given)."""
+    return f"{count} " + (noun if count == 1 else plural or noun + "s")
+
+
+def cores_note(cores: int, workers: int) -> str | None:
+    """The report's warning when ``cores`` leave no core for the load beside
+    ``workers`` proxy processes (then nothing is pinned); None otherwise."""
+    if cores >= workers + 1:
+        return None
+    leave = "leaves" if workers == 1 else "leave"
+    return (f"this machine has {_plural(cores, 'core')}: {_plural(workers, 'proxy worker')} "
+            f"{leave} none for the load generator, so nothing is pinned and the load "
+            "competes with the proxy for CPU; the per-CPU figures below are not comparable")
+
+
+def _placement(results: dict[str, Any]) -> str:
+    """Where a wrk scenario's proxy and load ran, for its first line."""
+    if "proxy_cores" not in results:  # results from before --workers
+        return f"proxy pinned to one core: {results['pinned']}"
+    if results["proxy_cores"] is None:
+        return f"nothing pinned ({_plural(results['cores'], 'core')})"
+    return (f"proxy pinned to core{'s' * ('-' in results['proxy_cores'])} "
+            f"{results['proxy_cores']}, load to core{'s' * ('-' in results['load_cores'])} "
+            f"{results['load_cores']}")
+
+
+def _optional(value: float | None, width: int) -> str:
+    """A figure right-aligned, or ``-`` when there is none."""
+    return f"{value:>{width}.0f}" if value is not None else f"{'-':>{width}}"
+
+
 def _report(results: dict[str, Any]) -> str:
     if results["scenario"] == "hostile-body":
         return _hostile_report(results)
@@ -161,21 +202,35 @@ def _report(results: dict[str, Any]) -> str:
             lines.append(f"proxy CPU while all streams are open: llmproxy {ours} %, "
                          f"nginx {theirs} % ({ours / theirs:.1f} times nginx's)")
         return "\n".join(lines)
+    workers = results.get("workers", 1)
     lines = [
-        f"scenario {results['scenario']}, limit store: {_limit_store(results)}, "
-        f"{results['connections']} connections, "
-        f"{results['seconds']:g} s each, proxy pinned to one core: {results['pinned']}, "
+        f"scenario {results['scenario']}, {_plural(workers, 'proxy worker')}, "
+        f"limit store: {_limit_store(results)}, {results['connections']} connections, "
+        f"{results['seconds']:g} s each, {_placement(results)}, "
         f"upstream: {results['upstream']}, {_describe(results['python'])}",
-        f"{'run':<28}{'req/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
-        f"{'errors':>8}{'CPU %':>7}{'RSS MB':>8}",
     ]
+    if results.get("cores_note"):
+        lines.append(f"note: {results['cores_note']}")
+    lines.append(
+        f"{'run':<28}{'req/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
+        f"{'errors':>8}{'CPU %':>7}{'RSS MB':>8}{'req/s/CPU-s':>13}"
+    )
     for name, r in results["runs"].items():
         lines.append(
             f"{name:<28}{r['requests_per_s']:>10.0f}{r['p50_ms']:>9.2f}{r['p90_ms']:>9.2f}"
             f"{r['p99_ms']:>9.2f}{r['errors']:>8}"
             f"{r.get('proxy_cpu_percent', float('nan')):>7.0f}"
             f"{r.get('proxy_peak_rss_mb', float('nan')):>8.1f}"
+            f"{_optional(r.get('requests_per_proxy_cpu_second'), 13)}"
         )
+    legend = "req/s/CPU-s: req/s per proxy CPU-second (req/s divided by the CPU-seconds a second "
+    if workers == 1:
+        legend += "the proxy's one process, twistd, used)"
+    else:
+        legend += (f"the proxy's {workers} processes used together: twistd and "
+                   f"{_plural(workers - 1, 'worker')}); CPU % and RSS MB (peaks) are "
+                   "summed over them too")
+    lines.append(legend)
     lines.append(
         f"logging+metrics cost: {results['observability_cost_percent']}% of throughput"
     )

@@ -35,6 +35,8 @@ from llmproxy.bench._limitstore import (
     seen_summary,
 )
 from llmproxy.bench._process import (
+    Cores,
+    _await_workers,
     _child_env,
     _free_port,
     _interpreter,
@@ -44,9 +46,11 @@ from llmproxy.bench._process import (
     _start,
     _stop,
     _wait_listening,
+    core_plan,
     cpu_seconds,
+    tree_cpu_seconds,
 )
-from llmproxy.bench._report import _medians, _stream_summary
+from llmproxy.bench._report import _medians, _stream_summary, cores_note, per_cpu_second
 from llmproxy.bench._servers import (
     _nginx,
     _proxy_config,
@@ -76,7 +80,7 @@ def _parse_latency(text: str) -> float:
     return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
 
-def _wrk(url: str, connections: int, seconds: float, chunks: int, core: int | None,
+def _wrk(url: str, connections: int, seconds: float, chunks: int, core: Cores,
          workdir: Path) -> dict[str, Any]:
     script = workdir / "post.lua"
     script.write_text(_LUA.format(body=CHAT, chunks=chunks))
@@ -256,10 +260,14 @@ def _proxied_streams(proxy: subprocess.Popen, port: int, path: str, load: list[s
 
 
 def _wrk_proxy_runs(args: argparse.Namespace, results: dict[str, Any], work: Path,
-                    upstream_port: int, chunks: int, proxy_core: int | None,
-                    other_core: int | None, redis: dict[str, Any] | None) -> None:
+                    upstream_port: int, chunks: int, proxy_core: Cores,
+                    other_core: Cores, redis: dict[str, Any] | None) -> None:
     """wrk through the proxy, logs and metrics on and off alternately,
-    ``--repeat`` times each, with the ``--limit-store`` rate limit.
+    ``--repeat`` times each, with the ``--limit-store`` rate limit and
+    ``--workers`` processes.
+
+    Each run starts once the proxy's processes are all up and idle; its
+    CPU, peak RSS and requests per CPU-second are summed over them.
 
     With ``redis`` (the local Redis's port and version), each run starts
     once the proxy's store connection is up, records the scripts and
@@ -273,7 +281,7 @@ def _wrk_proxy_runs(args: argparse.Namespace, results: dict[str, Any], work: Pat
     for name, observability in variants * args.repeat:
         port = _free_port()
         config, log = work / f"{observability}.yml", work / "proxy.log"
-        _proxy_config(config, port, upstream_port, observability, extra)
+        _proxy_config(config, port, upstream_port, observability, extra, args.workers)
         proxy = _start(
             [*_pin(proxy_core), sys.executable, "-c",
              "from twisted.scripts.twistd import run; run()",
@@ -282,16 +290,29 @@ def _wrk_proxy_runs(args: argparse.Namespace, results: dict[str, Any], work: Pat
         )
         try:
             _wait_listening(port, proxy, log)
+            pids = _await_workers(proxy, args.workers, log)
             scripts = commands = 0
             if redis:
                 scripts = await_store(redis["port"], port, path, CHAT, log)
                 commands = _redis_counts(redis["port"])[1]
-            cpu_before = cpu_seconds(proxy.pid)
+            cpu_before, wall_before = tree_cpu_seconds(pids), time.monotonic()
             run_result = _wrk(f"http://127.0.0.1:{port}{path}", args.connections,
                               args.duration, chunks, other_core, work)
-            cpu = cpu_seconds(proxy.pid) - cpu_before
-            run_result["proxy_cpu_percent"] = round(100 * cpu / args.duration, 1)
-            run_result["proxy_peak_rss_mb"] = round(_peak_rss_mb(proxy.pid), 1)
+            cpu = tree_cpu_seconds(pids) - cpu_before
+            # The CPU over the time it was measured in (wrk's start and end
+            # included), not over --duration: a proxy pinned to one core
+            # then never shows more than 100 %.
+            wall = time.monotonic() - wall_before
+            if cpu != cpu:  # NaN: a process ended, its CPU is lost
+                raise SystemExit("bench: one of the proxy's processes ended during the "
+                                 "run; its log ends:\n" + log.read_text(errors="replace")[-2000:])
+            run_result["proxy_processes"] = len(pids)
+            run_result["proxy_cpu_seconds"] = round(cpu, 2)
+            run_result["measured_seconds"] = round(wall, 2)
+            run_result["proxy_cpu_percent"] = round(100 * cpu / wall, 1)
+            run_result["proxy_peak_rss_mb"] = round(sum(map(_peak_rss_mb, pids)), 1)
+            run_result["requests_per_proxy_cpu_second"] = per_cpu_second(
+                run_result["requests_per_s"], cpu, wall)
             if redis:
                 now_scripts, now_commands = _redis_counts(redis["port"])
                 run_result["redis_scripts"] = now_scripts - scripts
@@ -331,6 +352,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.limit_store == "redis" and redis_server() is None:
         raise SystemExit("bench: redis-server is not installed (apt-get install redis-server)")
     results["limit_store"] = args.limit_store
+    # --workers: the proxy on cores 0..N-1, the load on the rest; with no
+    # core left for the load nothing is pinned, and the report says so.
+    proxy_core, other_core = core_plan(cores, args.workers)
+    note = cores_note(cores, args.workers)
+    results.update(workers=args.workers, cores=cores, pinned=proxy_core is not None,
+                   proxy_cores=proxy_core, load_cores=other_core,
+                   per_cpu_comparable=note is None, cores_note=note)
     with tempfile.TemporaryDirectory(prefix="llmproxy-bench-") as tmp:
         work = Path(tmp)
         upstream_port = _free_port()

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from llmproxy.bench._process import _pin, _start, _stop, _wait_listening
+from llmproxy.bench._process import Cores, _pin, _start, _stop, _wait_listening
 
 
 _COMPLETION = json.dumps(
@@ -167,7 +167,7 @@ def _nginx() -> str | None:
     return found or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 
 
-def _start_upstream(scenario: str, port: int, core: int | None, work: Path,
+def _start_upstream(scenario: str, port: int, core: Cores, work: Path,
                     chunks: int = 20, delay: float = 0.0) -> subprocess.Popen:
     """nginx when installed (a canned completion, for ``hostile-body`` after
     bodies of any size; with the echo module also ``chunks`` SSE events
@@ -211,10 +211,13 @@ def _start_proxy(work: Path, port: int, upstream_port: int, core: int | None,
 
 
 def _proxy_config(path: Path, port: int, upstream: int, observability: bool,
-                  extra: Sequence[str] = ()) -> None:
+                  extra: Sequence[str] = (), workers: int = 1) -> None:
+    """Write the proxy's config: ``workers`` processes (``--workers``) on
+    ``port``, logs and metrics on or off, ``extra`` lines after."""
     lines = [
         f'listen: "tcp:{port}:interface=127.0.0.1"',
         f'target_map: {{"/v1/": "http://127.0.0.1:{upstream}"}}',
+        f"workers: {workers}",
     ]
     if observability:
         lines += ["admin_listen: null", "log: {file: logs/llmproxy.log, level: info}"]
