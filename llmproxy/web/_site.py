@@ -135,9 +135,11 @@ class _GuardedChannel(HTTPChannel):
     _deadline: Any = None
     _head_bytes = 0
     _refused = False
+    _counted = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self._counted = True
         self.site.connection_opened()
 
     def dataReceived(self, data: bytes) -> None:
@@ -176,7 +178,9 @@ class _GuardedChannel(HTTPChannel):
     def connectionLost(self, reason: Any) -> None:
         self._end_of_request()
         super().connectionLost(reason)
-        self.site.connection_closed()
+        if self._counted:
+            self._counted = False
+            self.site.connection_closed()
 
     def _end_of_request(self) -> None:
         if self._deadline is not None:
