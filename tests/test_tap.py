@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import gc
 import gzip
 import json
 import os
-import re
 import resource
 import socket
 import subprocess
@@ -492,44 +490,3 @@ def test_open_file_limit_stays_for_a_select_reactor() -> None:
             assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 256
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, before)
-
-
-@pytest_twisted.ensureDeferred
-async def test_twistd_freezes_startup_objects_for_the_gc(reactor: Any, tmp_path: Path) -> None:
-    """The daemon (owning its process) takes its startup objects out of the
-    garbage collector's passes, so full collections under load stay short;
-    after a reload, once the old config is done, it collects and freezes
-    again (the old config's cycles must not stay frozen forever)."""
-    port, demo_port = free_port(), free_port()
-    config = demo_config(tmp_path / "demo.yml", port, demo_port,
-                         "log: {file: null, level: debug}\n")
-    process = spawn_twistd(reactor, config, tmp_path)
-    frozen = b"startup objects frozen for the garbage collector"
-    try:
-        await process.wait_for(frozen).addTimeout(WAIT, reactor)
-        process.transport.signalProcess("HUP")
-        await process.wait_for(frozen, count=2).addTimeout(WAIT, reactor)
-        assert b"config reloaded" in process.output
-    finally:
-        process.transport.signalProcess("TERM")
-        await process.ended.addTimeout(WAIT, reactor)
-    count = re.search(rb"(\d+) startup objects frozen", process.output)
-    assert count is not None and int(count.group(1)) > 10_000
-    assert b"a full collection after every 100 middle-generation ones" in process.output
-
-
-def test_freezing_makes_full_collections_rarer_and_keeps_the_young_ones() -> None:
-    """With the startup objects frozen, a full collection waits for 100
-    middle-generation ones (not Python's 10); the two younger generations
-    keep their thresholds, and a higher setting is not lowered."""
-    before = gc.get_threshold()
-    try:
-        gc.set_threshold(700, 10, 10)
-        daemon._freeze_startup_objects()
-        assert gc.get_threshold() == (700, 10, daemon.FULL_COLLECTION_EVERY) == (700, 10, 100)
-        gc.set_threshold(500, 20, 1000)
-        daemon._freeze_startup_objects()
-        assert gc.get_threshold() == (500, 20, 1000)
-    finally:
-        gc.unfreeze()
-        gc.set_threshold(*before)
