@@ -175,6 +175,22 @@ async def proxies(reactor: Any) -> AsyncIterator[Proxies]:
 
 
 @pytest_twisted.async_yield_fixture
+async def loopback(reactor: Any) -> AsyncIterator[Any]:
+    """``await loopback(factory)``: serve it on 127.0.0.1, port 0; its base
+    URL. The ports are stopped after the test."""
+    ports: list[Any] = []
+
+    async def listen(factory: Any) -> str:
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        ports.append(port)
+        return f"http://127.0.0.1:{port.getHost().port}"
+
+    yield listen
+    for port in ports:
+        await port.stopListening()
+
+
+@pytest_twisted.async_yield_fixture
 async def client(reactor: Any) -> AsyncIterator[Agent]:
     """An HTTP client Agent with its own pool, closed after the test."""
     pool = HTTPConnectionPool(reactor, persistent=True)

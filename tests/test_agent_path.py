@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
@@ -85,20 +84,15 @@ class RawServer(Factory):
         return _RawUpstream(self)
 
 
-@pytest_twisted.async_yield_fixture
-async def raw_servers(reactor: Any) -> Any:
+@pytest.fixture
+def raw_servers(loopback: Any) -> Any:
     """A factory of raw upstreams on loopback, stopped after the test."""
-    ports = []
 
     async def start(answers_per_connection: int) -> tuple[RawServer, str]:
         server = RawServer(answers_per_connection)
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server)
-        ports.append(port)
-        return server, f"http://127.0.0.1:{port.getHost().port}"
+        return server, await loopback(server)
 
-    yield start
-    for port in ports:
-        await port.stopListening()
+    return start
 
 
 @pytest_twisted.ensureDeferred

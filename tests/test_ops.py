@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import Deferred
 import yaml
 
 from twisted.internet.protocol import ProcessProtocol
 
 from helpers import NeedleWaiter, collect, send
-from test_tap import TWISTD, WAIT, demo_config, free_port, spawn_twistd
+from test_tap import (
+    TWISTD, WAIT, demo_config, free_port, kill_if_running, spawn_twistd, terminate,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -162,15 +164,9 @@ async def test_two_workers_share_one_port(reactor: Any, tmp_path: Path) -> None:
         config.write_text(config.read_text() + "max_retry_wait: 1\n")
         process.transport.signalProcess("HUP")
         await process.wait_for(b"config reloaded", count=2).addTimeout(WAIT, reactor)
-        process.transport.signalProcess("TERM")
-        try:
-            code = await process.ended.addTimeout(WAIT, reactor)
-        except TimeoutError:
-            raise AssertionError(process.output.decode()[-4000:]) from None
+        code = await terminate(process, reactor)
     finally:
-        if not process.ended.called:
-            process.transport.signalProcess("KILL")
-            await process.ended.addTimeout(WAIT, reactor)
+        await kill_if_running(process, reactor)
     assert code == 0, process.output.decode()
     assert b"worker 2 ended" in process.output
 

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 
@@ -59,20 +58,15 @@ class ScriptedServer(Factory):
         return _Scripted(self)
 
 
-@pytest_twisted.async_yield_fixture
-async def scripted(reactor: Any) -> Any:
+@pytest.fixture
+def scripted(loopback: Any) -> Any:
     """A factory of scripted raw upstreams on loopback."""
-    ports = []
 
     async def start(answer: bytes, close: bool = True) -> tuple[ScriptedServer, str]:
         server = ScriptedServer(answer, close)
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server)
-        ports.append(port)
-        return server, f"http://127.0.0.1:{port.getHost().port}"
+        return server, await loopback(server)
 
-    yield start
-    for port in ports:
-        await port.stopListening()
+    return start
 
 
 async def connect(reactor: Any, url: str) -> Peer:

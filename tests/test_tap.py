@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.application.service import IService, IServiceCollection, IServiceMaker
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import ProcessProtocol
@@ -167,6 +167,23 @@ def spawn_twistd(
         path=str(cwd),
     )
     return process
+
+
+async def terminate(process: Twistd, reactor: Any) -> int | str:
+    """SIGTERM a twistd child and wait for its exit status (its output, as
+    the failure, if it does not end in time)."""
+    process.transport.signalProcess("TERM")
+    try:
+        return await process.ended.addTimeout(WAIT, reactor)
+    except TimeoutError:
+        raise AssertionError(process.output.decode()[-4000:]) from None
+
+
+async def kill_if_running(process: Twistd, reactor: Any) -> None:
+    """SIGKILL a twistd child a failed test left running."""
+    if not process.ended.called:
+        process.transport.signalProcess("KILL")
+        await process.ended.addTimeout(WAIT, reactor)
 
 
 @pytest_twisted.ensureDeferred

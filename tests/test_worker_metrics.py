@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet.defer import Deferred, TimeoutError, gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock, deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -22,7 +22,9 @@ from llmproxy.config import parse_config_text
 from llmproxy.metrics import MULTIPROC_DIR_ENV, multiprocess_possible
 from llmproxy.tap import build_service
 from llmproxy.workers import MetricsDirectory, share_metrics
-from test_tap import ROOT, WAIT, demo_config, free_port, spawn_twistd
+from test_tap import (
+    ROOT, WAIT, demo_config, free_port, kill_if_running, spawn_twistd, terminate,
+)
 
 #: Requests sent through the two workers.
 REQUESTS = 200
@@ -120,15 +122,9 @@ async def test_metrics_sum_over_two_workers(
         assert ("llmproxy_dns_cache_hits_total", ()) in samples
         # Both processes wrote their own counters into the run's directory.
         assert len(list(shared.glob("counter_*.db"))) == 2
-        process.transport.signalProcess("TERM")
-        try:
-            code = await process.ended.addTimeout(WAIT, reactor)
-        except TimeoutError:
-            raise AssertionError(process.output.decode()[-4000:]) from None
+        code = await terminate(process, reactor)
     finally:
-        if not process.ended.called:
-            process.transport.signalProcess("KILL")
-            await process.ended.addTimeout(WAIT, reactor)
+        await kill_if_running(process, reactor)
     assert code == 0, process.output.decode()
     assert b"worker 2 ended" in process.output
     assert metrics_dirs(tmp) == [], "the metrics directory is removed on stop"

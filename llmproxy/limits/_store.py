@@ -12,6 +12,7 @@ most once per :data:`LOG_EVERY` seconds.
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -20,10 +21,11 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from llmproxy.config import RateLimitConfig
 from llmproxy.limits._keys import KeyInfo
 from llmproxy.limits._rate import RateLimiter
 
-__all__ = ["Limits", "MemoryStore", "Verdict", "budget_window"]
+__all__ = ["ALLOWED", "Limits", "MemoryStore", "Verdict", "budget_window"]
 
 log = Logger(namespace="llmproxy.limits")
 
@@ -130,7 +132,15 @@ class Verdict:
     wait: float = 0.0
 
 
-_ALLOWED = Verdict(OK)
+#: The verdict of a request the limits let through.
+ALLOWED = Verdict(OK)
+
+
+class _WallClock:
+    """Unix time, for budget windows (calendar days and months in UTC)."""
+
+    def seconds(self) -> float:
+        return time.time()
 
 
 class Limits:
@@ -174,6 +184,49 @@ class Limits:
         self.metrics = metrics
         self._logged_at: float | None = None
 
+    @classmethod
+    def from_config(
+        cls,
+        rate_limit: RateLimitConfig | None,
+        budgets: bool,
+        clock: Any,
+        metrics: Any = None,
+    ) -> Limits | None:
+        """The limits a config asks for, over the store it names.
+
+        Args:
+            rate_limit: The ``rate_limit`` section, if any.
+            budgets: Whether any client key has a budget.
+            clock: The reactor (token buckets; a Redis store connects with
+                it).
+            metrics: Where store failures and budgets are counted.
+
+        Returns:
+            The limits, or None when there is neither a rate limit nor a
+            budget.
+        """
+        if rate_limit is None and not budgets:
+            return None
+        rate = rate_limit.rate if rate_limit is not None else None
+        burst = rate_limit.burst if rate_limit is not None else 1
+        store: Any
+        if rate_limit is not None and rate_limit.store is not None:
+            from llmproxy.limits._redis import RedisStore
+
+            store = RedisStore(rate_limit.store, clock, rate_limit.store_timeout)
+        else:
+            limiter = RateLimiter(rate, burst, clock) if rate is not None else None
+            store = MemoryStore(_WallClock(), limiter)
+        on_error = rate_limit.on_store_error if rate_limit is not None else "allow"
+        return cls(store, clock, rate, burst, on_store_error=on_error, metrics=metrics,
+                   wall_clock=_WallClock())
+
+    def carry_over(self, previous: Limits) -> None:
+        """Keep counting where ``previous`` (the limits before a reload) left
+        off, when both keep their numbers in this process."""
+        if isinstance(self.store, MemoryStore) and isinstance(previous.store, MemoryStore):
+            self.store.carry_over(previous.store)
+
     def check(self, bucket: str | None, key: KeyInfo | None) -> Verdict | Deferred[Verdict]:
         """Take the client's token and check its key's budget.
 
@@ -189,7 +242,7 @@ class Limits:
         limited = bucket is not None and self._rate is not None
         budget = key.budget if key is not None else None
         if not limited and budget is None:
-            return _ALLOWED
+            return ALLOWED
         window, ends = budget_window(budget.per, self._wall.seconds()) if budget else ("", 0.0)
         if not self.shared:
             wait = self.store.take(bucket, self._rate, self._burst) if limited else 0.0
@@ -197,7 +250,7 @@ class Limits:
                 return Verdict(RATE_LIMITED, wait)
             if budget is not None and self.store.budget_used(key.name, window) >= budget.tokens:
                 return self._over_budget(key, ends)
-            return _ALLOWED
+            return ALLOWED
         asked: list[Deferred[Any]] = []
         if limited:
             asked.append(self.store.take(bucket, self._rate, self._burst))
@@ -211,7 +264,7 @@ class Limits:
                     return Verdict(RATE_LIMITED, wait)
             if budget is not None and answers[0] >= budget.tokens:
                 return self._over_budget(key, ends)
-            return _ALLOWED
+            return ALLOWED
 
         d = gatherResults(asked, consumeErrors=True).addCallback(decide)
         return d.addErrback(self._store_failed, "check")
@@ -260,7 +313,7 @@ class Limits:
                 what=what, error=_describe(failure),
                 action="refused" if self._deny else "let through",
             )
-        return Verdict(STORE_DOWN, 1.0) if self._deny else _ALLOWED
+        return Verdict(STORE_DOWN, 1.0) if self._deny else ALLOWED
 
     def close(self) -> Any:
         """Close the store (a reload retired this policy, or the daemon stops)."""

@@ -118,9 +118,9 @@ class _Exchange:
         # The client's key (with its budget) and the limits that count it.
         self.key: Any = None
         self.limits: Any = None
-        # Response header names copied from the upstream (undone when its
-        # body fails before a byte reached the client).
-        self.copied_headers: list[bytes] = []
+        # The upstream response's headers, copied to the client's (undone
+        # when its body fails before a byte reached the client).
+        self.upstream_headers: Any = None
         if metrics is not None:
             metrics.started()
 

@@ -17,7 +17,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from llmproxy.config import TimeoutsConfig
 from llmproxy.egress import Egress, RoutedResponse
 from llmproxy.limits import client_ip, presented_key, retry_after
-from llmproxy.limits._store import Verdict
+from llmproxy.limits._store import ALLOWED, OK, OVER_BUDGET, RATE_LIMITED, Verdict
 from llmproxy.metrics import Metrics
 from llmproxy.proxy._errors import classify_failure, reason_phrase, send_error
 from llmproxy.proxy._exchange import (
@@ -45,8 +45,6 @@ from llmproxy.routing import Router, UpstreamPool, extract_model
 
 # The package's namespace, as before the split into modules.
 log = Logger(namespace="llmproxy.proxy")
-
-_ALLOWED = Verdict("ok")
 
 # Forwarding headers llmproxy writes itself (a client's X-Forwarded-For is
 # extended, not copied).
@@ -163,7 +161,7 @@ class ProxyResource(Resource):
         if exchange.client_gone:
             return
         request = exchange.request
-        if verdict.outcome != "ok":
+        if verdict.outcome != OK:
             self._refuse(verdict, exchange)
             return
         router = self.router
@@ -305,7 +303,7 @@ class ProxyResource(Resource):
                 exchange.record["key_name"] = key.name
         limits = guard.limits
         if limits is None:
-            return _ALLOWED
+            return ALLOWED
         if key is not None and key.budget is not None:
             exchange.key, exchange.limits = key, limits
         bucket = key.id if guard.limit_by_key and key is not None else (client or "unknown")
@@ -316,14 +314,14 @@ class ProxyResource(Resource):
         request = exchange.request
         seconds = retry_after(verdict.wait)
         request.responseHeaders.setRawHeaders(b"retry-after", [b"%d" % seconds])
-        if verdict.outcome == "rate_limited":
+        if verdict.outcome == RATE_LIMITED:
             status, message, type_, code = (
                 429, f"rate limit exceeded: retry in {seconds} s", "rate_limit_error",
                 "rate_limited",
             )
             if self.metrics is not None:
                 self.metrics.rate_limited.inc()
-        elif verdict.outcome == "over_budget":
+        elif verdict.outcome == OVER_BUDGET:
             status, message, type_, code = (
                 429, f"the token budget of key {exchange.key.name!r} is spent: it "
                 f"renews in {seconds} s", "insufficient_quota", "insufficient_quota",
@@ -456,10 +454,9 @@ class ProxyResource(Resource):
             exchange.usage = UsageReader(content_type, response.header(b"content-encoding"))
         request.setResponseCode(response.code, response.phrase or reason_phrase(response.code))
         out = request.responseHeaders
-        copied = exchange.copied_headers = []
+        exchange.upstream_headers = response.headers
         for name, values in _end_to_end(response.headers, HOP_BY_HOP):
             out.setRawHeaders(name, values)
-            copied.append(name)
         # Twisted's client keeps Content-Length out of response.headers
         # (except for HEAD, where it is the entity's): a known length is
         # kept, so that a body cut short upstream is visibly short for the
@@ -489,7 +486,7 @@ class ProxyResource(Resource):
         client: a failure before the first byte (retried, or an error)."""
         try:
             out = exchange.request.responseHeaders
-            for name in exchange.copied_headers:
+            for name, _ in _end_to_end(exchange.upstream_headers, HOP_BY_HOP):
                 out.removeHeader(name)
             for name in (b"content-length", b"x-llmproxy-upstream-attempts"):
                 out.removeHeader(name)

@@ -25,12 +25,13 @@ from llmproxy import __version__
 from llmproxy.config import Config, ConfigError
 from llmproxy.egress import Egress
 from llmproxy.egress._noproxy import NetworkSet
-from llmproxy.limits import KeyStore, RateLimiter
-from llmproxy.limits._store import Limits, MemoryStore, budget_window
+from llmproxy.limits import KeyStore
+from llmproxy.limits._store import Limits, budget_window
 from llmproxy.metrics import Metrics, MetricsResource
 from llmproxy.proxy import Guard, ProxyResource
 from llmproxy.proxy._errors import reason_phrase
 from llmproxy.routing import Router
+from llmproxy.web._site import LLMProxySite, build_site
 
 __all__ = [
     "LLMProxySite",
@@ -97,13 +98,9 @@ class RootResource(Resource):
         """
         old_proxy, old_close = self.proxy, self._close
         old_limits, new_limits = old_proxy.guard.limits, other.proxy.guard.limits
-        if (
-            old_limits is not None and new_limits is not None
-            and isinstance(old_limits.store, MemoryStore)
-            and isinstance(new_limits.store, MemoryStore)
-        ):
+        if old_limits is not None and new_limits is not None:
             # Budgets kept in this process survive the reload.
-            new_limits.store.carry_over(old_limits.store)
+            new_limits.carry_over(old_limits)
         self.proxy, self._close = other.proxy, other._close
         self.retired.append(old_proxy)
 
@@ -335,36 +332,10 @@ def build_guard(config: Config, clock: Any, metrics: Metrics | None = None) -> G
             raise ConfigError("auth.keys_file", str(e)) from None
     rate_limit = config.rate_limit
     budgets = keys is not None and any(k.budget is not None for k in keys.named())
-    limits = None
-    if rate_limit is not None or budgets:
-        rate = rate_limit.rate if rate_limit is not None else None
-        burst = rate_limit.burst if rate_limit is not None else 1
-        store: Any
-        if rate_limit is not None and rate_limit.store is not None:
-            from llmproxy.limits._redis import RedisStore
-
-            store = RedisStore(rate_limit.store, clock, rate_limit.store_timeout)
-        else:
-            limiter = RateLimiter(rate, burst, clock) if rate is not None else None
-            store = MemoryStore(_WallClock(), limiter)
-        limits = Limits(
-            store, clock, rate, burst,
-            on_store_error=rate_limit.on_store_error if rate_limit is not None else "allow",
-            metrics=metrics, wall_clock=_WallClock(),
-        )
     return Guard(
         trusted=NetworkSet(config.trusted_proxies),
         keys=keys,
-        limits=limits,
+        limits=Limits.from_config(rate_limit, budgets, clock, metrics),
         limit_by_key=rate_limit is not None and rate_limit.key == "api_key",
     )
 
-
-class _WallClock:
-    """Unix time for budget windows (calendar days, months in UTC)."""
-
-    def seconds(self) -> float:
-        return time.time()
-
-
-from llmproxy.web._site import LLMProxySite, build_site  # noqa: E402 (needs build_resource)
