@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 
-from llmproxy.egress._noproxy import NetworkSet
+from llmproxy.net import NetworkSet
 from llmproxy.limits import (
     KeyStore,
     RateLimiter,

@@ -473,7 +473,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-import llmproxy.egress._noproxy
+import llmproxy.net
 from llmproxy import metrics
 from llmproxy.proxy import _errors as errors
 from llmproxy.routing._pool import UpstreamPool
@@ -515,7 +515,7 @@ def f(x):
     return (
         metrics._DNSCollector,
         errors._private,
-        llmproxy.egress._noproxy.parse_ip,
+        llmproxy.net.parse_ip,
         UpstreamPool._field,
         getattr(x, "public"),
         getattr(x, name_from_somewhere),

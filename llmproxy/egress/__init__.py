@@ -58,14 +58,14 @@ from llmproxy.egress._connect import (
     host_port,
 )
 from llmproxy.egress._endpoints import DirectEndpoints, TunnelEndpoints, tls_policy
-from llmproxy.egress._noproxy import NetworkSet, NoProxy, parse_ip
+from llmproxy.egress._noproxy import NoProxy
+from llmproxy.net import NetworkSet, parse_ip
 from llmproxy.resolver import CachingResolver, ResolvingReactor
 
 __all__ = [
     "BytesProducer",
     "ConnectTunnelEndpoint",
     "Egress",
-    "NetworkSet",
     "NoProxy",
     "RoutedResponse",
     "TunnelError",

@@ -33,7 +33,7 @@ from zope.interface import implementer
 
 from llmproxy.config import TLSConfig
 from llmproxy.egress._connect import ConnectTunnelEndpoint
-from llmproxy.egress._noproxy import parse_ip
+from llmproxy.net import parse_ip
 
 __all__ = ["DirectEndpoints", "TunnelEndpoints", "tls_policy"]
 

@@ -11,7 +11,7 @@ import re
 
 from twisted.web.http_headers import Headers
 
-from llmproxy.egress._noproxy import NetworkSet
+from llmproxy.net import NetworkSet
 
 __all__ = ["client_ip"]
 

@@ -21,7 +21,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from llmproxy.egress._noproxy import NetworkSet
+from llmproxy.net import NetworkSet
 from llmproxy.limits import KeyStore
 from llmproxy.limits._store import Limits
 from llmproxy.logs import ACCESS_NAMESPACE

@@ -24,7 +24,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from llmproxy import __version__
 from llmproxy.config import Config, ConfigError
 from llmproxy.egress import Egress
-from llmproxy.egress._noproxy import NetworkSet
+from llmproxy.net import NetworkSet
 from llmproxy.limits import KeyStore
 from llmproxy.limits._store import Limits, budget_window
 from llmproxy.metrics import Metrics, MetricsResource
