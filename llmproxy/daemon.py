@@ -1,15 +1,13 @@
 """The daemon's lifecycle: listeners, signals, the open-file limit.
 
 :class:`Daemon` is the MultiService that twistd (or a worker process) runs:
-SIGTERM drains the requests in flight before stopping, SIGHUP re-reads the
-config file. When it owns its process it also raises the open-file limit
-(:func:`raise_open_file_limit`). Python's own garbage-collector settings
-are left as they are: freezing the startup objects and spacing out full
-collections, which an earlier build did, measured no difference on this
-one (``streams``, 1,000 open: the same CPU and first-byte times).
-:class:`Listener` and :class:`AdoptedListener`
-are its listening services: on an endpoint string, or on a socket inherited
-from the first worker.
+on SIGTERM it stops listening, lets its ``gateway`` service drain the
+requests in flight, then stops the rest; on SIGHUP it calls the reload
+callable it was given. When it owns its process it also raises the
+open-file limit (:func:`raise_open_file_limit`). :class:`Listener` and
+:class:`AdoptedListener` are its listening services: on an endpoint string,
+or on a socket inherited from the first worker. What the services are is
+:mod:`llmproxy.app`'s business.
 """
 
 from __future__ import annotations
@@ -18,26 +16,13 @@ import os
 import signal
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import (
-    CancelledError,
-    Deferred,
-    TimeoutError,
-    gatherResults,
-    maybeDeferred,
-    succeed,
-)
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-
-from llmproxy.config import Config, ConfigError, load_config
-from llmproxy.web import build_resource
-
-if TYPE_CHECKING:
-    from llmproxy.workers import Workers
 
 __all__ = [
     "ENOUGH_OPEN_FILES",
@@ -259,32 +244,34 @@ def _raise_open_file_limit(reactor: Any) -> None:
 class Daemon(MultiService):
     """The daemon's services, with a graceful stop and reload on SIGHUP.
 
-    On stop (SIGTERM): stop accepting, let requests in flight finish for up
-    to ``shutdown_grace`` seconds, close the rest, then stop everything else
-    (the log file last). With ``handle_signals``, SIGTERM stops the reactor
-    without twistd re-raising it (exit status 0) and SIGHUP re-reads the
-    config file.
-
-    Attributes:
-        config: The config in force.
-        root: The proxy's root resource.
+    On stop (SIGTERM): stop the listeners (``web``, ``admin``) and the
+    ``workers``, then the ``gateway`` (which lets requests in flight finish
+    for up to ``shutdown_grace`` seconds), then everything else. With
+    ``handle_signals``, SIGTERM stops the reactor without twistd re-raising
+    it (exit status 0) and SIGHUP calls the reload callable, then passes
+    SIGHUP on to the workers.
     """
 
-    def __init__(self, config: Config, reactor: Any, root: Any, path: str | None) -> None:
-        """Hold the config and the root resource; no signal handling yet.
+    #: The services stopped first, in this order; the rest after them.
+    STOP_FIRST = (("web", "admin", "workers"), ("gateway",))
+
+    def __init__(
+        self, reactor: Any, reload: Callable[[str], bool] | None = None,
+        path: str | None = None,
+    ) -> None:
+        """Hold the reactor and the reload callable; no signal handling yet.
 
         Args:
-            config: The config in force.
             reactor: The reactor the daemon runs on.
-            root: The proxy's root resource (from ``build_resource``).
-            path: The config file, re-read on SIGHUP (None: no reloads).
+            reload: Called with ``path`` on SIGHUP; says whether the new
+                config was applied.
+            path: The config file (None: no reloads).
         """
         super().__init__()
-        self.config = config
         self.reactor = reactor
-        self.root = root
         self.path = path
         self.handle_signals = False
+        self._reload = reload
         self._previous: dict[int, Any] = {}
 
     def startService(self) -> None:
@@ -325,14 +312,14 @@ class Daemon(MultiService):
     def _reload_all(self) -> None:
         """Reload here, then pass SIGHUP on to the other workers."""
         self.reload()
-        workers = self._workers()
+        workers = self._named("workers")
         if workers is not None:
             workers.signal("HUP")
 
-    def _workers(self) -> Workers | None:
-        """The service running workers 2..N, if there is one."""
+    def _named(self, name: str) -> Any:
+        """The child service called ``name``, if there is one."""
         try:
-            return self.getServiceNamed("workers")
+            return self.getServiceNamed(name)
         except KeyError:
             return None
 
@@ -342,28 +329,12 @@ class Daemon(MultiService):
         Returns:
             Whether the new config was applied.
         """
-        if self.path is None:
+        if self._reload is None or self.path is None:
             return False
-        try:
-            config = load_config(self.path)
-            new_root = build_resource(config, self.reactor, metrics=self.root.metrics)
-        except ConfigError as e:
-            _log.error(
-                "config reload refused, the running config stays in force: {error}",
-                error=str(e),
-            )
-            return False
-        for key in ("listen", "admin_listen", "log", "demo_upstream", "workers"):
-            if getattr(config, key) != getattr(self.config, key):
-                _log.warn("config reload: {key} changes only on restart", key=key)
-        new_root.proxy.worker = self.root.proxy.worker
-        self.root.replace(new_root)
-        self.config = config
-        _log.info("config reloaded from {path}", path=self.path)
-        return True
+        return self._reload(self.path)
 
     def stopService(self) -> Deferred[None]:
-        """Stop listening and the workers, drain, then stop everything else.
+        """Stop the listeners and workers, then the gateway, then the rest.
 
         Returns:
             A Deferred that fires once every service has stopped.
@@ -371,38 +342,19 @@ class Daemon(MultiService):
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous = {}
-        listeners = []
-        for name in ("web", "admin"):
-            try:
-                listeners.append(maybeDeferred(self.getServiceNamed(name).stopService))
-            except KeyError:
-                pass
-        workers = self._workers()
-        if workers is not None:
-            listeners.append(maybeDeferred(workers.stopService))
-        stopped = gatherResults(listeners)
-        stopped.addCallback(lambda _: self._drain())
-        stopped.addCallback(lambda _: MultiService.stopService(self))
-        return stopped
+        Service.stopService(self)
+        stopped: Deferred[Any] = Deferred()
+        stopped.callback(None)
+        for names in self.STOP_FIRST:
+            stopped.addCallback(lambda _, names=names: self._stop_all(
+                [self._named(name) for name in names]
+            ))
+        stopped.addCallback(lambda _: self._stop_all(reversed(list(self))))
+        return stopped.addCallback(lambda _: None)
 
-    def _drain(self) -> Deferred[Any]:
-        """Wait (up to shutdown_grace) for requests in flight, then close them."""
-        proxies = self.root.proxies()
-        grace = self.config.shutdown_grace
-        if not any(p.inflight for p in proxies):
-            return succeed(None)
-        _log.info(
-            "stopped accepting; waiting up to {grace} s for requests in flight", grace=grace
-        )
-        drained = gatherResults([p.drain() for p in proxies])
-
-        def timed_out(failure: Failure) -> None:
-            failure.trap(CancelledError, TimeoutError)
-            _log.warn(
-                "shutdown_grace ({grace} s) is over: closing the requests still in flight",
-                grace=grace,
-            )
-            for proxy in proxies:
-                proxy.abort_inflight()
-
-        return drained.addTimeout(grace, self.reactor).addErrback(timed_out)
+    def _stop_all(self, services: Any) -> Deferred[Any]:
+        """Stop the running ones of ``services`` together."""
+        return gatherResults([
+            maybeDeferred(service.stopService)
+            for service in services if service is not None and service.running
+        ])

@@ -1,23 +1,26 @@
 """``workers: N``: the extra processes serving the first one's listening socket.
 
-The first process (twistd) listens and starts workers 2..N with
+:func:`main_process` builds the first (or only) process's daemon: with
+``workers`` above 1, it listens and starts workers 2..N with
 ``python -m llmproxy.workers --worker K --config FILE`` (:class:`Workers`).
 Each finds the listening socket on file descriptor :data:`WORKER_FD`, adopts
-it and runs the same daemon (:func:`worker_main`), writing its own log file
-(:func:`worker_log_file`). SIGHUP and SIGTERM received by the first process
-are passed on to them. Their metrics are summed through a directory the
-first process makes for the run (:class:`MetricsDirectory`).
+it and runs the same daemon (:func:`worker_main`), writing its own log file.
+SIGHUP and SIGTERM received by the first process are passed on to them.
+Their metrics are summed through a directory the first process makes for
+the run (:class:`MetricsDirectory`). The service trees themselves come from
+:func:`llmproxy.app.build_daemon`.
 """
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import os
 import shutil
 import sys
 import tempfile
 from collections.abc import MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
@@ -28,19 +31,17 @@ from twisted.logger import Logger, globalLogBeginner
 from twisted.python.failure import Failure
 
 from llmproxy import logs
-from llmproxy.config import ConfigError, load_config
-from llmproxy.daemon import one_line_exit
+from llmproxy.app import build_daemon, log_file_of
+from llmproxy.config import Config, ConfigError, load_config
+from llmproxy.daemon import Daemon, Listener, one_line_exit
 from llmproxy.metrics import MULTIPROC_DIR_ENV, forget_process, multiprocess_possible
-
-if TYPE_CHECKING:
-    from llmproxy.daemon import Listener
 
 __all__ = [
     "WORKER_FD",
     "MetricsDirectory",
     "Workers",
+    "main_process",
     "share_metrics",
-    "worker_log_file",
     "worker_main",
 ]
 
@@ -235,20 +236,44 @@ class Workers(Service):
         return gatherResults([w.ended for w in self.workers])
 
 
-def worker_log_file(path: str, worker: int) -> str:
-    """Worker N's log file: ``logs/llmproxy.log`` -> ``logs/llmproxy-worker2.log``.
+def main_process(config: Config, reactor: Any, path: str | None) -> Daemon:
+    """The first (or only) process's daemon.
+
+    With ``workers`` above 1: the run's metrics directory (made before any
+    instrument), the daemon, and workers 2..N started once it listens.
 
     Args:
-        path: The configured ``log.file``.
-        worker: The worker number (1 keeps the configured name).
+        config: The validated configuration.
+        reactor: The reactor to run on.
+        path: The config file (for reloads, and for the workers to load).
 
     Returns:
-        The file this worker writes (each rotates its own).
+        The daemon to run.
     """
-    if worker == 1:
-        return path
-    base, ext = os.path.splitext(path)
-    return f"{base}-worker{worker}{ext}"
+    if config.workers <= 1:
+        return build_daemon(config, reactor, path)
+    if path is None:
+        raise one_line_exit("workers > 1 needs the config file's path")
+    shared = share_metrics(config, reactor)
+    daemon = build_daemon(config, reactor, path)
+    if shared is not None:
+        # Stopped with the rest, after the workers have ended.
+        shared.setName("metrics-dir")
+        shared.setServiceParent(daemon)
+    gateway = daemon.getServiceNamed("gateway")
+    limits = gateway.proxies()[0].guard.limits
+    if limits is not None and not limits.shared:
+        _log.warn(
+            "workers: {workers} without rate_limit.store: each worker keeps its own "
+            "rate limits and budgets, so a client gets up to {workers} times its "
+            "limit; set rate_limit.store to share them (docs/operations.md)",
+            workers=config.workers,
+        )
+    spawner = Workers(reactor, daemon.getServiceNamed("web"), config.workers, path,
+                      shared.path if shared is not None else None)
+    spawner.setName("workers")
+    spawner.setServiceParent(daemon)
+    return daemon
 
 
 def worker_main(argv: list[str]) -> None:
@@ -257,11 +282,6 @@ def worker_main(argv: list[str]) -> None:
     Args:
         argv: The command-line arguments after the program name.
     """
-    import argparse
-
-    # Imported here: llmproxy.tap builds the service tree and imports this
-    # module for it.
-    from llmproxy.tap import build_service
     from twisted.internet import reactor
 
     parser = argparse.ArgumentParser(prog="python -m llmproxy.workers")
@@ -278,7 +298,7 @@ def worker_main(argv: list[str]) -> None:
         [logs.console_observer(config.log.level, access=config.log.console_access)],
         redirectStandardIO=False,
     )
-    daemon = build_service(config, reactor, args.config, worker=args.worker)
+    daemon = build_daemon(config, reactor, args.config, worker=args.worker, listen_fd=WORKER_FD)
     daemon.handle_signals = True
     daemon.privilegedStartService()
     reactor.callWhenRunning(daemon.startService)

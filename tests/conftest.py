@@ -16,7 +16,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from llmproxy.config import Config, parse_config_text
 from llmproxy.resolver import ResolvingReactor
 from llmproxy.testing.resolver import FakeResolver
-from llmproxy.web import build_resource, build_site
+from llmproxy.app import Gateway
+from llmproxy.web import build_site
 
 #: Seconds any single wait in a loopback test may take.
 WAIT = 10.0
@@ -135,6 +136,7 @@ class Proxies:
         self.ports: list[Any] = []
         self.sites: list[Any] = []
         self.roots: list[Any] = []
+        self.gateways: list[Gateway] = []
 
     async def start(self, config: Config | str, endpoint: str | None = None) -> str:
         """Serve ``config`` on 127.0.0.1; returns the proxy's base URL.
@@ -146,7 +148,10 @@ class Proxies:
         if isinstance(config, str):
             config = parse_config_text(config, environ={})
         wrapped = ResolvingReactor(self.reactor, self.resolver)
-        root = build_resource(config, wrapped)
+        gateway = Gateway(config, wrapped)
+        gateway.startService()
+        self.gateways.append(gateway)
+        root = gateway.resource
         site = build_site(config, self.reactor, root)
         if endpoint is None:
             listening = TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1")
@@ -162,8 +167,8 @@ class Proxies:
     async def close(self) -> None:
         for port in self.ports:
             await port.stopListening()
-        for root in self.roots:
-            await root.close()
+        for gateway in self.gateways:
+            await gateway.stopService()
 
 
 @pytest_twisted.async_yield_fixture

@@ -210,8 +210,6 @@ async def test_a_reload_applies_new_budgets_and_keeps_what_was_used(
     reactor, upstreams, proxies, client, access
 ) -> None:
     """SIGHUP's new root: the changed budget applies, the use so far counts."""
-    from llmproxy.web import build_resource
-
     _, base = await upstreams.start()
     proxy = await proxies.start(budget_config(base, tokens=TOKENS))
     url = proxy + "/v1/chat/completions"
@@ -220,9 +218,8 @@ async def test_a_reload_applies_new_budgets_and_keeps_what_was_used(
     await timeout(access.wait(1), reactor)
     response, _ = await fetch(client, reactor, url, CHAT, headers=bearer("key-a-secret"))
     assert response.code == 429
-    root = proxies.roots[-1]
     bigger = parse_config_text(budget_config(base, tokens=3 * TOKENS), environ={})
-    await root.replace(build_resource(bigger, reactor, metrics=root.metrics))
+    proxies.gateways[-1].reload(bigger)
     codes = []
     for i in range(3):
         response, _ = await fetch(client, reactor, url, CHAT, headers=bearer("key-a-secret"))

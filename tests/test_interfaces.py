@@ -13,12 +13,13 @@ from twisted.internet.interfaces import (
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver
 from twisted.web.client import URI
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
+from twisted.application.service import IService
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer
 from zope.interface.verify import verifyObject
 
 from llmproxy.config import parse_config_text
-from llmproxy.egress import BytesProducer, Egress
-from llmproxy.egress._connect import ConnectTunnelEndpoint
+from llmproxy.egress import ConnectTunnelEndpoint, Egress
+from llmproxy.proxy import BytesProducer, Watched
 from llmproxy.logs import RotatingJSONLog, console_observer
 from llmproxy.resolver import CachingResolver, ResolvingReactor
 from llmproxy.testing.resolver import FakeResolver
@@ -41,6 +42,8 @@ def cases(tmp_path: Any) -> list[tuple[Any, Any]]:
         (IHostnameResolver, FakeResolver()),
         (IReactorPluggableNameResolver, ResolvingReactor(clock, FakeResolver())),
         (IBodyProducer, BytesProducer(b"{}")),
+        (IAgent, e),
+        (IService, e),
         (IAgentEndpointFactory, e.direct_endpoints),
         (IAgentEndpointFactory, e.tunnel_endpoints),
         (IStreamClientEndpoint, ConnectTunnelEndpoint(clock, e.proxy_endpoint, "p:1", "h", 443, None, 1.0)),
@@ -65,13 +68,9 @@ def test_endpoints_are_made_once_per_destination() -> None:
     assert tunnel.endpointForURI(URI.fromBytes(b"https://a.test:80/y")) is not first
     for i in range(direct.MAX + 10):
         direct.endpointForURI(URI.fromBytes(b"http://h%d.test/" % i))
-        e.upstream(f"http://h{i}.test/")
     assert len(direct.table) == direct.MAX
-    assert len(e._upstreams) == e.MAX_CACHED
 
 
 def test_stream_watch_is_a_push_producer() -> None:
     """The client's producer wrapper is a push producer."""
-    from llmproxy.proxy import _Watched
-
-    assert IPushProducer.implementedBy(_Watched)
+    assert IPushProducer.implementedBy(Watched)

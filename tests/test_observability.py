@@ -13,7 +13,8 @@ from twisted.web.client import ResponseFailed
 
 from helpers import collect, fetch, raw_connect, send
 from llmproxy.config import parse_config_text
-from llmproxy.web import build_admin_resource, build_resource, build_site
+from llmproxy.app import Gateway
+from llmproxy.web import build_site
 
 WAIT = 10.0
 CHAT = {"model": "gpt-known", "messages": [{"role": "user", "content": "Hello there"}]}
@@ -37,10 +38,12 @@ async def served(reactor: Any, upstreams: Any) -> Any:
         f'model_routes:\n  "gpt-known": "{base}"\n  "claude-known": "{base}"\n',
         environ={},
     )
-    root = build_resource(config, reactor)
+    gateway = Gateway(config, reactor)
+    gateway.startService()
+    root = gateway.resource
     endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
     port = await endpoint.listen(build_site(config, reactor, root))
-    admin_port = await endpoint.listen(build_site(config, reactor, build_admin_resource(root)))
+    admin_port = await endpoint.listen(build_site(config, reactor, gateway.admin_resource()))
     yield (
         upstream,
         Served(
@@ -51,7 +54,7 @@ async def served(reactor: Any, upstreams: Any) -> Any:
     )
     await port.stopListening()
     await admin_port.stopListening()
-    await root.close()
+    await gateway.stopService()
 
 
 async def until_logged(reactor: Any, access: Any, count: int) -> None:

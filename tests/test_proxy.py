@@ -17,7 +17,8 @@ from twisted.web.resource import Resource
 
 from helpers import collect, fetch, header, raw_connect, send
 from llmproxy.config import parse_config_text
-from llmproxy.web import build_resource, build_site
+from llmproxy.app import Gateway
+from llmproxy.web import build_site
 
 WAIT = 10.0
 
@@ -475,7 +476,9 @@ async def test_mounted_under_a_prefix_beside_another_resource(
     """An existing twisted.web app can putChild the proxy under /llm/."""
     upstream, base = await upstreams.start()
     cfg = parse_config_text(config(target={"/v1/": base}), environ={})
-    llm = build_resource(cfg, reactor)
+    gateway = Gateway(cfg, reactor)
+    gateway.startService()
+    llm = gateway.resource
     app = Resource()
     app.putChild(b"llm", llm)
     app.putChild(b"hello", _Hello())
@@ -494,7 +497,7 @@ async def test_mounted_under_a_prefix_beside_another_resource(
         assert response.code == 200
     finally:
         await port.stopListening()
-        await llm.close()
+        await gateway.stopService()
 
 
 def test_generated_request_ids_are_unique_and_differ_after_fork() -> None:

@@ -26,7 +26,7 @@ from helpers import NeedleWaiter, collect, send
 from raw_http import Peer, http
 from llmproxy import daemon, tap
 from llmproxy.config import parse_config_text
-from llmproxy.tap import build_service
+from llmproxy.workers import main_process
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 20.0
@@ -89,7 +89,7 @@ def test_make_service_builds_the_service_tree(tmp_path: Path) -> None:
     service = tap.makeService(options)
     assert IServiceCollection.providedBy(service)
     names = [s.name for s in service]
-    assert names == ["log-file", "demo-upstream", "web", "admin", "upstream-pool"]
+    assert names == ["log-file", "demo-upstream", "gateway", "web", "admin"]
     assert all(IService.providedBy(s) for s in service)
 
 
@@ -98,8 +98,8 @@ def test_without_demo_upstream_no_demo_service() -> None:
     from twisted.internet import reactor
 
     config = parse_config_text((ROOT / "etc" / "config.yml").read_text(), environ={})
-    names = [s.name for s in build_service(config, reactor)]
-    assert names == ["log-file", "web", "admin", "upstream-pool"]
+    names = [s.name for s in main_process(config, reactor, None)]
+    assert names == ["log-file", "gateway", "web", "admin"]
 
 
 def test_bad_config_is_one_line_exit(tmp_path: Path) -> None:
@@ -122,7 +122,7 @@ def test_bad_listen_endpoint_is_one_line_exit() -> None:
         'listen: "bogus:8000"\ntarget_map: {"/": "http://127.0.0.1:1"}\n', environ={}
     )
     with pytest.raises(SystemExit) as raised:
-        build_service(config, reactor)
+        main_process(config, reactor, None)
     assert str(raised.value.code).startswith("llmproxy: config error: listen: ")
 
 

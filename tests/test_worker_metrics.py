@@ -20,7 +20,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from helpers import collect, fetch, send
 from llmproxy.config import parse_config_text
 from llmproxy.metrics import MULTIPROC_DIR_ENV, multiprocess_possible
-from llmproxy.tap import build_service
+from llmproxy.workers import main_process
 from llmproxy.workers import MetricsDirectory, share_metrics
 from test_tap import (
     ROOT, WAIT, demo_config, free_port, kill_if_running, spawn_twistd, terminate,
@@ -142,11 +142,11 @@ def test_one_worker_needs_no_metrics_directory(
     config = parse_config_text(ONE_WORKER, environ={})
     assert config.workers == 1
     assert share_metrics(config, reactor) is None
-    daemon = build_service(config, reactor, str(path))
+    daemon = main_process(config, reactor, str(path))
     assert "metrics-dir" not in [s.name for s in daemon]
     assert MULTIPROC_DIR_ENV not in os.environ
     assert metrics_dirs(tmp_path) == []
-    metrics = daemon.root.metrics
+    metrics = daemon.getServiceNamed("gateway").metrics
     assert metrics.multiprocess_dir is None
     metrics.started()
     metrics.observe({"route": "/v1/", "model": None, "upstream": "u", "status": 200})

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from llmproxy.config._dump import dump_config
 from llmproxy.config._model import (
     Config,
     ConfigError,
@@ -74,6 +75,7 @@ from llmproxy.config._values import (
 from llmproxy.config._yaml import _LOADER, _check_duplicates, _line_of
 
 __all__ = [
+    "dump_config",
     "Config",
     "ConfigError",
     "PoolConfig",

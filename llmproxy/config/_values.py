@@ -14,7 +14,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, quote, urlsplit
 
 from llmproxy.config._model import ConfigError
 
@@ -181,7 +181,28 @@ def _url(value: Any, path: str, schemes: tuple[str, ...] = ("http", "https")) ->
         )
     if parts.query:
         raise ConfigError(path, f"a base URL cannot have a ?query: {text!r}")
-    return text.rstrip("/")
+    return _normalized(parts, text, path)
+
+
+#: Bytes a base URL's path keeps; anything else is percent-encoded.
+_URL_PATH_SAFE = "/%:@!$&'()*+,;=-._~"
+
+
+def _normalized(parts: SplitResult, text: str, path: str) -> str:
+    """A base URL as requests are sent to it: ASCII, lower-case scheme and
+    host (IDNA for a non-ASCII name), the path percent-encoded, no trailing
+    slash."""
+    host = parts.hostname or ""
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ConfigError(path, f"not a valid host name in {text!r}") from None
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port is not None else ""
+    base_path = quote(parts.path, safe=_URL_PATH_SAFE)
+    return f"{parts.scheme.lower()}://{host}{port}{base_path}".rstrip("/")
 
 
 def _proxy_url(value: Any, path: str) -> str:

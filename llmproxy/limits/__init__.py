@@ -17,8 +17,28 @@ from __future__ import annotations
 from llmproxy.limits._address import client_ip
 from llmproxy.limits._keys import KeyStore, presented_key
 from llmproxy.limits._rate import RateLimiter, retry_after
+from llmproxy.limits._store import (
+    ALLOWED,
+    OK,
+    OVER_BUDGET,
+    RATE_LIMITED,
+    STORE_DOWN,
+    Limits,
+    MemoryStore,
+    Verdict,
+    budget_window,
+)
 
 __all__ = [
+    "ALLOWED",
+    "OK",
+    "OVER_BUDGET",
+    "RATE_LIMITED",
+    "STORE_DOWN",
+    "Limits",
+    "MemoryStore",
+    "Verdict",
+    "budget_window",
     "KeyStore",
     "RateLimiter",
     "client_ip",

@@ -21,6 +21,10 @@ from llmproxy.config import TimeoutsConfig
 from llmproxy.egress import TunnelError, TunnelTimeout
 
 
+class ResponseHeaderTimeout(Exception):
+    """The upstream sent no response head within ``timeouts.response_header``."""
+
+
 def error_body(message: str, type_: str, code: str, request_id: str) -> bytes:
     """Render an error in the OpenAI shape.
 
@@ -125,20 +129,20 @@ def send_error(
 _WRAPPERS = (ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed)
 
 
-def _causes(failure: Failure) -> list[Failure]:
+def causes(failure: Failure) -> list[Failure]:
     """The root failures inside Twisted's wrapper exceptions."""
     if failure.check(*_WRAPPERS):
         reasons = getattr(failure.value, "reasons", None) or []
-        found = [cause for reason in reasons for cause in _causes(reason)]
+        found = [cause for reason in reasons for cause in causes(reason)]
         if found:
             return found
     return [failure]
 
 
-def _describe_failure(failure: Failure) -> str:
+def describe_failure(failure: Failure) -> str:
     """One line about why an upstream exchange failed."""
     texts = []
-    for cause in _causes(failure):
+    for cause in causes(failure):
         value = cause.value
         text = " ".join(str(value).split()) or type(value).__name__
         if text not in texts:
@@ -146,41 +150,41 @@ def _describe_failure(failure: Failure) -> str:
     return "; ".join(texts)
 
 
-def _is_tls_failure(failure: Failure) -> bool:
+def is_tls_failure(failure: Failure) -> bool:
+    """Whether ``failure`` is a TLS error (handshake, certificate, name)."""
     return failure.check(SSL.Error, VerificationError) is not None
 
 
 def classify_failure(
-    failure: Failure, where: str | None, timed_out: bool, timeouts: TimeoutsConfig
+    failure: Failure, where: str | None, timeouts: TimeoutsConfig
 ) -> tuple[int, str, str]:
     """Map an upstream failure to the client's error.
 
     Args:
         failure: Why the attempt failed.
         where: The upstream's base URL, for the message.
-        timed_out: The response-header timeout cancelled the attempt.
         timeouts: The configured time limits, for the message.
 
     Returns:
         ``(status, code, message)``.
     """
-    if timed_out:
+    if failure.check(ResponseHeaderTimeout):
         return (
             504,
             "upstream_timeout",
             f"upstream {where} sent no response headers within "
             f"{timeouts.response_header:g} s",
         )
-    causes = _causes(failure)
-    for cause in causes:
+    found = causes(failure)
+    for cause in found:
         if cause.check(TunnelTimeout):
             return 504, "upstream_proxy_timeout", str(cause.value)
         if cause.check(TunnelError):
             return 502, "upstream_proxy_error", str(cause.value)
-        if _is_tls_failure(cause):
+        if is_tls_failure(cause):
             return 502, "upstream_tls_error", (
                 f"TLS to upstream {where} failed (bad or untrusted certificate?): "
-                f"{_describe_failure(cause)}"
+                f"{describe_failure(cause)}"
             )
         if cause.check(ierror.DNSLookupError):
             return 502, "upstream_dns_error", (
@@ -193,10 +197,10 @@ def classify_failure(
                 f"connecting to upstream {where} timed out after "
                 f"{timeouts.connect:g} s"
             )
-    if any(cause.check(ierror.ConnectError) for cause in causes):
+    if any(cause.check(ierror.ConnectError) for cause in found):
         return 502, "upstream_unreachable", (
-            f"upstream {where} is unreachable: {_describe_failure(failure)}"
+            f"upstream {where} is unreachable: {describe_failure(failure)}"
         )
     return 502, "upstream_failed", (
-        f"upstream {where} failed before responding: {_describe_failure(failure)}"
+        f"upstream {where} failed before responding: {describe_failure(failure)}"
     )

@@ -1,44 +1,78 @@
-"""One proxied request's state, its access record and its response body.
+"""One proxied request, from its arrival to its one access record.
 
-:class:`_Exchange` follows a request from render to its one access record;
-:class:`_StreamToClient` streams the upstream body to the client with the
-upstream connection as the client's producer (:class:`_Watched`).
+An :class:`Exchange` owns a request's whole life, in this order:
+
+1. **admit**: the client's key (401 if refused), then the rate limit and
+   the key's budget (429, or 503 when the shared store is down and
+   ``on_store_error`` is ``deny``), which a shared store answers later;
+2. **route**: the router's pool for the path and the body's ``model``
+   (404 without one), an alias's real model written into the body;
+3. **attempts**: each try is an :class:`~llmproxy.proxy._attempt.Attempt`
+   on one of the pool's URLs. A failure before the response's first byte
+   (no connection, no head in time, a ``retry_on`` status, a body that
+   breaks before its first byte) moves on to another URL, a fallback
+   model's pool, or a short ``Retry-After`` of the same URL, as far as the
+   route allows; otherwise the client gets an OpenAI-shaped error;
+4. **stream**: the response goes to the client as it arrives
+   (:class:`~llmproxy.proxy._stream.StreamToClient`);
+5. **finish**: :meth:`Exchange.finish` runs exactly once, with the outcome:
+   it settles the key's usage, logs the access record, counts the metrics
+   and tells the proxy resource the request is over.
+
+A client that leaves finishes the exchange at once (``client_closed``) and
+cancels whatever is under way upstream.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-from twisted.internet.interfaces import IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol
-from twisted.logger import Logger, LogLevel
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IResponse
 from twisted.web.server import Request
-from zope.interface import implementer
 
+from llmproxy.limits import (
+    OK,
+    OVER_BUDGET,
+    RATE_LIMITED,
+    KeyStore,
+    Limits,
+    Verdict,
+    client_ip,
+    presented_key,
+    retry_after,
+)
 from llmproxy.net import NetworkSet
-from llmproxy.limits import KeyStore
-from llmproxy.limits._store import Limits
-from llmproxy.logs import ACCESS_NAMESPACE
-from llmproxy.metrics import Metrics
-from llmproxy.proxy._errors import _describe_failure
+from llmproxy.proxy._access import emit, new_record
+from llmproxy.proxy._attempt import Attempt
+from llmproxy.proxy._errors import (
+    ResponseHeaderTimeout,
+    classify_failure,
+    describe_failure,
+    reason_phrase,
+    send_error,
+)
+from llmproxy.proxy._headers import (
+    ATTEMPTS_HEADER,
+    copy_response_headers,
+    header,
+    undo_response_headers,
+    upstream_headers,
+)
+from llmproxy.proxy._stream import StreamToClient
+from llmproxy.proxy._targets import upstream_retry_after, with_model
 from llmproxy.proxy._usage import UsageReader
+from llmproxy.routing import extract_model
 
-# The package's namespace, as before the split into modules.
+if TYPE_CHECKING:
+    from llmproxy.proxy._resource import ProxyResource
+
 log = Logger(namespace="llmproxy.proxy")
 
-_access = Logger(namespace=ACCESS_NAMESPACE)
-
-#: The access record's format for readable (console) output.
-ACCESS_FORMAT = (
-    "{method} {path} {status} {outcome} {latency_ms}ms model={model} "
-    "upstream={upstream} egress={egress} request_id={request_id}"
-)
+_USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
 @attrs.frozen
@@ -58,298 +92,392 @@ class Guard:
     limit_by_key: bool = False
 
 
-class _Exchange:
+class Exchange:
     """One proxied request, from render to its access record.
 
     Attributes:
+        request: The client's request.
+        rid: Its request id.
         record: The access record's fields, filled in as the request goes.
+        done: Whether :meth:`finish` ran (the client may still be sent the
+            rest of a response that failed upstream).
+        usage: Reads the response's token usage, if anyone wants it.
     """
 
     def __init__(
-        self,
-        request: Request,
-        rid: str,
-        path: bytes,
-        clock: IReactorTime,
-        metrics: Metrics | None,
-        access_log: bool = True,
+        self, proxy: ProxyResource, request: Request, rid: str, path: bytes,
+        target: bytes, body: bytes,
     ) -> None:
+        """Start following a request (nothing is sent yet: see :meth:`start`).
+
+        Args:
+            proxy: The proxy resource: its settings, and whom to tell when
+                the request is over.
+            request: The client's request.
+            rid: Its request id.
+            path: The routed path, encoded.
+            target: Path and query to append to an upstream's base URL.
+            body: The request body as received.
+        """
+        self.proxy = proxy
         self.request = request
-        self.access_log = access_log
         self.rid = rid
-        self.clock = clock
-        self.metrics = metrics
-        self.started = clock.seconds()
-        self.upstream: str | None = None
-        self.record: dict[str, Any] = {
-            "request_id": rid,
-            "client_ip": None,
-            "method": request.method.decode("ascii", "replace"),
-            "path": path.decode("utf-8", "replace"),
-            "route": None,
-            "model": None,
-            "upstream": None,
-            "status": None,
-            "bytes_in": 0,
-            "bytes_out": 0,
-            "stream": False,
-            "ttfb_ms": None,
-            "egress": None,
-            "address": None,
-        }
+        self.path = path
+        self.target = target
+        self.body = body
+        self.started = proxy.clock.seconds()
+        self.record = new_record(rid, request.method, path)
+        self.record["bytes_in"] = len(body)
+        if proxy.worker is not None:
+            self.record["worker"] = proxy.worker
+        self.done = False
+        self._gone = False
         self.usage: UsageReader | None = None
-        self.logged = False
-        self.client_gone = False
-        self.timed_out = False
-        self.timer: Any = None
-        self.pending: Any = None  # the attempt in flight (has cancel())
-        self.body: _StreamToClient | None = None
-        self.on_done: Any = None
-        # The attempts: which pool, which upstreams were tried, what is sent.
-        self.pool: Any = None
-        self.url: str | None = None
-        self.tried: set[str] = set()
-        self.attempts = 0
-        self.fallbacks: list[str] = []
-        self.waited = False
-        self.path = b""
-        self.query = b""
-        self.body_sent = b""
-        # The client's key (with its budget) and the limits that count it.
-        self.key: Any = None
-        self.limits: Any = None
-        # The upstream response's headers, copied to the client's (undone
-        # when its body fails before a byte reached the client).
-        self.upstream_headers: Any = None
-        if metrics is not None:
-            metrics.started()
+        # The key whose budget this request is counted against, if any.
+        self._key: Any = None
+        # The attempts: the pool, the URLs tried, what is left to try.
+        self._pool: Any = None
+        self._tried: set[str] = set()
+        self._attempts = 0
+        self._fallbacks: list[str] = []
+        self._waited = False
+        self._attempt: Attempt | None = None
+        self._retry_timer: Any = None
+        self._stream: StreamToClient | None = None
+        self._response: IResponse | None = None
+        if proxy.metrics is not None:
+            proxy.metrics.started()
+
+    # -- admit ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Check the client's key and limits, then route and send."""
+        request, guard = self.request, self.proxy.guard
+        request.notifyFinish().addErrback(self._client_left)
+        peer = getattr(request.getClientAddress(), "host", None)
+        client = self.record["client_ip"] = client_ip(peer, request.requestHeaders, guard.trusted)
+        key = None
+        if guard.keys is not None:
+            key = guard.keys.lookup(presented_key(request.requestHeaders))
+            if key is None:
+                self._answer_error(
+                    401, "a valid API key is required (Authorization: Bearer KEY or x-api-key)",
+                    "invalid_request_error", "invalid_api_key",
+                )
+                return
+            self.record["client_key"] = key.id
+            if key.name is not None:
+                self.record["key_name"] = key.name
+        limits = guard.limits
+        if limits is None:
+            self._route()
+            return
+        if key is not None and key.budget is not None:
+            self._key = key
+        bucket = key.id if guard.limit_by_key and key is not None else (client or "unknown")
+        verdict = limits.check(bucket, key)
+        if isinstance(verdict, Deferred):
+            # A shared store answers later (within rate_limit.store_timeout).
+            verdict.addCallback(self._admitted).addErrback(self.bug)
+        else:
+            self._admitted(verdict)
+
+    def _admitted(self, verdict: Verdict) -> None:
+        if self.done:
+            return
+        if verdict.outcome == OK:
+            self._route()
+            return
+        seconds = retry_after(verdict.wait)
+        self.request.responseHeaders.setRawHeaders(b"retry-after", [b"%d" % seconds])
+        if verdict.outcome == RATE_LIMITED:
+            if self.proxy.metrics is not None:
+                self.proxy.metrics.rate_limited.inc()
+            self._answer_error(429, f"rate limit exceeded: retry in {seconds} s",
+                               "rate_limit_error", "rate_limited")
+        elif verdict.outcome == OVER_BUDGET:
+            self._answer_error(
+                429, f"the token budget of key {self._key.name!r} is spent: it renews "
+                f"in {seconds} s", "insufficient_quota", "insufficient_quota",
+            )
+        else:
+            self._answer_error(503, "the rate limit store is not answering; try again shortly",
+                               "server_error", "limit_store_unavailable")
+
+    # -- route ---------------------------------------------------------------
+
+    def _route(self) -> None:
+        router = self.proxy.router
+        model = extract_model(self.body) if router.uses_model else None
+        self.record["model"] = model
+        route = router.route(self.path, model)
+        if route is None:
+            self._answer_error(
+                404, f"no route for path {self.path.decode('utf-8', 'replace')!r}",
+                "invalid_request_error", "route_not_found", code_in_record=False,
+            )
+            return
+        self.record["route"] = route.path_key
+        self._pool = route.pool
+        self._fallbacks = list(route.fallbacks)
+        if route.rewrite_model is not None:
+            self._switch_model(route.rewrite_model)
+        self._send()
+
+    def _switch_model(self, model: str) -> None:
+        """Send ``model`` upstream instead of the client's (alias, fallback)."""
+        self.body = with_model(self.body, model)
+        self.record["model"] = model
+
+    # -- attempts ------------------------------------------------------------
+
+    def _send(self, url: str | None = None) -> None:
+        """Send the request to the pool's next URL (or to ``url``)."""
+        self._retry_timer = None
+        if self.done:
+            return
+        proxy, pool = self.proxy, self._pool
+        if url is None:
+            url = pool.pick(exclude=self._tried)
+        self._tried.add(url)
+        self._attempts += 1
+        self.record["upstream"] = url
+        attempt = self._attempt = Attempt(pool, url)
+        headers = upstream_headers(self.request, self.rid, pool, proxy.guard.keys is not None)
+        agent = proxy.via_agents.get(pool.via, proxy.agent)
+        sent = attempt.send(
+            agent, self.request.method, url.encode("ascii") + self.target, headers,
+            self.body, proxy.timeouts.response_header, proxy.clock,
+        )
+        sent.addCallbacks(self._headed, self._failed, callbackArgs=(attempt,),
+                          errbackArgs=(attempt,))
+        sent.addErrback(self.bug)
+
+    def _another_try(self) -> bool:
+        """Whether another upstream is left; moves to a fallback's pool if
+        the route has one and this pool is used up."""
+        pool = self._pool
+        if len(self._tried) <= pool.retries and len(self._tried) < len(pool.urls):
+            return True
+        while self._fallbacks:
+            model = self._fallbacks.pop(0)
+            fallback = self.proxy.router.pool_for_model(model)
+            if fallback is None:
+                continue
+            log.info(
+                "request {request_id}: every upstream of {model} failed; falling back "
+                "to {fallback}",
+                request_id=self.rid, model=self.record.get("model"), fallback=model,
+            )
+            self._pool, self._tried = fallback, set()
+            self._switch_model(model)
+            self.record["fallback"] = True
+            if self.proxy.metrics is not None:
+                self.proxy.metrics.fallbacks.labels(model).inc()
+            return True
+        return False
+
+    def _count_failure(self, attempt: Attempt) -> None:
+        """Tell the pool ``attempt``'s upstream failed (counting an ejection)."""
+        if attempt.failed() and self.proxy.metrics is not None:
+            self.proxy.metrics.ejections.labels(attempt.url).inc()
+
+    def _retry(self, attempt: Attempt, reason: str) -> None:
+        log.info(
+            "request {request_id}: attempt {attempt} to {upstream} failed ({reason}); "
+            "trying another upstream",
+            request_id=self.rid, attempt=self._attempts, upstream=attempt.url, reason=reason,
+        )
+        if self.proxy.metrics is not None:
+            self.proxy.metrics.retries.labels(self.record["route"] or "none").inc()
+        self._send()
+
+    def _headed(self, response: IResponse, attempt: Attempt) -> None:
+        """The response head arrived: retry, wait, or pass it on."""
+        if self.done:
+            attempt.discard(response)
+            return
+        if response.code in self._pool.retry_on:
+            self._count_failure(attempt)
+            if self._another_try():
+                attempt.discard(response)
+                self._retry(attempt, f"status {response.code}")
+                return
+            wait = upstream_retry_after(response)
+            if wait is not None and wait <= self.proxy.max_retry_wait and not self._waited:
+                # Nobody else to ask: honour a short Retry-After, once.
+                self._waited = True
+                attempt.discard(response)
+                log.info("request {request_id}: {upstream} asked to retry in {wait} s",
+                         request_id=self.rid, upstream=attempt.url, wait=wait)
+                self._retry_timer = self.proxy.clock.callLater(wait, self._send, attempt.url)
+                return
+        else:
+            attempt.succeeded()
+        self._respond(response)
+
+    def _respond(self, response: IResponse) -> None:
+        """Start the client's response with the upstream's head and body."""
+        proxy, record = self.proxy, self.record
+        record["status"] = response.code
+        record["ttfb_ms"] = self.elapsed_ms()
+        record["egress"] = getattr(response, "egress", None)
+        record["address"] = getattr(response, "address", None)
+        content_type = header(response, b"content-type")
+        record["stream"] = bool(content_type) and content_type.lower().startswith(
+            b"text/event-stream"
+        )
+        if proxy.access_log or proxy.metrics is not None or self._key is not None:
+            self.usage = UsageReader(content_type, header(response, b"content-encoding"))
+        self.request.setResponseCode(
+            response.code, response.phrase or reason_phrase(response.code)
+        )
+        copy_response_headers(response, self.request, self.rid, self._attempts)
+        self._response = response
+        self._stream = StreamToClient(self, proxy.clock, proxy.timeouts.stream_idle)
+        response.deliverBody(self._stream)
+
+    def _failed(self, failure: Failure, attempt: Attempt, classified: Any = None) -> None:
+        """The attempt failed before the response's first byte."""
+        attempt.end()
+        if self.done:
+            if not failure.check(CancelledError):
+                log.debug("request {request_id} failed after its client left",
+                          request_id=self.rid)
+            return
+        status, code, message = classified or classify_failure(
+            failure, attempt.url, self.proxy.timeouts
+        )
+        self._count_failure(attempt)
+        # Not retried after the header timeout: the client waited long enough.
+        if not failure.check(ResponseHeaderTimeout) and self._another_try():
+            self._retry(attempt, message)
+            return
+        self.request.responseHeaders.setRawHeaders(ATTEMPTS_HEADER, [b"%d" % self._attempts])
+        log.warn("request {request_id} to {upstream} failed: {message}",
+                 request_id=self.rid, upstream=attempt.url, message=message)
+        self._answer_error(status, message, "upstream_error", code)
+
+    # -- stream --------------------------------------------------------------
+
+    def body_done(self) -> None:
+        """The response body ended whole: finish the client's response."""
+        self._stream = None
+        assert self._attempt is not None
+        self._attempt.end()
+        if self.done:
+            return
+        self.request.finish()
+        self.finish("ok")
+
+    def body_failed(self, reason: Failure, idled_out: bool) -> None:
+        """The response body broke off upstream.
+
+        Before any byte reached the client, that is still a failure before
+        the first byte (retried like one); after, the client's connection is
+        closed without the final chunk, so that it sees a truncated
+        response, never a complete-looking one.
+        """
+        self._stream = None
+        attempt = self._attempt
+        assert attempt is not None and self._response is not None
+        if not self.done and not self.request.startedWriting:
+            undo_response_headers(self._response, self.request)
+            self.record["status"] = None
+            self.usage = None
+            classified = None
+            if idled_out:
+                classified = (504, "upstream_timeout", (
+                    f"upstream {attempt.url} sent its response head, then no "
+                    f"body byte for {self.proxy.timeouts.stream_idle:g} s"
+                ))
+            self._failed(reason, attempt, classified)
+            return
+        attempt.end()
+        if self.done:
+            return
+        log.warn(
+            "upstream {upstream} broke off the response body of request "
+            "{request_id}: {reason}",
+            upstream=attempt.url, request_id=self.rid, reason=describe_failure(reason),
+        )
+        self.finish("upstream_aborted", "stream_idle" if idled_out else "upstream_aborted")
+        self.request.loseConnection()
+
+    # -- finish --------------------------------------------------------------
 
     def elapsed_ms(self) -> float:
         """Milliseconds since the request arrived."""
-        return round((self.clock.seconds() - self.started) * 1000.0, 3)
+        return round((self.proxy.clock.seconds() - self.started) * 1000.0, 3)
 
-    def log_done(self, outcome: str, error_code: str | None = None) -> None:
-        """Emit the request's one access record (once) and count it."""
-        if self.logged:
+    def finish(self, outcome: str, error_code: str | None = None) -> None:
+        """End the exchange, once: usage, access record, metrics.
+
+        Args:
+            outcome: ``ok``, ``error``, ``upstream_aborted`` or
+                ``client_closed``.
+            error_code: The error's code, for the record and the metrics.
+        """
+        if self.done:
             return
-        self.logged = True
-        record = self.record
+        self.done = True
+        proxy, record = self.proxy, self.record
         record["outcome"] = outcome
         record["latency_ms"] = self.elapsed_ms()
-        record["attempts"] = self.attempts
+        record["attempts"] = self._attempts
         if error_code is not None:
             record["error_code"] = error_code
         if self.usage is not None:
             usage = self.usage.finish()
-            for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            for name in _USAGE_FIELDS:
                 value = getattr(usage, name)
                 if value is not None:
                     record[name] = value
-            if self.key is not None and self.limits is not None and outcome != "error":
+            limits = proxy.guard.limits
+            if self._key is not None and limits is not None and outcome != "error":
                 if usage.prompt_tokens is None and usage.completion_tokens is None:
                     tokens = None
                 else:
                     tokens = (usage.prompt_tokens or 0) + (usage.completion_tokens or 0)
-                self.limits.record_usage(self.key, tokens)
-        if self.access_log:
-            # What Logger.info would emit, built directly: once per request.
-            event = dict(record)
-            event.update(
-                log_logger=_access,
-                log_level=LogLevel.info,
-                log_namespace=_access.namespace,
-                log_source=None,
-                log_format=ACCESS_FORMAT,
-                log_time=time.time(),
-            )
-            _access.observer(event)
-        if self.metrics is not None:
-            self.metrics.observe(record)
-        if self.on_done is not None:
-            self.on_done(self)
+                limits.record_usage(self._key, tokens)
+        if proxy.access_log:
+            emit(record)
+        if proxy.metrics is not None:
+            proxy.metrics.observe(record)
+        proxy.finished(self)
 
-    def on_client_gone(self, reason: Failure) -> None:
-        """The client closed its connection before we finished: stop paying."""
-        self.client_gone = True
-        self.log_done("client_closed")
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            pending.cancel()
-        if self.body is not None:
-            self.body.stop()
-
-
-class _StreamToClient(Protocol):
-    """Receives an upstream response body and writes it to the client.
-
-    The upstream connection is registered as the downstream request's
-    streaming producer, so a client that reads slowly pauses the upstream
-    socket.
-    """
-
-    def __init__(
-        self,
-        exchange: _Exchange,
-        clock: IReactorTime,
-        idle: float,
-        failed_early: Callable[[_Exchange, Failure, bool], object] | None = None,
+    def _answer_error(
+        self, status: int, message: str, type_: str, code: str, code_in_record: bool = True
     ) -> None:
-        """Set up the stream.
+        """Answer with an OpenAI-shaped error and finish."""
+        self.record["status"] = status
+        send_error(self.request, status, message, type_, code, self.rid)
+        self.finish("error", code if code_in_record else None)
 
-        Args:
-            exchange: The request.
-            clock: For the idle timer.
-            idle: Seconds the upstream may stay silent (``stream_idle``).
-            failed_early: Called as ``failed_early(exchange, reason,
-                idled_out)`` when the body fails before anything was sent
-                to the client (the head, then the upstream died): still a
-                failure before the first byte, which the caller may retry.
-                It takes over the pool's accounting.
-        """
-        self.exchange = exchange
-        self.failed_early = failed_early
-        self.request = exchange.request
-        self.producing = False
-        self.clock = clock
-        self.idle = idle
-        self.idle_timer: Any = None
-        # When the upstream last sent. The timer is lazy: a chunk only
-        # records the time, and the timer, when it fires, checks it and
-        # comes back later if the upstream was not silent for long enough
-        # (resetting a DelayedCall per chunk costs far more).
-        self.last = 0.0
-        self.idled_out = False
-
-    def connectionMade(self) -> None:
-        if self.exchange.client_gone:
-            self.transport.stopProducing()
+    def _client_left(self, reason: Failure) -> None:
+        """The client closed its connection before we finished: stop paying."""
+        self._gone = True
+        if self.done:
             return
-        self.request.registerProducer(_Watched(self.transport, self), True)
-        self.producing = True
-        self.watch()
+        self.finish("client_closed")
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+        if self._attempt is not None:
+            self._attempt.cancel()
+        if self._stream is not None:
+            self._stream.stop()
 
-    def watch(self) -> None:
-        """(Re)start the stream-idle timer: the upstream must send in time."""
-        self.last = self.clock.seconds()
-        if self.idle_timer is None:
-            self.idle_timer = self.clock.callLater(self.idle, self._check)
-
-    def unwatch(self) -> None:
-        """Stop the timer (while the client, not the upstream, is slow)."""
-        if self.idle_timer is not None and self.idle_timer.active():
-            self.idle_timer.cancel()
-        self.idle_timer = None
-
-    def _check(self) -> None:
-        """The timer fired: abort if the upstream was silent for ``idle`` s."""
-        self.idle_timer = None
-        quiet = self.clock.seconds() - self.last
-        if quiet < self.idle:
-            self.idle_timer = self.clock.callLater(self.idle - quiet, self._check)
+    def bug(self, failure: Failure) -> None:
+        """A bug in llmproxy: log it; answer 500 if nothing was sent yet."""
+        log.failure("bug while proxying request {request_id}", failure, request_id=self.rid)
+        request = self.request
+        if self._gone or request.finished:
             return
-        self._idle()
-
-    def _idle(self) -> None:
-        self.idle_timer = None
-        self.idled_out = True
-        log.warn(
-            "no byte from upstream {upstream} for {seconds} s: aborting the "
-            "response of request {request_id}",
-            upstream=self.exchange.upstream,
-            seconds=self.idle,
-            request_id=self.exchange.rid,
-        )
-        self.transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        exchange = self.exchange
-        self.last = self.clock.seconds()
-        if not exchange.client_gone:
-            exchange.record["bytes_out"] += len(data)
-            if exchange.usage is not None:
-                exchange.usage.feed(data)
-            self.request.write(data)
-
-    def stop(self) -> None:
-        """Close the upstream connection: nobody reads this response."""
-        if self.transport is not None:
-            self.transport.stopProducing()
-
-    def connectionLost(self, reason: Failure = None) -> None:
-        exchange = self.exchange
-        exchange.body = None
-        self.unwatch()
-        if self.producing:
-            self.producing = False
-            if not exchange.client_gone:
-                self.request.unregisterProducer()
-        done = isinstance(reason.value, (ResponseDone, PotentialDataLoss))
-        if (
-            not done
-            and not exchange.client_gone
-            and not self.request.startedWriting
-            and self.failed_early is not None
-        ):
-            # Nothing reached the client yet, not even the head: the
-            # upstream failed before the first byte after all.
-            self.failed_early(exchange, reason, self.idled_out)
-            return
-        if exchange.pool is not None and exchange.url is not None:
-            exchange.pool.finished(exchange.url)
-        if exchange.client_gone:
-            return
-        if done:
-            self.request.finish()
-            exchange.log_done("ok")
-            return
-        # The upstream died mid-body: close the client's connection without
-        # the final chunk so that it sees a truncated response, never a
-        # complete-looking one.
-        log.warn(
-            "upstream {upstream} broke off the response body of request "
-            "{request_id}: {reason}",
-            upstream=exchange.upstream,
-            request_id=exchange.rid,
-            reason=_describe_failure(reason),
-        )
-        exchange.log_done(
-            "upstream_aborted", "stream_idle" if self.idled_out else "upstream_aborted"
-        )
-        self.request.loseConnection()
-
-
-@implementer(IPushProducer)
-class _Watched:
-    """The upstream connection as the client's producer, minding idleness.
-
-    While the client's connection pauses the upstream (a slow reader), the
-    stream-idle timer stops: silence then is not the upstream's fault.
-    """
-
-    def __init__(self, producer: IPushProducer, stream: _StreamToClient) -> None:
-        self._producer = producer
-        self._stream = stream
-
-    def pauseProducing(self) -> None:
-        self._stream.unwatch()
-        self._producer.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        self._stream.watch()
-        self._producer.resumeProducing()
-
-    def stopProducing(self) -> None:
-        self._producer.stopProducing()
-
-
-class _Discard(Protocol):
-    """Throws an upstream response away (closing its connection)."""
-
-    def connectionMade(self) -> None:
-        self.transport.stopProducing()
-
-    def connectionLost(self, reason: Failure = None) -> None:
-        """Nothing to do: the body is not wanted."""
+        if not request.startedWriting:
+            self.record["status"] = 500
+            send_error(request, 500, "internal error in llmproxy", "server_error",
+                       "internal_error", self.rid)
+        else:
+            request.loseConnection()
+        self.finish("error", "internal_error")

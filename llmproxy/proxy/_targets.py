@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import TYPE_CHECKING
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
-if TYPE_CHECKING:
-    from llmproxy.egress import RoutedResponse
+from twisted.web.iweb import IResponse
+
+from llmproxy.proxy._headers import header
 
 _MAX_REQUEST_ID = 128
 
@@ -78,7 +78,7 @@ def _is_dot_segment(part: bytes) -> bool:
     return part.partition(b";")[0] in _DOT_SEGMENTS
 
 
-def _bad_target(uri: bytes, segments: list[bytes]) -> str | None:
+def bad_target(uri: bytes, segments: list[bytes]) -> str | None:
     """Why a request target must not be forwarded, or None if it is fine.
 
     Only origin-form targets (``/path?query``) are proxied: an absolute-form
@@ -127,23 +127,23 @@ _PATH_OK = re.compile(b"[A-Za-z0-9" + re.escape(_PATH_SAFE) + b"]*")
 _QUERY_OK = re.compile(b"[A-Za-z0-9" + re.escape(_QUERY_SAFE) + b"]*")
 
 
-def _safe_path(path: bytes) -> bytes:
+def safe_path(path: bytes) -> bytes:
     """Percent-encode bytes that may not appear raw in a URL path."""
     if _PATH_OK.fullmatch(path):
         return path
     return quote_from_bytes(path, safe=_PATH_SAFE).encode("ascii")
 
 
-def _safe_query(query: bytes) -> bytes:
+def safe_query(query: bytes) -> bytes:
     """Percent-encode bytes that may not appear raw in a URL query."""
     if _QUERY_OK.fullmatch(query):
         return query
     return quote_from_bytes(query, safe=_QUERY_SAFE).encode("ascii")
 
 
-def _retry_after(response: RoutedResponse) -> float | None:
+def upstream_retry_after(response: IResponse) -> float | None:
     """An upstream's Retry-After in seconds, if it sent a number."""
-    value = response.header(b"retry-after")
+    value = header(response, b"retry-after")
     try:
         seconds = float(value) if value is not None else None
     except ValueError:
@@ -151,7 +151,7 @@ def _retry_after(response: RoutedResponse) -> float | None:
     return seconds if seconds is not None and seconds >= 0 else None
 
 
-def _with_model(body: bytes, model: str) -> bytes:
+def with_model(body: bytes, model: str) -> bytes:
     """The JSON body with its ``model`` replaced (nothing else changes)."""
     try:
         document = json.loads(body)

@@ -25,8 +25,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from llmproxy.config import Config
-from llmproxy.proxy import request_id_for, send_error
-from llmproxy.proxy._errors import write_raw_error
+from llmproxy.proxy import request_id_for, send_error, write_raw_error
 
 __all__ = ["LLMProxySite", "build_site", "default_max_connections"]
 
@@ -241,7 +240,7 @@ class LLMProxySite(Site):
         self._last_logged: float | None = None
 
     def log(self, request: Request) -> None:
-        """Proxied requests log one event of their own (see proxy.py)."""
+        """Nothing: each proxied request logs one access record of its own."""
 
     def watch_port(self, port: Any) -> None:
         """Pause and resume ``port``'s accepting with the connection count."""
@@ -310,21 +309,18 @@ class LLMProxySite(Site):
             )
 
 
-def build_site(config: Config, reactor: Any, resource: Resource | None = None) -> LLMProxySite:
-    """Build the public Site.
+def build_site(config: Config, reactor: Any, resource: Resource) -> LLMProxySite:
+    """Build a Site serving ``resource`` with the config's client limits.
 
     Args:
         config: The validated configuration.
         reactor: The reactor.
-        resource: The root resource (default: ``build_resource``).
+        resource: The root resource (:class:`~llmproxy.web.RootResource`,
+            or the admin resource).
 
     Returns:
         The Site to listen with.
     """
-    if resource is None:
-        from llmproxy.web import build_resource
-
-        resource = build_resource(config, reactor)
     site = LLMProxySite(resource, reactor=reactor, timeout=config.timeouts.client_idle)
     site.max_body_bytes = config.max_body_bytes
     site.request_read = config.timeouts.request_read

@@ -1,0 +1,409 @@
+"""The outbound agent: one ``IAgent`` that decides, per request, how to leave.
+
+:class:`Egress` is what the proxy sends every upstream request through. Per
+request it decides (as Synapse's ``ProxyAgent`` does) whether the destination
+is reached directly or through ``proxy_url``, and sends the request with
+Twisted's client over one :class:`~twisted.web.client.HTTPConnectionPool`
+per way out, so that a direct connection and a proxied one to the same host
+never share a pool:
+
+- ``direct``: :meth:`Agent.usingEndpointFactory
+  <twisted.web.client.Agent.usingEndpointFactory>` with :class:`DirectEndpoints`
+  (``HostnameEndpoint`` over the caching resolver, TLS by
+  ``BrowserLikePolicyForHTTPS``);
+- ``proxy``, for ``http://`` upstreams: :class:`~twisted.web.client.ProxyAgent`
+  to the proxy, with ``Proxy-Authorization``;
+- ``tunnel``, for ``https://`` upstreams through the proxy: an Agent over
+  :class:`TunnelEndpoints` (TLS inside our CONNECT tunnel).
+
+Each response is a :class:`RoutedResponse` that says which way it went and
+where it connected. :class:`Egress` is also a Twisted service: stopping it
+closes the pools' idle connections.
+
+A request is never sent twice behind the caller's back: Twisted's Agent
+resends only a body-less idempotent request on a reused connection, and
+:meth:`Egress.request` resends only a request that provably never left
+(:class:`~twisted.web.client.RequestNotSent`).
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+from urllib.parse import unquote
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.logger import Logger
+from twisted.python.components import proxyForInterface
+from twisted.python.failure import Failure
+from twisted.web.client import URI, Agent, HTTPConnectionPool, ProxyAgent, RequestNotSent
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from llmproxy.config import Config
+from llmproxy.egress._connect import host_port
+from llmproxy.egress._endpoints import DirectEndpoints, TunnelEndpoints, tls_policy
+from llmproxy.egress._noproxy import NoProxy
+from llmproxy.net import NetworkSet, parse_ip
+from llmproxy.resolver import CachingResolver, ResolvingReactor
+
+log = Logger(namespace="llmproxy.egress")
+
+#: Seconds that closing the pools may take before the daemon stops anyway.
+CLOSE_TIMEOUT = 5.0
+
+DIRECT = "direct"
+PROXY = "proxy"
+
+#: The pools, one per way out.
+POOLS = ("direct", "proxy", "tunnel")
+
+
+class RoutedResponse(proxyForInterface(IResponse, "response")):  # type: ignore[misc]
+    """An upstream response that knows how it was reached.
+
+    Attributes:
+        response: Twisted's response.
+        egress: ``direct`` or ``proxy``.
+        address: ``host:port`` the connection went to: the upstream's when
+            direct, the proxy's otherwise.
+    """
+
+    def __init__(self, response: IResponse, egress: str, address: str) -> None:
+        self.response = response
+        self.egress = egress
+        self.address = address
+
+
+@attrs.frozen
+class _Origin:
+    """Where a request goes: scheme, host and port."""
+
+    scheme: bytes
+    host: str
+    port: int
+    address: str
+
+
+@attrs.frozen
+class _Proxy:
+    """The parsed ``proxy_url``."""
+
+    scheme: str
+    host: str
+    port: int
+    authorization: bytes | None
+
+    @property
+    def name(self) -> str:
+        return host_port(self.host, self.port)
+
+    @classmethod
+    def parse(cls, url: str) -> _Proxy:
+        scheme, _, rest = url.partition("://")
+        userinfo, at, hostport = rest.rpartition("@")
+        parsed = URI.fromBytes(f"{scheme}://{hostport.rstrip('/')}".encode())
+        authorization = None
+        if at:
+            user, _, password = userinfo.partition(":")
+            token = f"{unquote(user)}:{unquote(password)}".encode()
+            authorization = b"Basic " + base64.b64encode(token)
+        return cls(
+            scheme=scheme.lower(),
+            host=parsed.host.decode("ascii").strip("[]"),
+            port=parsed.port,
+            authorization=authorization,
+        )
+
+
+def _detached(d: Deferred[Any]) -> Deferred[Any]:
+    """A Deferred that can be cancelled without cancelling shared work.
+
+    Failures reach it too: nothing on the way is swallowed.
+    """
+    out: Deferred[Any] = Deferred()
+
+    def fire(result: Any) -> None:
+        if not out.called:
+            if isinstance(result, Failure):
+                out.errback(result)
+            else:
+                out.callback(result)
+
+    d.addBoth(fire)
+    return out
+
+
+def _origin_of(uri: bytes) -> bytes:
+    """``scheme://authority`` of an absolute URI."""
+    start = uri.find(b"//")
+    end = uri.find(b"/", start + 2) if start >= 0 else -1
+    return uri if end < 0 else uri[:end]
+
+
+@implementer(IAgent)
+class _Forced:
+    """An ``IAgent`` sending every request one way (a route's ``via``)."""
+
+    def __init__(self, egress: Egress, via: str) -> None:
+        self._egress = egress
+        self._via = via
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[RoutedResponse]:
+        """Send the request the forced way (see :meth:`Egress.request`)."""
+        return self._egress.request_via(self._via, method, uri, headers, bodyProducer)
+
+
+@implementer(IAgent)
+class Egress(Service):
+    """Outbound requests for one configuration: an ``IAgent`` and a service.
+
+    Attributes:
+        config: The configuration.
+        reactor: The reactor (timers, connections).
+        resolver: The caching resolver used to decide and to connect.
+        pools: The persistent pools by way out: ``direct``, ``proxy``
+            (http through the proxy) and ``tunnel`` (https through it).
+        direct_endpoints: The direct endpoint factory.
+        tunnel_endpoints: The tunnel endpoint factory (with a proxy_url).
+    """
+
+    #: Origins whose parsed form is kept.
+    MAX_ORIGINS = 1024
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        """Build the agents and their pools.
+
+        Args:
+            config: The validated configuration.
+            reactor: The reactor; its ``nameResolver`` answers the DNS
+                queries that the cache cannot.
+        """
+        self.setName("egress")
+        self.config = config
+        self.reactor = reactor
+        self.resolver = CachingResolver(reactor.nameResolver, reactor, ttl=config.dns_cache_ttl)
+        connecting = ResolvingReactor(reactor, self.resolver)
+        policy = tls_policy(config.tls)
+        self.pools = {name: self._pool() for name in POOLS}
+        timeout = config.timeouts.connect
+        self.direct_endpoints = DirectEndpoints(connecting, policy, timeout)
+        self._direct = Agent.usingEndpointFactory(
+            reactor, self.direct_endpoints, pool=self.pools["direct"]
+        )
+        self.no_proxy = NoProxy(config.no_proxy)
+        self.direct_networks = NetworkSet(config.direct_networks)
+        self._origins: dict[bytes, _Origin] = {}
+        self.proxy: _Proxy | None = None
+        self.tunnel_endpoints: TunnelEndpoints | None = None
+        if config.proxy_url is not None:
+            self.proxy = proxy = _Proxy.parse(config.proxy_url)
+            endpoint: IStreamClientEndpoint = HostnameEndpoint(
+                connecting, proxy.host, proxy.port, timeout=timeout
+            )
+            if proxy.scheme == "https":
+                creator = policy.creatorForNetloc(proxy.host.encode("ascii"), proxy.port)
+                endpoint = wrapClientTLS(creator, endpoint)
+            self.proxy_endpoint = endpoint
+            self._proxy_http = ProxyAgent(endpoint, reactor, pool=self.pools["proxy"])
+            self.tunnel_endpoints = TunnelEndpoints(
+                reactor, endpoint, proxy.name, proxy.authorization, policy, timeout
+            )
+            self._tunnel = Agent.usingEndpointFactory(
+                reactor, self.tunnel_endpoints, pool=self.pools["tunnel"]
+            )
+
+    def _pool(self) -> HTTPConnectionPool:
+        pool = HTTPConnectionPool(self.reactor, persistent=True)
+        pool.maxPersistentPerHost = self.config.pool.max_per_host
+        pool.cachedConnectionTimeout = self.config.pool.idle_timeout
+        return pool
+
+    def decide(self, host: str, via: str = "auto") -> Deferred[str]:
+        """Decide how to reach ``host``.
+
+        Args:
+            host: The upstream's host name or IP literal.
+            via: The route's override: ``auto``, ``direct`` or ``proxy``.
+
+        Returns:
+            Fires with ``direct`` or ``proxy``. Without a proxy_url, always
+            direct. With one: ``via`` wins; then no_proxy; then an IP
+            literal, or the addresses a name resolves to, inside
+            direct_networks means direct; a name that does not resolve goes
+            through the proxy (the proxy may know it).
+        """
+        if self.proxy is None or via == DIRECT:
+            return succeed(DIRECT)
+        if via == PROXY:
+            return succeed(PROXY)
+        host = host.strip("[]")
+        if self.no_proxy.matches(host):
+            return succeed(DIRECT)
+        ip = parse_ip(host)
+        if ip is not None:
+            return succeed(DIRECT if ip in self.direct_networks else PROXY)
+
+        def by_address(addresses: list[str]) -> str:
+            inside = any(a in self.direct_networks for a in addresses)
+            return DIRECT if inside else PROXY
+
+        return _detached(self.resolver.resolve(host)).addCallback(by_address)
+
+    def _origin(self, uri: bytes) -> _Origin:
+        """The parsed origin of ``uri`` (cached, bounded)."""
+        key = _origin_of(uri)
+        origin = self._origins.get(key)
+        if origin is None:
+            parsed = URI.fromBytes(key)
+            host = parsed.host.decode("ascii").strip("[]")
+            origin = _Origin(
+                scheme=parsed.scheme, host=host, port=parsed.port,
+                address=host_port(host, parsed.port),
+            )
+            if len(self._origins) >= self.MAX_ORIGINS:
+                self._origins.clear()
+            self._origins[key] = origin
+        return origin
+
+    def forced(self, via: str) -> IAgent:
+        """An agent sending every request one way: a route's ``via``.
+
+        Args:
+            via: ``auto``, ``direct`` or ``proxy``.
+
+        Returns:
+            The agent (for ``auto``, this egress itself).
+        """
+        return self if via == "auto" else _Forced(self, via)
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[RoutedResponse]:
+        """Send a request upstream, directly or through the proxy.
+
+        Args:
+            method: The HTTP method.
+            uri: The absolute URI (``http`` or ``https``).
+            headers: End-to-end request headers (Host and Content-Length
+                are the agent's; Proxy-Authorization is added here).
+            bodyProducer: The request body, if any.
+
+        Returns:
+            Fires with a :class:`RoutedResponse` once the head arrived, or
+            fails with why not (any error on the way included). Cancelling
+            stops the attempt.
+        """
+        return self.request_via("auto", method, uri, headers, bodyProducer)
+
+    def request_via(
+        self,
+        via: str,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[RoutedResponse]:
+        """:meth:`request`, the way ``via`` says (``auto``: decided per host)."""
+        try:
+            origin = self._origin(uri)
+        except Exception:
+            return fail()
+        headers = Headers() if headers is None else headers
+        if self.proxy is None or via == DIRECT:
+            return self._send(DIRECT, origin, method, uri, headers, bodyProducer)
+        decided = self.decide(origin.host, via)
+        return decided.addCallback(self._send, origin, method, uri, headers, bodyProducer)
+
+    def _send(
+        self,
+        way: str,
+        origin: _Origin,
+        method: bytes,
+        uri: bytes,
+        headers: Headers,
+        producer: IBodyProducer | None,
+    ) -> Deferred[RoutedResponse]:
+        if way == DIRECT:
+            agent: Any = self._direct
+            address = origin.address
+        else:
+            assert self.proxy is not None
+            address = self.proxy.name
+            if origin.scheme == b"https":
+                agent = self._tunnel
+            else:
+                agent = self._proxy_http
+                if self.proxy.authorization is not None:
+                    headers = headers.copy()
+                    headers.setRawHeaders(b"proxy-authorization", [self.proxy.authorization])
+
+        def unsent(failure: Failure) -> Deferred[RoutedResponse]:
+            # The pooled connection was found unusable before a byte of the
+            # request was written: it never left, so one more try is safe.
+            failure.trap(RequestNotSent)
+            log.debug("request to {address} not sent on a pooled connection; "
+                      "sending it on another", address=address)
+            return _attempt(agent, method, uri, headers, producer).addCallback(
+                RoutedResponse, way, address
+            )
+
+        return _attempt(agent, method, uri, headers, producer).addCallbacks(
+            RoutedResponse, unsent, callbackArgs=(way, address)
+        )
+
+    def stopService(self) -> Deferred[None]:
+        """Close every pool's idle connections (bounded in time).
+
+        Returns:
+            Fires when done.
+        """
+        super().stopService()
+        closing = [close_pool(pool, self.reactor) for pool in self.pools.values()]
+        return gatherResults(closing).addCallback(lambda _: None)
+
+
+def _attempt(
+    agent: IAgent, method: bytes, uri: bytes, headers: Headers,
+    producer: IBodyProducer | None,
+) -> Deferred[IResponse]:
+    """``agent.request``, with anything it raises as the Deferred's failure.
+
+    An endpoint that cannot be made (a TLS name the IDNA rules refuse, say)
+    raises inside ``Agent.request``.
+    """
+    try:
+        return agent.request(method, uri, headers, producer)
+    except Exception:
+        return fail()
+
+
+def close_pool(pool: HTTPConnectionPool, reactor: Any) -> Deferred[None]:
+    """Close a pool's idle connections, giving up after a few seconds.
+
+    Args:
+        pool: The pool to close.
+        reactor: For the time limit.
+
+    Returns:
+        Fires when the connections are closed or the time is up.
+    """
+    d = pool.closeCachedConnections()
+    d.addTimeout(CLOSE_TIMEOUT, reactor)
+    d.addErrback(lambda _: None)
+    return d
