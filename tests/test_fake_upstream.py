@@ -17,9 +17,11 @@ from helpers import NeedleWaiter
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.protocol import ProcessProtocol, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -36,6 +38,7 @@ from llmproxy.testing.upstream import (
     FakeUpstream,
     FakeUpstreamService,
     listen,
+    make_site,
 )
 
 T = TypeVar("T")
@@ -272,7 +275,12 @@ class _SlowReader(Protocol):
 
 @pytest_twisted.ensureDeferred
 async def test_body_bytes_backpressure(reactor: Any, served: Served) -> None:
-    """A client that stops reading leaves the body producer paused."""
+    """Over a real socket, a client that stops reading pauses the body
+    producer early; the whole body arrives once it reads again.
+
+    That the producer then stays paused is checked deterministically by
+    :func:`test_body_bytes_backpressure_in_memory`.
+    """
     upstream, port = served
     size = 64 * 1024 * 1024
     request = b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Fake-Body-Bytes: %d\r\n\r\n"
@@ -282,18 +290,98 @@ async def test_body_bytes_backpressure(reactor: Any, served: Served) -> None:
     await wait(reactor, connectProtocol(endpoint, reader))
     record = await arrived
     await wait(reactor, record.paused)
-    # Socket buffers take a few MB, then the producer must stay paused.
-    sent = -1
-    for _ in range(100):
-        if record.bytes_sent == sent:
-            break
-        sent = record.bytes_sent
-        await wait(reactor, deferLater(reactor, 0.05, lambda: None))
-    assert record.bytes_sent == sent < size // 2
+    # Socket buffers take a few MB, then the transport pushes back.
+    assert record.bytes_sent < size // 2
     reader.transport.resumeProducing()
     await wait(reactor, reader.lost, 60)
     assert await wait(reactor, record.done) == "finished"
     assert record.bytes_sent == size and reader.received > size
+
+
+class _FillingTransport(StringTransport):
+    """A StringTransport with a send buffer that fills up.
+
+    Past ``limit`` buffered bytes it pauses its producer, as a real
+    transport does when its send buffer is full; :meth:`drain` empties the
+    buffer (the peer read it all) and resumes the producer. Everything
+    written stays in :meth:`value`.
+
+    Attributes:
+        limit: The buffered bytes at which the producer is paused.
+        buffered: Bytes written since the last drain.
+        full: Whether the producer is paused for a full buffer.
+    """
+
+    def __init__(self, limit: int) -> None:
+        """Start empty.
+
+        Args:
+            limit: The buffered bytes at which the producer is paused.
+        """
+        super().__init__()
+        self.limit = limit
+        self.buffered = 0
+        self.full = False
+
+    def write(self, data: bytes) -> None:
+        """Buffer ``data``; pause the producer once the buffer is full.
+
+        Args:
+            data: The bytes.
+        """
+        super().write(data)
+        self.buffered += len(data)
+        if not self.full and self.buffered >= self.limit and self.producer is not None:
+            self.full = True
+            self.producer.pauseProducing()
+
+    def drain(self) -> None:
+        """The peer read everything: resume the producer."""
+        self.buffered = 0
+        if self.full:
+            self.full = False
+            self.producer.resumeProducing()
+
+
+def test_body_bytes_backpressure_in_memory() -> None:
+    """Once the transport stops taking bytes, the body producer is paused
+    and writes nothing, however much time passes, until it is resumed.
+
+    The fake's site runs on a Clock and a transport whose send buffer
+    fills: it pushes back by pausing the producer registered with it (the
+    HTTP channel), which must pause the body producer.
+    """
+    clock = Clock()
+    upstream = FakeUpstream(clock)
+    protocol = make_site(clock, upstream).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = _FillingTransport(limit=300_000)
+    protocol.makeConnection(transport)
+    size = 5 * 1024 * 1024 + 7
+    protocol.dataReceived(
+        b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"X-Fake-Content-Length: 1\r\nX-Fake-Body-Bytes: %d\r\n\r\n" % size
+    )
+    (record,) = upstream.requests
+    clock.advance(0)
+    assert transport.full and record.paused.called
+    sent, written = record.bytes_sent, len(transport.value())
+    assert 300_000 <= sent < 400_000
+    for _ in range(20):
+        clock.advance(0.5)
+        assert (record.bytes_sent, len(transport.value())) == (sent, written)
+    assert not record.done.called
+
+    transport.limit = size * 2
+    transport.drain()
+    assert len(transport.value()) == written, "resumed from the next reactor turn"
+    clock.advance(0)
+    outcomes: list[str] = []
+    record.done.addCallback(outcomes.append)
+    assert outcomes == ["finished"]
+    assert record.bytes_sent == size
+    head, body = transport.value().split(b"\r\n\r\n", 1)
+    assert b"\r\ncontent-length: %d" % size in head.lower()
+    assert body == (bytes(range(256)) * (size // 256 + 1))[:size]
 
 
 @pytest_twisted.ensureDeferred

@@ -8,14 +8,16 @@ import itertools
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import (
     ILogObserver,
     Logger,
@@ -26,7 +28,9 @@ from twisted.logger import (
     formatEvent,
     globalLogPublisher,
 )
+from twisted.python.failure import Failure
 from twisted.python.threadable import isInIOThread
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from llmproxy.logs import (
@@ -42,6 +46,8 @@ from llmproxy.logs import (
 
 #: Seconds any wait may take.
 WAIT = 10
+
+T = TypeVar("T")
 
 
 def _backups(folder: Path, base: str = "llmproxy.log") -> list[Path]:
@@ -121,6 +127,148 @@ def _event(i: int, payload: str = "", level: LogLevel = LogLevel.info) -> dict:
         "id": i,
         "payload": payload,
     }
+
+
+def _result(d: Deferred[T]) -> T:
+    """The result of a Deferred that must have fired, checked synchronously.
+
+    Args:
+        d: A Deferred.
+
+    Returns:
+        Its result.
+
+    Raises:
+        AssertionError: It has not fired, or it failed.
+    """
+    results: list[T] = []
+    failures: list[Failure] = []
+    d.addCallbacks(results.append, failures.append)
+    assert not failures, failures[0].getTraceback()
+    assert results, "the Deferred has not fired"
+    return results[0]
+
+
+class _HandDrivenPool:
+    """A thread pool whose jobs wait until the test runs them.
+
+    Has the one method ``deferToThreadPool`` calls,
+    ``callInThreadWithCallback``; :meth:`run_job` runs the oldest queued
+    job on the caller's thread.
+
+    Attributes:
+        reactor: Where results go, as a pool thread would send them.
+        jobs: Queued jobs, oldest first: each a result callback, a
+            function and its arguments.
+        most_jobs: The most jobs ever queued at once.
+        jobs_run: How many jobs have run.
+    """
+
+    def __init__(self, reactor: IReactorFromThreads) -> None:
+        """Start with no jobs.
+
+        Args:
+            reactor: Receives each job's result through ``callFromThread``.
+        """
+        self.reactor = reactor
+        self.jobs: list[tuple[Callable[[bool, Any], None], Callable[..., Any], tuple, dict]] = []
+        self.most_jobs = 0
+        self.jobs_run = 0
+
+    def callInThreadWithCallback(
+        self,
+        onResult: Callable[[bool, Any], None],
+        func: Callable[..., Any],
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        """Queue ``func(*args, **kwargs)``; ``onResult`` gets its outcome.
+
+        Args:
+            onResult: Called with ``(True, result)`` or ``(False, failure)``.
+            func: The job.
+            *args: Its positional arguments.
+            **kwargs: Its keyword arguments.
+        """
+        self.jobs.append((onResult, func, args, kwargs))
+        self.most_jobs = max(self.most_jobs, len(self.jobs))
+
+    def run_job(self) -> bool:
+        """Run the oldest queued job, as a pool thread would.
+
+        Returns:
+            Whether there was a job to run.
+        """
+        if not self.jobs:
+            return False
+        onResult, func, args, kwargs = self.jobs.pop(0)
+        self.jobs_run += 1
+        try:
+            result = func(*args, **kwargs)
+        except BaseException:
+            onResult(False, Failure())
+        else:
+            onResult(True, result)
+        return True
+
+
+@implementer(IReactorFromThreads)
+class _HandDrivenThreads:
+    """A reactor's thread side, run by hand: the observer's ``reactor``.
+
+    ``callFromThread`` queues calls and :attr:`pool` queues jobs; nothing
+    runs until the test says, so a test chooses exactly when compression
+    jobs start and finish between writes.
+
+    Attributes:
+        calls: Calls queued by ``callFromThread``, oldest first.
+        pool: The thread pool ``getThreadPool`` returns.
+    """
+
+    def __init__(self) -> None:
+        """Start with nothing queued."""
+        self.calls: list[tuple[Callable[..., object], tuple, dict]] = []
+        self.pool = _HandDrivenPool(self)
+
+    def callFromThread(self, f: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+        """Queue ``f(*args, **kwargs)`` for :meth:`run_calls`.
+
+        Args:
+            f: The call.
+            *args: Its positional arguments.
+            **kwargs: Its keyword arguments.
+        """
+        self.calls.append((f, args, kwargs))
+
+    def getThreadPool(self) -> _HandDrivenPool:
+        """The pool the observer's compression jobs go to.
+
+        Returns:
+            :attr:`pool`.
+        """
+        return self.pool
+
+    def run_calls(self) -> None:
+        """Run the queued calls, and those they queue, as the reactor would."""
+        while self.calls:
+            f, args, kwargs = self.calls.pop(0)
+            f(*args, **kwargs)
+
+    def step(self) -> bool:
+        """Start what is due, run one job, and hand its result back.
+
+        Returns:
+            Whether a job ran.
+        """
+        self.run_calls()
+        ran = self.pool.run_job()
+        self.run_calls()
+        return ran
+
+    def run_all(self) -> None:
+        """Step until no call and no job is left."""
+        while self.step():
+            pass
 
 
 def test_provides_ilogobserver(tmp_path: Path) -> None:
@@ -212,27 +360,66 @@ def test_unserialisable_events_still_make_lines(tmp_path: Path) -> None:
     assert "log_flattened" not in bad_events[0]
 
 
-@pytest_twisted.ensureDeferred
-async def test_rotation_under_load_loses_nothing(tmp_path: Path, reactor: Any) -> None:
-    """Rotating while compressing: every line lands once, whole, in order."""
+def test_hand_driven_threads_provide_ireactorfromthreads() -> None:
+    """The tests' fake thread side declares and implements its interface."""
+    assert verifyObject(IReactorFromThreads, _HandDrivenThreads())
+
+
+def test_rotation_under_load_loses_nothing(tmp_path: Path) -> None:
+    """Rotating while compressing: every line lands once, whole, in order.
+
+    Compression jobs start and finish between writes, several rotations
+    pile up behind a running job, and each job's compressor itself sees
+    more events logged (and files rotated) while it works, as other
+    threads would log.
+    """
+    threads = _HandDrivenThreads()
+    count = 2000
+    written = 0
+    rotated_mid_job = 0
+
+    def emit() -> None:
+        """Log the next id, until ``count`` are written."""
+        nonlocal written
+        if written < count:
+            observer(_event(written, "p" * (written % 97)))
+            written += 1
+
+    def compressor(source: str, target: str) -> None:
+        """Gzip while events keep coming (and the live file rotating)."""
+        nonlocal rotated_mid_job
+        kicks = len(threads.calls)  # a rotation queues one
+        emit()
+        gzip_file(source, target)
+        emit()
+        rotated_mid_job += len(threads.calls) > kicks
+
     observer = RotatingJSONLog(
         str(tmp_path / "llmproxy.log"),
         max_bytes=2000,
         backups=100_000,
         compress=True,
-        reactor=reactor,
+        reactor=threads,
+        compressor=compressor,
     )
-    count = 2000
-    for i in range(count):
-        observer(_event(i, "p" * (i % 97)))
-        if i % 25 == 0:
-            # Let compression jobs finish and new ones start between writes.
-            await deferLater(reactor, 0, lambda: None)
-    await observer.close().addTimeout(WAIT, reactor)
+    for turn in itertools.count(1):
+        if written == count:
+            break
+        emit()
+        if turn % 25 == 0:
+            # One job finishes and the next starts between writes.
+            threads.step()
+    assert threads.pool.jobs_run > 50
+    assert rotated_mid_job > 10
+    assert threads.pool.jobs or threads.calls, "rotations are waiting to be compressed"
+    closed = observer.close()
+    threads.run_all()
+    _result(closed)
 
     assert _all_ids(tmp_path) == list(range(count))
     backups = _backups(tmp_path)
     assert len(backups) > 50
+    assert threads.pool.jobs_run == len(backups)
     assert all(b.name.endswith(".gz") for b in backups)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     for backup in backups:
@@ -240,22 +427,29 @@ async def test_rotation_under_load_loses_nothing(tmp_path: Path, reactor: Any) -
     assert observer.dropped == 0
 
 
-@pytest_twisted.ensureDeferred
-async def test_backup_count_is_capped(tmp_path: Path, reactor: Any) -> None:
-    """With backups=3 exactly the three newest backups remain."""
+def test_backup_count_is_capped(tmp_path: Path) -> None:
+    """With backups=3 exactly the three newest backups remain.
+
+    Each compression job prunes when it ends: right after one, at most
+    three backups are on disk however many rotations came before it.
+    """
+    threads = _HandDrivenThreads()
     observer = RotatingJSONLog(
         str(tmp_path / "llmproxy.log"),
         max_bytes=600,
         backups=3,
         compress=True,
-        reactor=reactor,
+        reactor=threads,
     )
     count = 300
     for i in range(count):
         observer(_event(i, "q" * 50))
-        if i % 10 == 0:
-            await deferLater(reactor, 0, lambda: None)
-    await observer.close().addTimeout(WAIT, reactor)
+        if i % 10 == 0 and threads.step():
+            assert len(_backups(tmp_path)) <= 3
+    assert threads.pool.jobs_run > 10
+    closed = observer.close()
+    threads.run_all()
+    _result(closed)
 
     backups = _backups(tmp_path)
     assert len(backups) == 3
@@ -289,24 +483,73 @@ async def test_compress_false_keeps_plain_backups(tmp_path: Path, reactor: Any) 
     assert ids == list(range(ids[0], 100))
 
 
+def test_compression_jobs_run_one_at_a_time(tmp_path: Path) -> None:
+    """However many rotations ask, one job is in the pool at a time.
+
+    The next one starts only when the running one has handed its result
+    back, oldest backup first.
+    """
+    threads = _HandDrivenThreads()
+    compressed: list[str] = []
+
+    def compressor(source: str, target: str) -> None:
+        """Record the backup, then gzip."""
+        compressed.append(os.path.basename(source))
+        gzip_file(source, target)
+
+    observer = RotatingJSONLog(
+        str(tmp_path / "llmproxy.log"),
+        max_bytes=300,
+        backups=1000,
+        compress=True,
+        reactor=threads,
+        compressor=compressor,
+    )
+    for i in range(200):
+        observer(_event(i, "s" * 30))
+    rotations = len(_backups(tmp_path))
+    assert rotations > 20
+    threads.run_calls()
+    assert len(threads.pool.jobs) == 1
+    while threads.pool.run_job():
+        assert threads.pool.jobs == []
+        threads.run_calls()
+        assert len(threads.pool.jobs) <= 1
+    closed = observer.close()
+    threads.run_all()
+    _result(closed)
+
+    assert threads.pool.most_jobs == 1
+    assert len(compressed) == rotations == len(_backups(tmp_path))
+    assert compressed == sorted(compressed)
+    assert _all_ids(tmp_path) == list(range(200))
+
+
 @pytest_twisted.ensureDeferred
-async def test_compression_runs_off_the_reactor_thread_one_at_a_time(
+async def test_compression_runs_in_a_pool_thread_while_writing_goes_on(
     tmp_path: Path, reactor: Any
 ) -> None:
-    """The compressor runs in a pool thread, and never two jobs at once."""
+    """On the reactor's real pool: the compressor runs off the reactor thread,
+    one job at a time, and logging goes on (rotating) while a job runs."""
     calls: list[tuple[threading.Thread, bool]] = []
     running = 0
     most = 0
     lock = threading.Lock()
+    started: Deferred[None] = Deferred()
+    gate = threading.Event()
 
     def compressor(source: str, target: str) -> None:
-        """Record the thread and the concurrency, then gzip."""
+        """Record the thread and the concurrency; hold the first job; gzip."""
         nonlocal running, most
         with lock:
             running += 1
             most = max(most, running)
-        try:
+            first = not calls
             calls.append((threading.current_thread(), isInIOThread()))
+        try:
+            if first:
+                reactor.callFromThread(started.callback, None)
+                gate.wait(WAIT)
             gzip_file(source, target)
         finally:
             with lock:
@@ -320,18 +563,26 @@ async def test_compression_runs_off_the_reactor_thread_one_at_a_time(
         reactor=reactor,
         compressor=compressor,
     )
-    for i in range(200):
-        observer(_event(i, "s" * 30))
-        if i % 5 == 0:
-            await deferLater(reactor, 0, lambda: None)
+    try:
+        for i in range(10):
+            observer(_event(i, "s" * 30))
+        await started.addTimeout(WAIT, reactor)
+        # The first job is running in a pool thread: writing goes on.
+        before = len(_backups(tmp_path))
+        for i in range(10, 200):
+            observer(_event(i, "s" * 30))
+        assert len(_backups(tmp_path)) > before + 20
+        assert len(calls) == 1
+    finally:
+        gate.set()
     await observer.close().addTimeout(WAIT, reactor)
 
-    assert calls
     assert isInIOThread()
     assert all(thread is not threading.current_thread() for thread, _ in calls)
     assert not any(in_io for _, in_io in calls)
     assert most == 1
     assert len(calls) == len(_backups(tmp_path))
+    assert all(b.name.endswith(".gz") for b in _backups(tmp_path))
     assert _all_ids(tmp_path) == list(range(200))
 
 

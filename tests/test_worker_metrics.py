@@ -14,7 +14,7 @@ import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from helpers import collect, fetch, send
@@ -28,6 +28,9 @@ from test_tap import (
 
 #: Requests sent through the two workers.
 REQUESTS = 200
+
+#: What starts an access record printed on stdout.
+ACCESS_LINE = b"[llmproxy.access#info]"
 
 ONE_WORKER = """\
 listen: "tcp:0:interface=127.0.0.1"
@@ -72,7 +75,9 @@ async def test_metrics_sum_over_two_workers(
     port, demo_port, admin_port = free_port(), free_port(), free_port()
     config = demo_config(
         tmp_path / "config.yml", port, demo_port,
-        f'workers: 2\nadmin_listen: "tcp:{admin_port}:interface=127.0.0.1"\n',
+        f'workers: 2\nadmin_listen: "tcp:{admin_port}:interface=127.0.0.1"\n'
+        # Access records on stdout too: the test waits for them there.
+        "log: {console_access: true}\n",
     )
     # The daemon makes its metrics directory in $TMPDIR: here, to watch it.
     tmp = tmp_path / "tmp"
@@ -101,15 +106,17 @@ async def test_metrics_sum_over_two_workers(
             ).addTimeout(WAIT, reactor)
             assert set(codes) == {200}
         # Each request is counted as it finishes, a moment after its last
-        # byte reached us: scrape (bounded) until all are.
-        samples: dict[tuple[str, tuple], float] = {}
-        for _ in range(100):
-            response, body = await fetch(agent, reactor, admin, method=b"GET")
-            assert response.code == 200
-            samples = parse(body.decode())
-            if total(samples, "llmproxy_requests_total") >= REQUESTS:
-                break
-            await deferLater(reactor, 0.05, lambda: None)
+        # byte reached us, by the worker that served it, right after that
+        # worker prints its access record: wait for every record, then for
+        # both workers to handle a later event (SIGHUP, passed on from
+        # worker 1 to worker 2, reloads the unchanged config on each), so
+        # that every count is in before the one scrape.
+        await process.wait_for(ACCESS_LINE, REQUESTS).addTimeout(WAIT, reactor)
+        process.transport.signalProcess("HUP")
+        await process.wait_for(b"config reloaded from", 2).addTimeout(WAIT, reactor)
+        response, body = await fetch(agent, reactor, admin, method=b"GET")
+        assert response.code == 200
+        samples = parse(body.decode())
         counts = access_records(tmp_path / "logs")
         assert all(counts), f"both workers served: {counts}"
         assert sum(counts) == REQUESTS

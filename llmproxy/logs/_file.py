@@ -101,9 +101,13 @@ class RotatingJSONLog:
             max_bytes: Rotate before the file would grow past this size.
             backups: Rotated files to keep (0 keeps none).
             compress: Gzip rotated files in the reactor's thread pool.
-            reactor: Provides ``callFromThread`` and ``getThreadPool``;
-                used only with ``compress``, and then compression needs a
-                running reactor.
+            reactor: Provides ``callFromThread`` (the way back to the
+                reactor thread) and ``getThreadPool`` (where compression
+                jobs run: anything with ThreadPool's
+                ``callInThreadWithCallback``, so a test can run them when
+                it chooses); used only with ``compress``, and then
+                compression needs a running reactor (or whatever runs
+                those calls).
             compressor: Compresses ``source`` to ``target`` (blocking); runs
                 in the thread pool.
             now: The wall clock used for backup names.
