@@ -1,4 +1,4 @@
-"""Prometheus instruments, and the resource that serves them.
+"""Prometheus instruments (served by :class:`llmproxy.web.MetricsResource`).
 
 Every instrument lives in one :class:`Metrics` object with its own
 ``CollectorRegistry``, so that several proxies in one process (tests, an
@@ -28,22 +28,14 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
-
 from llmproxy.config import Config
 
 if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
     from prometheus_client.core import CounterMetricFamily
 
 __all__ = [
     "MULTIPROC_DIR_ENV",
     "Metrics",
-    "MetricsResource",
     "forget_process",
     "multiprocess_possible",
 ]
@@ -53,8 +45,6 @@ __all__ = [
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
-
-_log = Logger()
 
 
 def multiprocess_possible() -> bool:
@@ -153,7 +143,7 @@ class Metrics:
 
     Attributes:
         registry: The registry holding them (serve it with
-            :class:`MetricsResource`).
+            :class:`llmproxy.web.MetricsResource`).
         requests: Requests answered, by route, model, upstream, status class.
         duration: Time to the response's last byte, by route and model.
         ttfb: Time to the upstream's response headers, by route, model and
@@ -367,74 +357,3 @@ class Metrics:
         count = record.get("completion_tokens")
         if count:
             completion.inc(count)
-
-
-class MetricsResource(Resource):
-    """Serves a registry in Prometheus' text format, rendered off the reactor.
-
-    The format follows the scraper's ``Accept`` header
-    (prometheus_client's ``choose_encoder``: Prometheus' text format by
-    default, OpenMetrics when asked). Encoding runs every collector, which takes time proportional
-    to the number of series, so it runs in the reactor's thread pool and the
-    request is answered when it is done. A client that leaves first gets
-    nothing written to its finished request.
-    """
-
-    isLeaf = True
-
-    def __init__(self, registry: CollectorRegistry, reactor: Any) -> None:
-        """Serve ``registry``.
-
-        Args:
-            registry: The registry to expose.
-            reactor: The reactor (an ``IReactorThreads``) whose thread pool
-                renders the exposition.
-        """
-        super().__init__()
-        self.registry = registry
-        self.reactor = reactor
-
-    def render_GET(self, request: Request) -> int:
-        """Start rendering the registry; answer when it is ready.
-
-        Args:
-            request: The scrape.
-
-        Returns:
-            ``NOT_DONE_YET``: the response is written from a callback.
-        """
-        finished: list[bool] = []
-
-        def gone(reason: Failure | None) -> None:
-            # Fired once: by request.finish() or by the client leaving.
-            finished.append(True)
-
-        request.notifyFinish().addBoth(gone)
-
-        def write(body: bytes) -> None:
-            if finished:
-                return
-            request.setHeader(b"content-type", content_type.encode("ascii"))
-            request.setHeader(b"content-length", b"%d" % (len(body),))
-            request.write(body)
-            request.finish()
-
-        def failed(reason: Failure) -> None:
-            _log.failure("Rendering /metrics failed", reason)
-            if finished:
-                return
-            request.setResponseCode(500)
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            request.write(b"metrics unavailable\n")
-            request.finish()
-
-        from prometheus_client.exposition import choose_encoder
-
-        accept = request.getHeader(b"accept")
-        encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else None)
-        d = deferToThreadPool(
-            self.reactor, self.reactor.getThreadPool(), encoder, self.registry
-        )
-        d.addCallbacks(write, failed)
-        d.addErrback(lambda reason: _log.failure("Answering /metrics failed", reason))
-        return NOT_DONE_YET

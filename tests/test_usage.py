@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmproxy.proxy._usage import Usage, UsageReader
+from llmproxy.proxy import Usage, UsageReader
 
 SSE = b"text/event-stream"
 JSON = b"application/json"

@@ -15,7 +15,7 @@ themselves:
 from __future__ import annotations
 
 from llmproxy.limits._address import client_ip
-from llmproxy.limits._keys import KeyStore, presented_key
+from llmproxy.limits._keys import KeyInfo, KeyStore, presented_key
 from llmproxy.limits._rate import RateLimiter, retry_after
 from llmproxy.limits._store import (
     ALLOWED,
@@ -39,6 +39,7 @@ __all__ = [
     "MemoryStore",
     "Verdict",
     "budget_window",
+    "KeyInfo",
     "KeyStore",
     "RateLimiter",
     "client_ip",

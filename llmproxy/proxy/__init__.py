@@ -13,7 +13,8 @@ from __future__ import annotations
 from llmproxy.proxy._access import ACCESS_FORMAT
 from llmproxy.proxy._attempt import Attempt, BytesProducer
 from llmproxy.proxy._errors import error_body, reason_phrase, send_error, write_raw_error
-from llmproxy.proxy._exchange import Exchange, Guard
+from llmproxy.proxy._admit import Guard
+from llmproxy.proxy._exchange import Exchange
 from llmproxy.proxy._headers import HOP_BY_HOP
 from llmproxy.proxy._resource import ProxyResource
 from llmproxy.proxy._stream import Watched

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from twisted.logger import Logger, LogLevel
+from twisted.web.iweb import IResponse
 
 from llmproxy.logs import ACCESS_NAMESPACE
 
@@ -50,6 +51,27 @@ def new_record(rid: str, method: bytes, path: bytes) -> dict[str, Any]:
         "egress": None,
         "address": None,
     }
+
+
+def note_response(
+    record: dict[str, Any], response: IResponse, content_type: bytes | None, ttfb_ms: float
+) -> None:
+    """Note the upstream response's head in the record.
+
+    Args:
+        record: The access record.
+        response: The response (its egress and address when an
+            :class:`~llmproxy.egress.Egress` sent it).
+        content_type: Its Content-Type, if any.
+        ttfb_ms: Milliseconds from the request to the head.
+    """
+    record["status"] = response.code
+    record["ttfb_ms"] = ttfb_ms
+    record["egress"] = getattr(response, "egress", None)
+    record["address"] = getattr(response, "address", None)
+    record["stream"] = bool(content_type) and content_type.lower().startswith(
+        b"text/event-stream"
+    )
 
 
 def emit(record: dict[str, Any]) -> None:

@@ -2,22 +2,19 @@
 
 An :class:`Exchange` owns a request's whole life, in this order:
 
-1. **admit**: the client's key (401 if refused), then the rate limit and
-   the key's budget (429, or 503 when the shared store is down and
-   ``on_store_error`` is ``deny``), which a shared store answers later;
-2. **route**: the router's pool for the path and the body's ``model``
-   (404 without one), an alias's real model written into the body;
-3. **attempts**: each try is an :class:`~llmproxy.proxy._attempt.Attempt`
-   on one of the pool's URLs. A failure before the response's first byte
-   (no connection, no head in time, a ``retry_on`` status, a body that
-   breaks before its first byte) moves on to another URL, a fallback
-   model's pool, or a short ``Retry-After`` of the same URL, as far as the
-   route allows; otherwise the client gets an OpenAI-shaped error;
-4. **stream**: the response goes to the client as it arrives
-   (:class:`~llmproxy.proxy._stream.StreamToClient`);
+1. **admit**: the client's key (401), then the rate limit and the key's
+   budget (429; 503 when a shared store is down and ``on_store_error`` is
+   ``deny``), which a shared store answers later;
+2. **route**: the pool for the path and the body's ``model`` (404 without
+   one), an alias's real model written into the body;
+3. **attempts**: each try is an :class:`~llmproxy.proxy._attempt.Attempt`.
+   A failure before the response's first byte moves on to another URL, a
+   fallback model's pool or a short ``Retry-After``, as far as the route
+   allows; otherwise the client gets an OpenAI-shaped error;
+4. **stream**: the response goes to the client as it arrives;
 5. **finish**: :meth:`Exchange.finish` runs exactly once, with the outcome:
-   it settles the key's usage, logs the access record, counts the metrics
-   and tells the proxy resource the request is over.
+   it settles the usage, logs the access record, counts the metrics and
+   tells the proxy resource the request is over.
 
 A client that leaves finishes the exchange at once (``client_closed``) and
 cancels whatever is under way upstream.
@@ -25,28 +22,16 @@ cancels whatever is under way upstream.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import attrs
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
-from llmproxy.limits import (
-    OK,
-    OVER_BUDGET,
-    RATE_LIMITED,
-    KeyStore,
-    Limits,
-    Verdict,
-    client_ip,
-    presented_key,
-    retry_after,
-)
-from llmproxy.net import NetworkSet
-from llmproxy.proxy._access import emit, new_record
+from llmproxy.proxy._access import emit, new_record, note_response
+from llmproxy.proxy._admit import Refusal, bucket_of, identify, refusal_for
 from llmproxy.proxy._attempt import Attempt
 from llmproxy.proxy._errors import (
     ResponseHeaderTimeout,
@@ -55,6 +40,7 @@ from llmproxy.proxy._errors import (
     reason_phrase,
     send_error,
 )
+from llmproxy.proxy._meter import Meter
 from llmproxy.proxy._headers import (
     ATTEMPTS_HEADER,
     copy_response_headers,
@@ -62,34 +48,12 @@ from llmproxy.proxy._headers import (
     undo_response_headers,
     upstream_headers,
 )
+from llmproxy.proxy._host import Host
 from llmproxy.proxy._stream import StreamToClient
 from llmproxy.proxy._targets import upstream_retry_after, with_model
-from llmproxy.proxy._usage import UsageReader
-from llmproxy.routing import extract_model
-
-if TYPE_CHECKING:
-    from llmproxy.proxy._resource import ProxyResource
+from llmproxy.routing import Tries, extract_model
 
 log = Logger(namespace="llmproxy.proxy")
-
-_USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
-
-
-@attrs.frozen
-class Guard:
-    """Who may use the proxy, and how much.
-
-    Attributes:
-        trusted: Peers whose X-Forwarded-For / X-Real-IP are believed.
-        keys: Client keys, or None for an open proxy.
-        limits: The rate limit and the keys' budgets, or None.
-        limit_by_key: Buckets per client key instead of per IP.
-    """
-
-    trusted: NetworkSet = attrs.field(factory=lambda: NetworkSet(()))
-    keys: KeyStore | None = None
-    limits: Limits | None = None
-    limit_by_key: bool = False
 
 
 class Exchange:
@@ -101,11 +65,11 @@ class Exchange:
         record: The access record's fields, filled in as the request goes.
         done: Whether :meth:`finish` ran (the client may still be sent the
             rest of a response that failed upstream).
-        usage: Reads the response's token usage, if anyone wants it.
+        meter: The request's token usage and the key it counts against.
     """
 
     def __init__(
-        self, proxy: ProxyResource, request: Request, rid: str, path: bytes,
+        self, proxy: Host, request: Request, rid: str, path: bytes,
         target: bytes, body: bytes,
     ) -> None:
         """Start following a request (nothing is sent yet: see :meth:`start`).
@@ -132,14 +96,10 @@ class Exchange:
             self.record["worker"] = proxy.worker
         self.done = False
         self._gone = False
-        self.usage: UsageReader | None = None
-        # The key whose budget this request is counted against, if any.
-        self._key: Any = None
-        # The attempts: the pool, the URLs tried, what is left to try.
-        self._pool: Any = None
-        self._tried: set[str] = set()
+        self.meter = Meter(proxy.access_log or proxy.metrics is not None, None, None)
+        # The attempts: what is left to try, how many went out.
+        self._tries: Tries | None = None
         self._attempts = 0
-        self._fallbacks: list[str] = []
         self._waited = False
         self._attempt: Attempt | None = None
         self._retry_timer: Any = None
@@ -152,57 +112,42 @@ class Exchange:
 
     def start(self) -> None:
         """Check the client's key and limits, then route and send."""
-        request, guard = self.request, self.proxy.guard
-        request.notifyFinish().addErrback(self._client_left)
-        peer = getattr(request.getClientAddress(), "host", None)
-        client = self.record["client_ip"] = client_ip(peer, request.requestHeaders, guard.trusted)
-        key = None
-        if guard.keys is not None:
-            key = guard.keys.lookup(presented_key(request.requestHeaders))
-            if key is None:
-                self._answer_error(
-                    401, "a valid API key is required (Authorization: Bearer KEY or x-api-key)",
-                    "invalid_request_error", "invalid_api_key",
-                )
-                return
-            self.record["client_key"] = key.id
-            if key.name is not None:
-                self.record["key_name"] = key.name
+        guard = self.proxy.guard
+        self.request.notifyFinish().addErrback(self._client_left)
+        who = identify(guard, self.request, self.record)
+        if isinstance(who, Refusal):
+            self._refuse(who)
+            return
+        address, key = who
         limits = guard.limits
         if limits is None:
             self._route()
             return
-        if key is not None and key.budget is not None:
-            self._key = key
-        bucket = key.id if guard.limit_by_key and key is not None else (client or "unknown")
-        verdict = limits.check(bucket, key)
+        self.meter = Meter(self.meter.wanted, key, limits)
+        verdict = limits.check(bucket_of(guard, address, key), key)
         if isinstance(verdict, Deferred):
             # A shared store answers later (within rate_limit.store_timeout).
             verdict.addCallback(self._admitted).addErrback(self.bug)
         else:
             self._admitted(verdict)
 
-    def _admitted(self, verdict: Verdict) -> None:
+    def _admitted(self, verdict: Any) -> None:
         if self.done:
             return
-        if verdict.outcome == OK:
+        refusal = refusal_for(verdict, self.meter.key)
+        if refusal is None:
             self._route()
             return
-        seconds = retry_after(verdict.wait)
-        self.request.responseHeaders.setRawHeaders(b"retry-after", [b"%d" % seconds])
-        if verdict.outcome == RATE_LIMITED:
-            if self.proxy.metrics is not None:
-                self.proxy.metrics.rate_limited.inc()
-            self._answer_error(429, f"rate limit exceeded: retry in {seconds} s",
-                               "rate_limit_error", "rate_limited")
-        elif verdict.outcome == OVER_BUDGET:
-            self._answer_error(
-                429, f"the token budget of key {self._key.name!r} is spent: it renews "
-                f"in {seconds} s", "insufficient_quota", "insufficient_quota",
+        if refusal.code == "rate_limited" and self.proxy.metrics is not None:
+            self.proxy.metrics.rate_limited.inc()
+        self._refuse(refusal)
+
+    def _refuse(self, refusal: Refusal) -> None:
+        if refusal.retry_after is not None:
+            self.request.responseHeaders.setRawHeaders(
+                b"retry-after", [b"%d" % refusal.retry_after]
             )
-        else:
-            self._answer_error(503, "the rate limit store is not answering; try again shortly",
-                               "server_error", "limit_store_unavailable")
+        self._answer_error(refusal.status, refusal.message, refusal.type, refusal.code)
 
     # -- route ---------------------------------------------------------------
 
@@ -218,8 +163,7 @@ class Exchange:
             )
             return
         self.record["route"] = route.path_key
-        self._pool = route.pool
-        self._fallbacks = list(route.fallbacks)
+        self._tries = Tries(router, route.pool, route.fallbacks)
         if route.rewrite_model is not None:
             self._switch_model(route.rewrite_model)
         self._send()
@@ -236,10 +180,9 @@ class Exchange:
         self._retry_timer = None
         if self.done:
             return
-        proxy, pool = self.proxy, self._pool
-        if url is None:
-            url = pool.pick(exclude=self._tried)
-        self._tried.add(url)
+        assert self._tries is not None
+        proxy, pool = self.proxy, self._tries.pool
+        url = self._tries.next_url(url)
         self._attempts += 1
         self.record["upstream"] = url
         attempt = self._attempt = Attempt(pool, url)
@@ -254,28 +197,20 @@ class Exchange:
         sent.addErrback(self.bug)
 
     def _another_try(self) -> bool:
-        """Whether another upstream is left; moves to a fallback's pool if
-        the route has one and this pool is used up."""
-        pool = self._pool
-        if len(self._tried) <= pool.retries and len(self._tried) < len(pool.urls):
-            return True
-        while self._fallbacks:
-            model = self._fallbacks.pop(0)
-            fallback = self.proxy.router.pool_for_model(model)
-            if fallback is None:
-                continue
+        """Whether another upstream is left (a fallback model's, maybe)."""
+        assert self._tries is not None
+        another = self._tries.another()
+        if isinstance(another, str):
             log.info(
                 "request {request_id}: every upstream of {model} failed; falling back "
                 "to {fallback}",
-                request_id=self.rid, model=self.record.get("model"), fallback=model,
+                request_id=self.rid, model=self.record.get("model"), fallback=another,
             )
-            self._pool, self._tried = fallback, set()
-            self._switch_model(model)
+            self._switch_model(another)
             self.record["fallback"] = True
             if self.proxy.metrics is not None:
-                self.proxy.metrics.fallbacks.labels(model).inc()
-            return True
-        return False
+                self.proxy.metrics.fallbacks.labels(another).inc()
+        return bool(another)
 
     def _count_failure(self, attempt: Attempt) -> None:
         """Tell the pool ``attempt``'s upstream failed (counting an ejection)."""
@@ -297,7 +232,7 @@ class Exchange:
         if self.done:
             attempt.discard(response)
             return
-        if response.code in self._pool.retry_on:
+        if response.code in attempt.pool.retry_on:
             self._count_failure(attempt)
             if self._another_try():
                 attempt.discard(response)
@@ -318,17 +253,10 @@ class Exchange:
 
     def _respond(self, response: IResponse) -> None:
         """Start the client's response with the upstream's head and body."""
-        proxy, record = self.proxy, self.record
-        record["status"] = response.code
-        record["ttfb_ms"] = self.elapsed_ms()
-        record["egress"] = getattr(response, "egress", None)
-        record["address"] = getattr(response, "address", None)
+        proxy = self.proxy
         content_type = header(response, b"content-type")
-        record["stream"] = bool(content_type) and content_type.lower().startswith(
-            b"text/event-stream"
-        )
-        if proxy.access_log or proxy.metrics is not None or self._key is not None:
-            self.usage = UsageReader(content_type, header(response, b"content-encoding"))
+        note_response(self.record, response, content_type, self.elapsed_ms())
+        self.meter.read(content_type, header(response, b"content-encoding"))
         self.request.setResponseCode(
             response.code, response.phrase or reason_phrase(response.code)
         )
@@ -384,7 +312,7 @@ class Exchange:
         if not self.done and not self.request.startedWriting:
             undo_response_headers(self._response, self.request)
             self.record["status"] = None
-            self.usage = None
+            self.meter.forget()
             classified = None
             if idled_out:
                 classified = (504, "upstream_timeout", (
@@ -427,19 +355,7 @@ class Exchange:
         record["attempts"] = self._attempts
         if error_code is not None:
             record["error_code"] = error_code
-        if self.usage is not None:
-            usage = self.usage.finish()
-            for name in _USAGE_FIELDS:
-                value = getattr(usage, name)
-                if value is not None:
-                    record[name] = value
-            limits = proxy.guard.limits
-            if self._key is not None and limits is not None and outcome != "error":
-                if usage.prompt_tokens is None and usage.completion_tokens is None:
-                    tokens = None
-                else:
-                    tokens = (usage.prompt_tokens or 0) + (usage.completion_tokens or 0)
-                limits.record_usage(self._key, tokens)
+        self.meter.settle(record, outcome)
         if proxy.access_log:
             emit(record)
         if proxy.metrics is not None:

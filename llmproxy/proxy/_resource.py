@@ -16,7 +16,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 from llmproxy.config import TimeoutsConfig
 from llmproxy.metrics import Metrics
 from llmproxy.proxy._errors import send_error
-from llmproxy.proxy._exchange import Exchange, Guard
+from llmproxy.proxy._admit import Guard
+from llmproxy.proxy._exchange import Exchange
 from llmproxy.proxy._targets import bad_target, request_id_for, safe_path, safe_query
 from llmproxy.routing import Router
 

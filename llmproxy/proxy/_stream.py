@@ -21,7 +21,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from llmproxy.proxy._usage import UsageReader
+from llmproxy.proxy._meter import Meter
 
 log = Logger(namespace="llmproxy.proxy")
 
@@ -32,7 +32,7 @@ class BodyOwner(TypingProtocol):
     request: Request
     rid: str
     record: dict[str, Any]
-    usage: UsageReader | None
+    meter: Meter
     done: bool
 
     def body_done(self) -> None:
@@ -60,7 +60,7 @@ class StreamToClient(Protocol):
         self.exchange = exchange
         self.request = exchange.request
         self.record = exchange.record
-        self.usage = exchange.usage
+        self.meter = exchange.meter
         self.producing = False
         self.clock = clock
         self.idle = idle
@@ -115,8 +115,9 @@ class StreamToClient(Protocol):
         self.last = self.clock.seconds()
         if not self.exchange.done:
             self.record["bytes_out"] += len(data)
-            if self.usage is not None:
-                self.usage.feed(data)
+            reader = self.meter.reader
+            if reader is not None:
+                reader.feed(data)
             self.request.write(data)
 
     def stop(self) -> None:

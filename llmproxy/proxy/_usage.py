@@ -29,10 +29,11 @@ and no reactor.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import attrs
+
+from llmproxy.proxy._usage_fields import USAGE_KEY, fields_from_tail, fields_of
 
 __all__ = ["Usage", "UsageReader"]
 
@@ -40,28 +41,6 @@ _EVENT_STREAM = b"text/event-stream"
 _JSON = b"application/json"
 _BOM = b"\xef\xbb\xbf"
 _CR = 0x0D
-
-#: ``"usage"``, optional JSON whitespace, ``:``, optional whitespace, ``{``.
-_DECODER = json.JSONDecoder()
-_USAGE_KEY = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*\{')
-#: The bytes that matter when matching braces outside strings.
-_STRUCTURAL = re.compile(rb'[{}"]')
-#: The bytes that matter inside a JSON string.
-_IN_STRING = re.compile(rb'["\\]')
-#: How many ``"usage"`` objects in a JSON tail are tried, newest first.
-_MAX_CANDIDATES = 8
-
-#: The usage keys read from a usage object (OpenAI and Anthropic names).
-_KEYS = (
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "input_tokens",
-    "output_tokens",
-    "cache_creation_input_tokens",
-    "cache_read_input_tokens",
-)
-
 
 @attrs.frozen
 class Usage:
@@ -170,7 +149,7 @@ class UsageReader:
                     self._line(bytes(self._partial))
                 usage = _to_usage(self._fields)
             elif self._mode == "json":
-                usage = _to_usage(_fields_from_tail(bytes(self._tail)))
+                usage = _to_usage(fields_from_tail(bytes(self._tail)))
             else:
                 usage = Usage()
             self._result = usage
@@ -226,7 +205,7 @@ class UsageReader:
         if chunk[first] == _CR and chunk[start : start + 1] == b"\n":
             start += 1
         # Lines wholly inside this chunk.
-        if start <= last and _USAGE_KEY.search(chunk, start, last + 1):
+        if start <= last and USAGE_KEY.search(chunk, start, last + 1):
             max_line = self._max_line
             for line in chunk[start : last + 1].splitlines():
                 if len(line) <= max_line:
@@ -289,7 +268,7 @@ class UsageReader:
         if (
             line.find(b"usage") < 0
             or not line.startswith(b"data:")
-            or not _USAGE_KEY.search(line)
+            or not USAGE_KEY.search(line)
         ):
             return
         event = _loads(line[5:].removeprefix(b" "))
@@ -299,7 +278,7 @@ class UsageReader:
         # then the top-level usage of OpenAI chat and Anthropic message_delta.
         for holder in (event.get("message"), event.get("response"), event):
             if isinstance(holder, dict):
-                self._fields.update(_fields_of(holder.get("usage")))
+                self._fields.update(fields_of(holder.get("usage")))
 
 
 def _mode_for(content_type: bytes | None, content_encoding: bytes | None) -> str | None:
@@ -341,50 +320,6 @@ def _loads(data: bytes) -> Any:
         return None
 
 
-def _count(value: object) -> int | None:
-    """Return ``value`` as a token count, or ``None`` if it is not one.
-
-    Args:
-        value: A decoded JSON value.
-
-    Returns:
-        A non-negative int up to 2**53 (integral floats accepted; bools,
-        other floats, strings and absurdly large numbers refused), or
-        ``None``.
-    """
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if 0 <= value <= _MAX_COUNT else None
-    if isinstance(value, float) and value.is_integer() and 0 <= value <= _MAX_COUNT:
-        return int(value)
-    return None
-
-
-#: The largest token count believed: every count below it is exact as a
-#: float, so the metrics (floats) can always add and export it.
-_MAX_COUNT = 2**53
-
-
-def _fields_of(usage: object) -> dict[str, int]:
-    """Pick the valid token counts out of a decoded usage object.
-
-    Args:
-        usage: The value of a ``usage`` key; anything but a dict yields none.
-
-    Returns:
-        The known keys whose values are token counts.
-    """
-    if not isinstance(usage, dict):
-        return {}
-    fields = {}
-    for key in _KEYS:
-        count = _count(usage.get(key))
-        if count is not None:
-            fields[key] = count
-    return fields
-
-
 def _to_usage(fields: dict[str, int]) -> Usage:
     """Map OpenAI or Anthropic usage counts to a :class:`Usage`.
 
@@ -409,83 +344,3 @@ def _to_usage(fields: dict[str, int]) -> Usage:
     if total is None and prompt is not None and completion is not None:
         total = prompt + completion
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
-
-
-def _fields_from_tail(tail: bytes) -> dict[str, int]:
-    """Find the last decodable ``"usage": {...}`` object in a JSON tail.
-
-    Args:
-        tail: The last bytes of a JSON body.
-
-    Returns:
-        The valid token counts of that object, or an empty dict.
-    """
-    last = tail.rfind(b'"usage"')
-    if last < 0:
-        return {}
-    match = _USAGE_KEY.match(tail, last)
-
-    def candidates() -> list[int]:
-        return [found.end() - 1 for found in _USAGE_KEY.finditer(tail)]
-
-    # The last "usage" is normally the key: then there is no need to find
-    # every candidate unless it turns out broken.
-    starts = [match.end() - 1] if match is not None else candidates()
-    if starts:
-        # Fast path: let the C decoder find where the last object ends.
-        try:
-            usage, _ = _DECODER.raw_decode(tail[starts[-1]:].decode("utf-8"))
-        except (ValueError, RecursionError):
-            usage = None
-        if isinstance(usage, dict):
-            return _fields_of(usage)
-    if match is not None:
-        starts = candidates()
-    for start in reversed(starts[-_MAX_CANDIDATES:]):
-        end = _object_end(tail, start)
-        if end is None:
-            continue
-        usage = _loads(tail[start:end])
-        if isinstance(usage, dict):
-            return _fields_of(usage)
-    return {}
-
-
-def _object_end(data: bytes, start: int) -> int | None:
-    """Find where the JSON object opening at ``data[start]`` ends.
-
-    Braces inside strings (escapes included) are not counted.
-
-    Args:
-        data: The bytes.
-        start: The index of the opening ``{``.
-
-    Returns:
-        The index just past the matching ``}``, or ``None`` if the data ends
-        first.
-    """
-    depth = 0
-    pos = start
-    structural = _STRUCTURAL.search
-    in_string = _IN_STRING.search
-    while True:
-        match = structural(data, pos)
-        if match is None:
-            return None
-        pos = match.end()
-        char = data[match.start()]
-        if char == 0x7B:  # {
-            depth += 1
-        elif char == 0x7D:  # }
-            depth -= 1
-            if depth == 0:
-                return pos
-        else:  # a string: skip to its closing quote
-            while True:
-                match = in_string(data, pos)
-                if match is None:
-                    return None
-                if data[match.start()] == 0x22:  # "
-                    pos = match.end()
-                    break
-                pos = match.end() + 1  # a backslash and the byte it escapes

@@ -9,15 +9,9 @@ the ``clock`` they are given.
 
 from __future__ import annotations
 
-from llmproxy.routing._pool import (
-    MAX_COOLDOWN,
-    UpstreamPool,
-    _Clock as _Clock,
-    _default_retries as _default_retries,
-    _Health as _Health,
-    _ZeroClock as _ZeroClock,
-)
+from llmproxy.routing._pool import MAX_COOLDOWN, UpstreamPool
 from llmproxy.routing._model import extract_model
 from llmproxy.routing._router import Route, Router
+from llmproxy.routing._tries import Tries
 
-__all__ = ["MAX_COOLDOWN", "Route", "Router", "UpstreamPool", "extract_model"]
+__all__ = ["MAX_COOLDOWN", "Route", "Router", "Tries", "UpstreamPool", "extract_model"]

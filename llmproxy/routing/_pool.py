@@ -13,11 +13,13 @@ from llmproxy.config import STRATEGIES, RouteConfig
 MAX_COOLDOWN = 300.0
 
 
-class _Clock(Protocol):
+class Clock(Protocol):
+    """Anything that tells the time in seconds (the reactor, ``task.Clock``)."""
+
     def seconds(self) -> float: ...
 
 
-class _ZeroClock:
+class ZeroClock:
     """A clock stuck at 0.0, for pools and routers built without one."""
 
     def seconds(self) -> float:
@@ -93,7 +95,7 @@ class UpstreamPool:
     )
     eject_after: int = 5
     cooldown: float = 30.0
-    clock: _Clock = attrs.field(factory=_ZeroClock, repr=False)
+    clock: Clock = attrs.field(factory=ZeroClock, repr=False)
     _turn: int = attrs.field(default=0, init=False, repr=False)
     _health: dict[str, _Health] = attrs.field(init=False, repr=False)
     _weight: tuple[int, ...] = attrs.field(init=False, repr=False)
@@ -121,7 +123,7 @@ class UpstreamPool:
         self._current = [0] * len(self.urls)
 
     @classmethod
-    def from_route(cls, name: str, route: RouteConfig, clock: _Clock) -> UpstreamPool:
+    def from_route(cls, name: str, route: RouteConfig, clock: Clock) -> UpstreamPool:
         """Build the pool for a configured route.
 
         Args:

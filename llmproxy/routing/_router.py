@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import attrs
 
 from llmproxy.config import Config, RouteConfig
-from llmproxy.routing._pool import UpstreamPool, _Clock, _ZeroClock
+from llmproxy.routing._pool import UpstreamPool, Clock, ZeroClock
 
 
 @attrs.frozen
@@ -46,7 +46,7 @@ class Router:
         self,
         target_map: Mapping[str, RouteConfig],
         model_routes: Mapping[str, RouteConfig],
-        clock: _Clock | None = None,
+        clock: Clock | None = None,
         model_aliases: Mapping[str, str] | None = None,
         fallbacks: Mapping[str, tuple[str, ...]] | None = None,
     ) -> None:
@@ -61,7 +61,7 @@ class Router:
                 that serves it; aliases of unknown models are ignored.
             fallbacks: Model to the models tried after it, in order.
         """
-        clock = _ZeroClock() if clock is None else clock
+        clock = ZeroClock() if clock is None else clock
         self._exact: dict[bytes, tuple[str, Route]] = {}
         self._path_pools: list[UpstreamPool] = []
         prefixes = []
@@ -92,7 +92,7 @@ class Router:
         self.uses_model = bool(self._models)
 
     @classmethod
-    def from_config(cls, config: Config, clock: _Clock | None = None) -> Router:
+    def from_config(cls, config: Config, clock: Clock | None = None) -> Router:
         """Build a router from a validated config.
 
         Args:

@@ -11,11 +11,13 @@ builds them from a config.
 from __future__ import annotations
 
 from llmproxy.web._admin import build_admin_resource
+from llmproxy.web._metrics import MetricsResource
 from llmproxy.web._root import RootResource
 from llmproxy.web._site import LLMProxySite, build_site, default_max_connections
 
 __all__ = [
     "LLMProxySite",
+    "MetricsResource",
     "RootResource",
     "build_admin_resource",
     "build_site",

@@ -17,7 +17,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from llmproxy.limits import budget_window
-from llmproxy.metrics import MetricsResource
+from llmproxy.web._metrics import MetricsResource
 from llmproxy.web._root import HEALTH, RootResource, json_body
 
 __all__ = ["build_admin_resource"]

@@ -1,0 +1,126 @@
+"""Who may use the proxy: the client's address and key, and what a limit's
+verdict means for the client."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.web.server import Request
+
+from llmproxy.limits import (
+    OK,
+    OVER_BUDGET,
+    RATE_LIMITED,
+    KeyInfo,
+    KeyStore,
+    Limits,
+    Verdict,
+    client_ip,
+    presented_key,
+    retry_after,
+)
+from llmproxy.net import NetworkSet
+
+
+@attrs.frozen
+class Guard:
+    """Who may use the proxy, and how much.
+
+    Attributes:
+        trusted: Peers whose X-Forwarded-For / X-Real-IP are believed.
+        keys: Client keys, or None for an open proxy.
+        limits: The rate limit and the keys' budgets, or None.
+        limit_by_key: Buckets per client key instead of per IP.
+    """
+
+    trusted: NetworkSet = attrs.field(factory=lambda: NetworkSet(()))
+    keys: KeyStore | None = None
+    limits: Limits | None = None
+    limit_by_key: bool = False
+
+
+@attrs.frozen
+class Refusal:
+    """A request turned away before anything went upstream.
+
+    Attributes:
+        status: The HTTP status.
+        message: What the client is told.
+        type: The OpenAI error type.
+        code: The error code (also in the access record).
+        retry_after: Seconds for ``Retry-After``, if any.
+    """
+
+    status: int
+    message: str
+    type: str
+    code: str
+    retry_after: int | None = None
+
+
+_NO_KEY = Refusal(
+    401, "a valid API key is required (Authorization: Bearer KEY or x-api-key)",
+    "invalid_request_error", "invalid_api_key",
+)
+
+
+def identify(
+    guard: Guard, request: Request, record: dict[str, Any]
+) -> tuple[str | None, KeyInfo | None] | Refusal:
+    """Find the client's address and key, noting both in the access record.
+
+    Args:
+        guard: The proxy's guard.
+        request: The client's request.
+        record: The access record.
+
+    Returns:
+        ``(address, key)`` (the key is None without ``auth``), or a 401
+        refusal when keys are required and this one is missing or unknown.
+    """
+    peer = getattr(request.getClientAddress(), "host", None)
+    address = record["client_ip"] = client_ip(peer, request.requestHeaders, guard.trusted)
+    if guard.keys is None:
+        return address, None
+    key = guard.keys.lookup(presented_key(request.requestHeaders))
+    if key is None:
+        return _NO_KEY
+    record["client_key"] = key.id
+    if key.name is not None:
+        record["key_name"] = key.name
+    return address, key
+
+
+def bucket_of(guard: Guard, address: str | None, key: KeyInfo | None) -> str:
+    """The rate-limit bucket a client counts against: its key or address."""
+    if guard.limit_by_key and key is not None:
+        return key.id
+    return address or "unknown"
+
+
+def refusal_for(verdict: Verdict, key: KeyInfo | None) -> Refusal | None:
+    """What the client is told for a limit's verdict (None: let through).
+
+    Args:
+        verdict: The limits' verdict.
+        key: The client's key (named in a spent budget's message).
+
+    Returns:
+        A 429 for the rate limit or a spent budget, a 503 when the store
+        is down and ``on_store_error`` is ``deny``, else None.
+    """
+    if verdict.outcome == OK:
+        return None
+    seconds = retry_after(verdict.wait)
+    if verdict.outcome == RATE_LIMITED:
+        return Refusal(429, f"rate limit exceeded: retry in {seconds} s", "rate_limit_error",
+                       "rate_limited", seconds)
+    if verdict.outcome == OVER_BUDGET:
+        name = key.name if key is not None else None
+        return Refusal(
+            429, f"the token budget of key {name!r} is spent: it renews in {seconds} s",
+            "insufficient_quota", "insufficient_quota", seconds,
+        )
+    return Refusal(503, "the rate limit store is not answering; try again shortly",
+                   "server_error", "limit_store_unavailable", seconds)
