@@ -28,9 +28,7 @@ resends only a body-less idempotent request on a reused connection, and
 
 from __future__ import annotations
 
-import base64
 from typing import Any
-from urllib.parse import unquote
 
 import attrs
 from twisted.application.service import Service
@@ -46,7 +44,7 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from llmproxy.config import Config
-from llmproxy.egress._connect import host_port
+from llmproxy.egress._connect import ProxyURL, host_port
 from llmproxy.egress._endpoints import DirectEndpoints, TunnelEndpoints, tls_policy
 from llmproxy.egress._noproxy import NoProxy
 from llmproxy.net import NetworkSet, parse_ip
@@ -88,37 +86,6 @@ class _Origin:
     host: str
     port: int
     address: str
-
-
-@attrs.frozen
-class _Proxy:
-    """The parsed ``proxy_url``."""
-
-    scheme: str
-    host: str
-    port: int
-    authorization: bytes | None
-
-    @property
-    def name(self) -> str:
-        return host_port(self.host, self.port)
-
-    @classmethod
-    def parse(cls, url: str) -> _Proxy:
-        scheme, _, rest = url.partition("://")
-        userinfo, at, hostport = rest.rpartition("@")
-        parsed = URI.fromBytes(f"{scheme}://{hostport.rstrip('/')}".encode())
-        authorization = None
-        if at:
-            user, _, password = userinfo.partition(":")
-            token = f"{unquote(user)}:{unquote(password)}".encode()
-            authorization = b"Basic " + base64.b64encode(token)
-        return cls(
-            scheme=scheme.lower(),
-            host=parsed.host.decode("ascii").strip("[]"),
-            port=parsed.port,
-            authorization=authorization,
-        )
 
 
 def _detached(d: Deferred[Any]) -> Deferred[Any]:
@@ -205,10 +172,10 @@ class Egress(Service):
         self.no_proxy = NoProxy(config.no_proxy)
         self.direct_networks = NetworkSet(config.direct_networks)
         self._origins: dict[bytes, _Origin] = {}
-        self.proxy: _Proxy | None = None
+        self.proxy: ProxyURL | None = None
         self.tunnel_endpoints: TunnelEndpoints | None = None
         if config.proxy_url is not None:
-            self.proxy = proxy = _Proxy.parse(config.proxy_url)
+            self.proxy = proxy = ProxyURL.parse(config.proxy_url)
             endpoint: IStreamClientEndpoint = HostnameEndpoint(
                 connecting, proxy.host, proxy.port, timeout=timeout
             )

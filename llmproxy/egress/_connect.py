@@ -9,8 +9,11 @@ connection to the wrapped protocol (normally TLS to the upstream, from
 
 from __future__ import annotations
 
+import base64
 from typing import Any
+from urllib.parse import unquote
 
+import attrs
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.error import ConnectError
@@ -22,9 +25,10 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
+from twisted.web.client import URI
 from zope.interface import implementer
 
-__all__ = ["ConnectTunnelEndpoint", "TunnelError"]
+__all__ = ["ConnectTunnelEndpoint", "ProxyURL", "TunnelError", "TunnelTimeout", "host_port"]
 
 #: The largest CONNECT reply head we read before giving up on the proxy.
 MAX_REPLY_HEAD = 16 * 1024
@@ -41,6 +45,47 @@ def host_port(host: str, port: int) -> str:
         The authority, as in a CONNECT target or a log line.
     """
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@attrs.frozen
+class ProxyURL:
+    """The parsed ``proxy_url``: where the proxy is, and its credentials.
+
+    Attributes:
+        scheme: ``http`` or ``https``.
+        host: The proxy's host (IPv6 without brackets).
+        port: Its port.
+        authorization: The ``Proxy-Authorization`` value, if the URL has
+            credentials.
+    """
+
+    scheme: str
+    host: str
+    port: int
+    authorization: bytes | None
+
+    @property
+    def name(self) -> str:
+        """``host:port``, as messages and access records name the proxy."""
+        return host_port(self.host, self.port)
+
+    @classmethod
+    def parse(cls, url: str) -> ProxyURL:
+        """Parse a validated ``proxy_url`` (credentials may hold delimiters)."""
+        scheme, _, rest = url.partition("://")
+        userinfo, at, hostport = rest.rpartition("@")
+        parsed = URI.fromBytes(f"{scheme}://{hostport.rstrip('/')}".encode())
+        authorization = None
+        if at:
+            user, _, password = userinfo.partition(":")
+            token = f"{unquote(user)}:{unquote(password)}".encode()
+            authorization = b"Basic " + base64.b64encode(token)
+        return cls(
+            scheme=scheme.lower(),
+            host=parsed.host.decode("ascii").strip("[]"),
+            port=parsed.port,
+            authorization=authorization,
+        )
 
 
 class TunnelError(ConnectError):
