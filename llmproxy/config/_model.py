@@ -89,7 +89,7 @@ class RouteConfig:
 
 @attrs.frozen
 class RateLimitConfig:
-    """The seed's per-client token bucket, and where limits are kept.
+    """The per-client token bucket, and where limits are kept.
 
     Attributes:
         rate: Tokens added per second (may be fractional); None for no rate
@@ -152,7 +152,7 @@ class TimeoutsConfig:
 
     Attributes:
         response_header: Longest wait for the upstream's response headers
-            before answering 504 (the seed's 900 s).
+            before answering 504.
         connect: Longest wait for a TCP connection to an upstream.
         client_idle: An idle client connection is closed after this long
             between requests.

@@ -125,7 +125,7 @@ class _GuardedChannel(HTTPChannel):
 
     The deadline starts at a request's first byte, when no earlier request
     of the connection is still being answered, and ends once the request
-    (head and body) is in: a client sending one byte a second can no longer
+    (head and body) is in: a client sending one byte a second cannot
     hold a connection for as long as it likes (every byte resets
     twisted.web's idle timeout, but not this).
     """
