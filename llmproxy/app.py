@@ -35,6 +35,7 @@ from twisted.internet.defer import (
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 
 from llmproxy.config import Config, ConfigError, load_config
@@ -90,22 +91,27 @@ class _Parts(MultiService):
     resource, and as child services its agent and its limit store."""
 
     def __init__(
-        self, config: Config, reactor: Any, metrics: Metrics | None, worker: int | None
+        self, config: Config, reactor: Any, metrics: Metrics | None, worker: int | None,
+        agent: IAgent | None,
     ) -> None:
         super().__init__()
-        egress = Egress(config, reactor)
-        egress.setServiceParent(self)
+        via_agents: dict[str, IAgent] = {}
+        if agent is None:
+            egress = agent = Egress(config, reactor)
+            egress.setServiceParent(self)
+            via_agents = {via: egress.forced(via) for via in ("direct", "proxy")}
+            resolver = egress.resolver
+        else:
+            resolver = None
         if metrics is not None:
-            metrics.configure(config, egress.resolver)
+            metrics.configure(config, resolver)
         guard = build_guard(config, reactor, metrics)
         if guard.limits is not None:
             _LimitStore(guard.limits).setServiceParent(self)
         self.proxy = ProxyResource(
-            Router.from_config(config, clock=reactor), egress, reactor, config.timeouts,
+            Router.from_config(config, clock=reactor), agent, reactor, config.timeouts,
             metrics, access_log=config.log.access, guard=guard,
-            max_retry_wait=config.max_retry_wait,
-            via_agents={via: egress.forced(via) for via in ("direct", "proxy")},
-            worker=worker,
+            max_retry_wait=config.max_retry_wait, via_agents=via_agents, worker=worker,
         )
 
 
@@ -136,7 +142,10 @@ class Gateway(MultiService):
             ``metrics`` is off).
     """
 
-    def __init__(self, config: Config, reactor: Any, worker: int | None = None) -> None:
+    def __init__(
+        self, config: Config, reactor: Any, worker: int | None = None,
+        agent: IAgent | None = None,
+    ) -> None:
         """Build everything ``config`` asks for (nothing connects before the
         service starts).
 
@@ -145,6 +154,9 @@ class Gateway(MultiService):
             reactor: The reactor to run on.
             worker: This process's worker number, put in access records
                 (only with several workers).
+            agent: Send upstream requests through this ``IAgent`` instead
+                of an :class:`~llmproxy.egress.Egress` built from the
+                config (which then owns no pools).
 
         Raises:
             ConfigError: Something only building can find (a keys file).
@@ -155,7 +167,8 @@ class Gateway(MultiService):
         self.reactor = reactor
         self.worker = worker
         self.metrics = Metrics(config) if config.metrics else None
-        self._parts = _Parts(config, reactor, self.metrics, worker)
+        self._agent = agent
+        self._parts = _Parts(config, reactor, self.metrics, worker, agent)
         self._parts.setServiceParent(self)
         self._retired: list[_Parts] = []
         self.resource = RootResource(self._parts.proxy, self.metrics)
@@ -182,7 +195,7 @@ class Gateway(MultiService):
         Raises:
             ConfigError: Building failed; the running config stays.
         """
-        parts = _Parts(config, self.reactor, self.metrics, self.worker)
+        parts = _Parts(config, self.reactor, self.metrics, self.worker, self._agent)
         old = self._parts
         old_limits, new_limits = old.proxy.guard.limits, parts.proxy.guard.limits
         if old_limits is not None and new_limits is not None:
