@@ -21,7 +21,7 @@ from llmproxy.logs._lines import ACCESS_NAMESPACE
 LEVELS = ("debug", "info", "warn", "error", "critical")
 
 
-def _level(level: str) -> LogLevel:
+def parse_level(level: str) -> LogLevel:
     """The LogLevel named ``level``.
 
     Args:
@@ -55,7 +55,7 @@ def level_filtered(observer: ILogObserver, level: str) -> ILogObserver:
     Raises:
         ValueError: ``level`` is not one of :data:`LEVELS`.
     """
-    return _LevelFilter(observer, _level(level))
+    return _LevelFilter(observer, parse_level(level))
 
 
 @implementer(ILogObserver)
@@ -141,7 +141,7 @@ def console_observer_factory(level: str) -> Callable[[], ILogObserver]:
     Raises:
         ValueError: ``level`` is not one of :data:`LEVELS`.
     """
-    _level(level)
+    parse_level(level)
 
     def make() -> ILogObserver:
         """A console observer at the chosen level, on standard output."""

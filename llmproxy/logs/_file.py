@@ -1,48 +1,30 @@
-"""The rotating JSON log file: :class:`RotatingJSONLog` and its helpers.
+"""The rotating JSON log file: :class:`RotatingJSONLog`.
 
-The default compressor, :func:`~llmproxy.logs.gzip_file`, lives in
-``_gzip``.
+The observer writes lines, rotates the live file and decides when backups
+are compressed and pruned. The backup files themselves (names, pruning,
+recovery) are handled by :class:`~llmproxy.logs._backups.Backups`, the
+compression jobs run through
+:class:`~llmproxy.logs._compression.CompressionQueue`, and the default
+compressor, :func:`~llmproxy.logs.gzip_file`, lives in ``_gzip``.
 """
 
 from __future__ import annotations
 
-import datetime
 import os
-import re
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.threads import deferToThreadPool
-from twisted.logger import ILogObserver, LogEvent, Logger
-from twisted.python.failure import Failure
+from twisted.logger import ILogObserver, LogEvent
 from zope.interface import implementer
 
+from llmproxy.logs._backups import Backups
+from llmproxy.logs._compression import CompressionQueue
 from llmproxy.logs._gzip import gzip_file
-from llmproxy.logs._lines import _safe_repr, event_line
-
-log = Logger(namespace="llmproxy.logs")
-
-
-def _stamp(seconds: float) -> str:
-    """The UTC time ``seconds`` as used in backup names.
-
-    Args:
-        seconds: A POSIX timestamp.
-
-    Returns:
-        A fixed-width string such as ``20261126T103700.123456Z``.
-    """
-    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
-    return moment.strftime("%Y%m%dT%H%M%S.%fZ")
-
-
-#: A backup's sort key: its time stamp and its sequence number.
-_Key = tuple[str, int]
+from llmproxy.logs._lines import event_line, safe_repr
 
 
 @implementer(ILogObserver)
@@ -125,13 +107,7 @@ class RotatingJSONLog:
         self.backups = backups
         self.compress = compress
         self.dropped = 0
-        self._reactor = reactor
         self._compressor = compressor
-        self._now = now
-        self._folder, self._base = os.path.split(self.path)
-        self._pattern = re.compile(
-            re.escape(self._base) + r"\.(\d{8}T\d{6}\.\d{6}Z)\.(\d+)(\.gz)?"
-        )
         self._lock = threading.Lock()
         # The thread inside __call__'s write, and lines logged re-entrantly
         # by that thread (a signal handler that logs while we write).
@@ -143,20 +119,16 @@ class RotatingJSONLog:
         self._torn = False
         self._write_failing = False
         self._rotate_failing = False
-        # Compression jobs: rotated files waiting, whether one runs, and the
-        # close() callers waiting for the queue to drain. Bounded: a backup
-        # that pruning would delete anyway is not worth compressing.
-        self._pending: deque[str] = deque(maxlen=max(backups, 1))
-        self._running = False
-        self._waiters: list[Deferred[None]] = []
+        self._jobs = CompressionQueue(
+            reactor, self._compress_and_prune, max(backups, 1)
+        )
 
-        os.makedirs(self._folder, exist_ok=True)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self._open()
-        backups_found = self._scan()
-        self._last: _Key | None = backups_found[-1][0] if backups_found else None
-        self._prune()
+        self._files = Backups(self.path, now)
+        self._files.prune(backups)
         if compress:
-            self._recover()
+            self._jobs.add(self._files.recover())
 
     # -- the observer ------------------------------------------------------
 
@@ -196,13 +168,13 @@ class RotatingJSONLog:
                 finally:
                     self._owner = None
             if error is not None and report:
-                self._warn(f"cannot write log file {self.path}: {_safe_repr(error)}")
+                self._warn(f"cannot write log file {self.path}: {safe_repr(error)}")
             elif recovered:
                 self._warn(f"log file {self.path} is writable again")
             for backup in rotated:
                 self._rotated(backup)
         except Exception as e:  # never raise: the publisher would drop us
-            self._warn(f"log observer error: {_safe_repr(e)}")
+            self._warn(f"log observer error: {safe_repr(e)}")
 
     def _write(self, line: bytes, rotated: list[str]) -> None:
         """Write ``line``, rotating first if needed; called with the lock.
@@ -267,46 +239,19 @@ class RotatingJSONLog:
             The backup's full path, or None if the rename failed (writing
             then goes on in the old file).
         """
-        key = self._next_key()
-        backup = os.path.join(self._folder, self._name(key))
         assert self._fd is not None
         fd, self._fd = self._fd, None
         os.close(fd)
         try:
-            os.rename(self.path, backup)
+            backup = self._files.rename_live()
         except OSError as e:
             if not self._rotate_failing:
                 self._rotate_failing = True
-                self._warn(f"cannot rotate log file {self.path}: {_safe_repr(e)}")
+                self._warn(f"cannot rotate log file {self.path}: {safe_repr(e)}")
             return None
         self._rotate_failing = False
         self._torn = False
-        self._last = key
         return backup
-
-    def _next_key(self) -> _Key:
-        """A backup key sorting after every existing one.
-
-        Returns:
-            The current time stamp with sequence 0, or, if the clock has
-            not moved past the newest backup, that backup's stamp with the
-            next sequence number.
-        """
-        stamp = _stamp(self._now())
-        if self._last is not None and stamp <= self._last[0]:
-            return (self._last[0], self._last[1] + 1)
-        return (stamp, 0)
-
-    def _name(self, key: _Key) -> str:
-        """The file name of the uncompressed backup with ``key``.
-
-        Args:
-            key: A backup key.
-
-        Returns:
-            A name in the log's folder.
-        """
-        return f"{self._base}.{key[0]}.{key[1]:04d}"
 
     def _rotated(self, backup: str) -> None:
         """Compress or prune after a rotation (any thread, no lock held).
@@ -315,11 +260,9 @@ class RotatingJSONLog:
             backup: The new backup's path.
         """
         if not self.compress:
-            self._prune()
+            self._files.prune(self.backups)
             return
-        with self._lock:
-            self._pending.append(backup)
-        self._reactor.callFromThread(self._kick)
+        self._jobs.add([backup])
 
     def _warn(self, message: str) -> None:
         """Tell the operator about a problem with the log file itself.
@@ -339,61 +282,7 @@ class RotatingJSONLog:
         except Exception:
             pass
 
-    # -- backups -----------------------------------------------------------
-
-    def _scan(self) -> list[tuple[_Key, list[str]]]:
-        """The backups on disk, oldest first.
-
-        Returns:
-            Each backup's key and its file names (the plain and the ``.gz``
-            file may both exist for a moment).
-        """
-        found: dict[_Key, list[str]] = {}
-        try:
-            names = os.listdir(self._folder)
-        except OSError:
-            return []
-        for name in names:
-            match = self._pattern.fullmatch(name)
-            if match:
-                key = (match.group(1), int(match.group(2)))
-                found.setdefault(key, []).append(name)
-        return sorted(found.items())
-
-    def _prune(self) -> None:
-        """Delete the oldest backups beyond :attr:`backups`."""
-        found = self._scan()
-        excess = len(found) - self.backups
-        for _key, names in found[: max(excess, 0)]:
-            for name in names:
-                try:
-                    os.unlink(os.path.join(self._folder, name))
-                except OSError:
-                    pass
-
-    def _recover(self) -> None:
-        """Finish what a previous process left: tmp files, plain backups."""
-        tmp = re.compile(self._pattern.pattern + r"\.tmp")
-        try:
-            names = os.listdir(self._folder)
-        except OSError:
-            return
-        for name in names:
-            if tmp.fullmatch(name):
-                try:
-                    os.unlink(os.path.join(self._folder, name))
-                except OSError:
-                    pass
-        plain = [
-            os.path.join(self._folder, name)
-            for _key, names in self._scan()
-            for name in names
-            if not name.endswith(".gz")
-        ]
-        if plain:
-            with self._lock:
-                self._pending.extend(plain)
-            self._reactor.callFromThread(self._kick)
+    # -- compression -------------------------------------------------------
 
     def _compress_and_prune(self, backup: str) -> None:
         """Gzip one backup, then prune; runs in the thread pool.
@@ -402,70 +291,8 @@ class RotatingJSONLog:
             backup: The uncompressed backup. If pruning has deleted it
                 meanwhile, there is nothing to compress.
         """
-        target = backup + ".gz"
-        if os.path.exists(backup):
-            if not os.path.exists(target):
-                tmp = target + ".tmp"
-                try:
-                    self._compressor(backup, tmp)
-                    os.replace(tmp, target)
-                except BaseException:
-                    try:
-                        os.unlink(tmp)
-                    except OSError:
-                        pass
-                    raise
-            os.unlink(backup)
-        self._prune()
-
-    def _kick(self) -> None:
-        """Start the next compression job, or wake :meth:`close` callers.
-
-        Runs on the reactor thread.
-        """
-        with self._lock:
-            if self._running:
-                return
-            if self._pending:
-                backup = self._pending.popleft()
-                self._running = True
-                waiters: list[Deferred[None]] = []
-            else:
-                backup = None
-                waiters, self._waiters = self._waiters, []
-        if backup is None:
-            for waiter in waiters:
-                waiter.callback(None)
-            return
-        reactor = self._reactor
-        try:
-            d = deferToThreadPool(
-                reactor, reactor.getThreadPool(), self._compress_and_prune, backup
-            )
-        except Exception:
-            d = Deferred()
-            d.errback(Failure())
-        d.addErrback(self._failed, backup)
-        d.addBoth(self._done)
-
-    def _failed(self, failure: Failure, backup: str) -> None:
-        """Log a failed compression job; the backup stays uncompressed.
-
-        Args:
-            failure: Why it failed.
-            backup: The backup it was compressing.
-        """
-        log.failure("Could not compress rotated log {backup}", failure, backup=backup)
-
-    def _done(self, _: object) -> None:
-        """A job finished: start the next one (reactor thread).
-
-        Args:
-            _: The job's result, ignored.
-        """
-        with self._lock:
-            self._running = False
-        self._kick()
+        self._files.compress(backup, self._compressor)
+        self._files.prune(self.backups)
 
     # -- closing -----------------------------------------------------------
 
@@ -484,11 +311,7 @@ class RotatingJSONLog:
             try:
                 os.close(fd)
             except OSError as e:
-                self._warn(f"cannot close log file {self.path}: {_safe_repr(e)}")
+                self._warn(f"cannot close log file {self.path}: {safe_repr(e)}")
         if not self.compress:
             return succeed(None)
-        d: Deferred[None] = Deferred()
-        with self._lock:
-            self._waiters.append(d)
-        self._kick()
-        return d
+        return self._jobs.drained()

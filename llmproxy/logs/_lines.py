@@ -17,7 +17,7 @@ from twisted.logger import LogEvent, LogLevel, eventAsJSON
 _LAST_RESORT = b'{"log_format": "Unserialisable log event", "log_level": null}\n'
 
 
-def _safe_repr(value: object) -> str:
+def safe_repr(value: object) -> str:
     """``repr(value)``, or a placeholder when ``repr`` itself fails.
 
     Args:
@@ -107,7 +107,7 @@ def event_line(event: LogEvent) -> bytes:
     try:
         return (eventAsJSON(dict(event)) + "\n").encode("utf-8", "backslashreplace")
     except Exception as e:
-        error = _safe_repr(e)
+        error = safe_repr(e)
     try:
         fallback = {
             k: v for k, v in event.items() if k not in ("log_format", "log_flattened")
@@ -115,7 +115,7 @@ def event_line(event: LogEvent) -> bytes:
         fallback["log_format"] = (
             "Unable to format event {log_bad_format}: {log_format_error}"
         )
-        fallback["log_bad_format"] = _safe_repr(event.get("log_format"))
+        fallback["log_bad_format"] = safe_repr(event.get("log_format"))
         fallback["log_format_error"] = error
         return (eventAsJSON(fallback) + "\n").encode("utf-8", "backslashreplace")
     except Exception:

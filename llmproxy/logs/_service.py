@@ -9,7 +9,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver, LogPublisher, globalLogPublisher
 
-from llmproxy.logs._console import _level, level_filtered
+from llmproxy.logs._console import level_filtered, parse_level
 from llmproxy.logs._file import RotatingJSONLog
 
 
@@ -83,7 +83,7 @@ def file_log_service(
         ValueError: A bad ``level``, ``max_bytes`` or ``backups``.
         OSError: The folder cannot be created or the file opened.
     """
-    _level(level)
+    parse_level(level)
     observer = RotatingJSONLog(
         path, max_bytes=max_bytes, backups=backups, compress=compress, reactor=reactor
     )
