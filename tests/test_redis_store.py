@@ -24,7 +24,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from conftest import timeout
-from llmproxy.limits._redis import RedisStore, StoreError, parse_redis_url
+from llmproxy.config import parse_redis_url
+from llmproxy.limits._redis import RedisStore, StoreError
 from redis_server import RedisServer, RedisServers  # noqa: F401 (types)
 from redis_server import redis_server, redis_servers  # noqa: F401 (fixtures)
 

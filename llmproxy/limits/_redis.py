@@ -39,10 +39,11 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["RedisStore", "StoreError", "parse_redis_url"]
+__all__ = ["RedisStore", "StoreError"]
 
 log = Logger(namespace="llmproxy.limits.redis")
 
+from llmproxy.config import parse_redis_url
 from llmproxy.limits._redis_parts import (
     _ADD,
     _TAKE,
@@ -57,7 +58,6 @@ from llmproxy.limits._redis_parts import (
     _tokens_used,
     _usage_added,
     _wait_seconds,
-    parse_redis_url,
 )
 
 

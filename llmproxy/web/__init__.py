@@ -322,14 +322,14 @@ def build_guard(config: Config, clock: Any, metrics: Metrics | None = None) -> G
         The guard.
 
     Raises:
-        ConfigError: The keys file is malformed (naming ``auth.keys_file``).
+        ConfigError: A key is malformed (only in a config made by hand).
     """
     keys = None
     if config.auth is not None:
         try:
-            keys = KeyStore.from_config(config.auth.keys, config.auth.keys_file)
+            keys = KeyStore.from_config(config.auth)
         except ValueError as e:
-            raise ConfigError("auth.keys_file", str(e)) from None
+            raise ConfigError("auth", str(e)) from None
     rate_limit = config.rate_limit
     budgets = keys is not None and any(k.budget is not None for k in keys.named())
     return Guard(
