@@ -18,8 +18,7 @@ from twisted.web.server import Site
 from conftest import timeout
 from helpers import fetch, header
 from llmproxy.config import ConfigError, parse_config_text
-from llmproxy.limits import KeyStore
-from llmproxy.limits._store import budget_window
+from llmproxy.limits import KeyStore, budget_window
 from llmproxy.web import build_admin_resource
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "one two three four"}]}

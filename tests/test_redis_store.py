@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from conftest import timeout
 from llmproxy.config import parse_redis_url
-from llmproxy.limits._redis import RedisStore, StoreError
+from llmproxy.limits import RedisStore, StoreError
 from redis_server import RedisServer, RedisServers  # noqa: F401 (types)
 from redis_server import redis_server, redis_servers  # noqa: F401 (fixtures)
 

@@ -16,6 +16,7 @@ from twisted.internet.task import deferLater
 
 from conftest import timeout
 from helpers import fetch, header
+from llmproxy.limits import budget_window
 from redis_server import redis_server  # noqa: F401 (a fixture)
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "one two three four"}]}
@@ -134,8 +135,6 @@ async def test_a_budget_value_of_the_wrong_type_is_a_store_error(
     reactor, upstreams, proxies, client, redis_server
 ) -> None:
     """Garbage in Redis is handled as "store down" (allowed), never a crash."""
-    from llmproxy.limits._store import budget_window
-
     _, base = await upstreams.start()
     config = shared_config(base, redis_server.url, rate="1000") + (
         "auth:\n  keys:\n    - {key: key-a, name: team-a, budget: {tokens: 10, per: day}}\n"

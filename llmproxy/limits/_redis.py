@@ -153,8 +153,8 @@ class _RedisFactory(Factory):
 class RedisStore:
     """Rate-limit buckets and budget counters shared through Redis.
 
-    The methods match :class:`~llmproxy.limits._store.MemoryStore`'s, but
-    answer with Deferreds that fire within ``timeout`` seconds or fail with
+    The methods match :class:`~llmproxy.limits.MemoryStore`'s, but answer
+    with Deferreds that fire within ``timeout`` seconds or fail with
     :class:`StoreError`. Keys are ``{prefix}rl:{bucket}`` and
     ``{prefix}budget:{name}:{window}`` (a name over 200 bytes is hashed).
     """

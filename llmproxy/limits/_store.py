@@ -3,8 +3,8 @@
 :class:`Limits` is the policy: one rate-limit check and one budget check per
 request, and the usage a finished response adds to its key's budget. The
 store keeps the numbers: :class:`MemoryStore` in this process (answers at
-once), or :class:`~llmproxy.limits._redis.RedisStore` shared by every worker
-and instance (answers with Deferreds, within ``rate_limit.store_timeout``).
+once), or :class:`~llmproxy.limits.RedisStore` shared by every worker and
+instance (answers with Deferreds, within ``rate_limit.store_timeout``).
 When the shared store fails, the request is let through or refused with a
 503, as ``on_store_error`` says; every such failure is counted and logged at
 most once per :data:`LOG_EVERY` seconds.
@@ -24,14 +24,27 @@ from twisted.python.failure import Failure
 from llmproxy.config import RateLimitConfig
 from llmproxy.limits._keys import KeyInfo
 from llmproxy.limits._rate import RateLimiter
+from llmproxy.limits._redis import RedisStore
 
-__all__ = ["ALLOWED", "Limits", "MemoryStore", "Verdict", "budget_window"]
+__all__ = [
+    "ALLOWED",
+    "OK",
+    "OVER_BUDGET",
+    "RATE_LIMITED",
+    "STORE_DOWN",
+    "Limits",
+    "MemoryStore",
+    "Verdict",
+    "budget_window",
+]
 
 log = Logger(namespace="llmproxy.limits")
 
 #: Seconds between two log lines about the store failing.
 LOG_EVERY = 10.0
 
+#: A :class:`Verdict`'s outcomes: let through, or refused for its rate
+#: limit, its key's budget, or a failing store (``on_store_error: deny``).
 OK = "ok"
 RATE_LIMITED = "rate_limited"
 OVER_BUDGET = "over_budget"
@@ -209,10 +222,8 @@ class Limits:
             return None
         rate = rate_limit.rate if rate_limit is not None else None
         burst = rate_limit.burst if rate_limit is not None else 1
-        store: Any
+        store: MemoryStore | RedisStore
         if rate_limit is not None and rate_limit.store is not None:
-            from llmproxy.limits._redis import RedisStore
-
             store = RedisStore(rate_limit.store, clock, rate_limit.store_timeout)
         else:
             limiter = RateLimiter(rate, burst, clock) if rate is not None else None

@@ -25,8 +25,7 @@ from llmproxy import __version__
 from llmproxy.config import Config, ConfigError
 from llmproxy.egress import Egress
 from llmproxy.net import NetworkSet
-from llmproxy.limits import KeyStore
-from llmproxy.limits._store import Limits, budget_window
+from llmproxy.limits import KeyStore, Limits, budget_window
 from llmproxy.metrics import Metrics, MetricsResource
 from llmproxy.proxy import Guard, ProxyResource
 from llmproxy.proxy._errors import reason_phrase
