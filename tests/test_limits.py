@@ -14,13 +14,17 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.application.service import IService
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
+from zope.interface.verify import verifyObject
 
 from llmproxy.config import AuthConfig, ClientKey, ConfigError, parse_config_text
 from llmproxy.net import NetworkSet
 from llmproxy.limits import (
     KeyStore,
+    Limits,
+    MemoryStore,
     RateLimiter,
     client_ip,
     presented_key,
@@ -707,3 +711,14 @@ def test_presented_key_checks_end_to_end() -> None:
     via_header = store.check(presented_key(headers(x_api_key=PLAIN)))
     assert via_bearer is not None and via_bearer == via_header
 
+
+def test_the_memory_store_is_a_service() -> None:
+    """Like the Redis store, the in-process one is a Twisted service, which
+    :meth:`Limits.close` stops."""
+    store = MemoryStore(Clock(), RateLimiter(1, 1, Clock()))
+    assert verifyObject(IService, store)
+    store.startService()
+    assert store.running
+    limits = Limits(store, Clock(), 1, 1)
+    assert limits.close() is None
+    assert not store.running

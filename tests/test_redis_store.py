@@ -16,12 +16,15 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.application.service import IService
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
 
 from conftest import timeout
 from llmproxy.config import parse_redis_url
@@ -61,14 +64,14 @@ class Stores:
             kw: More RedisStore arguments.
         """
         store = RedisStore(url, self.reactor, store_timeout, **kw)
-        store.start()
+        store.startService()
         self.made.append(store)
         return store
 
     async def close(self) -> None:
-        """Close every store made here."""
+        """Stop every store made here."""
         for store in self.made:
-            await timeout(store.close(), self.reactor)
+            await timeout(store.stopService(), self.reactor)
 
 
 @pytest_twisted.async_yield_fixture
@@ -401,18 +404,20 @@ async def test_the_database_comes_from_the_url(
 
 
 @pytest_twisted.ensureDeferred
-async def test_close_stops_reconnecting_and_fails_later_calls(
+async def test_stopping_stops_reconnecting_and_fails_later_calls(
     reactor: Any, redis_server: RedisServer
 ) -> None:
-    """After close() nothing connects again and calls fail at once."""
+    """After stopService() nothing connects again and calls fail at once."""
     store = RedisStore(redis_server.url, reactor, RELAXED)
-    assert await timeout(store.close(), reactor) is None  # never started
+    assert await timeout(store.stopService(), reactor) is None  # never started
     store = RedisStore(redis_server.url, reactor, RELAXED)
-    store.start()
+    assert verifyObject(IService, store)
+    store.startService()
+    assert store.running
     await connected(store, reactor)
-    await timeout(store.close(), reactor)
-    await timeout(store.close(), reactor)  # twice is fine
-    assert not store.connected
+    await timeout(store.stopService(), reactor)
+    await timeout(store.stopService(), reactor)  # twice is fine
+    assert not store.connected and not store.running
     call = store.take("b", 1, 1)
     assert call.called
     assert "closed" in str(await store_error(call, reactor))
@@ -421,9 +426,35 @@ async def test_close_stops_reconnecting_and_fails_later_calls(
         assert reactor.seconds() < deadline, "the store's connection stayed open"
         await deferLater(reactor, 0.02, lambda: None)
     down = RedisStore("redis://127.0.0.1:1/0", reactor, RELAXED)
-    down.start()
+    down.startService()
     await deferLater(reactor, 0.2, lambda: None)
-    await timeout(down.close(), reactor, 2.0)
+    await timeout(down.stopService(), reactor, 2.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_store_starts_again(
+    reactor: Any, redis_server: RedisServer, stores: Stores
+) -> None:
+    """As any service, a stopped store may be started again: it reconnects."""
+    store = await connected(stores.make(redis_server.url), reactor)
+    await timeout(store.stopService(), reactor)
+    assert "closed" in str(await store_error(store.take("again", 1, 1), reactor))
+    store.startService()
+    await connected(store, reactor)
+    assert await timeout(store.take("again", 1, 1), reactor) == 0.0
+
+
+def test_a_wait_for_the_connection_can_be_cancelled(reactor: Any) -> None:
+    """Cancelling when_connected() ends that wait only; stopping fails the others."""
+    store = RedisStore("redis://127.0.0.1:1/0", reactor, RELAXED, clock=Clock())
+    cancelled, other = store.when_connected(), store.when_connected()
+    cancelled.cancel()
+    failures: list[Failure] = []
+    cancelled.addErrback(failures.append)
+    other.addErrback(failures.append)
+    assert [f.type for f in failures] == [defer.CancelledError]
+    store.stopService()
+    assert [f.type for f in failures] == [defer.CancelledError, StoreError]
 
 
 # --- against a fake server ----------------------------------------------------
@@ -576,7 +607,7 @@ async def test_commands_waiting_for_redis_are_bounded(
     assert await timeout(waiting[0], reactor) == 5
     waiting.append(store.budget_used("k", "w"))  # room for one more
     assert not waiting[-1].called
-    await timeout(store.close(), reactor)
+    await timeout(store.stopService(), reactor)
     outcomes = await timeout(
         gatherResults([d.addErrback(lambda f: f.value) for d in waiting[1:]]), reactor
     )

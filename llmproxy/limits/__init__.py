@@ -16,7 +16,7 @@ clocks it is given.
   :data:`RATE_LIMITED`, :data:`OVER_BUDGET` and :data:`STORE_DOWN`), over
   a store: :class:`MemoryStore` in this process, or :class:`RedisStore`
   shared through Redis (the only I/O here; it fails with
-  :class:`StoreError`).
+  :class:`StoreError`). Both stores are Twisted services.
   :func:`budget_window` names the calendar window a budget counts in.
 
 Importing this package does not import txredisapi (which installs the

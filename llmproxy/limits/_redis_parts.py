@@ -25,7 +25,7 @@ MAX_KEY_PART = 200
 #: Seconds a connection attempt may take (resolving included).
 CONNECT_TIMEOUT = 5.0
 
-#: Seconds ``close()`` lets the connection close cleanly before aborting it.
+#: Seconds ``stopService()`` lets the connection close cleanly before aborting it.
 CLOSE_GRACE = 1.0
 
 #: Seconds before reconnect attempt n: 0.1, 0.2, 0.4 ... capped at 1.8, plus

@@ -294,7 +294,7 @@ def build_resource(
         metrics.configure(config, resolver)
     guard = build_guard(config, reactor, metrics)
     if guard.limits is not None:
-        guard.limits.store.start()
+        guard.limits.store.startService()
         closing.append(guard.limits.close)
     proxy = ProxyResource(
         Router.from_config(config, clock=reactor), egress, reactor, config.timeouts, metrics,
