@@ -70,12 +70,7 @@ def build_guard(config: Config, clock: Any, metrics: Metrics | None = None) -> G
     Returns:
         The guard.
     """
-    keys = None
-    if config.auth is not None:
-        try:
-            keys = KeyStore.from_config(config.auth.keys, config.auth.keys_file)
-        except ValueError as e:
-            raise ConfigError("auth.keys_file", str(e)) from None
+    keys = KeyStore.from_config(config.auth) if config.auth is not None else None
     rate_limit = config.rate_limit
     budgets = keys is not None and any(k.budget is not None for k in keys.named())
     return Guard(
@@ -107,28 +102,12 @@ class _Parts(MultiService):
             metrics.configure(config, resolver)
         guard = build_guard(config, reactor, metrics)
         if guard.limits is not None:
-            _LimitStore(guard.limits).setServiceParent(self)
+            guard.limits.store.setServiceParent(self)
         self.proxy = ProxyResource(
             Router.from_config(config, clock=reactor), agent, reactor, config.timeouts,
             metrics, access_log=config.log.access, guard=guard,
             max_retry_wait=config.max_retry_wait, via_agents=via_agents, worker=worker,
         )
-
-
-class _LimitStore(MultiService):
-    """Starts and stops a guard's limit store with the gateway."""
-
-    def __init__(self, limits: Limits) -> None:
-        super().__init__()
-        self.limits = limits
-
-    def startService(self) -> None:
-        super().startService()
-        self.limits.store.start()
-
-    def stopService(self) -> Any:
-        super().stopService()
-        return self.limits.close()
 
 
 class Gateway(MultiService):
@@ -157,9 +136,6 @@ class Gateway(MultiService):
             agent: Send upstream requests through this ``IAgent`` instead
                 of an :class:`~llmproxy.egress.Egress` built from the
                 config (which then owns no pools).
-
-        Raises:
-            ConfigError: Something only building can find (a keys file).
         """
         super().__init__()
         self.setName("gateway")
@@ -191,9 +167,6 @@ class Gateway(MultiService):
 
         Args:
             config: The new, validated configuration.
-
-        Raises:
-            ConfigError: Building failed; the running config stays.
         """
         parts = _Parts(config, self.reactor, self.metrics, self.worker, self._agent)
         old = self._parts

@@ -18,7 +18,7 @@ from twisted.web.server import Site
 from conftest import timeout
 from helpers import fetch, header
 from llmproxy.config import ConfigError, parse_config_text
-from llmproxy.limits._store import budget_window
+from llmproxy.limits import KeyStore, budget_window
 from llmproxy.web import build_admin_resource
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "one two three four"}]}
@@ -130,13 +130,26 @@ async def test_budgets_lists_use_and_budget_per_named_key(
     assert b"secret" not in body
 
 
-def test_keys_file_lines_carry_names_and_budgets(tmp_path: Path) -> None:
-    """``KEY name=N budget=T/per`` lines; mistakes name the line, never the key."""
-    from llmproxy.limits import KeyStore
+def keys_file_config(path: Path, keys: str = "") -> str:
+    """A config whose ``auth`` names ``path`` as its keys file.
 
+    Args:
+        path: The keys file.
+        keys: ``auth.keys`` entries (YAML flow items), if any.
+
+    Returns:
+        The config's text.
+    """
+    return (f'target_map: {{"/": "http://a"}}\n'
+            f'auth: {{keys: [{keys}], keys_file: "{path}"}}\n')
+
+
+def test_keys_file_lines_carry_names_and_budgets(tmp_path: Path) -> None:
+    """``KEY name=N budget=T/per`` lines; mistakes name the file and line,
+    never the key nor what follows it."""
     path = tmp_path / "keys"
     path.write_text("# team keys\nk-one name=team-a budget=500/hour\nk-two\nk-three name=ops\n")
-    store = KeyStore.from_config([], str(path))
+    store = KeyStore.from_config(parse_config_text(keys_file_config(path), environ={}).auth)
     one = store.lookup("k-one")
     assert one.name == "team-a" and (one.budget.tokens, one.budget.per) == (500, "hour")
     assert store.lookup("k-two").name is None
@@ -145,13 +158,31 @@ def test_keys_file_lines_carry_names_and_budgets(tmp_path: Path) -> None:
         ("k-secret name=bad/name", "a key name is"),
         ("k-secret budget=500/week", "expected one of minute"),
         ("k-secret budget=500/day", "needs a name"),
+        ("k-secret budget=lots", "expected TOKENS/PER"),
+        ("k-secret budget=0/day", "at least 1"),
         ("k-secret colour=blue", "expected name=NAME"),
+        ("k-secret name=a name=b", "expected name=NAME"),
+        ("k-secret secret-part name=a", "expected name=NAME"),
+        ("k-secret name=ops\nk-other name=ops", "used by another key"),
     ]:
         path.write_text(line + "\n")
-        with pytest.raises(ValueError) as raised:
-            KeyStore.from_config([], str(path))
-        assert problem in str(raised.value) and "line 1" in str(raised.value)
-        assert "k-secret" not in str(raised.value)
+        with pytest.raises(ConfigError) as raised:
+            parse_config_text(keys_file_config(path), environ={})
+        message = str(raised.value)
+        assert raised.value.key == "auth.keys_file"
+        assert problem in message and f"{str(path)!r}, line " in message
+        for secret in ("k-secret", "secret-part", "bad/name", "week", "lots", "blue"):
+            assert secret not in message, message
+
+
+def test_keys_file_names_are_not_those_of_config_keys(tmp_path: Path) -> None:
+    """A name in the keys file that ``auth.keys`` uses already is refused."""
+    path = tmp_path / "keys"
+    path.write_text("k-file name=team-a\n")
+    with pytest.raises(ConfigError) as raised:
+        parse_config_text(keys_file_config(path, "{key: k-config, name: team-a}"), environ={})
+    assert raised.value.key == "auth.keys_file"
+    assert "line 1: its name=NAME is used by another key" in str(raised.value)
 
 
 @pytest.mark.parametrize(

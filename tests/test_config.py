@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,11 @@ from llmproxy.config import (
     RateLimitConfig,
     RouteConfig,
     TimeoutsConfig,
+    key_digest,
     load_config,
     parse_config,
     parse_config_text,
+    parse_redis_url,
 )
 
 #: The repository root, so that shipped files are found from any cwd.
@@ -686,3 +689,33 @@ def test_api_key_with_a_line_break_is_refused(key: str) -> None:
     )
     assert err.key.endswith("api_key")
     assert "sk-a" not in str(err)
+
+
+@pytest.mark.parametrize(
+    "url, problem",
+    [
+        ("rediss://:hunter2-pw@h", "not supported"),
+        ("redis://:hunter2-pw@h:99999", "port"),
+        ("http://:hunter2-pw@h", "not a redis:// URL"),
+    ],
+)
+def test_a_bad_store_url_is_refused_without_its_password(url: str, problem: str) -> None:
+    """``rate_limit.store`` is checked at load by the config's own parser."""
+    err = config_error(MINIMAL + f'rate_limit: {{rate: 1, store: "{url}"}}\n')
+    assert err.key == "rate_limit.store"
+    assert problem in err.message
+    assert "hunter2" not in str(err)
+
+
+def test_the_store_url_is_split_by_the_config() -> None:
+    """:func:`parse_redis_url` is the config's: host, port, db, user, password."""
+    assert parse_redis_url("redis://u:p%40ss@[::1]:7000/2") == ("::1", 7000, 2, "u", "p@ss")
+
+
+def test_key_digest_reads_both_forms() -> None:
+    """A plain key stands for its SHA-256; ``sha256:`` entries for theirs."""
+    digest = hashlib.sha256(b"sk-plain").digest()
+    assert key_digest(" sk-plain ") == digest
+    assert key_digest("SHA256:" + digest.hex().upper()) == digest
+    assert key_digest("sha256:" + digest.hex()[:-2]) is None
+    assert key_digest("   ") is None

@@ -1,4 +1,8 @@
-"""Unit tests for :mod:`llmproxy.limits`: client IPs, token buckets, API keys."""
+"""Unit tests for :mod:`llmproxy.limits`: client IPs, token buckets, API keys.
+
+Keys files are read by the config (:mod:`llmproxy.config`); their tests
+here load a config naming one and build the :class:`KeyStore` from it.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +14,22 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.application.service import IService
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
+from zope.interface.verify import verifyObject
 
+from llmproxy.config import AuthConfig, ClientKey, ConfigError, parse_config_text
 from llmproxy.net import NetworkSet
 from llmproxy.limits import (
     KeyStore,
+    Limits,
+    MemoryStore,
     RateLimiter,
     client_ip,
     presented_key,
     retry_after,
 )
-from llmproxy.limits import _keys
 
 TRUSTED = NetworkSet(["10.0.0.0/8", "fd00::/8"])
 
@@ -485,10 +493,55 @@ HASHED = "sk-hashed-fedcba9876543210"
 HASHED_LINE = "sha256:" + hashlib.sha256(HASHED.encode()).hexdigest()
 
 
+def key_store(*keys: str) -> KeyStore:
+    """A store of ``keys``, as ``auth.keys`` would list them.
+
+    Args:
+        *keys: Plain keys or ``sha256:`` entries.
+
+    Returns:
+        The store.
+    """
+    return KeyStore.from_config(AuthConfig(keys=tuple(ClientKey(key=k) for k in keys)))
+
+
+def loaded_auth(section: str) -> AuthConfig:
+    """The ``auth`` section of a config, as loading it gives it.
+
+    Args:
+        section: The section's YAML (a flow mapping).
+
+    Returns:
+        The section, with its keys file's entries read.
+
+    Raises:
+        ConfigError: The section or its keys file is wrong.
+    """
+    text = f'target_map: {{"/": "http://a"}}\nauth: {section}\n'
+    auth = parse_config_text(text, environ={}).auth
+    assert auth is not None
+    return auth
+
+
+def keys_file_auth(path: Path) -> AuthConfig:
+    """The ``auth`` section of a config with one key and ``path`` as its keys file.
+
+    Args:
+        path: The keys file.
+
+    Returns:
+        The section, with the file's entries read.
+
+    Raises:
+        ConfigError: The file is unreadable or malformed.
+    """
+    return loaded_auth(f'{{keys: [config-key], keys_file: "{path}"}}')
+
+
 def test_plain_and_hashed_keys() -> None:
     """Plain keys are hashed at load; ``sha256:`` entries are stored hashes."""
     upper_hex = "sha256:" + HASHED_LINE.split(":", 1)[1].upper()
-    store = KeyStore.from_config([PLAIN, upper_hex], None)
+    store = key_store(PLAIN, upper_hex)
     assert len(store) == 2
     plain_id = store.check(PLAIN)
     hashed_id = store.check(HASHED)
@@ -500,18 +553,18 @@ def test_plain_and_hashed_keys() -> None:
 
 def test_wrong_and_missing_keys() -> None:
     """Unknown, empty and missing keys match nothing."""
-    store = KeyStore.from_config([PLAIN], None)
+    store = key_store(PLAIN)
     assert store.check(PLAIN + "x") is None
     assert store.check(PLAIN[:-1]) is None
     assert store.check(HASHED_LINE) is None  # the hash is not the key
     assert store.check("") is None
     assert store.check(None) is None
-    assert KeyStore.from_config([], None).check(PLAIN) is None
+    assert key_store().check(PLAIN) is None
 
 
 def test_id_is_not_the_key() -> None:
     """The id is safe to log: it does not contain the key."""
-    store = KeyStore.from_config([PLAIN], None)
+    store = key_store(PLAIN)
     key_id = store.check(PLAIN)
     assert key_id is not None
     assert PLAIN not in key_id and key_id not in PLAIN
@@ -531,8 +584,8 @@ def test_every_digest_compared(monkeypatch: pytest.MonkeyPatch) -> None:
         calls.append(1)
         return compare(a, b)
 
-    monkeypatch.setattr(_keys.hmac, "compare_digest", counting)
-    store = KeyStore.from_config([PLAIN, HASHED, "third-key"], None)
+    monkeypatch.setattr(hmac, "compare_digest", counting)
+    store = key_store(PLAIN, HASHED, "third-key")
     assert store.check(PLAIN) is not None
     assert len(calls) == 3
     calls.clear()
@@ -541,7 +594,8 @@ def test_every_digest_compared(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_keys_file(tmp_path: Path) -> None:
-    """A keys file: comments and blank lines skipped, both entry kinds read.
+    """A keys file, read with the config: comments and blank lines skipped,
+    both entry kinds read.
 
     Args:
         tmp_path: A fresh directory.
@@ -550,7 +604,11 @@ def test_keys_file(tmp_path: Path) -> None:
     path.write_text(
         f"# team keys\n\n  {PLAIN}  \n   # indented comment\n{HASHED_LINE}\n"
     )
-    store = KeyStore.from_config(["config-key"], str(path))
+    auth = keys_file_auth(path)
+    assert len(auth.file_keys) == 2
+    assert PLAIN not in repr(auth) and HASHED_LINE not in repr(auth)
+    path.unlink()  # read once, when the config loaded
+    store = KeyStore.from_config(auth)
     assert len(store) == 3
     assert store.check(PLAIN) is not None
     assert store.check(HASHED) is not None
@@ -576,9 +634,11 @@ def test_keys_file_malformed_line(tmp_path: Path, bad: str) -> None:
     """
     path = tmp_path / "keys"
     path.write_text(f"# comment\n{PLAIN}\n{bad}\n")
-    with pytest.raises(ValueError, match="line 3") as info:
-        KeyStore.from_config([], str(path))
+    with pytest.raises(ConfigError, match="line 3") as info:
+        keys_file_auth(path)
+    assert info.value.key == "auth.keys_file"
     message = str(info.value)
+    assert repr(str(path)) in message
     assert PLAIN not in message
     assert bad.removeprefix("sha256:") not in message or bad == "sha256:"
     assert info.value.__cause__ is None
@@ -586,11 +646,19 @@ def test_keys_file_malformed_line(tmp_path: Path, bad: str) -> None:
 
 def test_malformed_config_key() -> None:
     """A malformed or empty config key names its index, not its value."""
+    with pytest.raises(ConfigError) as refused:
+        loaded_auth(f"{{keys: [{PLAIN}, 'sha256:nothex']}}")
+    assert refused.value.key == "auth.keys[1]"
+    assert "nothex" not in str(refused.value) and PLAIN not in str(refused.value)
+    # A section made by hand, which nothing checked: the store refuses it.
     with pytest.raises(ValueError, match=r"keys\[1\]") as info:
-        KeyStore.from_config([PLAIN, "sha256:nothex"], None)
+        key_store(PLAIN, "sha256:nothex")
     assert "nothex" not in str(info.value)
     with pytest.raises(ValueError, match=r"keys\[0\]"):
-        KeyStore.from_config(["  "], None)
+        key_store("  ")
+    loose = AuthConfig(file_keys=(ClientKey(key="sha256:"),))
+    with pytest.raises(ValueError, match=r"file_keys\[0\]"):
+        KeyStore.from_config(loose)
 
 
 def test_keys_file_unreadable(tmp_path: Path) -> None:
@@ -599,12 +667,14 @@ def test_keys_file_unreadable(tmp_path: Path) -> None:
     Args:
         tmp_path: A fresh directory.
     """
-    with pytest.raises(ValueError, match="cannot read"):
-        KeyStore.from_config([], str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="cannot read") as missing:
+        keys_file_auth(tmp_path / "missing")
+    assert missing.value.key == "auth.keys_file"
     binary = tmp_path / "binary"
     binary.write_bytes(b"good-key\n\xff\xfesecret\n")
-    with pytest.raises(ValueError, match="line 2: not UTF-8") as info:
-        KeyStore.from_config([], str(binary))
+    with pytest.raises(ConfigError, match="line 2: not UTF-8") as info:
+        keys_file_auth(binary)
+    assert info.value.key == "auth.keys_file"
     assert "secret" not in str(info.value) and info.value.__context__ is None
 
 
@@ -636,7 +706,19 @@ def test_presented_key(values: dict[str, str], expected: str | None) -> None:
 
 def test_presented_key_checks_end_to_end() -> None:
     """Both header forms resolve to the same key id."""
-    store = KeyStore.from_config([PLAIN], None)
+    store = key_store(PLAIN)
     via_bearer = store.check(presented_key(headers(authorization=f"Bearer {PLAIN}")))
     via_header = store.check(presented_key(headers(x_api_key=PLAIN)))
     assert via_bearer is not None and via_bearer == via_header
+
+
+def test_the_memory_store_is_a_service() -> None:
+    """Like the Redis store, the in-process one is a Twisted service, which
+    :meth:`Limits.close` stops."""
+    store = MemoryStore(Clock(), RateLimiter(1, 1, Clock()))
+    assert verifyObject(IService, store)
+    store.startService()
+    assert store.running
+    limits = Limits(store, Clock(), 1, 1)
+    assert limits.close() is None
+    assert not store.running

@@ -5,26 +5,37 @@ Each test starts its own redis-server on a loopback port
 that holds its replies or answers nonsense, to check what a real one never
 does: timeouts, late replies, the bound on waiting commands and replies of
 the wrong type.
+
+The reactor does the I/O; each store's timers (call timeouts, the close's
+grace, the waits before reconnecting) run on a fake clock of its own that
+the tests advance. No test sleeps to let something happen: it waits for
+the event itself, a reactor turn at a time and bounded, except where
+redis-server's own clock decides (two waits, each said why).
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.application.service import IService
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
 
 from conftest import timeout
-from llmproxy.limits._redis import RedisStore, StoreError, parse_redis_url
+from llmproxy.config import parse_redis_url
+from llmproxy.limits import RedisStore, StoreError
 from redis_server import RedisServer, RedisServers  # noqa: F401 (types)
 from redis_server import redis_server, redis_servers  # noqa: F401 (fixtures)
 
@@ -34,6 +45,10 @@ RELAXED = 2.0
 
 #: Seconds a test waits for something to happen (a connection, a restart).
 WAIT = 10.0
+
+#: Clock seconds after which any reconnection is due: the store waits 2 s
+#: at most between attempts.
+ANY_RETRY = 2.5
 
 PASSWORD = "s3cret-Pass-42"
 WRONG_PASSWORD = "wr0ng-Pass-17"
@@ -51,23 +66,26 @@ class Stores:
         self.reactor = reactor
         self.made: list[RedisStore] = []
 
-    def make(self, url: str, store_timeout: float = RELAXED, **kw: Any) -> RedisStore:
-        """A started store for ``url``.
+    def make(
+        self, url: str, store_timeout: float = RELAXED, clock: Clock | None = None, **kw: Any
+    ) -> RedisStore:
+        """A started store for ``url``, its timers on a fake clock.
 
         Args:
             url: The Redis URL.
             store_timeout: Seconds each call may take.
+            clock: The store's clock (default: a fresh one, never advanced).
             kw: More RedisStore arguments.
         """
-        store = RedisStore(url, self.reactor, store_timeout, **kw)
-        store.start()
+        store = RedisStore(url, self.reactor, store_timeout, clock=clock or Clock(), **kw)
+        store.startService()
         self.made.append(store)
         return store
 
     async def close(self) -> None:
-        """Close every store made here."""
+        """Stop every store made here."""
         for store in self.made:
-            await timeout(store.close(), self.reactor)
+            await timeout(store.stopService(), self.reactor)
 
 
 @pytest_twisted.async_yield_fixture
@@ -78,19 +96,52 @@ async def stores(reactor: Any) -> AsyncIterator[Stores]:
     await made.close()
 
 
-async def until(reactor: Any, done: Callable[[], bool], what: str, within: float = WAIT) -> None:
-    """Wait (polling every 10 ms, at most ``within`` s) until ``done()``."""
-    deadline = reactor.seconds() + within
-    while not done():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"waited {within} s in vain for {what}")
-        await deferLater(reactor, 0.01, lambda: None)
+def next_turn(reactor: Any) -> Deferred[None]:
+    """A Deferred fired on the reactor's next iteration: no time is waited
+    for, the reactor only gets to do its I/O."""
+    turn: Deferred[None] = Deferred(lambda _: call.cancel())
+    call = reactor.callLater(0, turn.callback, None)
+    return turn
+
+
+async def until(reactor: Any, done: Callable[[], object], what: str) -> None:
+    """Wait until ``done()`` is true, checking it once a reactor turn (at
+    most WAIT s in all).
+
+    Args:
+        reactor: The running reactor.
+        done: The condition; it may return an awaitable (a question to a
+            server), awaited for its answer.
+        what: What is waited for, for the message.
+
+    Raises:
+        AssertionError: It never came true.
+    """
+
+    async def turns() -> None:
+        while True:
+            answer = done()
+            if inspect.isawaitable(answer):
+                answer = await answer
+            if answer:
+                return
+            await next_turn(reactor)
+
+    try:
+        await timeout(Deferred.fromCoroutine(turns()), reactor)
+    except defer.TimeoutError:
+        raise AssertionError(f"waited {WAIT} s in vain for {what}") from None
 
 
 async def connected(store: RedisStore, reactor: Any) -> RedisStore:
     """Wait until ``store`` has a ready connection; return it."""
-    await until(reactor, lambda: store.connected, "the store to connect")
+    await timeout(store.when_connected(), reactor)
     return store
+
+
+async def retry_scheduled(clock: Clock, reactor: Any) -> None:
+    """Wait until a connection attempt has failed: its retry is on ``clock``."""
+    await until(reactor, clock.getDelayedCalls, "a connection attempt to fail")
 
 
 async def store_error(d: Deferred[Any], reactor: Any) -> StoreError:
@@ -102,18 +153,16 @@ async def store_error(d: Deferred[Any], reactor: Any) -> StoreError:
     raise AssertionError(f"expected a StoreError, got {result!r}")
 
 
-async def until_error_mentions(
-    store: RedisStore, reactor: Any, words: tuple[str, ...]
-) -> StoreError:
-    """Call the store until a call fails with one of ``words`` in its message."""
-    deadline = reactor.seconds() + WAIT
-    while True:
-        error = await store_error(store.budget_used("k", "w"), reactor)
-        if any(word in str(error) for word in words):
-            return error
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"last error: {error}")
-        await deferLater(reactor, 0.02, lambda: None)
+async def setup_error(store: RedisStore, clock: Clock, reactor: Any) -> StoreError:
+    """The error of a call once the store's first connection has failed.
+
+    Args:
+        store: A store whose connection fails (AUTH, SELECT ...).
+        clock: Its clock, where its retry is scheduled once it has failed.
+        reactor: The running reactor.
+    """
+    await retry_scheduled(clock, reactor)
+    return await store_error(store.budget_used("k", "w"), reactor)
 
 
 # --- rate limits ---------------------------------------------------------
@@ -155,6 +204,8 @@ async def test_the_bucket_refills_over_time(
         assert await timeout(store.take("refill", 50, 2), reactor) == 0.0
     wait = await timeout(store.take("refill", 50, 2), reactor)
     assert wait > 0
+    # Wall-clock wait 1 of 2: the bucket refills on redis-server's clock
+    # (the script reads TIME), which no fake clock drives. About 20 ms.
     await deferLater(reactor, wait + 0.01, lambda: None)
     assert await timeout(store.take("refill", 50, 2), reactor) == 0.0
 
@@ -267,14 +318,16 @@ async def test_a_budget_counter_expires_at_expires_at(
     assert await redis_server.command(
         "EXPIRETIME", "llmproxy:budget:team-a:day:x"
     ) == math.ceil(later)
-    seconds, _ = await redis_server.command("TIME")
+    seconds, micros = await redis_server.command("TIME")
+    now = int(seconds) + int(micros) / 1e6
     soon = int(seconds) + 2
     await timeout(store.add_usage("team-a", "minute:y", 4, soon), reactor)
     assert await timeout(store.budget_used("team-a", "minute:y"), reactor) == 4
-    deadline = reactor.seconds() + WAIT
-    while await timeout(store.budget_used("team-a", "minute:y"), reactor) != 0:
-        assert reactor.seconds() < deadline, "the counter never expired"
-        await deferLater(reactor, 0.1, lambda: None)
+    # Wall-clock wait 2 of 2: redis-server expires keys on its own clock,
+    # which no fake clock drives; this waits until just past ``soon`` on it
+    # (1 to 2 s).
+    await deferLater(reactor, soon - now + 0.05, lambda: None)
+    assert await timeout(store.budget_used("team-a", "minute:y"), reactor) == 0
     await timeout(store.add_usage("team-a", "minute:z", 4, soon - 60), reactor)
     assert await timeout(store.budget_used("team-a", "minute:z"), reactor) == 0
 
@@ -313,14 +366,19 @@ async def test_redis_down_at_start_fails_fast_then_the_store_connects_by_itself(
 ) -> None:
     """No Redis: calls fail at once with "not connected"; once it is up, they work."""
     server = await redis_servers.create()
-    store = stores.make(server.url)
+    clock = Clock()
+    store = stores.make(server.url, clock=clock)
     for call in [store.take("b", 1, 1), store.budget_used("k", "w"), store.add_usage("k", "w", 1, 2e9)]:
         assert call.called, "failed at once, not after the timeout"
         error = await store_error(call, reactor)
         assert str(error).startswith("not connected")
-    await deferLater(reactor, 0.3, lambda: None)  # a few connection attempts fail
+    for _ in range(3):  # a few connection attempts fail
+        await retry_scheduled(clock, reactor)
+        clock.advance(ANY_RETRY)
+    await retry_scheduled(clock, reactor)
     assert not store.connected
     await server.start()
+    clock.advance(ANY_RETRY)
     await connected(store, reactor)
     assert await timeout(store.take("b", 1, 1), reactor) == 0.0
 
@@ -330,7 +388,8 @@ async def test_redis_stopped_and_started_again_errors_then_recovers(
     reactor: Any, redis_server: RedisServer, stores: Stores
 ) -> None:
     """While Redis is away calls fail with StoreError; the same store recovers."""
-    store = await connected(stores.make(redis_server.url), reactor)
+    clock = Clock()
+    store = await connected(stores.make(redis_server.url, clock=clock), reactor)
     assert await timeout(store.take("b", 0.01, 1), reactor) == 0.0
     assert await timeout(store.take("b", 0.01, 1), reactor) > 0
     await redis_server.stop()
@@ -339,6 +398,7 @@ async def test_redis_stopped_and_started_again_errors_then_recovers(
     error = await store_error(store.budget_used("k", "w"), reactor)
     assert str(error).startswith("not connected")
     await redis_server.start()  # an empty Redis, on the same port
+    clock.advance(ANY_RETRY)
     await connected(store, reactor)
     assert await timeout(store.take("b", 0.01, 1), reactor) == 0.0
 
@@ -370,14 +430,22 @@ async def test_a_wrong_password_is_a_store_error_that_never_shows_it(
     globalLogPublisher.addObserver(observe)
     try:
         server = await redis_servers.start(password=PASSWORD)
-        wrong = stores.make(f"redis://:{WRONG_PASSWORD}@127.0.0.1:{server.port}/0")
-        error = await until_error_mentions(wrong, reactor, ("WRONGPASS", "auth"))
+        clock = Clock()
+        wrong = stores.make(f"redis://:{WRONG_PASSWORD}@127.0.0.1:{server.port}/0", clock=clock)
+        error = await setup_error(wrong, clock, reactor)
         assert str(error).startswith("not connected")
+        assert any(word in str(error) for word in ("WRONGPASS", "auth"))
         missing = await connected(stores.make(f"redis://127.0.0.1:{server.port}/0"), reactor)
         error2 = await store_error(missing.take("b", 1, 1), reactor)
         assert "NOAUTH" in str(error2)
-        wrong_user = stores.make(f"redis://nobody:{PASSWORD}@127.0.0.1:{server.port}/0")
-        error3 = await until_error_mentions(wrong_user, reactor, ("WRONGPASS", "auth"))
+        other = Clock()
+        wrong_user = stores.make(
+            f"redis://nobody:{PASSWORD}@127.0.0.1:{server.port}/0", clock=other
+        )
+        error3 = await setup_error(wrong_user, other, reactor)
+        assert any(word in str(error3) for word in ("WRONGPASS", "auth"))
+        clock.advance(ANY_RETRY)  # the wrong password is tried again, and fails again
+        await retry_scheduled(clock, reactor)
         assert not wrong.connected and not wrong_user.connected
     finally:
         globalLogPublisher.removeObserver(observe)
@@ -394,35 +462,74 @@ async def test_the_database_comes_from_the_url(
     await timeout(store.add_usage("k", "w", 9, reactor.seconds() + 60), reactor)
     assert await redis_server.command("GET", "llmproxy:budget:k:w", db=3) == b"9"
     assert await redis_server.command("GET", "llmproxy:budget:k:w") is None
-    missing = stores.make(redis_server.url[: -len("/0")] + "/99")
-    error = await until_error_mentions(missing, reactor, ("dbid", "DB index"))
+    clock = Clock()
+    missing = stores.make(redis_server.url[: -len("/0")] + "/99", clock=clock)
+    error = await setup_error(missing, clock, reactor)
     assert str(error).startswith("not connected")
+    assert "dbid" in str(error) or "DB index" in str(error)
 
 
 @pytest_twisted.ensureDeferred
-async def test_close_stops_reconnecting_and_fails_later_calls(
+async def test_stopping_stops_reconnecting_and_fails_later_calls(
     reactor: Any, redis_server: RedisServer
 ) -> None:
-    """After close() nothing connects again and calls fail at once."""
-    store = RedisStore(redis_server.url, reactor, RELAXED)
-    assert await timeout(store.close(), reactor) is None  # never started
-    store = RedisStore(redis_server.url, reactor, RELAXED)
-    store.start()
+    """After stopService() nothing connects again and calls fail at once."""
+    store = RedisStore(redis_server.url, reactor, RELAXED, clock=Clock())
+    assert await timeout(store.stopService(), reactor) is None  # never started
+    clock = Clock()
+    store = RedisStore(redis_server.url, reactor, RELAXED, clock=clock)
+    assert verifyObject(IService, store)
+    store.startService()
+    assert store.running
     await connected(store, reactor)
-    await timeout(store.close(), reactor)
-    await timeout(store.close(), reactor)  # twice is fine
-    assert not store.connected
+    await timeout(store.stopService(), reactor)
+    await timeout(store.stopService(), reactor)  # twice is fine
+    assert not store.connected and not store.running
     call = store.take("b", 1, 1)
     assert call.called
     assert "closed" in str(await store_error(call, reactor))
-    deadline = reactor.seconds() + WAIT
-    while (await redis_server.command("CLIENT", "LIST")).count(b"\n") != 1:
-        assert reactor.seconds() < deadline, "the store's connection stayed open"
-        await deferLater(reactor, 0.02, lambda: None)
-    down = RedisStore("redis://127.0.0.1:1/0", reactor, RELAXED)
-    down.start()
-    await deferLater(reactor, 0.2, lambda: None)
-    await timeout(down.close(), reactor, 2.0)
+    assert "closed" in str(await store_error(store.when_connected(), reactor))
+    assert clock.getDelayedCalls() == [], "no reconnection, no grace timer left"
+    clock.advance(60 * ANY_RETRY)
+
+    async def alone() -> bool:
+        # Asked of redis-server: it may see the store's connection close a
+        # moment after the store does. Only this question's connection left?
+        return (await redis_server.command("CLIENT", "LIST")).count(b"\n") == 1
+
+    await until(reactor, alone, "the store's connection to go")
+    down_clock = Clock()
+    down = RedisStore("redis://127.0.0.1:1/0", reactor, RELAXED, clock=down_clock)
+    down.startService()
+    await retry_scheduled(down_clock, reactor)  # between two attempts
+    await timeout(down.stopService(), reactor, 2.0)
+    assert down_clock.getDelayedCalls() == [], "the next attempt is called off"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_store_starts_again(
+    reactor: Any, redis_server: RedisServer, stores: Stores
+) -> None:
+    """As any service, a stopped store may be started again: it reconnects."""
+    store = await connected(stores.make(redis_server.url), reactor)
+    await timeout(store.stopService(), reactor)
+    assert "closed" in str(await store_error(store.take("again", 1, 1), reactor))
+    store.startService()
+    await connected(store, reactor)
+    assert await timeout(store.take("again", 1, 1), reactor) == 0.0
+
+
+def test_a_wait_for_the_connection_can_be_cancelled(reactor: Any) -> None:
+    """Cancelling when_connected() ends that wait only; stopping fails the others."""
+    store = RedisStore("redis://127.0.0.1:1/0", reactor, RELAXED, clock=Clock())
+    cancelled, other = store.when_connected(), store.when_connected()
+    cancelled.cancel()
+    failures: list[Failure] = []
+    cancelled.addErrback(failures.append)
+    other.addErrback(failures.append)
+    assert [f.type for f in failures] == [defer.CancelledError]
+    store.stopService()
+    assert [f.type for f in failures] == [defer.CancelledError, StoreError]
 
 
 # --- against a fake server ----------------------------------------------------
@@ -517,15 +624,17 @@ async def test_every_call_answers_within_the_timeout(
     reactor: Any, fake_redis: FakeRedis, stores: Stores
 ) -> None:
     """A server that never answers: each call fails after 50 ms, saying so."""
-    store = await connected(stores.make(fake_redis.url, 0.05), reactor)
-    started = reactor.seconds()
-    errors = [
-        await store_error(store.take("b", 1, 1), reactor),
-        await store_error(store.budget_used("k", "w"), reactor),
-        await store_error(store.add_usage("k", "w", 1, 2e9), reactor),
-    ]
+    clock = Clock()
+    store = await connected(stores.make(fake_redis.url, 0.05, clock=clock), reactor)
+    calls = [store.take("b", 1, 1), store.budget_used("k", "w"),
+             store.add_usage("k", "w", 1, 2e9)]
+    await until(reactor, lambda: len(fake_redis.commands) == 3, "the commands")
+    clock.advance(0.049)
+    assert not any(call.called for call in calls), "no answer before 50 ms"
+    clock.advance(0.002)
+    assert all(call.called for call in calls), "every call answered at 50 ms"
+    errors = [await store_error(call, reactor) for call in calls]
     assert [str(e) for e in errors] == ["timed out after 50 ms"] * 3
-    assert reactor.seconds() - started < 3 * 0.05 + 1.0
     assert len(fake_redis.commands) == 3
 
 
@@ -534,8 +643,12 @@ async def test_a_late_reply_never_reaches_the_next_caller(
     reactor: Any, fake_redis: FakeRedis, stores: Stores
 ) -> None:
     """The reply to a timed-out command is dropped, not handed to the next call."""
-    store = await connected(stores.make(fake_redis.url, 1.0), reactor)
-    first = await store_error(store.budget_used("k", "w"), reactor)
+    clock = Clock()
+    store = await connected(stores.make(fake_redis.url, 1.0, clock=clock), reactor)
+    call = store.budget_used("k", "w")
+    await until(reactor, lambda: len(fake_redis.commands) == 1, "the first command")
+    clock.advance(1.0)
+    first = await store_error(call, reactor)
     assert "timed out" in str(first)
     second = store.budget_used("k", "w")
     await until(reactor, lambda: len(fake_redis.commands) == 2, "the second command")
@@ -548,11 +661,17 @@ async def test_a_connection_that_keeps_timing_out_is_made_again(
     reactor: Any, fake_redis: FakeRedis, stores: Stores
 ) -> None:
     """Ten timeouts in a row drop the connection; the store reconnects by itself."""
-    store = await connected(stores.make(fake_redis.url, 0.3), reactor)
+    clock = Clock()
+    store = await connected(stores.make(fake_redis.url, 0.3, clock=clock), reactor)
     calls = [store.budget_used("k", "w") for _ in range(10)]
+    await until(reactor, lambda: len(fake_redis.commands) == 10, "the commands")
+    clock.advance(0.3)
     for call in calls:
         assert "timed out" in str(await store_error(call, reactor))
     await until(reactor, lambda: fake_redis.lost == 1, "the connection to be dropped")
+    await retry_scheduled(clock, reactor)
+    assert len(fake_redis.connections) == 1
+    clock.advance(ANY_RETRY)
     await until(reactor, lambda: len(fake_redis.connections) == 2, "a new connection")
     await connected(store, reactor)
     fake_redis.answer = lambda args: b"$2\r\n12\r\n"
@@ -575,7 +694,7 @@ async def test_commands_waiting_for_redis_are_bounded(
     assert await timeout(waiting[0], reactor) == 5
     waiting.append(store.budget_used("k", "w"))  # room for one more
     assert not waiting[-1].called
-    await timeout(store.close(), reactor)
+    await timeout(store.stopService(), reactor)
     outcomes = await timeout(
         gatherResults([d.addErrback(lambda f: f.value) for d in waiting[1:]]), reactor
     )

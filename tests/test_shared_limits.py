@@ -3,6 +3,9 @@
 Each test starts its own redis-server on a loopback port (tests/redis_server.py)
 and two proxies in this process, each with its own connection to it: what
 holds across them holds across workers and instances.
+
+No test sleeps to let something happen: each waits, bounded, for the event
+itself (the store connected again, the usage counted in Redis).
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred
 
 from conftest import timeout
 from helpers import fetch, header
+from llmproxy.limits import RedisStore, budget_window
+from redis_server import RedisServer
 from redis_server import redis_server  # noqa: F401 (a fixture)
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "one two three four"}]}
@@ -40,14 +45,30 @@ async def codes(client: Any, reactor: Any, urls: list[str], **kw: Any) -> list[i
     return seen
 
 
-async def until_limited(client: Any, reactor: Any, url: str, tries: int = 100) -> None:
-    """Send requests (spaced 0.1 s) until one is refused with 429."""
-    for _ in range(tries):
-        response, _ = await fetch(client, reactor, url + "/v1/chat/completions", CHAT)
-        if response.code == 429:
-            return
-        await deferLater(reactor, 0.1, lambda: None)
-    raise AssertionError("the limit never held again")
+def store_of(proxies: Any) -> RedisStore:
+    """The Redis store of the proxy started last."""
+    store = proxies.roots[-1].proxy.guard.limits.store
+    assert isinstance(store, RedisStore)
+    return store
+
+
+async def limited_again(client: Any, reactor: Any, url: str, store: RedisStore) -> None:
+    """Once ``store`` has connected again, the burst of 5 passes and no more.
+
+    Redis starts empty: a fresh bucket of 5.
+    """
+    await timeout(store.when_connected(), reactor)
+    assert await codes(client, reactor, [url] * 6) == [200] * 5 + [429]
+
+
+async def counted(reactor: Any, redis_server: RedisServer, key: str, tokens: int) -> None:
+    """Wait until Redis counts ``tokens`` in ``key`` (asking it each time)."""
+
+    async def asking() -> None:
+        while await redis_server.command("GET", key) != str(tokens).encode():
+            pass
+
+    await timeout(Deferred.fromCoroutine(asking()), reactor)
 
 
 @pytest_twisted.ensureDeferred
@@ -79,13 +100,12 @@ async def test_two_proxies_share_a_keys_budget(
     team_a = {"Authorization": "Bearer key-a"}
     assert await codes(client, reactor, [first, second], headers=team_a) == [200, 200]
     await timeout(access.wait(2), reactor)
-    # The usage is added when each response ends; give Redis its turn.
-    for _ in range(50):
-        response, body = await fetch(client, reactor, first + "/v1/chat/completions", CHAT,
-                                     headers=team_a)
-        if response.code == 429:
-            break
-        await deferLater(reactor, 0.05, lambda: None)
+    # The usage is added when each response ends, through both proxies'
+    # connections: wait until Redis has counted both.
+    window, _ = budget_window("day", reactor.seconds())
+    await counted(reactor, redis_server, f"llmproxy:budget:team-a:{window}", 2 * TOKENS)
+    response, body = await fetch(client, reactor, first + "/v1/chat/completions", CHAT,
+                                 headers=team_a)
     assert response.code == 429
     assert json.loads(body)["error"]["type"] == "insufficient_quota"
     assert int(header(response, "retry-after")) > 0
@@ -104,16 +124,18 @@ async def test_redis_stopped_then_started_again(
         shared_config(base, redis_server.url, f", on_store_error: {on_error}")
     )
     assert (await codes(client, reactor, [proxy] * 6))[-1] == 429
+    store = store_of(proxies)
     await redis_server.stop()
     seen = await codes(client, reactor, [proxy] * 3)
     assert seen == [expected] * 3
+    assert not store.connected
     registry = proxies.roots[-1].metrics.registry
     assert registry.get_sample_value("llmproxy_limit_store_errors_total", {"op": "check"}) >= 3
     if expected == 503:
         response, body = await fetch(client, reactor, proxy + "/v1/chat/completions", CHAT)
         assert json.loads(body)["error"]["code"] == "limit_store_unavailable"
     await redis_server.start()  # empty again: a fresh bucket of 5
-    await until_limited(client, reactor, proxy)
+    await limited_again(client, reactor, proxy, store)
 
 
 @pytest_twisted.ensureDeferred
@@ -126,7 +148,7 @@ async def test_a_daemon_starts_while_redis_is_down(
     proxy = await proxies.start(shared_config(base, redis_server.url))
     assert await codes(client, reactor, [proxy] * 7) == [200] * 7
     await redis_server.start()
-    await until_limited(client, reactor, proxy)
+    await limited_again(client, reactor, proxy, store_of(proxies))
 
 
 @pytest_twisted.ensureDeferred
@@ -134,8 +156,6 @@ async def test_a_budget_value_of_the_wrong_type_is_a_store_error(
     reactor, upstreams, proxies, client, redis_server
 ) -> None:
     """Garbage in Redis is handled as "store down" (allowed), never a crash."""
-    from llmproxy.limits._store import budget_window
-
     _, base = await upstreams.start()
     config = shared_config(base, redis_server.url, rate="1000") + (
         "auth:\n  keys:\n    - {key: key-a, name: team-a, budget: {tokens: 10, per: day}}\n"

@@ -6,10 +6,17 @@ message starts with the key path that is wrong, for instance
 daemon can print one line and exit before it listens. The rest of the code
 never sees raw dicts.
 
-The implementation is split into private modules: ``_model`` (the attrs
-classes, :class:`ConfigError`, the defaults), ``_yaml`` (loading, duplicate
-keys), ``_values`` (value converters) and ``_sections`` (section
-converters). Import everything from this package.
+The keys file named by ``auth.keys_file`` is read at load too: its
+entries are :attr:`AuthConfig.file_keys`, and its mistakes are ConfigErrors
+for ``auth.keys_file`` naming the line. :func:`parse_redis_url` and
+:func:`key_digest` say what ``rate_limit.store`` and a client key stand for,
+to the packages that use them.
+
+This package imports no other llmproxy package. The implementation is split
+into private modules: ``_model`` (the attrs classes, :class:`ConfigError`,
+the defaults), ``_yaml`` (loading, duplicate keys), ``_values`` (value
+converters), ``_sections`` (section converters), ``_keys`` (``auth`` and
+keys files) and ``_redis_url``. Import everything from this package.
 """
 
 from __future__ import annotations
@@ -46,10 +53,11 @@ from llmproxy.config._model import BudgetConfig as BudgetConfig
 from llmproxy.config._model import ClientKey as ClientKey
 from llmproxy.config._model import LogConfig as LogConfig
 from llmproxy.config._model import TLSConfig as TLSConfig
+from llmproxy.config._keys import _auth, key_digest
+from llmproxy.config._redis_url import parse_redis_url
 from llmproxy.config._sections import (
     _admin_listen,
     _aliases,
-    _auth,
     _fallbacks,
     _seconds,
     _log,
@@ -82,9 +90,11 @@ __all__ = [
     "RateLimitConfig",
     "RouteConfig",
     "TimeoutsConfig",
+    "key_digest",
     "load_config",
     "parse_config",
     "parse_config_text",
+    "parse_redis_url",
     "redact_url",
 ]
 
@@ -102,10 +112,12 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
         environ: Where ``${NAME}`` values come from (default ``os.environ``).
 
     Returns:
-        The validated configuration.
+        The validated configuration, with the keys file's entries (if it
+        names one) read.
 
     Raises:
-        ConfigError: The file is missing, unreadable, not YAML, or wrong.
+        ConfigError: The file is missing, unreadable, not YAML, or wrong;
+            or so is the keys file.
     """
     try:
         with open(path, "rb") as f:

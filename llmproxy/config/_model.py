@@ -239,6 +239,11 @@ class LogConfig:
     console_access: bool = False
 
 
+def _count_keys(keys: tuple[ClientKey, ...]) -> str:
+    """How many keys there are: the keys' repr, which never shows them."""
+    return f"<{len(keys)} keys>"
+
+
 DEFAULT_ADMIN_LISTEN = "tcp:9100:interface=127.0.0.1"
 AUTH_HEADERS = ("bearer", "x-api-key", "api-key", "none")
 
@@ -253,12 +258,13 @@ class AuthConfig:
         keys_file: A file of keys, one a line (``sha256:<hex>`` for a
             hash), optionally followed by ``name=NAME`` and
             ``budget=TOKENS/PER``.
+        file_keys: The keys file's entries, read when the config was
+            loaded, in file order (secrets; never shown).
     """
 
-    keys: tuple[ClientKey, ...] = attrs.field(
-        default=(), repr=lambda keys: f"<{len(keys)} keys>"
-    )
+    keys: tuple[ClientKey, ...] = attrs.field(default=(), repr=_count_keys)
     keys_file: str | None = None
+    file_keys: tuple[ClientKey, ...] = attrs.field(default=(), repr=_count_keys)
 
 
 @attrs.frozen

@@ -2,27 +2,22 @@
 
 One per table or composite key: routes (``target_map``, ``model_routes``),
 ``rate_limit``, ``timeouts``, ``pool``, ``tls``, ``admin_listen``, ``log``,
-``shutdown_grace`` and ``max_retry_wait``, ``auth``, ``model_aliases`` and
-``fallbacks``.
+``shutdown_grace`` and ``max_retry_wait``, ``model_aliases`` and
+``fallbacks``. (``auth`` has a module of its own, ``_keys``.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-import re
 from typing import Any
 
 from llmproxy.config._model import (
     AUTH_HEADERS,
-    BUDGET_PERIODS,
     DEFAULT_ADMIN_LISTEN,
     LOG_LEVELS,
     STRATEGIES,
     VIA_CHOICES,
-    AuthConfig,
-    BudgetConfig,
-    ClientKey,
     ConfigError,
     LogConfig,
     PoolConfig,
@@ -31,6 +26,7 @@ from llmproxy.config._model import (
     TimeoutsConfig,
     TLSConfig,
 )
+from llmproxy.config._redis_url import parse_redis_url
 from llmproxy.config._values import (
     _boolean,
     _describe,
@@ -169,67 +165,12 @@ def _rate_limit(value: Any, path: str) -> RateLimitConfig:
 
 
 def _redis_url(value: Any, path: str) -> str:
-    from llmproxy.limits._redis import parse_redis_url
-
     url = _string(value, path).strip()
     try:
         parse_redis_url(url)
     except ValueError as e:
         raise ConfigError(path, str(e)) from None
     return url
-
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
-
-
-def key_name(value: Any, path: str) -> str:
-    """A client key's name: 1-64 letters, digits, ``.``, ``_``, ``-``.
-
-    Names appear in logs, metric labels and store keys, so nothing else is
-    allowed (no spaces, quotes or control characters).
-    """
-    name = _string(value, path)
-    if not _NAME.match(name):
-        raise ConfigError(
-            path, "a key name is 1-64 letters, digits, '.', '_' or '-', starting "
-            f"with a letter or digit; got {name[:70]!r}"
-        )
-    return name
-
-
-def budget(value: Any, path: str) -> BudgetConfig:
-    """``{tokens: N, per: minute|hour|day|month}``, or the text ``N/per``."""
-    if isinstance(value, str):
-        tokens_text, slash, per = value.partition("/")
-        if not slash or not tokens_text.strip().isdigit():
-            raise ConfigError(path, f"expected TOKENS/PER such as 2000000/day, got {value!r}")
-        value = {"tokens": int(tokens_text), "per": per.strip()}
-    table = _Mapping(value, path)
-    table.check_keys(("tokens", "per"))
-    tokens = table.get("tokens", _positive_int)
-    if tokens is None:
-        raise ConfigError(_join(path, "tokens"), "required: tokens per window")
-    per = table.get("per", _string)
-    if per not in BUDGET_PERIODS:
-        raise ConfigError(
-            _join(path, "per"), f"expected one of {', '.join(BUDGET_PERIODS)}, got {per!r}"
-        )
-    return BudgetConfig(tokens=tokens, per=per)
-
-
-def _client_key(value: Any, path: str) -> ClientKey:
-    if isinstance(value, str):
-        return ClientKey(key=_string(value, path))
-    table = _Mapping(value, path)
-    table.check_keys(("key", "name", "budget"))
-    key = table.get("key", _string)
-    if key is None:
-        raise ConfigError(_join(path, "key"), "required: the key (use ${ENV})")
-    name = table.get("name", key_name)
-    limit = table.get("budget", budget)
-    if limit is not None and name is None:
-        raise ConfigError(_join(path, "name"), "a key with a budget needs a name")
-    return ClientKey(key=key, name=name, budget=limit)
 
 
 def _timeouts(value: Any, path: str) -> TimeoutsConfig:
@@ -303,35 +244,6 @@ def _log(value: Any, path: str) -> LogConfig:
         compress=defaults.compress if compress is None else compress,
         level=(level or defaults.level).lower(),
     )
-
-
-def _auth(value: Any, path: str) -> AuthConfig:
-    table = _Mapping(value, path)
-    table.check_keys(("keys", "keys_file"))
-    listed = table.value.get("keys")
-    if listed is not None and not isinstance(listed, list):
-        raise ConfigError(_join(path, "keys"), f"expected a list, got {_describe(listed)}")
-    keys = tuple(
-        _client_key(item, f"{_join(path, 'keys')}[{i}]") for i, item in enumerate(listed or ())
-    )
-    seen: set[str] = set()
-    for i, k in enumerate(keys):
-        if k.name is not None:
-            if k.name in seen:
-                raise ConfigError(f"{_join(path, 'keys')}[{i}].name", f"{k.name!r} is used twice")
-            seen.add(k.name)
-    keys_file = table.get("keys_file", _string)
-    if keys_file is not None:
-        try:
-            with open(keys_file, "rb"):
-                pass
-        except OSError as e:
-            raise ConfigError(
-                _join(path, "keys_file"), f"cannot read {keys_file!r}: {e.strerror}"
-            ) from None
-    if not keys and keys_file is None:
-        raise ConfigError(path, "give 'keys' or 'keys_file' (or remove 'auth')")
-    return AuthConfig(keys=keys, keys_file=keys_file)
 
 
 def _seconds(top: _Mapping, key: str, default: float) -> float:

@@ -1,21 +1,20 @@
 """Client API keys: stored as SHA-256 digests, compared in constant time.
 
-:class:`KeyStore` holds the accepted keys (from the config and an optional
-keys file) and names them by non-secret ids; :func:`presented_key` finds the
-key a request carries.
+:class:`KeyStore` holds the accepted keys (the config's ``auth`` section:
+its keys and its keys file's) and names them by non-secret ids;
+:func:`presented_key` finds the key a request carries.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable
 
 import attrs
 from twisted.web.http_headers import Headers
 
-from llmproxy.config import BudgetConfig, ClientKey, ConfigError
+from llmproxy.config import AuthConfig, BudgetConfig, key_digest
 
 __all__ = ["KeyInfo", "KeyStore", "presented_key"]
 
@@ -34,12 +33,9 @@ class KeyInfo:
     name: str | None = None
     budget: BudgetConfig | None = None
 
-_HASH_PREFIX = "sha256:"
-_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
-
 
 def _digest(key: str) -> bytes:
-    """Hash a key as it is stored and compared.
+    """Hash a presented key as stored keys are hashed.
 
     Args:
         key: A key (any string: lone surrogates are encoded, never refused).
@@ -50,23 +46,6 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
 
 
-def _parse_entry(entry: str) -> bytes | None:
-    """Turn one configured key into its digest.
-
-    Args:
-        entry: A plain key, or ``sha256:`` and 64 hex digits.
-
-    Returns:
-        The digest, or None for a malformed ``sha256:`` entry.
-    """
-    if entry[: len(_HASH_PREFIX)].lower() != _HASH_PREFIX:
-        return _digest(entry)
-    hex_digits = entry[len(_HASH_PREFIX) :].strip()
-    if len(hex_digits) != 64 or not set(hex_digits) <= _HEX_DIGITS:
-        return None
-    return bytes.fromhex(hex_digits)
-
-
 class KeyStore:
     """The client API keys the proxy accepts, kept only as SHA-256 digests.
 
@@ -74,7 +53,9 @@ class KeyStore:
     caller's decision (``len(store) == 0`` means no keys are configured).
     """
 
-    def __init__(self, digests: Iterable[bytes | tuple[bytes, str | None, Any]]) -> None:
+    def __init__(
+        self, digests: Iterable[bytes | tuple[bytes, str | None, BudgetConfig | None]]
+    ) -> None:
         """Store the digests.
 
         Args:
@@ -107,42 +88,33 @@ class KeyStore:
         return f"<KeyStore with {len(self._entries)} key(s)>"
 
     @classmethod
-    def from_config(
-        cls, keys: Sequence[str | ClientKey], keys_file: str | None
-    ) -> KeyStore:
-        """Build a store from configured keys and an optional keys file.
+    def from_config(cls, auth: AuthConfig) -> KeyStore:
+        """Build a store from the ``auth`` section (no file is read here).
 
-        Both take plain keys (hashed at load) or stored hashes written as
-        ``sha256:`` and 64 hex digits. In the file, one key per line; blank
-        lines and lines starting with ``#`` are ignored, and surrounding
-        spaces are stripped.
+        Keys are plain (hashed now) or stored hashes written as ``sha256:``
+        and 64 hex digits, from ``auth.keys`` and then from the keys file's
+        entries, which the config read when it was loaded.
 
         Args:
-            keys: Keys from the config.
-            keys_file: Path of a keys file, or None.
+            auth: The validated ``auth`` section.
 
         Returns:
             The store.
 
         Raises:
-            ValueError: For an empty or malformed config key (naming its
-                index), an unreadable or non-UTF-8 file, or a malformed
-                ``sha256:`` line (naming its line number). Messages never
-                contain a key.
+            ValueError: For an empty or malformed key (naming where it is,
+                never what it is) or a name used twice: mistakes the config
+                refuses, so only in an ``AuthConfig`` made by hand.
         """
-        digests: list[tuple[bytes, str | None, Any]] = []
-        for index, entry in enumerate(keys):
-            if isinstance(entry, str):
-                entry = ClientKey(key=entry)
-            text = entry.key.strip()
-            digest = _parse_entry(text) if text else None
-            if digest is None:
-                raise ValueError(
-                    f"keys[{index}]: expected a key or 'sha256:' and 64 hex digits"
-                )
-            digests.append((digest, entry.name, entry.budget))
-        if keys_file is not None:
-            digests.extend(_read_keys_file(keys_file))
+        digests: list[tuple[bytes, str | None, BudgetConfig | None]] = []
+        for where, entries in (("keys", auth.keys), ("file_keys", auth.file_keys)):
+            for index, entry in enumerate(entries):
+                digest = key_digest(entry.key)
+                if digest is None:
+                    raise ValueError(
+                        f"{where}[{index}]: expected a key or 'sha256:' and 64 hex digits"
+                    )
+                digests.append((digest, entry.name, entry.budget))
         names = [name for _, name, _ in digests if name is not None]
         for name in names:
             if names.count(name) > 1:
@@ -178,74 +150,6 @@ class KeyStore:
             if hmac.compare_digest(stored, digest):
                 found = info
         return found
-
-
-def _read_keys_file(path: str) -> list[tuple[bytes, str | None, Any]]:
-    """Read a keys file into digests with their names and budgets.
-
-    A line is a key (or ``sha256:`` and its digest), optionally followed by
-    ``name=NAME`` and ``budget=TOKENS/PER``, separated by spaces.
-
-    Args:
-        path: The file's path.
-
-    Returns:
-        One digest per key line.
-
-    Raises:
-        ValueError: If the file cannot be read or a line is malformed.
-    """
-    problem: str | None = None
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        problem = e.strerror or type(e).__name__
-    if problem is not None:
-        # Raised outside the except block: no chained exception to carry.
-        raise ValueError(f"keys file {path!r}: cannot read it ({problem})")
-    digests = []
-    for number, raw in enumerate(data.splitlines(), start=1):
-        try:
-            line = raw.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            line = None
-        if line is None:
-            raise ValueError(f"keys file {path!r}, line {number}: not UTF-8")
-        if not line or line.startswith("#"):
-            continue
-        key, *fields = line.split()
-        digest = _parse_entry(key)
-        if digest is None:
-            raise ValueError(
-                f"keys file {path!r}, line {number}: malformed entry, expected"
-                " 'sha256:' and 64 hex digits"
-            )
-        digests.append((digest, *_key_fields(fields, f"keys file {path!r}, line {number}")))
-    return digests
-
-
-def _key_fields(fields: list[str], where: str) -> tuple[str | None, BudgetConfig | None]:
-    """``name=`` and ``budget=`` after a key on a keys file line."""
-    from llmproxy.config._sections import budget, key_name
-
-    values: dict[str, str] = {}
-    for field in fields:
-        name, equals, value = field.partition("=")
-        if not equals or name not in ("name", "budget") or name in values:
-            raise ValueError(
-                f"{where}: after the key, expected name=NAME and budget=TOKENS/PER, "
-                f"got {field[:40]!r}"
-            )
-        values[name] = value
-    try:
-        key = key_name(values["name"], "name") if "name" in values else None
-        limit = budget(values["budget"], "budget") if "budget" in values else None
-    except ConfigError as e:
-        raise ValueError(f"{where}: {e}") from None
-    if limit is not None and key is None:
-        raise ValueError(f"{where}: a key with a budget needs a name")
-    return key, limit
 
 
 def presented_key(headers: Headers) -> str | None:

@@ -8,6 +8,8 @@ result or with :class:`StoreError`; the caller decides what a failure means
 
 How it talks to Redis:
 
+* It is a :class:`~twisted.application.service.Service`: ``startService``
+  begins connecting, ``stopService`` closes.
 * One connection, kept by Twisted's :class:`ClientService` (reconnecting
   forever, backoff capped near 2 s), speaking txredisapi's
   ``RedisProtocol``. txredisapi's own lazy connection queues every command
@@ -20,6 +22,10 @@ How it talks to Redis:
   timeouts in a row the connection is dropped and made again.
 * Each operation is one Lua script (EVALSHA, falling back to EVAL) reading
   the server's clock (``TIME``), so instances with skewed clocks agree.
+* Its timers (command timeouts, the grace of a close, the wait before
+  reconnecting) run on a ``clock`` of their own, the reactor unless told
+  otherwise, so that tests can drive them with a fake one while the reactor
+  does the I/O.
 
 txredisapi imports the global reactor when it is imported, so it is imported
 only when a :class:`RedisStore` is made, never by importing this module.
@@ -32,17 +38,15 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import ClientService
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IAddress, IProtocol, ITCPTransport
+from twisted.internet.interfaces import IAddress, IProtocol, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["RedisStore", "StoreError", "parse_redis_url"]
-
-log = Logger(namespace="llmproxy.limits.redis")
-
+from llmproxy.config import parse_redis_url
 from llmproxy.limits._redis_parts import (
     _ADD,
     _TAKE,
@@ -57,8 +61,11 @@ from llmproxy.limits._redis_parts import (
     _tokens_used,
     _usage_added,
     _wait_seconds,
-    parse_redis_url,
 )
+
+__all__ = ["RedisStore", "StoreError"]
+
+log = Logger(namespace="llmproxy.limits.redis")
 
 
 class _RedisFactory(Factory):
@@ -150,13 +157,16 @@ class _RedisFactory(Factory):
         self._on_setup_failed(why)
 
 
-class RedisStore:
+class RedisStore(Service):
     """Rate-limit buckets and budget counters shared through Redis.
 
-    The methods match :class:`~llmproxy.limits._store.MemoryStore`'s, but
-    answer with Deferreds that fire within ``timeout`` seconds or fail with
+    The methods match :class:`~llmproxy.limits.MemoryStore`'s, but answer
+    with Deferreds that fire within ``timeout`` seconds or fail with
     :class:`StoreError`. Keys are ``{prefix}rl:{bucket}`` and
     ``{prefix}budget:{name}:{window}`` (a name over 200 bytes is hashed).
+
+    As a service, it connects while running: :meth:`startService` begins
+    connecting, :meth:`stopService` closes.
     """
 
     def __init__(
@@ -166,16 +176,20 @@ class RedisStore:
         timeout: float,
         prefix: str = "llmproxy:",
         *,
+        clock: IReactorTime | None = None,
         max_outstanding: int = MAX_OUTSTANDING,
         drop_after: int = DROP_AFTER_TIMEOUTS,
     ) -> None:
-        """Prepare the connection (:meth:`start` begins it).
+        """Prepare the connection (:meth:`startService` begins it).
 
         Args:
             url: ``redis://[[user]:password@]host[:port][/db]``.
-            reactor: Connects, resolves and times out with it.
+            reactor: Connects and resolves with it (connection attempts
+                time out on it too).
             timeout: Seconds every call may take (``rate_limit.store_timeout``).
             prefix: Put before every key.
+            clock: Times the calls, the grace of a close and the waits
+                before reconnecting (default ``reactor``).
             max_outstanding: Calls that may wait for Redis at once.
             drop_after: Timeouts in a row that make the connection be
                 dropped and made again.
@@ -190,7 +204,7 @@ class RedisStore:
         import txredisapi  # here, not at the top: it imports the global reactor
 
         self._errors = txredisapi
-        self._reactor = reactor
+        self._clock: IReactorTime = reactor if clock is None else clock
         self._timeout = float(timeout)
         self._timeout_text = f"timed out after {self._timeout * 1000:g} ms"
         self._prefix = prefix.encode("utf-8", "surrogatepass")
@@ -204,8 +218,8 @@ class RedisStore:
         self._timeouts_in_row = 0
         self._failed_setups = 0
         self._setup_error: str | None = None
-        self._started = False
         self._closed = False
+        self._waiting: list[Deferred[None]] = []  # when_connected()'s
         factory = _RedisFactory(
             txredisapi.RedisProtocol, username, password, db,
             on_connection=self._connection_made, on_ready=self._connection_ready,
@@ -213,7 +227,7 @@ class RedisStore:
         )
         endpoint = HostnameEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT)
         self._service = ClientService(
-            endpoint, factory, retryPolicy=self._retry_delay, clock=reactor
+            endpoint, factory, retryPolicy=self._retry_delay, clock=self._clock
         )
 
     @property
@@ -221,15 +235,38 @@ class RedisStore:
         """Whether a connection is ready for commands."""
         return self._ready is not None
 
-    def start(self) -> None:
+    def when_connected(self) -> Deferred[None]:
+        """Wait until a connection is ready for commands.
+
+        Returns:
+            A Deferred firing with None at once when the store is connected,
+            else when it next is; failing with :class:`StoreError` when the
+            store stops first. Cancelling it ends the wait.
+        """
+        if self._ready is not None:
+            return succeed(None)
+        if self._closed:
+            return fail(StoreError("the store is closed"))
+
+        def cancel(waiting: Deferred[None]) -> None:
+            if waiting in self._waiting:
+                self._waiting.remove(waiting)
+
+        waiting: Deferred[None] = Deferred(cancel)
+        self._waiting.append(waiting)
+        return waiting
+
+    def startService(self) -> None:
         """Begin connecting; reconnect whenever the connection is lost.
 
         Never fails, whether or not Redis is up; calls made before the
-        connection is ready fail with "not connected".
+        connection is ready fail with "not connected". A stopped store
+        starts again.
         """
-        if self._started or self._closed:
+        if self.running:
             return
-        self._started = True
+        super().startService()
+        self._closed = False
         self._service.startService()
 
     def take(self, bucket: str, rate: float, burst: int) -> Deferred[float]:
@@ -292,27 +329,32 @@ class RedisStore:
         args = [str(tokens), str(math.ceil(expires_at))]
         return self._call(lambda redis: redis.eval(_ADD, [key], args), _usage_added)
 
-    def close(self) -> Deferred[None]:
+    def stopService(self) -> Deferred[None]:
         """Stop reconnecting and close the connection.
 
         Calls still waiting fail with :class:`StoreError`; later calls fail
-        at once. A connection that does not close within
-        :data:`CLOSE_GRACE` seconds is aborted.
+        at once, as do :meth:`when_connected`'s waits. A connection that
+        does not close within :data:`CLOSE_GRACE` seconds is aborted.
 
         Returns:
             A Deferred firing with None once the connection is closed; it
             never fails.
         """
+        was_running = self.running
+        super().stopService()
+        self._ready = None
+        waiting, self._waiting = self._waiting, []
+        for wait in waiting:
+            wait.errback(StoreError("the store is closed"))
         if self._closed:
             return succeed(None)
         self._closed = True
-        self._ready = None
-        if not self._started:
+        if not was_running:
             return succeed(None)
         connection = self._connection
         guard = None
         if connection is not None:
-            guard = self._reactor.callLater(CLOSE_GRACE, connection.transport.abortConnection)
+            guard = self._clock.callLater(CLOSE_GRACE, connection.transport.abortConnection)
 
         def closed(_: object) -> None:
             if guard is not None and guard.active():
@@ -371,7 +413,7 @@ class RedisStore:
             if self._timeouts_in_row >= self._drop_after:
                 self._drop(redis)
 
-        timer = self._reactor.callLater(self._timeout, timed_out)
+        timer = self._clock.callLater(self._timeout, timed_out)
 
         def answered(reply: object) -> None:
             self._outstanding -= 1
@@ -452,6 +494,9 @@ class RedisStore:
             log.info("connected to Redis at {where}", where=self._where)
         self._failed_setups = 0
         self._setup_error = None
+        waiting, self._waiting = self._waiting, []
+        for wait in waiting:
+            wait.callback(None)
 
     def _connection_lost(self, protocol: Any) -> None:
         """``protocol``'s connection is gone."""

@@ -3,8 +3,10 @@
 :class:`Limits` is the policy: one rate-limit check and one budget check per
 request, and the usage a finished response adds to its key's budget. The
 store keeps the numbers: :class:`MemoryStore` in this process (answers at
-once), or :class:`~llmproxy.limits._redis.RedisStore` shared by every worker
-and instance (answers with Deferreds, within ``rate_limit.store_timeout``).
+once), or :class:`~llmproxy.limits.RedisStore` shared by every worker and
+instance (answers with Deferreds, within ``rate_limit.store_timeout``). Both
+stores are Twisted services: started, they are ready (the Redis store
+connects); stopped, they are closed.
 When the shared store fails, the request is let through or refused with a
 503, as ``on_store_error`` says; every such failure is counted and logged at
 most once per :data:`LOG_EVERY` seconds.
@@ -17,6 +19,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import attrs
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -24,14 +27,27 @@ from twisted.python.failure import Failure
 from llmproxy.config import RateLimitConfig
 from llmproxy.limits._keys import KeyInfo
 from llmproxy.limits._rate import RateLimiter
+from llmproxy.limits._redis import RedisStore
 
-__all__ = ["ALLOWED", "Limits", "MemoryStore", "Verdict", "budget_window"]
+__all__ = [
+    "ALLOWED",
+    "OK",
+    "OVER_BUDGET",
+    "RATE_LIMITED",
+    "STORE_DOWN",
+    "Limits",
+    "MemoryStore",
+    "Verdict",
+    "budget_window",
+]
 
 log = Logger(namespace="llmproxy.limits")
 
 #: Seconds between two log lines about the store failing.
 LOG_EVERY = 10.0
 
+#: A :class:`Verdict`'s outcomes: let through, or refused for its rate
+#: limit, its key's budget, or a failing store (``on_store_error: deny``).
 OK = "ok"
 RATE_LIMITED = "rate_limited"
 OVER_BUDGET = "over_budget"
@@ -67,12 +83,15 @@ def budget_window(per: str, now: float) -> tuple[str, float]:
     return f"{per}:{label}", end.timestamp()
 
 
-class MemoryStore:
+class MemoryStore(Service):
     """Rate-limit buckets and budget counters kept in this process.
 
     Bounded: the buckets by :class:`RateLimiter`'s own limits, the budget
     counters by the configured key names and by expiry (a counter goes once
     its window has ended).
+
+    A service only to match :class:`RedisStore`: there is nothing to
+    connect to or close, so starting and stopping change nothing else.
     """
 
     def __init__(self, clock: Any, limiter: RateLimiter | None) -> None:
@@ -85,9 +104,6 @@ class MemoryStore:
         self._clock = clock
         self._limiter = limiter
         self._used: dict[tuple[str, str], tuple[int, float]] = {}
-
-    def start(self) -> None:
-        """Nothing to connect to."""
 
     def take(self, bucket: str, rate: float, burst: int) -> float:
         """Take a token from ``bucket``: 0.0, or the seconds until one is free."""
@@ -113,9 +129,6 @@ class MemoryStore:
         the old config add to the same counters.
         """
         self._used = previous._used
-
-    def close(self) -> None:
-        """Nothing to close."""
 
 
 @attrs.frozen
@@ -209,10 +222,8 @@ class Limits:
             return None
         rate = rate_limit.rate if rate_limit is not None else None
         burst = rate_limit.burst if rate_limit is not None else 1
-        store: Any
+        store: MemoryStore | RedisStore
         if rate_limit is not None and rate_limit.store is not None:
-            from llmproxy.limits._redis import RedisStore
-
             store = RedisStore(rate_limit.store, clock, rate_limit.store_timeout)
         else:
             limiter = RateLimiter(rate, burst, clock) if rate is not None else None
@@ -315,9 +326,15 @@ class Limits:
             )
         return Verdict(STORE_DOWN, 1.0) if self._deny else ALLOWED
 
-    def close(self) -> Any:
-        """Close the store (a reload retired this policy, or the daemon stops)."""
-        return self.store.close()
+    def close(self) -> Deferred[None] | None:
+        """Stop the store's service (a reload retired this policy, or the
+        daemon stops).
+
+        Returns:
+            What the store's ``stopService`` returns: a Deferred firing once
+            it is closed (Redis), or None.
+        """
+        return self.store.stopService()
 
 
 def _describe(failure: Failure) -> str:
