@@ -503,7 +503,7 @@ async def test_mounted_under_a_prefix_beside_another_resource(
 def test_generated_request_ids_are_unique_and_differ_after_fork() -> None:
     """Generated ids are valid uuid4s, never repeat, and a forked worker
     does not hand out the ids its parent will (they come in batches)."""
-    from llmproxy.proxy._targets import request_id_for
+    from llmproxy.proxy import request_id_for
 
     ids = [request_id_for(None) for _ in range(600)]
     assert len(set(ids)) == 600
