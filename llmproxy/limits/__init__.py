@@ -29,7 +29,7 @@ from llmproxy.limits._address import client_ip
 from llmproxy.limits._keys import KeyInfo, KeyStore, presented_key
 from llmproxy.limits._rate import RateLimiter, retry_after
 from llmproxy.limits._redis import RedisStore
-from llmproxy.limits._redis_parts import StoreError
+from llmproxy.limits._redis_client import StoreError
 from llmproxy.limits._store import (
     ALLOWED,
     OK,
