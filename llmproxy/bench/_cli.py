@@ -65,6 +65,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-nginx-proxy", dest="nginx_proxy", action="store_false",
                         help="streams and streams-fast: skip the reference run through "
                              "nginx as the proxy (made when nginx is installed)")
+    parser.add_argument("--no-reference", dest="reference", action="store_false",
+                        help="nonstream and sse: skip the runs through the twisted.web + "
+                             "Agent reference proxy (made with one proxy worker) and the "
+                             "ratios to it")
     parser.add_argument("--chunks", type=_chunks, default=20,
                         help="streams and streams-fast: content events per stream (default "
                              "20); streams start less often as they get longer, so about "

@@ -50,10 +50,21 @@ from llmproxy.bench._process import (
     cpu_seconds,
     tree_cpu_seconds,
 )
-from llmproxy.bench._report import _medians, _stream_summary, cores_note, per_cpu_second
+from llmproxy.bench._report import (
+    PROXY_OFF,
+    PROXY_ON,
+    REFERENCE,
+    _medians,
+    _stream_summary,
+    cores_note,
+    median_run,
+    per_cpu_second,
+    reference_ratios,
+)
 from llmproxy.bench._servers import (
     _nginx,
     _proxy_config,
+    _reference_argv,
     _start_nginx_proxy,
     _start_proxy,
     _start_upstream,
@@ -261,40 +272,49 @@ def _proxied_streams(proxy: subprocess.Popen, port: int, path: str, load: list[s
 
 def _wrk_proxy_runs(args: argparse.Namespace, results: dict[str, Any], work: Path,
                     upstream_port: int, chunks: int, proxy_core: Cores,
-                    other_core: Cores, redis: dict[str, Any] | None) -> None:
-    """wrk through the proxy, logs and metrics on and off alternately,
-    ``--repeat`` times each, with the ``--limit-store`` rate limit and
-    ``--workers`` processes.
+                    other_core: Cores, redis: dict[str, Any] | None,
+                    reference: bool) -> None:
+    """wrk through the proxy, logs and metrics on and off, and (with
+    ``reference``) through the twisted.web + Agent reference proxy, one
+    after another, ``--repeat`` times each, the proxy with the
+    ``--limit-store`` rate limit and ``--workers`` processes.
 
     Each run starts once the proxy's processes are all up and idle; its
-    CPU, peak RSS and requests per CPU-second are summed over them.
+    CPU, peak RSS and requests per CPU-second are summed over them. The
+    reference runs as one process on the proxy's cores.
 
-    With ``redis`` (the local Redis's port and version), each run starts
-    once the proxy's store connection is up, records the scripts and
+    With ``redis`` (the local Redis's port and version), each proxy run
+    starts once the proxy's store connection is up, records the scripts and
     commands Redis ran during it, and fails unless Redis ran a script for
     about every request; ``results["redis"]`` sums them up.
     """
     path = "/v1/chat/completions"
     extra = limit_config(args.limit_store, redis["port"] if redis else None)
-    variants = [("proxy (logs+metrics on)", True), ("proxy (logs+metrics off)", False)]
+    variants: list[tuple[str, bool | None]] = [(PROXY_ON, True), (PROXY_OFF, False)]
+    if reference:
+        variants.append((REFERENCE, None))
     proxied: list[dict[str, Any]] = []
     for name, observability in variants * args.repeat:
         port = _free_port()
-        config, log = work / f"{observability}.yml", work / "proxy.log"
-        _proxy_config(config, port, upstream_port, observability, extra, args.workers)
-        proxy = _start(
-            [*_pin(proxy_core), sys.executable, "-c",
-             "from twisted.scripts.twistd import run; run()",
-             "-n", "--pidfile=", "llmproxy", "--config", str(config)],
-            str(work), log,
-        )
+        if observability is None:
+            log, processes = work / "reference.log", 1
+            argv = _reference_argv(port, upstream_port, proxy_core)
+        else:
+            log, processes = work / "proxy.log", args.workers
+            config = work / f"{observability}.yml"
+            _proxy_config(config, port, upstream_port, observability, extra, args.workers)
+            argv = [*_pin(proxy_core), sys.executable, "-c",
+                    "from twisted.scripts.twistd import run; run()",
+                    "-n", "--pidfile=", "llmproxy", "--config", str(config)]
+        store = redis if observability is not None else None
+        proxy = _start(argv, str(work), log)
         try:
             _wait_listening(port, proxy, log)
-            pids = _await_workers(proxy, args.workers, log)
+            pids = _await_workers(proxy, processes, log)
             scripts = commands = 0
-            if redis:
-                scripts = await_store(redis["port"], port, path, CHAT, log)
-                commands = _redis_counts(redis["port"])[1]
+            if store:
+                scripts = await_store(store["port"], port, path, CHAT, log)
+                commands = _redis_counts(store["port"])[1]
             cpu_before, wall_before = tree_cpu_seconds(pids), time.monotonic()
             run_result = _wrk(f"http://127.0.0.1:{port}{path}", args.connections,
                               args.duration, chunks, other_core, work)
@@ -304,8 +324,9 @@ def _wrk_proxy_runs(args: argparse.Namespace, results: dict[str, Any], work: Pat
             # then never shows more than 100 %.
             wall = time.monotonic() - wall_before
             if cpu != cpu:  # NaN: a process ended, its CPU is lost
-                raise SystemExit("bench: one of the proxy's processes ended during the "
-                                 "run; its log ends:\n" + log.read_text(errors="replace")[-2000:])
+                raise SystemExit(f"bench: one of the processes of the {name} run ended "
+                                 "during it; its log ends:\n"
+                                 + log.read_text(errors="replace")[-2000:])
             run_result["proxy_processes"] = len(pids)
             run_result["proxy_cpu_seconds"] = round(cpu, 2)
             run_result["measured_seconds"] = round(wall, 2)
@@ -313,17 +334,33 @@ def _wrk_proxy_runs(args: argparse.Namespace, results: dict[str, Any], work: Pat
             run_result["proxy_peak_rss_mb"] = round(sum(map(_peak_rss_mb, pids)), 1)
             run_result["requests_per_proxy_cpu_second"] = per_cpu_second(
                 run_result["requests_per_s"], cpu, wall)
-            if redis:
-                now_scripts, now_commands = _redis_counts(redis["port"])
+            if store:
+                now_scripts, now_commands = _redis_counts(store["port"])
                 run_result["redis_scripts"] = now_scripts - scripts
                 run_result["redis_commands"] = now_commands - commands
                 check_seen(run_result["requests"], run_result["redis_scripts"])
+                proxied.append(run_result)
             results["runs"].setdefault(name, []).append(run_result)
-            proxied.append(run_result)
         finally:
             _stop(proxy)
     if redis:
         results["redis"] = seen_summary(redis, proxied)
+
+
+def reference_skipped(wanted: bool, workers: int) -> str | None:
+    """Why ``nonstream`` and ``sse`` make no reference run, or None.
+
+    Args:
+        wanted: Not ``--no-reference``.
+        workers: ``--workers``: the reference is one process, so against
+            several workers its ratio would measure the worker count, not
+            the proxy.
+    """
+    if not wanted:
+        return "--no-reference"
+    if workers != 1:
+        return f"it is one process and the proxy ran {workers} (compare with --workers 1)"
+    return None
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -359,6 +396,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results.update(workers=args.workers, cores=cores, pinned=proxy_core is not None,
                    proxy_cores=proxy_core, load_cores=other_core,
                    per_cpu_comparable=note is None, cores_note=note)
+    skipped = reference_skipped(args.reference, args.workers)
+    if skipped:
+        results["reference"] = {"skipped": skipped}
     with tempfile.TemporaryDirectory(prefix="llmproxy-bench-") as tmp:
         work = Path(tmp)
         upstream_port = _free_port()
@@ -375,14 +415,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      else contextlib.nullcontext())
             with store as redis:
                 _wrk_proxy_runs(args, results, work, upstream_port, chunks, proxy_core,
-                                other_core, redis)
+                                other_core, redis, not skipped)
         finally:
             _stop(upstream)
-    # Runs alternate on/off; each variant reports its median run by req/s.
-    for name in ("proxy (logs+metrics on)", "proxy (logs+metrics off)"):
-        repeats = sorted(results["runs"][name], key=lambda r: r["requests_per_s"])
-        results["runs"][name] = dict(repeats[len(repeats) // 2], repeats=len(repeats))
-    on = results["runs"]["proxy (logs+metrics on)"]["requests_per_s"]
-    off = results["runs"]["proxy (logs+metrics off)"]["requests_per_s"]
+    # Runs alternate on/off/reference; each variant reports its median run
+    # by req/s, and the proxy's against the reference's as ratios.
+    runs = results["runs"]
+    if not skipped:
+        results["reference"] = {"run": REFERENCE, "ratios": reference_ratios(runs)}
+    for name in (PROXY_ON, PROXY_OFF, REFERENCE):
+        if name in runs:
+            runs[name] = median_run(runs[name])
+    on, off = runs[PROXY_ON]["requests_per_s"], runs[PROXY_OFF]["requests_per_s"]
     results["observability_cost_percent"] = round(100 * (off - on) / off, 1) if off else None
     return results
