@@ -30,7 +30,7 @@ from llmproxy import bench
 from llmproxy.config import load_config
 from llmproxy.bench import (
     _cli, _hostile, _limitstore, _process, _reference, _report, _scenarios, _servers,
-    _streamload,
+    _streamload, _streams,
 )
 from llmproxy.testing.upstream import FakeUpstream, make_site
 
@@ -201,7 +201,7 @@ def test_nginx_reference_proxies_streams_as_they_come_and_logs_each(tmp_path) ->
         # 4 streams of 3 events 0.2 s apart, started over 0.6 s: a window.
         load = ["4", "0.6", "3", "0.2"]
         direct = {"ttfb_p50_ms": 1.0, "ttfb_p99_ms": 2.0}
-        summary = _scenarios._proxied_streams(
+        summary = _streams._proxied_streams(
             proxy, port, "/v1/chat/completions", load, direct, None, tmp_path)
     finally:
         _process._stop(upstream)
@@ -249,7 +249,7 @@ def test_stream_loads_keep_a_thousand_streams_open(scenario: str, chunks: int) -
     keep the scenario's spacing; the default is the issue's load: 20
     events 500 ms apart starting at 100 a second, or 50 ms apart at 1,000
     a second."""
-    count, spread, events, delay = _scenarios._stream_load(scenario, chunks, 5.0)
+    count, spread, events, delay = _streams._stream_load(scenario, chunks, 5.0)
     assert (events, delay) == (chunks, 0.05 if scenario == "streams-fast" else 0.5)
     length = chunks * delay
     assert spread == max(2 * length, 5.0)

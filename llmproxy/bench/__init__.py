@@ -77,7 +77,8 @@ child processes and is never imported by the proxy.
 
 # The modules, by concern (this docstring is also the --help text):
 #   _cli        the command line (main)
-#   _scenarios  the scenarios and their load drivers (run, wrk, the stream runs)
+#   _scenarios  run, and the wrk scenarios (nonstream, sse) with their runs
+#   _streams    the stream scenarios (streams, streams-fast, idle)
 #   _hostile    the hostile-body scenario: its bodies, its two clients, its phases
 #   _limitstore --limit-store: the proxy's rate-limit config, a local redis-server
 #   _servers    the upstream, llmproxy under twistd, the reference proxies' commands
@@ -90,6 +91,7 @@ from __future__ import annotations
 
 from llmproxy.bench._cli import MAX_CHUNKS, main
 from llmproxy.bench._process import cpu_seconds
-from llmproxy.bench._scenarios import CHAT, MAX_STREAM_RATE, OPEN_STREAMS, run
+from llmproxy.bench._scenarios import CHAT, run
+from llmproxy.bench._streams import MAX_STREAM_RATE, OPEN_STREAMS
 
 __all__ = ["CHAT", "MAX_CHUNKS", "MAX_STREAM_RATE", "OPEN_STREAMS", "cpu_seconds", "main", "run"]

@@ -11,7 +11,8 @@ from llmproxy.bench._hostile import MAX_BODIES, MAX_BODY_MIB
 from llmproxy.bench._limitstore import LIMIT_STORES
 from llmproxy.bench._process import _raise_open_file_limit
 from llmproxy.bench._report import _report
-from llmproxy.bench._scenarios import OPEN_STREAMS, run
+from llmproxy.bench._scenarios import run
+from llmproxy.bench._streams import OPEN_STREAMS
 
 
 #: The most events per stream ``--chunks`` takes (a 500 s stream in
