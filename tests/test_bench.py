@@ -13,16 +13,29 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import urllib.request
+
 import pytest
 import pytest_twisted
-from twisted.internet.protocol import ProcessProtocol
+from helpers import NeedleWaiter, raw_connect, send
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.iweb import IBodyProducer
+from zope.interface.verify import verifyObject
 
 from llmproxy import bench
 from llmproxy.config import load_config
 from llmproxy.bench import (
-    _cli, _hostile, _limitstore, _process, _report, _scenarios, _servers, _streamload,
+    _cli, _hostile, _limitstore, _process, _reference, _report, _scenarios, _servers,
+    _streamload, _streams,
 )
+from llmproxy.testing.upstream import FakeUpstream, make_site
+
+#: Seconds any single wait in a loopback test may take.
+WAIT = 10.0
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -188,7 +201,7 @@ def test_nginx_reference_proxies_streams_as_they_come_and_logs_each(tmp_path) ->
         # 4 streams of 3 events 0.2 s apart, started over 0.6 s: a window.
         load = ["4", "0.6", "3", "0.2"]
         direct = {"ttfb_p50_ms": 1.0, "ttfb_p99_ms": 2.0}
-        summary = _scenarios._proxied_streams(
+        summary = _streams._proxied_streams(
             proxy, port, "/v1/chat/completions", load, direct, None, tmp_path)
     finally:
         _process._stop(upstream)
@@ -236,7 +249,7 @@ def test_stream_loads_keep_a_thousand_streams_open(scenario: str, chunks: int) -
     keep the scenario's spacing; the default is the issue's load: 20
     events 500 ms apart starting at 100 a second, or 50 ms apart at 1,000
     a second."""
-    count, spread, events, delay = _scenarios._stream_load(scenario, chunks, 5.0)
+    count, spread, events, delay = _streams._stream_load(scenario, chunks, 5.0)
     assert (events, delay) == (chunks, 0.05 if scenario == "streams-fast" else 0.5)
     length = chunks * delay
     assert spread == max(2 * length, 5.0)
@@ -498,3 +511,301 @@ def test_wrk_report_names_the_limit_store_and_what_redis_saw() -> None:
     assert lines[-1] == ("redis ran the rate-limit script 9,032 times for 9,000 requests "
                          "through the proxy (1.004 a request; 36,128 commands in all, those "
                          "in the scripts included)")
+
+
+# The twisted.web + Agent reference proxy (llmproxy.bench._reference).
+
+_STREAM = {**json.loads(bench.CHAT), "stream": True}
+
+
+class _Events(Protocol, NeedleWaiter):
+    """A response body read as it comes; ``ended`` fires with why it ended
+    (``ResponseDone`` when whole)."""
+
+    def __init__(self) -> None:
+        NeedleWaiter.__init__(self)
+        self.ended: Deferred[BaseException] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.feed(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.ended.callback(reason.value)
+
+
+async def _read(response: Any, reactor: Any) -> bytes:
+    """A response's whole body, which must end cleanly."""
+    body = _Events()
+    response.deliverBody(body)
+    assert isinstance(await body.ended.addTimeout(WAIT, reactor), ResponseDone)
+    return bytes(body.received)
+
+
+def _head(response: Any) -> dict[bytes, list[bytes]]:
+    """A response's status, length and headers, but the date (wall clock)."""
+    headers = {name.lower(): values for name, values in response.headers.getAllRawHeaders()
+               if name.lower() != b"date"}
+    return {b"status": [b"%d" % response.code], b"length": [repr(response.length).encode()],
+            **headers}
+
+
+@pytest_twisted.async_yield_fixture
+async def twins(reactor: Any, loopback: Any) -> Any:
+    """``await twins()``: two fake upstreams whose timers run on their own
+    clocks (they send the same bytes for the same first request), the
+    reference proxy in front of the first; returns the first upstream and
+    its clock, the proxy's URL and the second upstream's. With
+    ``twins(real_time=True)`` the first runs on the reactor's time instead
+    (its ``X-Fake-Body-Bytes`` producer needs it). Pools are closed after
+    the test, then the ports stopped."""
+    pools: list[Any] = []
+
+    async def start(real_time: bool = False) -> tuple[FakeUpstream, Clock, str, str]:
+        clock, twin_clock = Clock(), Clock()
+        upstream = FakeUpstream(reactor if real_time else clock)
+        base = await loopback(make_site(reactor, upstream))
+        direct = await loopback(make_site(reactor, FakeUpstream(twin_clock)))
+        proxy = _reference.ReferenceProxy(reactor, base)
+        pools.append(proxy.pool)
+        return upstream, clock, await loopback(_reference.QuietSite(proxy)), direct
+
+    yield start
+    for pool in pools:
+        await pool.closeCachedConnections()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reference_proxy_forwards_a_completion_byte_for_byte(reactor, twins, client):
+    """The reference proxy forwards method, path and query, end-to-end
+    headers and body, and the upstream's answer comes back as the upstream
+    sent it: status, headers (Content-Length kept) and body."""
+    upstream, _, proxy, direct = await twins()
+    path = "/v1/chat/completions?api-version=2024-06-01"
+    headers = {"X-Client": "bench", "Connection": "X-Hop", "X-Hop": "dropped"}
+    through = await send(client, reactor, proxy + path, bench.CHAT.encode(), headers=headers)
+    body = await _read(through, reactor)
+    straight = await send(client, reactor, direct + path, bench.CHAT.encode(), headers=headers)
+    assert body == await _read(straight, reactor)
+    assert json.loads(body)["object"] == "chat.completion"
+    assert _head(through) == _head(straight) and through.length == len(body)
+    (seen,) = upstream.requests
+    assert (seen.method, seen.uri, seen.body) == (b"POST", path.encode(), bench.CHAT.encode())
+    assert seen.headers.getRawHeaders(b"x-client") == [b"bench"]
+    assert not seen.headers.hasHeader(b"x-hop")  # named by Connection: hop-by-hop
+    assert verifyObject(IBodyProducer, _reference.BytesBody(b"{}"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_reference_proxy_streams_events_one_by_one(reactor, twins, client):
+    """An SSE stream comes back event by event, each as the upstream sends
+    it (the upstream's clock releases one event at a time), and whole: the
+    same bytes as straight from the upstream."""
+    upstream, clock, proxy, direct = await twins()
+    url = "/v1/chat/completions"
+    straight = await _read(await send(client, reactor, direct + url, _STREAM,
+                                      headers={"X-Fake-Chunks": "3"}), reactor)
+    response = await send(client, reactor, proxy + url, _STREAM,
+                          headers={"X-Fake-Chunks": "3", "X-Fake-Chunk-Delay": "1"})
+    assert response.headers.getRawHeaders(b"content-type") == [b"text/event-stream"]
+    events = _Events()
+    response.deliverBody(events)
+    # The role event, 3 content events and the stop event; [DONE] then ends it.
+    for count in range(1, 6):
+        await events.wait_for(b"\n\n", count).addTimeout(WAIT, reactor)
+        assert bytes(events.received).count(b"\n\n") == count  # no more sent yet
+        assert not upstream.requests[0].done.called
+        clock.advance(1)
+    assert isinstance(await events.ended.addTimeout(WAIT, reactor), ResponseDone)
+    assert bytes(events.received) == straight and straight.endswith(b"data: [DONE]\n\n")
+    assert await upstream.requests[0].done.addTimeout(WAIT, reactor) == "finished"
+
+
+@pytest_twisted.ensureDeferred
+async def test_reference_proxy_holds_no_body_and_lets_go_of_a_gone_client(reactor, twins):
+    """A client that stops reading pauses the upstream (the upstream
+    connection is the client's producer: nothing piles up in the proxy);
+    when the client goes away, the proxy closes the upstream connection."""
+    upstream, _, proxy, _ = await twins(real_time=True)
+    size = 64 * 1024 * 1024
+    arrived = upstream.next_request()
+    raw = await raw_connect(reactor, proxy, b"GET /v1/blob HTTP/1.1\r\nHost: x\r\n"
+                                            b"X-Fake-Body-Bytes: %d\r\n\r\n" % size)
+    raw.transport.pauseProducing()
+    seen = await arrived.addTimeout(WAIT, reactor)
+    await seen.paused.addTimeout(WAIT, reactor)
+    assert seen.bytes_sent < size // 2
+    raw.transport.abortConnection()
+    assert await seen.done.addTimeout(WAIT, reactor) == "disconnected"
+    assert seen.bytes_sent < size // 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_reference_proxy_answers_502_without_an_upstream(reactor, loopback, client):
+    """An upstream that refuses connections makes a 502, not a hang."""
+    proxy = _reference.ReferenceProxy(reactor, _refused_url().rsplit("/v1/", 1)[0])
+    try:
+        url = await loopback(_reference.QuietSite(proxy))
+        response = await send(client, reactor, url + "/v1/models", method=b"GET")
+        assert response.code == 502
+        assert await _read(response, reactor) == b"bad gateway\n"
+    finally:
+        await proxy.pool.closeCachedConnections()
+
+
+def test_reference_proxy_runs_as_the_bench_starts_it(tmp_path) -> None:
+    """The bench's command runs the reference as its own process on the
+    epoll reactor, in front of the fake upstream; it writes no log line for
+    the requests it serves and exits cleanly on SIGTERM."""
+    upstream_port, port = _process._free_port(), _process._free_port()
+    upstream = _process._start(
+        [sys.executable, "-m", "llmproxy.testing.upstream", "--port", str(upstream_port)],
+        str(tmp_path), tmp_path / "upstream.log")
+    argv = _servers._reference_argv(port, upstream_port, None)
+    assert argv[:3] == [sys.executable, "-m", "llmproxy.bench._reference"]
+    pinned = _servers._reference_argv(port, upstream_port, "0")
+    assert pinned == _process._pin("0") + argv  # on the proxy's core
+    reference = _process._start(argv, str(tmp_path), tmp_path / "reference.log")
+    try:
+        _process._wait_listening(upstream_port, upstream, tmp_path / "upstream.log")
+        _process._wait_listening(port, reference, tmp_path / "reference.log")
+        fds = Path(f"/proc/{reference.pid}/fd")
+        assert "anon_inode:[eventpoll]" in {os.readlink(fd) for fd in fds.iterdir()}
+        for _ in range(3):
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/chat/completions", data=bench.CHAT.encode(),
+                headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=WAIT) as answer:
+                assert json.loads(answer.read())["object"] == "chat.completion"
+    finally:
+        _process._stop(reference)
+        _process._stop(upstream)
+    assert reference.returncode == 0
+    assert (tmp_path / "reference.log").read_text() == ""
+
+
+def _wrk_run(requests_per_s: float, p50_ms: float) -> dict[str, Any]:
+    """A wrk run's figures, as :func:`_scenarios._wrk` returns them."""
+    return {"requests_per_s": requests_per_s, "requests": int(5 * requests_per_s),
+            "p50_ms": p50_ms, "p90_ms": 2 * p50_ms, "p99_ms": 3 * p50_ms, "errors": 0,
+            "socket_errors": ""}
+
+
+def test_reference_runs_alternate_with_the_proxys_on_its_core(tmp_path, monkeypatch) -> None:
+    """With the reference, each repeat runs the proxy with logs and metrics
+    on, off, then the reference, one process on the proxy's core, with the
+    same load; the reference's runs are measured like the proxy's."""
+    started: list[list[str]] = []
+    speeds = {"True.yml": 1000.0, "False.yml": 1500.0, "_reference": 2000.0}
+
+    def start(argv: list[str], cwd: str, log: Path) -> Any:
+        started.append(argv)
+        return SimpleNamespace(pid=4242, argv=argv)
+
+    def wrk(url: str, connections: int, seconds: float, chunks: int, core: Any,
+            work: Path) -> dict[str, Any]:
+        assert (connections, seconds, chunks, core) == (16, 5.0, 20, "1")
+        kind = next(k for k in speeds if any(a.endswith(k) for a in started[-1]))
+        return _wrk_run(speeds[kind] + len(started), 1000 / speeds[kind])
+
+    cpu = itertools.count()
+    monkeypatch.setattr(_scenarios, "_start", start)
+    monkeypatch.setattr(_scenarios, "_wait_listening", lambda port, process, log: None)
+    monkeypatch.setattr(_scenarios, "_await_workers",
+                        lambda process, workers, log: [process.pid] * workers)
+    monkeypatch.setattr(_scenarios, "_wrk", wrk)
+    monkeypatch.setattr(_scenarios, "tree_cpu_seconds", lambda pids: float(next(cpu)))
+    monkeypatch.setattr(_scenarios, "_peak_rss_mb", lambda pid: 50.0)
+    monkeypatch.setattr(_scenarios, "_stop", lambda process: None)
+    args = SimpleNamespace(limit_store="none", workers=1, repeat=2, connections=16,
+                           duration=5.0)
+    results: dict[str, Any] = {"runs": {}}
+    _scenarios._wrk_proxy_runs(args, results, tmp_path, 9999, 20, "0", "1", None, True)
+    kinds = [next(k for k in speeds if any(a.endswith(k) for a in argv)) for argv in started]
+    assert kinds == ["True.yml", "False.yml", "_reference"] * 2
+    for argv in started:
+        assert argv[:len(_process._pin("0"))] == _process._pin("0")
+    port = started[2][started[2].index("--port") + 1]
+    assert started[2] == _servers._reference_argv(int(port), 9999, "0")
+    runs = results["runs"]
+    assert list(runs) == [_report.PROXY_ON, _report.PROXY_OFF, _report.REFERENCE]
+    assert [r["requests_per_s"] for r in runs[_report.REFERENCE]] == [2003.0, 2006.0]
+    assert all(r["proxy_processes"] == 1 and r["proxy_cpu_seconds"] == 1.0
+               for r in runs[_report.REFERENCE])
+    _scenarios._wrk_proxy_runs(args, results, tmp_path, 9999, 20, "0", "1", None, False)
+    assert not any(a.endswith("_reference") for argv in started[6:] for a in argv)
+
+
+def test_the_reference_is_made_unless_asked_not_to_or_for_several_workers() -> None:
+    """--no-reference skips the reference; so do several workers (it is one
+    process); the default makes it."""
+    assert _cli._parse_args([]).reference is True
+    assert _cli._parse_args(["--scenario", "sse", "--no-reference"]).reference is False
+    assert _scenarios.reference_skipped(True, 1) is None
+    assert _scenarios.reference_skipped(False, 1) == "--no-reference"
+    assert _scenarios.reference_skipped(True, 2) == (
+        "it is one process and the proxy ran 2 (compare with --workers 1)")
+
+
+def test_reference_ratios_divide_the_medians_and_pair_the_repeats() -> None:
+    """The ratios divide llmproxy's median run by the reference's (req/s and
+    p50 latency) and, run by run, each req/s by the reference run made with
+    it."""
+    runs = {
+        _report.PROXY_ON: [_wrk_run(900.0, 11.0), _wrk_run(1100.0, 9.0), _wrk_run(1000.0, 10.0)],
+        _report.PROXY_OFF: [_wrk_run(1200.0, 8.0), _wrk_run(1300.0, 7.0), _wrk_run(1250.0, 7.5)],
+        _report.REFERENCE: [_wrk_run(1000.0, 8.0), _wrk_run(1250.0, 6.0), _wrk_run(1200.0, 7.0)],
+    }
+    ratios = _report.reference_ratios(runs)
+    assert ratios == {
+        _report.PROXY_ON: {"requests_per_s": 0.833, "p50_ms": 1.429,
+                           "requests_per_s_by_repeat": [0.9, 0.88, 0.833]},
+        _report.PROXY_OFF: {"requests_per_s": 1.042, "p50_ms": 1.071,
+                            "requests_per_s_by_repeat": [1.2, 1.04, 1.042]},
+    }
+    median = _report.median_run(runs[_report.REFERENCE])
+    assert median["requests_per_s"] == 1200.0 and median["repeats"] == 3
+    assert median["requests_per_s_range"] == [1000.0, 1250.0]
+    assert "requests_per_s_range" not in _report.median_run(runs[_report.REFERENCE][:1])
+    nothing = {**runs, _report.REFERENCE: [_wrk_run(0.0, float("nan"))]}
+    assert _report.reference_ratios(nothing)[_report.PROXY_ON]["requests_per_s"] is None
+
+
+def test_wrk_report_gives_llmproxy_as_a_ratio_to_the_reference() -> None:
+    """The report has a row for the reference and a line per llmproxy
+    variant with its req/s and p50 latency as ratios to the reference's
+    (with the range by repeat), then what the ratios mean; a skipped
+    reference is said to be, and old results have no such line."""
+    ratios = {
+        _report.PROXY_ON: {"requests_per_s": 1.03, "p50_ms": 0.97,
+                           "requests_per_s_by_repeat": [1.01, 1.05, 1.03]},
+        _report.PROXY_OFF: {"requests_per_s": 1.104, "p50_ms": 0.9,
+                            "requests_per_s_by_repeat": [1.104]},
+    }
+    results = {"scenario": "sse", "connections": 16, "seconds": 5.0, "pinned": True,
+               "upstream": "nginx", "python": _process._interpreter(),
+               "observability_cost_percent": 7.2,
+               "runs": {"direct": _wrk_run(20000.0, 0.8),
+                        _report.PROXY_ON: _wrk_run(1030.0, 9.7),
+                        _report.PROXY_OFF: _wrk_run(1104.0, 9.0),
+                        _report.REFERENCE: _wrk_run(1000.0, 10.0)},
+               "reference": {"run": _report.REFERENCE, "ratios": ratios}}
+    lines = _report._report(results).splitlines()
+    assert lines[2].startswith("direct")
+    assert lines[5].split() == ["twisted.web+Agent", "reference", "1000", "10.00", "20.00",
+                                "30.00", "0", "nan", "nan", "-"]
+    cost = lines.index("logging+metrics cost: 7.2% of throughput")
+    assert lines[cost + 1:cost + 4] == [
+        "llmproxy (logs+metrics on) / twisted.web+Agent reference = 1.03x req/s "
+        "(by repeat 1.01x to 1.05x), 0.97x p50 latency",
+        "llmproxy (logs+metrics off) / twisted.web+Agent reference = 1.10x req/s, "
+        "0.90x p50 latency",
+        "(req/s above 1x: llmproxy is faster than the reference; p50 latency below 1x: it "
+        "answers sooner; medians of runs made in turn in this sitting)",
+    ]
+    results["reference"] = {"skipped": "--no-reference"}
+    del results["runs"][_report.REFERENCE]
+    lines = _report._report(results).splitlines()
+    assert lines[lines.index("logging+metrics cost: 7.2% of throughput") + 1] == (
+        "no twisted.web+Agent reference run: --no-reference")
+    del results["reference"]
+    assert "twisted.web+Agent" not in _report._report(results)

@@ -11,6 +11,20 @@ on, and for wrk's scenarios also off). For ``streams`` and
 proxy when nginx is installed: the CPU a C proxy needs on this machine at
 this moment.
 
+For ``nonstream`` and ``sse`` the same load also runs through a featureless
+twisted.web + Agent proxy (``llmproxy.bench._reference``: one leaf resource
+forwarding every request over a persistent ``HTTPConnectionPool`` with
+llmproxy's pool settings and streaming the response back, no logging, no
+metrics, no routing, no limits), as its own process on the proxy's core,
+the same reactor (epoll) and the same Python: what Twisted itself costs on
+this machine at this moment. Its runs alternate with the proxy's (on, off,
+reference, ``--repeat`` times), and the report gives llmproxy's median
+req/s and p50 latency as ratios to the reference's (``llmproxy
+(logs+metrics on) / twisted.web+Agent reference = 1.03x req/s``), and with
+repeats the range of the ratios of runs made together; the JSON has them
+under ``reference``. ``--no-reference`` skips it; with ``--workers`` above
+1 it is skipped too (it is one process), and the report says so.
+
 ``--limit-store`` (``nonstream`` and ``sse``) gives the proxy a rate limit
 that never refuses (10**6 requests a second, as many of burst), to show
 what the check costs a request: ``none`` (the default) sets no limit,
@@ -63,10 +77,12 @@ child processes and is never imported by the proxy.
 
 # The modules, by concern (this docstring is also the --help text):
 #   _cli        the command line (main)
-#   _scenarios  the scenarios and their load drivers (run, wrk, the stream runs)
+#   _scenarios  run, and the wrk scenarios (nonstream, sse) with their runs
+#   _streams    the stream scenarios (streams, streams-fast, idle)
 #   _hostile    the hostile-body scenario: its bodies, its two clients, its phases
 #   _limitstore --limit-store: the proxy's rate-limit config, a local redis-server
-#   _servers    the upstream, llmproxy under twistd, nginx as the reference proxy
+#   _servers    the upstream, llmproxy under twistd, the reference proxies' commands
+#   _reference  the twisted.web + Agent reference proxy, run as a child process
 #   _process    child processes, ports, CPU and memory from /proc, the interpreter
 #   _report     stream summaries, medians of repeated runs, the text report
 #   _streamload the stream load generator, run as a child process
@@ -75,6 +91,7 @@ from __future__ import annotations
 
 from llmproxy.bench._cli import MAX_CHUNKS, main
 from llmproxy.bench._process import cpu_seconds
-from llmproxy.bench._scenarios import CHAT, MAX_STREAM_RATE, OPEN_STREAMS, run
+from llmproxy.bench._scenarios import CHAT, run
+from llmproxy.bench._streams import MAX_STREAM_RATE, OPEN_STREAMS
 
 __all__ = ["CHAT", "MAX_CHUNKS", "MAX_STREAM_RATE", "OPEN_STREAMS", "cpu_seconds", "main", "run"]

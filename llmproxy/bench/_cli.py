@@ -11,7 +11,8 @@ from llmproxy.bench._hostile import MAX_BODIES, MAX_BODY_MIB
 from llmproxy.bench._limitstore import LIMIT_STORES
 from llmproxy.bench._process import _raise_open_file_limit
 from llmproxy.bench._report import _report
-from llmproxy.bench._scenarios import OPEN_STREAMS, run
+from llmproxy.bench._scenarios import run
+from llmproxy.bench._streams import OPEN_STREAMS
 
 
 #: The most events per stream ``--chunks`` takes (a 500 s stream in
@@ -65,6 +66,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-nginx-proxy", dest="nginx_proxy", action="store_false",
                         help="streams and streams-fast: skip the reference run through "
                              "nginx as the proxy (made when nginx is installed)")
+    parser.add_argument("--no-reference", dest="reference", action="store_false",
+                        help="nonstream and sse: skip the runs through the twisted.web + "
+                             "Agent reference proxy (made with one proxy worker) and the "
+                             "ratios to it")
     parser.add_argument("--chunks", type=_chunks, default=20,
                         help="streams and streams-fast: content events per stream (default "
                              "20); streams start less often as they get longer, so about "

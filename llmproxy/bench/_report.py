@@ -92,6 +92,97 @@ def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+#: The wrk scenarios' runs besides ``direct``: llmproxy with logs and
+#: metrics on and off, and the twisted.web + Agent reference proxy.
+PROXY_ON = "proxy (logs+metrics on)"
+PROXY_OFF = "proxy (logs+metrics off)"
+REFERENCE = "twisted.web+Agent reference"
+#: How the ratio lines name llmproxy's variants.
+_LLMPROXY = {PROXY_ON: "llmproxy (logs+metrics on)", PROXY_OFF: "llmproxy (logs+metrics off)"}
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Repeated wrk runs of one variant as its median run by req/s.
+
+    Args:
+        runs: The variant's runs, in the order they were made.
+
+    Returns:
+        The run with the median requests a second (the upper one of an
+        even count), whole, with ``repeats``: how many runs there were, and
+        with more than one ``requests_per_s_range``, ``[min, max]``.
+    """
+    ordered = sorted(runs, key=lambda run: run["requests_per_s"])
+    median = dict(ordered[len(ordered) // 2], repeats=len(runs))
+    if len(runs) > 1:
+        median["requests_per_s_range"] = [ordered[0]["requests_per_s"],
+                                          ordered[-1]["requests_per_s"]]
+    return median
+
+
+def _ratio(ours: float, theirs: float) -> float | None:
+    """``ours / theirs`` to three decimals; None without a figure to divide by."""
+    if not theirs > 0 or ours != ours:  # no requests, or NaN
+        return None
+    return round(ours / theirs, 3)
+
+
+def reference_ratios(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """llmproxy's wrk runs against the reference proxy's, as ratios.
+
+    Args:
+        runs: The runs by variant, each list in the order made: the
+            variants alternate, so the n-th runs of each were made
+            together.
+
+    Returns:
+        For :data:`PROXY_ON` and :data:`PROXY_OFF`: ``requests_per_s`` and
+        ``p50_ms``, the variant's median run (:func:`median_run`) divided by
+        the reference's (req/s above 1: llmproxy is faster; p50 below 1: it
+        answers sooner), and ``requests_per_s_by_repeat``, each run's req/s
+        divided by the reference run made with it.
+    """
+    reference = runs[REFERENCE]
+    theirs = median_run(reference)
+    ratios: dict[str, dict[str, Any]] = {}
+    for name in (PROXY_ON, PROXY_OFF):
+        ours = median_run(runs[name])
+        ratios[name] = {
+            "requests_per_s": _ratio(ours["requests_per_s"], theirs["requests_per_s"]),
+            "p50_ms": _ratio(ours["p50_ms"], theirs["p50_ms"]),
+            "requests_per_s_by_repeat": [
+                _ratio(run["requests_per_s"], ref["requests_per_s"])
+                for run, ref in zip(runs[name], reference)
+            ],
+        }
+    return ratios
+
+
+def _times(ratio: float | None) -> str:
+    """A ratio as ``1.03x``, or ``-`` when there is none."""
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
+def _reference_lines(reference: dict[str, Any] | None) -> list[str]:
+    """The report's lines comparing llmproxy with the reference proxy."""
+    if reference is None:  # results from before the reference
+        return []
+    if "skipped" in reference:
+        return [f"no {REFERENCE} run: {reference['skipped']}"]
+    lines = []
+    for name, ratio in reference["ratios"].items():
+        by_repeat = [r for r in ratio["requests_per_s_by_repeat"] if r is not None]
+        spread = (f" (by repeat {_times(min(by_repeat))} to {_times(max(by_repeat))})"
+                  if len(by_repeat) > 1 else "")
+        lines.append(f"{_LLMPROXY[name]} / {REFERENCE} = "
+                     f"{_times(ratio['requests_per_s'])} req/s{spread}, "
+                     f"{_times(ratio['p50_ms'])} p50 latency")
+    lines.append("(req/s above 1x: llmproxy is faster than the reference; p50 latency "
+                 "below 1x: it answers sooner; medians of runs made in turn in this "
+                 "sitting)")
+    return lines
+
+
 def _describe(python: dict[str, Any]) -> str:
     kind = {True: "shared libpython", False: "static libpython", None: "libpython unknown"}
     return f"python {python['version']} ({python['executable']}, {kind[python['libpython_shared']]})"
@@ -234,6 +325,7 @@ def _report(results: dict[str, Any]) -> str:
     lines.append(
         f"logging+metrics cost: {results['observability_cost_percent']}% of throughput"
     )
+    lines += _reference_lines(results.get("reference"))
     if "redis" in results:
         redis = results["redis"]
         lines.append(
@@ -243,7 +335,7 @@ def _report(results: dict[str, Any]) -> str:
             "in all, those in the scripts included)"
         )
     direct = results["runs"]["direct"]["requests_per_s"]
-    proxy = results["runs"]["proxy (logs+metrics on)"]["requests_per_s"]
+    proxy = results["runs"][PROXY_ON]["requests_per_s"]
     if proxy and direct < 3 * proxy:
         lines.append(
             "note: the upstream is not 3x faster than the proxy here, so the proxy "

@@ -3,9 +3,11 @@
 The upstream: nginx when installed (a canned completion, also to bodies of
 any size, and with Debian's echo module SSE streams), else the package's
 fake upstream. llmproxy itself,
-a real ``twistd`` process, and its config. nginx as a plain streaming
-reverse proxy: the reference the stream scenarios compare the proxy's CPU
-with.
+a real ``twistd`` process, and its config. The references: nginx as a
+plain streaming reverse proxy, which the stream scenarios compare the
+proxy's CPU with, and the featureless twisted.web + Agent proxy of
+:mod:`llmproxy.bench._reference`, which ``nonstream`` and ``sse`` compare
+the proxy's throughput and latency with.
 """
 
 from __future__ import annotations
@@ -208,6 +210,14 @@ def _start_proxy(work: Path, port: int, upstream_port: int, core: int | None,
     _wait_listening(port, proxy, work / "proxy.log")
     time.sleep(0.5)  # a CLI tool letting the child settle before measuring
     return proxy
+
+
+def _reference_argv(port: int, upstream_port: int, core: Cores) -> list[str]:
+    """The command running the twisted.web + Agent reference proxy on
+    ``port`` in front of the upstream, pinned to ``core`` as the proxy is,
+    on the bench's own Python."""
+    return [*_pin(core), sys.executable, "-m", "llmproxy.bench._reference",
+            "--port", str(port), "--upstream", f"http://127.0.0.1:{upstream_port}"]
 
 
 def _proxy_config(path: Path, port: int, upstream: int, observability: bool,
