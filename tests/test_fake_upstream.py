@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -33,6 +34,7 @@ from twisted.web.client import (
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
+import llmproxy.testing
 from llmproxy.testing.upstream import (
     REPLY_TEXT,
     FakeUpstream,
@@ -535,3 +537,66 @@ async def test_runs_standalone(reactor: Any, tmp_path: Any, http: HTTPClient) ->
         if not child.ended.called:
             child.transport.signalProcess("TERM")
         await wait(reactor, child.ended)
+
+
+def _package_imports() -> dict[str, list[tuple[str, str | None, int]]]:
+    """Every import between the modules of :mod:`llmproxy.testing`.
+
+    Imports inside functions and under ``TYPE_CHECKING`` count too.
+
+    Returns:
+        Each module's short name mapped to (imported module, imported name or
+        None, line): ``from llmproxy.testing import _sse`` imports the
+        module ``_sse``; ``from llmproxy.testing._sse import Events`` imports
+        the name ``Events`` of ``_sse``.
+    """
+    package = llmproxy.testing.__name__
+    folder = Path(llmproxy.testing.__file__).parent
+    modules = {path.stem for path in folder.glob("*.py")}
+    found: dict[str, list[tuple[str, str | None, int]]] = {}
+    for path in sorted(folder.glob("*.py")):
+        edges = found.setdefault(path.stem, [])
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith(package + "."):
+                        edges.append((alias.name.split(".")[2], None, node.lineno))
+            elif isinstance(node, ast.ImportFrom) and node.module == package:
+                for alias in node.names:
+                    if alias.name in modules:
+                        edges.append((alias.name, None, node.lineno))
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(package + "."):
+                for alias in node.names:
+                    edges.append((node.module.split(".")[2], alias.name, node.lineno))
+    return found
+
+
+def test_testing_package_has_no_import_cycle() -> None:
+    """The modules of llmproxy.testing import each other one way only."""
+    imports = _package_imports()
+    assert imports["_exchange"], "the walk found no imports at all"
+    graph = {module: {target for target, _, _ in edges} for module, edges in imports.items()}
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            cycle = path[path.index(module) :] + [module]
+            raise AssertionError("import cycle: " + " -> ".join(cycle))
+        if module not in done:
+            for target in sorted(graph.get(module, ())):
+                visit(target, path + [module])
+            done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
+def test_testing_package_private_names_stay_home() -> None:
+    """No module of llmproxy.testing imports another's ``_``-prefixed name."""
+    crossing = [
+        f"{module}.py:{line} imports {target}.{name}"
+        for module, edges in _package_imports().items()
+        for target, name, line in edges
+        if name is not None and name.startswith("_")
+    ]
+    assert crossing == []
