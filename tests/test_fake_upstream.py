@@ -545,36 +545,36 @@ def _package_imports() -> dict[str, list[tuple[str, str | None, int]]]:
     Imports inside functions and under ``TYPE_CHECKING`` count too.
 
     Returns:
-        Each module's short name mapped to (imported module, imported name or
-        None, line): ``from llmproxy.testing import _sse`` imports the
-        module ``_sse``; ``from llmproxy.testing._sse import Events`` imports
-        the name ``Events`` of ``_sse``.
+        Each module's dotted name mapped to (imported module, imported name or
+        None, line): ``from llmproxy.testing import _sse`` imports the module
+        ``llmproxy.testing._sse``; ``from llmproxy.testing._sse import
+        Events`` imports the name ``Events`` of ``llmproxy.testing._sse``.
     """
     package = llmproxy.testing.__name__
     folder = Path(llmproxy.testing.__file__).parent
-    modules = {path.stem for path in folder.glob("*.py")}
+    paths: dict[str, Path] = {}
+    for path in sorted(folder.rglob("*.py")):
+        parts = [package, *path.relative_to(folder).with_suffix("").parts]
+        paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     found: dict[str, list[tuple[str, str | None, int]]] = {}
-    for path in sorted(folder.glob("*.py")):
-        edges = found.setdefault(path.stem, [])
+    for module, path in paths.items():
+        edges = found.setdefault(module, [])
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
+                edges += [(a.name, None, node.lineno) for a in node.names if a.name in paths]
+            elif isinstance(node, ast.ImportFrom) and node.module in paths:
                 for alias in node.names:
-                    if alias.name.startswith(package + "."):
-                        edges.append((alias.name.split(".")[2], None, node.lineno))
-            elif isinstance(node, ast.ImportFrom) and node.module == package:
-                for alias in node.names:
-                    if alias.name in modules:
-                        edges.append((alias.name, None, node.lineno))
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(package + "."):
-                for alias in node.names:
-                    edges.append((node.module.split(".")[2], alias.name, node.lineno))
+                    if f"{node.module}.{alias.name}" in paths:
+                        edges.append((f"{node.module}.{alias.name}", None, node.lineno))
+                    else:
+                        edges.append((node.module, alias.name, node.lineno))
     return found
 
 
 def test_testing_package_has_no_import_cycle() -> None:
     """The modules of llmproxy.testing import each other one way only."""
     imports = _package_imports()
-    assert imports["_exchange"], "the walk found no imports at all"
+    assert imports["llmproxy.testing._exchange"], "the walk found no imports at all"
     graph = {module: {target for target, _, _ in edges} for module, edges in imports.items()}
     done: set[str] = set()
 
@@ -592,11 +592,16 @@ def test_testing_package_has_no_import_cycle() -> None:
 
 
 def test_testing_package_private_names_stay_home() -> None:
-    """No module of llmproxy.testing imports another's ``_``-prefixed name."""
-    crossing = [
-        f"{module}.py:{line} imports {target}.{name}"
-        for module, edges in _package_imports().items()
-        for target, name, line in edges
-        if name is not None and name.startswith("_")
-    ]
+    """No module of llmproxy.testing imports another's ``_``-prefixed name,
+    nor a ``_module`` of a package it is not in."""
+    crossing = []
+    for module, edges in _package_imports().items():
+        for target, name, line in edges:
+            home = target.rpartition(".")[0]
+            if name is not None and name.startswith("_"):
+                crossing.append(f"{module}:{line} imports {target}.{name}")
+            elif target.rpartition(".")[2].startswith("_") and not (
+                module == home or module.startswith(home + ".")
+            ):
+                crossing.append(f"{module}:{line} imports {target} from outside {home}")
     assert crossing == []

@@ -285,7 +285,7 @@ def test_response_provides_iresponse(agent: MemoryAgent) -> None:
     assert response.headers.getRawHeaders(b"content-type") == [b"text/event-stream"]
     assert response.request is sent and sent.response is response
     assert response.previousResponse is None
-    earlier = MemoryResponse(sent, (b"HTTP", 1, 1), 302, b"Found", Headers(), 0)
+    earlier = MemoryResponse(sent, agent.clock, (b"HTTP", 1, 1), 302, b"Found", Headers(), 0)
     response.setPreviousResponse(earlier)
     assert response.previousResponse is earlier
 

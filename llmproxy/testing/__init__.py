@@ -4,6 +4,6 @@
 upstream server with per-request failure and latency controls;
 :mod:`llmproxy.testing.resolver` a name resolver from a fixed table;
 :mod:`llmproxy.testing.agent` an in-memory ``IAgent`` answered by hand, for
-tests on a fake clock. The ``_``-prefixed modules serve the fake upstream
-and are private to the package.
+tests on a fake clock. The ``_``-prefixed modules serve those and are
+private to the package.
 """
