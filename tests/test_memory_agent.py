@@ -10,6 +10,7 @@ that a Twisted upgrade that changes them shows here first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -188,7 +189,11 @@ class Recorder(Protocol):
             failure)`` in order.
     """
 
-    def __init__(self, on_made: Any = None, on_data: Any = None) -> None:
+    def __init__(
+        self,
+        on_made: Callable[[Recorder], None] | None = None,
+        on_data: Callable[[Recorder], None] | None = None,
+    ) -> None:
         self.events: list[tuple[str, Any]] = []
         self.on_made, self.on_data = on_made, on_data
 
@@ -215,7 +220,7 @@ class Recorder(Protocol):
 
     @property
     def lost(self) -> list[Failure]:
-        """The ``connectionLost`` reasons (at most one, we hope)."""
+        """The ``connectionLost`` reasons: more than one is a bug the tests catch."""
         return [value for kind, value in self.events if kind == "lost"]
 
 
