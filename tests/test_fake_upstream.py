@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -33,6 +34,7 @@ from twisted.web.client import (
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
+import llmproxy.testing
 from llmproxy.testing.upstream import (
     REPLY_TEXT,
     FakeUpstream,
@@ -535,3 +537,71 @@ async def test_runs_standalone(reactor: Any, tmp_path: Any, http: HTTPClient) ->
         if not child.ended.called:
             child.transport.signalProcess("TERM")
         await wait(reactor, child.ended)
+
+
+def _package_imports() -> dict[str, list[tuple[str, str | None, int]]]:
+    """Every import between the modules of :mod:`llmproxy.testing`.
+
+    Imports inside functions and under ``TYPE_CHECKING`` count too.
+
+    Returns:
+        Each module's dotted name mapped to (imported module, imported name or
+        None, line): ``from llmproxy.testing import _sse`` imports the module
+        ``llmproxy.testing._sse``; ``from llmproxy.testing._sse import
+        Events`` imports the name ``Events`` of ``llmproxy.testing._sse``.
+    """
+    package = llmproxy.testing.__name__
+    folder = Path(llmproxy.testing.__file__).parent
+    paths: dict[str, Path] = {}
+    for path in sorted(folder.rglob("*.py")):
+        parts = [package, *path.relative_to(folder).with_suffix("").parts]
+        paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    found: dict[str, list[tuple[str, str | None, int]]] = {}
+    for module, path in paths.items():
+        edges = found.setdefault(module, [])
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                edges += [(a.name, None, node.lineno) for a in node.names if a.name in paths]
+            elif isinstance(node, ast.ImportFrom) and node.module in paths:
+                for alias in node.names:
+                    if f"{node.module}.{alias.name}" in paths:
+                        edges.append((f"{node.module}.{alias.name}", None, node.lineno))
+                    else:
+                        edges.append((node.module, alias.name, node.lineno))
+    return found
+
+
+def test_testing_package_has_no_import_cycle() -> None:
+    """The modules of llmproxy.testing import each other one way only."""
+    imports = _package_imports()
+    assert imports["llmproxy.testing._exchange"], "the walk found no imports at all"
+    graph = {module: {target for target, _, _ in edges} for module, edges in imports.items()}
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            cycle = path[path.index(module) :] + [module]
+            raise AssertionError("import cycle: " + " -> ".join(cycle))
+        if module not in done:
+            for target in sorted(graph.get(module, ())):
+                visit(target, path + [module])
+            done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
+def test_testing_package_private_names_stay_home() -> None:
+    """No module of llmproxy.testing imports another's ``_``-prefixed name,
+    nor a ``_module`` of a package it is not in."""
+    crossing = []
+    for module, edges in _package_imports().items():
+        for target, name, line in edges:
+            home = target.rpartition(".")[0]
+            if name is not None and name.startswith("_"):
+                crossing.append(f"{module}:{line} imports {target}.{name}")
+            elif target.rpartition(".")[2].startswith("_") and not (
+                module == home or module.startswith(home + ".")
+            ):
+                crossing.append(f"{module}:{line} imports {target} from outside {home}")
+    assert crossing == []

@@ -1,6 +1,6 @@
 """The ``X-Fake-*`` control headers of the fake upstream, parsed and checked.
 
-Private to :mod:`llmproxy.testing.upstream`.
+Private to the package: :mod:`~llmproxy.testing._exchange` reads them.
 """
 
 from __future__ import annotations
@@ -15,13 +15,26 @@ _MAX_CHUNKS = 100_000
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
-class _BadRequest(Exception):
+class BadRequest(Exception):
     """A control header or the JSON body is invalid: answered with a 400."""
 
 
 @attrs.frozen
-class _Controls:
-    """The parsed ``X-Fake-*`` request headers."""
+class Controls:
+    """The parsed ``X-Fake-*`` request headers (see
+    :class:`~llmproxy.testing.upstream.FakeUpstream`); the defaults are the
+    fake's normal behaviour.
+
+    Attributes:
+        status: ``X-Fake-Status``.
+        chunks: ``X-Fake-Chunks``: content pieces in a stream.
+        chunk_delay: ``X-Fake-Chunk-Delay``, in seconds.
+        header_delay: ``X-Fake-Header-Delay``, in seconds.
+        abort_after: ``X-Fake-Abort-After``, or None to never abort.
+        body_bytes: ``X-Fake-Body-Bytes``, or None for the route's reply.
+        content_length: ``X-Fake-Content-Length: 1``.
+        extra_headers: ``X-Fake-Response-Header`` values as (name, value).
+    """
 
     status: int = 200
     chunks: int = 5
@@ -33,8 +46,18 @@ class _Controls:
     extra_headers: tuple[tuple[bytes, bytes], ...] = ()
 
     @classmethod
-    def parse(cls, headers: Headers) -> _Controls:
-        """Parse the control headers; raise :class:`_BadRequest` if invalid."""
+    def parse(cls, headers: Headers) -> Controls:
+        """Parse the control headers.
+
+        Args:
+            headers: The request headers.
+
+        Returns:
+            The controls.
+
+        Raises:
+            BadRequest: A control header is invalid.
+        """
 
         def last(name: bytes) -> str | None:
             values = headers.getRawHeaders(name)
@@ -45,7 +68,7 @@ class _Controls:
             if raw is None:
                 return None
             if not (re.fullmatch("[0-9]{1,19}", raw) and low <= int(raw) <= high):
-                raise _BadRequest(f"{name.decode()}: an integer in [{low}, {high}]")
+                raise BadRequest(f"{name.decode()}: an integer in [{low}, {high}]")
             return int(raw)
 
         def seconds(name: bytes) -> float:
@@ -54,17 +77,17 @@ class _Controls:
             except ValueError:
                 value = math.nan
             if not 0 <= value <= 86400:
-                raise _BadRequest(f"{name.decode()}: a number of seconds")
+                raise BadRequest(f"{name.decode()}: a number of seconds")
             return value
 
         extra = []
         for raw in headers.getRawHeaders(b"x-fake-response-header", []):
             name, colon, value = raw.partition(b":")
             if not colon or not _TOKEN.fullmatch(name.strip()):
-                raise _BadRequest("x-fake-response-header: 'Name: value'")
+                raise BadRequest("x-fake-response-header: 'Name: value'")
             extra.append((name.strip(), value.strip()))
         if (flag := last(b"x-fake-content-length")) not in (None, "0", "1"):
-            raise _BadRequest("x-fake-content-length: 0 or 1")
+            raise BadRequest("x-fake-content-length: 0 or 1")
         return cls(
             status=integer(b"x-fake-status", 200, 599) or 200,
             chunks=integer(b"x-fake-chunks", 1, _MAX_CHUNKS) or 5,

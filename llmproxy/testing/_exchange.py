@@ -1,47 +1,52 @@
 """One fake upstream response: routing, timers, streaming, abort and outcome.
 
-:class:`_Exchange` answers one request of a
+:class:`Exchange` answers one request of a
 :class:`~llmproxy.testing.upstream.FakeUpstream` under its ``X-Fake-*``
 controls; :class:`_PatternProducer` writes ``X-Fake-Body-Bytes`` bodies as
-a push producer. Private to :mod:`llmproxy.testing.upstream`.
+a push producer. The exchange sees the fake only through the small
+:class:`Upstream` protocol, so this module does not import
+:mod:`llmproxy.testing.upstream`, which uses it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sized
+from typing import Any, Protocol
 
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.web.http import NO_BODY_CODES
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from llmproxy.testing._controls import _BadRequest, _Controls
-from llmproxy.testing._replies import (
-    _chat_completion,
-    _echo,
-    _embeddings,
-    _error,
-    _message,
-    _models,
-)
-from llmproxy.testing._sse import _chat_events, _Events, _message_events
-
-if TYPE_CHECKING:
-    from llmproxy.testing.upstream import FakeUpstream, UpstreamRequest
+from llmproxy.testing import _replies as replies
+from llmproxy.testing import _sse as sse
+from llmproxy.testing._controls import BadRequest, Controls
+from llmproxy.testing._request import UpstreamRequest
 
 _CHUNK = 64 * 1024
 _PATTERN = bytes(range(256)) * (_CHUNK // 256)
 _CHUNKS_PER_TURN = 16
 
 
+class Upstream(Protocol):
+    """What an :class:`Exchange` reads of the fake serving its request."""
+
+    @property
+    def reactor(self) -> IReactorTime:
+        """The reactor for timers and timestamps."""
+
+    @property
+    def requests(self) -> Sized:
+        """The requests recorded so far: their number goes into reply ids."""
+
+
 @implementer(IPushProducer)
 class _PatternProducer:
     """Writes the ``X-Fake-Body-Bytes`` pattern in 64 KiB chunks while resumed."""
 
-    def __init__(self, exchange: _Exchange, stop_at: int, on_end: Callable[[], None]) -> None:
+    def __init__(self, exchange: Exchange, stop_at: int, on_end: Callable[[], None]) -> None:
         self._reactor, self._request = exchange.reactor, exchange.request
         self._record, self._stop_at, self._on_end = exchange.record, stop_at, on_end
         self._paused = self._stopped = False
@@ -90,7 +95,7 @@ class _PatternProducer:
         self._call = None
 
 
-class _Exchange:
+class Exchange:
     """One response: controls, timers, streaming, abort and outcome.
 
     Args:
@@ -102,12 +107,12 @@ class _Exchange:
     """
 
     def __init__(
-        self, upstream: FakeUpstream, request: Request, record: UpstreamRequest, log: Logger
+        self, upstream: Upstream, request: Request, record: UpstreamRequest, log: Logger
     ) -> None:
         self.upstream, self.reactor = upstream, upstream.reactor
         self.request, self.record = request, record
         self._log = log
-        self._controls = _Controls()
+        self._controls = Controls()
         self._timer: IDelayedCall | None = None
         self._producer: _PatternProducer | None = None
         request.notifyFinish().addCallbacks(
@@ -117,9 +122,9 @@ class _Exchange:
     def start(self) -> None:
         """Parse the controls, then respond now or after the header delay."""
         try:
-            self._controls = _Controls.parse(self.request.requestHeaders)
-        except _BadRequest as e:
-            error = _error(str(e), "invalid_request_error", "bad_fake_control")
+            self._controls = Controls.parse(self.request.requestHeaders)
+        except BadRequest as e:
+            error = replies.error(str(e), "invalid_request_error", "bad_fake_control")
             self._send_json(error, 400, abortable=False)
             return
         if self._controls.header_delay > 0:
@@ -159,14 +164,14 @@ class _Exchange:
         for name, value in self._controls.extra_headers:
             self.request.responseHeaders.addRawHeader(name, value)
         if not 200 <= status < 300:
-            self._send_json(_error(f"fake error {status}", "fake_error", f"http_{status}"))
+            self._send_json(replies.error(f"fake error {status}", "fake_error", f"http_{status}"))
         elif self._controls.body_bytes is not None:
             self._send_pattern(self._controls.body_bytes)
         else:
             try:
                 self._route(self.record.method, self.request.path)
-            except _BadRequest as e:
-                error = _error(str(e), "invalid_request_error", "bad_body")
+            except BadRequest as e:
+                error = replies.error(str(e), "invalid_request_error", "bad_body")
                 self._send_json(error, 400, abortable=False)
 
     def _route(self, method: bytes, path: bytes) -> None:
@@ -181,30 +186,30 @@ class _Exchange:
             except ValueError:
                 payload = None
             if not isinstance(payload, dict):
-                raise _BadRequest("the request body is not a JSON object")
+                raise BadRequest("the request body is not a JSON object")
             api[path](payload)
         elif method == b"GET" and path == b"/v1/models":
-            self._send_json(_models())
+            self._send_json(replies.models())
         elif path == b"/echo" or path.startswith(b"/echo/"):
-            self._send_json(_echo(self.record))
+            self._send_json(replies.echo(self.record))
         else:
             message = f"no route for {method.decode('latin-1')} {path.decode('latin-1')}"
-            self._send_json(_error(message, "invalid_request_error", "unknown_url"), 404)
+            self._send_json(replies.error(message, "invalid_request_error", "unknown_url"), 404)
 
     def _chat(self, payload: dict[str, Any]) -> None:
         serial, created = len(self.upstream.requests), int(self.reactor.seconds())
         if payload.get("stream"):
-            self._stream(_chat_events(payload, serial, created, self._controls.chunks))
+            self._stream(sse.chat_events(payload, serial, created, self._controls.chunks))
         else:
-            self._send_json(_chat_completion(payload, serial, created))
+            self._send_json(replies.chat_completion(payload, serial, created))
 
     def _embeddings(self, payload: dict[str, Any]) -> None:
-        self._send_json(_embeddings(payload))
+        self._send_json(replies.embeddings(payload))
 
     def _messages(self, payload: dict[str, Any]) -> None:
-        message = _message(payload, len(self.upstream.requests))
+        message = replies.message(payload, len(self.upstream.requests))
         if payload.get("stream"):
-            self._stream(_message_events(message, self._controls.chunks))
+            self._stream(sse.message_events(message, self._controls.chunks))
         else:
             self._send_json(message)
 
@@ -234,7 +239,7 @@ class _Exchange:
             self._producer = _PatternProducer(self, size // 2, self._abort)
         self._producer.start()
 
-    def _stream(self, events: _Events) -> None:
+    def _stream(self, events: sse.Events) -> None:
         self.request.setHeader(b"content-type", b"text/event-stream")
         self.request.setHeader(b"cache-control", b"no-cache")
         pieces = [i for i, (_, is_content) in enumerate(events) if is_content]
@@ -243,7 +248,7 @@ class _Exchange:
             abort_at = pieces[0] if after == 0 else pieces[after - 1] + 1
         self._write_events(events, 0, abort_at)
 
-    def _write_events(self, events: _Events, index: int, abort_at: int | None) -> None:
+    def _write_events(self, events: sse.Events, index: int, abort_at: int | None) -> None:
         delay, later = self._controls.chunk_delay, self.reactor.callLater
         while index < len(events) and index != abort_at and not self.record.done.called:
             self.request.write(events[index][0])

@@ -2,7 +2,9 @@
 
 Chat completions, Anthropic messages, embeddings, the model list, the echo
 and OpenAI-shaped errors, built as plain dicts from the request payload.
-Private to :mod:`llmproxy.testing.upstream`, which re-exports the constants.
+Private to the package: :mod:`~llmproxy.testing._exchange` and
+:mod:`~llmproxy.testing._sse` use the functions, and
+:mod:`llmproxy.testing.upstream` re-exports the constants.
 """
 
 from __future__ import annotations
@@ -12,22 +14,27 @@ import hashlib
 import json
 import re
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from llmproxy.testing.upstream import UpstreamRequest
+from llmproxy.testing._request import UpstreamRequest
 
 DEFAULT_MODEL = "fake-model"
 REPLY_TEXT = "Hello from the llmproxy fake upstream."
 EMBEDDING_DIMENSIONS = 8
 
 
-def _error(message: str, kind: str, code: str) -> dict[str, Any]:
-    """An OpenAI-shaped error body."""
+def error(message: str, kind: str, code: str) -> dict[str, Any]:
+    """An OpenAI-shaped error body.
+
+    Args:
+        message: The human-readable message.
+        kind: The error ``type``, such as ``"invalid_request_error"``.
+        code: The error ``code``.
+    """
     return {"error": {"message": message, "type": kind, "code": code}}
 
 
-def _split_reply(pieces: int) -> list[str]:
+def split_reply(pieces: int) -> list[str]:
     """Split :data:`REPLY_TEXT` into ``pieces`` roughly equal word pieces."""
     words = re.findall(r"\S+\s*", REPLY_TEXT)
     units = words if pieces <= len(words) else list(REPLY_TEXT)
@@ -59,14 +66,18 @@ def _model(payload: dict[str, Any]) -> str:
     return model if isinstance(model, str) and model else DEFAULT_MODEL
 
 
-def _models() -> dict[str, Any]:
+def models() -> dict[str, Any]:
     """The ``GET /v1/models`` reply: one model, :data:`DEFAULT_MODEL`."""
     model = {"id": DEFAULT_MODEL, "object": "model", "created": 0, "owned_by": "llmproxy"}
     return {"object": "list", "data": [model]}
 
 
-def _echo(record: UpstreamRequest) -> dict[str, Any]:
-    """The ``/echo`` reply: the method, uri, headers and body received."""
+def echo(record: UpstreamRequest) -> dict[str, Any]:
+    """The ``/echo`` reply: the method, uri, headers and body received.
+
+    Args:
+        record: The request to echo.
+    """
 
     def text(raw: bytes) -> str:
         return raw.decode("latin-1")
@@ -76,11 +87,11 @@ def _echo(record: UpstreamRequest) -> dict[str, Any]:
         for name, values in record.headers.getAllRawHeaders()
         for value in values
     ]
-    echo = {"method": text(record.method), "uri": text(record.uri), "headers": headers}
-    return {**echo, "body": text(record.body)}
+    seen = {"method": text(record.method), "uri": text(record.uri), "headers": headers}
+    return {**seen, "body": text(record.body)}
 
 
-def _chat_base(payload: dict[str, Any], serial: int, created: int) -> dict[str, Any]:
+def chat_base(payload: dict[str, Any], serial: int, created: int) -> dict[str, Any]:
     """The fields every chat completion object (or chunk) starts with.
 
     Args:
@@ -94,7 +105,7 @@ def _chat_base(payload: dict[str, Any], serial: int, created: int) -> dict[str, 
     return base
 
 
-def _chat_usage(payload: dict[str, Any]) -> dict[str, int]:
+def chat_usage(payload: dict[str, Any]) -> dict[str, int]:
     """The chat ``usage``: prompt words (at least 1) and the reply's words."""
     prompt, output = max(1, _words(payload.get("messages"))), len(REPLY_TEXT.split())
     usage = {"prompt_tokens": prompt, "completion_tokens": output}
@@ -102,7 +113,7 @@ def _chat_usage(payload: dict[str, Any]) -> dict[str, int]:
     return usage
 
 
-def _chat_completion(payload: dict[str, Any], serial: int, created: int) -> dict[str, Any]:
+def chat_completion(payload: dict[str, Any], serial: int, created: int) -> dict[str, Any]:
     """A whole (non-streamed) ``chat.completion`` object.
 
     Args:
@@ -110,13 +121,13 @@ def _chat_completion(payload: dict[str, Any], serial: int, created: int) -> dict
         serial: The number of requests recorded, for the id.
         created: The creation time, in whole seconds.
     """
-    message = {"role": "assistant", "content": REPLY_TEXT, "refusal": None}
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
-    base = _chat_base(payload, serial, created)
-    return {**base, "choices": [choice], "usage": _chat_usage(payload)}
+    reply = {"role": "assistant", "content": REPLY_TEXT, "refusal": None}
+    choice = {"index": 0, "message": reply, "logprobs": None, "finish_reason": "stop"}
+    base = chat_base(payload, serial, created)
+    return {**base, "choices": [choice], "usage": chat_usage(payload)}
 
 
-def _embeddings(payload: dict[str, Any]) -> dict[str, Any]:
+def embeddings(payload: dict[str, Any]) -> dict[str, Any]:
     """The ``/v1/embeddings`` reply: one vector per input, float or base64."""
     raw = payload.get("input", "")
     inputs = raw if isinstance(raw, list) and raw and not isinstance(raw[0], int) else [raw]
@@ -131,7 +142,7 @@ def _embeddings(payload: dict[str, Any]) -> dict[str, Any]:
     return {"object": "list", "data": data, "model": _model(payload), "usage": usage}
 
 
-def _message(payload: dict[str, Any], serial: int) -> dict[str, Any]:
+def message(payload: dict[str, Any], serial: int) -> dict[str, Any]:
     """A whole Anthropic ``message`` object.
 
     Args:

@@ -3,7 +3,7 @@
 Builds the OpenAI ``chat.completion.chunk`` stream and the Anthropic
 ``messages`` stream as lists of encoded events, each marked as a content
 piece or not (``X-Fake-Abort-After`` counts content pieces). Private to
-:mod:`llmproxy.testing.upstream`.
+the package: :mod:`~llmproxy.testing._exchange` writes them.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from llmproxy.testing._replies import _chat_base, _chat_usage, _split_reply
+from llmproxy.testing._replies import chat_base, chat_usage, split_reply
 
-_Events = list[tuple[bytes, bool]]  # (an SSE event, whether it is a content piece)
+#: Encoded events, each with whether it is a content piece.
+Events = list[tuple[bytes, bool]]
 
 
 def _sse(data: object, event: str | None = None) -> bytes:
@@ -22,7 +23,7 @@ def _sse(data: object, event: str | None = None) -> bytes:
     return f"{prefix}data: {json.dumps(data)}\n\n".encode()
 
 
-def _chat_events(payload: dict[str, Any], serial: int, created: int, pieces: int) -> _Events:
+def chat_events(payload: dict[str, Any], serial: int, created: int, pieces: int) -> Events:
     """A streamed chat completion, ending with ``data: [DONE]``.
 
     Args:
@@ -35,8 +36,8 @@ def _chat_events(payload: dict[str, Any], serial: int, created: int, pieces: int
     Returns:
         The events.
     """
-    base = _chat_base(payload, serial, created)
-    usage = _chat_usage(payload)
+    base = chat_base(payload, serial, created)
+    usage = chat_usage(payload)
     base["object"] = "chat.completion.chunk"
 
     def chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
@@ -44,7 +45,7 @@ def _chat_events(payload: dict[str, Any], serial: int, created: int, pieces: int
         return _sse({**base, "choices": [choice]})
 
     events = [(chunk({"role": "assistant", "content": ""}), False)]
-    events += [(chunk({"content": piece}), True) for piece in _split_reply(pieces)]
+    events += [(chunk({"content": piece}), True) for piece in split_reply(pieces)]
     events.append((chunk({}, "stop"), False))
     options = payload.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage"):
@@ -52,11 +53,11 @@ def _chat_events(payload: dict[str, Any], serial: int, created: int, pieces: int
     return events + [(b"data: [DONE]\n\n", False)]
 
 
-def _message_events(message: dict[str, Any], pieces: int) -> _Events:
+def message_events(message: dict[str, Any], pieces: int) -> Events:
     """A streamed Anthropic message, from ``message_start`` to ``message_stop``.
 
     Args:
-        message: The whole message, as :func:`~._replies._message` builds it.
+        message: The whole message, as :func:`~llmproxy.testing._replies.message` builds it.
         pieces: The number of ``content_block_delta`` pieces.
 
     Returns:
@@ -70,7 +71,7 @@ def _message_events(message: dict[str, Any], pieces: int) -> _Events:
         ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
         ("ping", {}),
     ]
-    for text in _split_reply(pieces):
+    for text in split_reply(pieces):
         delta = {"type": "text_delta", "text": text}
         sequence.append(("content_block_delta", {"index": 0, "delta": delta}))
     stop = {"stop_reason": "end_turn", "stop_sequence": None}

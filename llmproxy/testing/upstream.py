@@ -3,10 +3,11 @@
 See :class:`FakeUpstream` for the routes and the ``X-Fake-*`` control headers.
 Run it standalone with ``python -m llmproxy.testing.upstream --port 9001``.
 
-The work is split by concern into private modules: ``_controls`` parses the
-control headers, ``_replies`` builds the JSON replies, ``_sse`` the event
-streams and ``_exchange`` writes one response; this module holds the public
-names.
+The work is split by concern into private modules, each importing only
+those listed before it: ``_request`` holds :class:`UpstreamRequest`,
+``_controls`` parses the control headers, ``_replies`` builds the JSON
+replies, ``_sse`` the event streams and ``_exchange`` writes one response;
+this module holds the public names and imports them all.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import collections
 import sys
 from typing import Any
 
-import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
@@ -24,46 +24,20 @@ from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.task import react
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from llmproxy.testing._exchange import _Exchange
+from llmproxy.testing._exchange import Exchange
 
-# Re-exported: the constants have always been importable from this module.
+# Re-exported: these names have always been importable from this module.
 from llmproxy.testing._replies import DEFAULT_MODEL as DEFAULT_MODEL
 from llmproxy.testing._replies import EMBEDDING_DIMENSIONS as EMBEDDING_DIMENSIONS
 from llmproxy.testing._replies import REPLY_TEXT as REPLY_TEXT
+from llmproxy.testing._request import UpstreamRequest as UpstreamRequest
 
 __all__ = ["FakeUpstream", "FakeUpstreamService", "UpstreamRequest", "listen", "main", "make_site"]
 
 log = Logger()
-
-
-@attrs.define(eq=False)
-class UpstreamRequest:
-    """One request received by a :class:`FakeUpstream`.
-
-    Attributes:
-        method: The request method.
-        uri: Path and query as received.
-        headers: A copy of the request headers.
-        body: The request body.
-        done: Fires with ``"finished"`` once the response was fully written,
-            ``"disconnected"`` if the peer went away first, or ``"aborted"``
-            when the fake aborted the connection itself. Never fails.
-        bytes_sent: Body bytes written so far by ``X-Fake-Body-Bytes``.
-        paused: Fires the first time the body producer is paused by the
-            transport (backpressure); never fires otherwise.
-    """
-
-    method: bytes
-    uri: bytes
-    headers: Headers
-    body: bytes
-    done: Deferred[str] = attrs.field(factory=Deferred)
-    bytes_sent: int = 0
-    paused: Deferred[None] = attrs.field(factory=Deferred)
 
 
 class FakeUpstream(Resource):
@@ -131,7 +105,7 @@ class FakeUpstream(Resource):
         headers = request.requestHeaders.copy()
         record = UpstreamRequest(request.method, request.uri, headers, request.content.read())
         self.requests.append(record)
-        _Exchange(self, request, record, log).start()
+        Exchange(self, request, record, log).start()
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(record)
