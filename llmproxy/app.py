@@ -29,6 +29,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
+    FirstError,
     TimeoutError,
     gatherResults,
     succeed,
@@ -227,10 +228,12 @@ class Gateway(MultiService):
             return succeed(None)
         log.info("stopped accepting; waiting up to {grace} s for requests in flight",
                  grace=grace)
-        drained = gatherResults([p.drain() for p in proxies])
+        drained = gatherResults([p.drain() for p in proxies], consumeErrors=True)
 
         def timed_out(failure: Failure) -> None:
-            failure.trap(CancelledError, TimeoutError)
+            # The timeout cancels each proxy's drain: gatherResults then
+            # fails with the first CancelledError.
+            failure.trap(CancelledError, TimeoutError, FirstError)
             log.warn(
                 "shutdown_grace ({grace} s) is over: closing the requests still in flight",
                 grace=grace,

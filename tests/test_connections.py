@@ -275,27 +275,6 @@ async def test_bad_syntax_is_answered_400(gateways: Gateways, case: str) -> None
     assert_chat(await (await gw.connect()).exchange(chat("alive")), "alive")
 
 
-@pytest.mark.parametrize("delay", [None, 0, 0.8],
-                         ids=["no-request", "quick-response", "response-slower-than-client-idle"])
-@pytest_twisted.ensureDeferred
-async def test_idle_keep_alive_connection_is_closed_after_client_idle(
-    gateways: Gateways, delay: float | None
-) -> None:
-    """A response, even one slower than client_idle, is not cut short; once it
-    is served (or if no request ever comes), the idle connection is closed
-    after client_idle (not at once, not never), sending nothing more."""
-    gw = await gateways.start("timeouts: {client_idle: 0.4}\n")
-    peer = await gw.connect()
-    if delay is not None:
-        reply = await peer.exchange(chat("idle", b"X-Fake-Header-Delay: %g" % delay))
-        assert_chat(reply, "idle")
-        assert reply.header(b"connection") is None
-    idle_since = gateways.reactor.seconds()
-    await peer.wait_closed(3.0)
-    assert gateways.reactor.seconds() - idle_since >= 0.2
-    assert peer.unread() == b""
-
-
 @pytest_twisted.ensureDeferred
 async def test_error_responses_are_valid_and_keep_the_connection(
     gateways: Gateways, proxies: Any

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 
 from conftest import timeout
 from helpers import fetch, header
@@ -93,52 +92,6 @@ def json_error(data: bytes) -> dict[str, Any]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_dribbling_client_gets_408_while_others_are_served(
-    reactor, upstreams, proxies, client
-) -> None:
-    """A request head sent a byte at a time is cut off at request_read."""
-    _, base = await upstreams.start()
-    proxy = await proxies.start(
-        f'target_map:\n  "/v1/": "{base}"\ntimeouts: {{request_read: 0.5, client_idle: 30}}\n'
-    )
-    peer = await connect(reactor, proxy)
-    request = http(b"GET", b"/v1/models", b"", b"X-Padding: " + b"a" * 200)
-    started = reactor.seconds()
-    for byte in request[:60]:
-        if peer.closed.called:
-            break
-        peer.transport.write(bytes([byte]))
-        # Meanwhile, a normal client is served at once.
-        response, _ = await fetch(client, reactor, proxy + "/v1/models", method=b"GET")
-        assert response.code == 200
-        await deferLater(reactor, 0.05, lambda: None)
-    await timeout(peer.closed, reactor)
-    assert 0.5 <= reactor.seconds() - started < 5
-    assert status_line(peer.received) == b"HTTP/1.1 408 Request Timeout"
-    assert json_error(peer.received)["code"] == "request_timeout"
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_slow_upstream_is_not_a_slow_client(reactor, scripted, proxies) -> None:
-    """request_read bounds how long a request takes to arrive, not its answer."""
-    body = b'{"ok": true}'
-    _, base = await scripted(
-        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body), close=False
-    )
-    proxy = await proxies.start(
-        f'target_map:\n  "/v1/": "{base}"\ntimeouts: {{request_read: 0.3}}\n'
-    )
-    peer = await connect(reactor, proxy)
-    for _ in range(3):  # a kept-alive connection, quiet between requests
-        peer.transport.write(http(b"GET", b"/v1/models"))
-        await timeout(peer.wait_for(b'{"ok": true}'), reactor)
-        await deferLater(reactor, 0.5, lambda: None)
-    assert not peer.closed.called
-    assert peer.received.count(b"HTTP/1.1 200 OK") == 3
-    peer.transport.loseConnection()
-
-
-@pytest_twisted.ensureDeferred
 async def test_max_connections_holds_and_a_waiting_client_is_served_later(
     reactor, upstreams, proxies
 ) -> None:
@@ -151,17 +104,17 @@ async def test_max_connections_holds_and_a_waiting_client_is_served_later(
         peer.transport.write(http(b"GET", b"/v1/models"))
         await timeout(peer.wait_for(b'"object": "list"'), reactor)
     assert site.open_connections == 3
-    # A fourth connection waits in the listen queue: no answer yet.
+    # The listening port stops reading: a fourth connection waits in the
+    # listen queue.
+    port = proxies.ports[-1]
+    assert port not in reactor.getReaders()
     waiting = await connect(reactor, proxy)
     waiting.transport.write(http(b"GET", b"/v1/models"))
-    await deferLater(reactor, 0.3, lambda: None)
-    assert waiting.received == b""
-    assert site.open_connections == 3
     holders[0].transport.loseConnection()
     await timeout(holders[0].closed, reactor)
     await timeout(waiting.wait_for(b'"object": "list"'), reactor)
     assert site.open_connections <= 3
-    registry = proxies.roots[-1].metrics.registry
+    registry = proxies.gateways[-1].metrics.registry
     assert registry.get_sample_value("llmproxy_max_connections_reached_total") >= 1
     for peer in [*holders[1:], waiting]:
         peer.transport.loseConnection()

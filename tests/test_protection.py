@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.task import deferLater
 from twisted.web.client import ResponseFailed
 
 from helpers import collect, fetch, header, raw_connect, send
@@ -185,48 +184,3 @@ async def test_body_at_the_limit_passes(reactor, upstreams, proxies, client):
     assert response.code == 200
 
 
-@pytest_twisted.ensureDeferred
-async def test_idle_client_connection_is_closed(reactor, upstreams, proxies):
-    """A connection idle for timeouts.client_idle is closed by the proxy."""
-    upstream, proxy = await guarded(upstreams, proxies, "timeouts: {client_idle: 0.3}\n")
-    raw = await raw_connect(reactor, proxy, b"")
-    await raw.closed.addTimeout(WAIT, reactor)
-    assert bytes(raw.received) == b""
-
-
-@pytest_twisted.ensureDeferred
-async def test_silent_upstream_stream_is_aborted(reactor, upstreams, proxies, client, access):
-    """No byte from the upstream for timeouts.stream_idle aborts the stream."""
-    upstream, proxy = await guarded(upstreams, proxies, "timeouts: {stream_idle: 0.3}\n")
-    response = await send(
-        client, reactor, proxy + "/v1/chat/completions", {**CHAT, "stream": True},
-        headers={"X-Fake-Chunks": "3", "X-Fake-Chunk-Delay": "5"},
-    )
-    body = collect(response)
-    with pytest.raises(ResponseFailed):
-        await body.done.addTimeout(WAIT, reactor)
-    assert b"".join(body.chunks).startswith(b"data: ")
-    assert await upstream.requests[-1].done.addTimeout(WAIT, reactor) == "disconnected"
-    (record,) = access
-    assert record["outcome"] == "upstream_aborted"
-    assert record["error_code"] == "stream_idle"
-
-
-@pytest_twisted.ensureDeferred
-async def test_slow_client_is_not_stream_idle(reactor, upstreams, proxies):
-    """A paused (slow) client does not make the upstream count as idle."""
-    upstream, proxy = await guarded(upstreams, proxies, "timeouts: {stream_idle: 0.3}\n")
-    size = 16 * 1024 * 1024
-    arrived = upstream.next_request()
-    raw = await raw_connect(
-        reactor, proxy,
-        b"GET /v1/blob HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-        b"X-Fake-Body-Bytes: %d\r\nX-Fake-Content-Length: 1\r\n\r\n" % size,
-    )
-    raw.transport.pauseProducing()
-    seen = await arrived.addTimeout(WAIT, reactor)
-    await seen.paused.addTimeout(WAIT, reactor)
-    await deferLater(reactor, 0.8)  # well past stream_idle while paused
-    raw.transport.resumeProducing()
-    await raw.closed.addTimeout(WAIT, reactor)
-    assert len(bytes(raw.received).partition(b"\r\n\r\n")[2]) == size

@@ -11,7 +11,6 @@ import pytest
 import pytest_twisted
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory
-from twisted.internet.task import deferLater
 from twisted.web.client import ResponseFailed
 from twisted.web.resource import Resource
 
@@ -242,9 +241,10 @@ async def test_slow_reader_pauses_the_upstream(reactor, upstreams, proxies) -> N
     """A client that stops reading stalls the upstream: no proxy buffering.
 
     The upstream offers 64 MiB; while the client reads nothing, the upstream
-    is paused and stays paused with far less than that sent (what was sent
-    sits in socket buffers, not in the proxy). When the client reads again,
-    every byte arrives.
+    is paused with far less than that sent (what was sent sits in socket
+    buffers, not in the proxy). When the client reads again, every byte
+    arrives. (That it stays paused is test_time_limits' to show, on a fake
+    clock.)
     """
     upstream, base, proxy = await one_proxy(upstreams, proxies)
     size = 64 * 1024 * 1024
@@ -257,13 +257,7 @@ async def test_slow_reader_pauses_the_upstream(reactor, upstreams, proxies) -> N
     client.transport.pauseProducing()
     seen = await arrived.addTimeout(WAIT, reactor)
     await seen.paused.addTimeout(WAIT, reactor)
-    # Let any data the proxy would read without backpressure flow: it must
-    # not. (Waiting here observes that nothing moves; nothing polls.)
-    await deferLater(reactor, 0.5)
-    stalled_at = seen.bytes_sent
-    await deferLater(reactor, 0.5)
-    assert seen.bytes_sent == stalled_at
-    assert stalled_at < size // 2
+    assert seen.bytes_sent < size // 2
     assert not seen.done.called
 
     client.transport.resumeProducing()
@@ -349,21 +343,6 @@ async def test_unresolvable_upstream_is_502(reactor, proxies, client) -> None:
     error = assert_error(response, data, 502, "upstream_dns_error")
     assert "resolve" in error["message"]
     assert proxies.resolver.lookups == ["no-such-host.test"]
-
-
-@pytest_twisted.ensureDeferred
-async def test_no_response_headers_in_time_is_504(reactor, upstreams, proxies, client) -> None:
-    """timeouts.response_header bounds the wait for the upstream's headers."""
-    upstream, base, proxy = await one_proxy(
-        upstreams, proxies, extra="timeouts: {response_header: 0.3}\n"
-    )
-    response, data = await fetch(
-        client, reactor, proxy + "/v1/chat/completions", CHAT,
-        headers={"X-Fake-Header-Delay": "30"},
-    )
-    error = assert_error(response, data, 504, "upstream_timeout")
-    assert "0.3 s" in error["message"]
-    assert await upstream.requests[-1].done.addTimeout(WAIT, reactor) == "disconnected"
 
 
 @pytest_twisted.ensureDeferred

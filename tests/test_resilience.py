@@ -120,30 +120,6 @@ async def test_all_failing_gives_the_last_failure_as_it_was(reactor, scripted, p
 
 
 @pytest_twisted.ensureDeferred
-async def test_retry_after_is_honoured_when_no_other_upstream_is_left(
-    reactor, scripted, proxies, client
-):
-    """A lone upstream's short Retry-After is waited out, then it is asked again."""
-    lone, url = await scripted((429, {"retry-after": "0.2"}, b'{"error": "slow down"}'), OK)
-    proxy = await proxies.start(f'target_map:\n  /v1/: "{url}"\n')
-    started = reactor.seconds()
-    response, data = await fetch(client, reactor, proxy + "/v1/x", b"{}")
-    assert response.code == 200
-    assert len(lone.bodies) == 2
-    assert reactor.seconds() - started >= 0.2
-
-
-@pytest_twisted.ensureDeferred
-async def test_long_retry_after_is_passed_to_the_client(reactor, scripted, proxies, client):
-    """A Retry-After beyond max_retry_wait is the client's to honour."""
-    lone, url = await scripted((429, {"retry-after": "30"}, b'{"error": "later"}'), OK)
-    proxy = await proxies.start(f'target_map:\n  /v1/: "{url}"\nmax_retry_wait: 1\n')
-    response, data = await fetch(client, reactor, proxy + "/v1/x", b"{}")
-    assert response.code == 429 and header(response, "retry-after") == "30"
-    assert len(lone.bodies) == 1
-
-
-@pytest_twisted.ensureDeferred
 async def test_mid_stream_abort_is_not_retried(reactor, upstreams, proxies, client):
     """Once a byte went to the client, a failure is the client's to see."""
     (one, one_url), (two, two_url) = [await upstreams.start() for _ in range(2)]
