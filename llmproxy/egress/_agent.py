@@ -276,7 +276,15 @@ class Egress(Service):
             fails with why not (any error on the way included). Cancelling
             stops the attempt.
         """
-        return self.request_via("auto", method, uri, headers, bodyProducer)
+        try:
+            origin = self._origin(uri)
+        except Exception:
+            return fail()
+        headers = Headers() if headers is None else headers
+        if self.proxy is None:
+            return self._send(DIRECT, origin, method, uri, headers, bodyProducer)
+        decided = self.decide(origin.host)
+        return decided.addCallback(self._send, origin, method, uri, headers, bodyProducer)
 
     def request_via(
         self,

@@ -123,7 +123,8 @@ class Exchange:
         if limits is None:
             self._route()
             return
-        self.meter = Meter(self.meter.wanted, key, limits)
+        if key is not None and key.budget is not None:
+            self.meter = Meter(self.meter.wanted, key, limits)
         verdict = limits.check(bucket_of(guard, address, key), key)
         if isinstance(verdict, Deferred):
             # A shared store answers later (within rate_limit.store_timeout).

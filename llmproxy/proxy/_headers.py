@@ -77,11 +77,11 @@ def end_to_end(
     Returns:
         The pairs, in the order of ``headers``.
     """
-    extra = _connection_tokens(headers) if headers.hasHeader(b"connection") else ()
+    if headers.hasHeader(b"connection"):
+        drop = set(drop) | _connection_tokens(headers)
     return [
-        (name, values)
-        for name, values in headers.getAllRawHeaders()
-        if name.lower() not in drop and name.lower() not in extra
+        (name, values) for name, values in headers.getAllRawHeaders()
+        if name.lower() not in drop
     ]
 
 

@@ -35,7 +35,7 @@ class Tries:
         self._router = router
         self.pool = pool
         self.tried: set[str] = set()
-        self._fallbacks = list(fallbacks)
+        self._fallbacks = list(fallbacks) if fallbacks else []
 
     def next_url(self, url: str | None = None) -> str:
         """Pick (or take) the next URL of :attr:`pool` and count it tried.
