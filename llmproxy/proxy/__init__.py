@@ -18,7 +18,7 @@ from llmproxy.proxy._exchange import Exchange
 from llmproxy.proxy._headers import HOP_BY_HOP
 from llmproxy.proxy._resource import ProxyResource
 from llmproxy.proxy._stream import Watched
-from llmproxy.proxy._targets import request_id_for
+from llmproxy.proxy._targets import request_id_for, with_model
 from llmproxy.proxy._usage import Usage, UsageReader
 
 __all__ = [
@@ -36,5 +36,6 @@ __all__ = [
     "reason_phrase",
     "request_id_for",
     "send_error",
+    "with_model",
     "write_raw_error",
 ]

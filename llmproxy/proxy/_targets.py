@@ -6,7 +6,6 @@ a JSON body, and an upstream's ``Retry-After``.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from urllib.parse import quote_from_bytes, unquote_to_bytes
@@ -14,6 +13,7 @@ from urllib.parse import quote_from_bytes, unquote_to_bytes
 from twisted.web.iweb import IResponse
 
 from llmproxy.proxy._headers import header
+from llmproxy.routing import find_members, replace_value
 
 _MAX_REQUEST_ID = 128
 
@@ -152,12 +152,12 @@ def upstream_retry_after(response: IResponse) -> float | None:
 
 
 def with_model(body: bytes, model: str) -> bytes:
-    """The JSON body with its ``model`` replaced (nothing else changes)."""
-    try:
-        document = json.loads(body)
-    except ValueError:
+    """The body with its top-level ``model`` string replaced in place.
+
+    Every other byte stays as the client sent it; a body without a
+    top-level string ``model`` (not JSON, say) is returned unchanged.
+    """
+    member = find_members(body, ("model",)).get("model")
+    if member is None or member.end is None or body[member.start:member.start + 1] != b'"':
         return body
-    if not isinstance(document, dict):
-        return body
-    document["model"] = model
-    return json.dumps(document, ensure_ascii=False).encode("utf-8")
+    return replace_value(body, member, model)

@@ -10,8 +10,25 @@ the ``clock`` they are given.
 from __future__ import annotations
 
 from llmproxy.routing._pool import MAX_COOLDOWN, UpstreamPool
-from llmproxy.routing._model import extract_model
+from llmproxy.routing._model import (
+    MAX_CANDIDATES,
+    Member,
+    extract_model,
+    find_members,
+    replace_value,
+)
 from llmproxy.routing._router import Route, Router
 from llmproxy.routing._tries import Tries
 
-__all__ = ["MAX_COOLDOWN", "Route", "Router", "Tries", "UpstreamPool", "extract_model"]
+__all__ = [
+    "MAX_CANDIDATES",
+    "MAX_COOLDOWN",
+    "Member",
+    "Route",
+    "Router",
+    "Tries",
+    "UpstreamPool",
+    "extract_model",
+    "find_members",
+    "replace_value",
+]
