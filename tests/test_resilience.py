@@ -1,4 +1,11 @@
-"""Resilience over loopback: retries, passive health, aliases, fallbacks."""
+"""Resilience over loopback: upstream failures, retries, passive health,
+aliases, fallbacks.
+
+Besides scripted twisted.web upstreams, raw-socket upstreams misbehave the way
+real ones do (closing a kept-alive connection after reading a request); the
+tests check what the client and the upstream each saw: a request the upstream
+may have received is never sent twice, except as a counted retry.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from twisted.web.client import ResponseFailed
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from conftest import timeout
 from helpers import collect, fetch, header, send
 from llmproxy.web import build_admin_resource
 
@@ -185,3 +193,80 @@ async def test_readyz_lists_pools_and_their_health(reactor, upstreams, proxies, 
     pools = {p["pool"]: p["upstreams"] for p in json.loads(data)["pools"]}
     health = {u["url"]: u["healthy"] for u in pools["/v1/"]}
     assert health == {dead: False, live_url: True}
+
+
+# -- a request the upstream read, then a hang-up -----------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_post_read_then_dropped_on_a_reused_connection_is_sent_once(
+    reactor, raw_servers, proxies, client, access
+) -> None:
+    """A POST the upstream read before hanging up is a 502, never a resend."""
+    server, base = await raw_servers(answers_per_connection=1)
+    proxy = await proxies.start(
+        f'target_map:\n  "/v1/": {{urls: ["{base}"], retries: 0}}\n'
+    )
+    response, _ = await fetch(client, reactor, proxy + "/v1/chat/completions", CHAT)
+    assert response.code == 200
+    response, body = await fetch(client, reactor, proxy + "/v1/chat/completions", CHAT)
+    assert response.code == 502, body
+    assert json.loads(body)["error"]["type"] == "upstream_error"
+    assert header(response, "x-llmproxy-upstream-attempts") == "1"
+    assert server.requests == [b"POST /v1/chat/completions HTTP/1.1"] * 2
+    assert server.connections == 1, "the second POST went out on the kept-alive connection"
+    await timeout(access.wait(2), reactor)
+    assert [r["status"] for r in access] == [200, 502]
+
+
+@pytest_twisted.ensureDeferred
+async def test_post_dropped_by_one_upstream_is_a_counted_retry_on_the_next(
+    reactor, raw_servers, proxies, client, access
+) -> None:
+    """With a second upstream, the retry is visible: attempts say 2."""
+    flaky, flaky_base = await raw_servers(answers_per_connection=1)
+    steady, steady_base = await raw_servers(answers_per_connection=100)
+    proxy = await proxies.start(
+        f'target_map:\n  "/warm/": "{flaky_base}"\n'
+        f'  "/v1/": {{urls: ["{flaky_base}", "{steady_base}"]}}\n'
+    )
+    # Leave a kept-alive connection to the flaky upstream in the pool.
+    response, _ = await fetch(client, reactor, proxy + "/warm/chat/completions", CHAT)
+    assert response.code == 200
+    response, body = await fetch(client, reactor, proxy + "/v1/chat/completions", CHAT)
+    assert response.code == 200, body
+    assert header(response, "x-llmproxy-upstream-attempts") == "2"
+    assert flaky.requests == [
+        b"POST /warm/chat/completions HTTP/1.1", b"POST /v1/chat/completions HTTP/1.1"
+    ]
+    assert steady.requests == [b"POST /v1/chat/completions HTTP/1.1"]
+    await timeout(access.wait(2), reactor)
+    assert access[-1]["attempts"] == 2
+
+
+# -- failing before anything is sent ---------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_error_while_sending_after_the_decision_is_a_prompt_502(
+    reactor, proxies, client, access
+) -> None:
+    """A destination whose TLS name cannot be encoded fails at once as a 502.
+
+    The upstream name resolves (through the test resolver) into
+    direct_networks, so the request is decided direct, then the TLS endpoint
+    for a name with ``_`` (which IDNA refuses) cannot be made.
+    """
+    proxies.resolver.hosts["bad_name.internal.test"] = ["127.0.0.1"]
+    proxy = await proxies.start(
+        'target_map:\n  "/v1/": "https://bad_name.internal.test:9"\n'
+        'proxy_url: "http://127.0.0.1:9"\ndirect_networks: ["127.0.0.0/8"]\n'
+        "timeouts: {response_header: 60}\n"
+    )
+    started = reactor.seconds()
+    response, body = await fetch(client, reactor, proxy + "/v1/chat/completions", CHAT)
+    assert response.code == 502, body
+    assert reactor.seconds() - started < 5
+    assert json.loads(body)["error"]["code"] == "upstream_failed"
+    await timeout(access.wait(1), reactor)
+    assert access[0]["egress"] is None and access[0]["status"] == 502
