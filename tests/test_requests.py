@@ -1,10 +1,15 @@
-"""Hostile input from raw sockets, hypothesis-driven.
+"""What the front end accepts and refuses, sent over raw sockets.
 
-Every test starts one proxy (``/v1/`` routed to a fake upstream) and sends
-generated hostile requests over fresh TCP connections: malformed request
-lines, conflicting Content-Length and Transfer-Encoding, bad chunk sizes,
-huge headers, non-UTF-8 paths, absolute-form targets, dot segments and odd
-Host headers. After each one it checks that:
+Malformed request lines, conflicting Content-Length and Transfer-Encoding,
+bad chunk sizes, huge headers and oversized heads, non-UTF-8 paths,
+foreign request targets (absolute-form, CONNECT, ``*``, ``OPTIONS *``), dot
+segments plain and in disguise, odd Host headers, and the reason phrases of
+the answers. Each test runs the whole proxy on loopback and talks to it over
+raw sockets, where a well-behaved client library would hide what happens.
+
+The hypothesis-driven families share one proxy per test (the ``gateway``
+fixture: ``/v1/`` routed to a fake upstream) and send it generated hostile
+requests over fresh TCP connections. After each one they check that:
 
 * the answer is a 4xx (or, where Twisted drops such input, no answer and a
   closed connection), never a 2xx or 5xx, and nothing was logged as a failure;
