@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from raw_http import Gateways
+from raw_http import Gateways, RawServer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.logger import globalLogPublisher
@@ -193,6 +193,18 @@ async def loopback(reactor: Any) -> AsyncIterator[Any]:
     yield listen
     for port in ports:
         await port.stopListening()
+
+
+@pytest.fixture
+def raw_servers(loopback: Any) -> Any:
+    """``await raw_servers(answers_per_connection)``: a :class:`RawServer` on
+    loopback and its base URL, stopped after the test."""
+
+    async def start(answers_per_connection: int) -> tuple[RawServer, str]:
+        server = RawServer(answers_per_connection)
+        return server, await loopback(server)
+
+    return start
 
 
 @pytest_twisted.async_yield_fixture

@@ -98,7 +98,8 @@ async def raw_connect(reactor: Any, base_url: str, payload: bytes) -> RawClient:
     """Connect to ``base_url``'s port on 127.0.0.1 and send ``payload``."""
     port = int(base_url.rsplit(":", 1)[1].split("/")[0])
     client = RawClient()
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    await connectProtocol(endpoint, client).addTimeout(WAIT, reactor)
     client.transport.write(payload)
     return client
 

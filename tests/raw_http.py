@@ -1,8 +1,11 @@
-"""A raw HTTP/1.1 client harness for the proxy's front end.
+"""A raw HTTP/1.1 harness: clients for the proxy's front end, a raw upstream.
 
 :class:`Gateways` (the ``gateways`` fixture in conftest) starts proxies
 routing ``/v1/`` and ``/echo/`` to a fake upstream; :class:`Peer` is a raw
 connection reading strictly parsed responses one after another.
+:class:`RawServer` (the ``raw_servers`` fixture in conftest) is an upstream
+that hangs up on a kept-alive connection after reading a request, as real
+ones do.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import attrs
 from helpers import RawClient
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from llmproxy.testing.upstream import REPLY_TEXT
@@ -214,3 +218,69 @@ def assert_chat(reply: Reply, model: str, rid: bytes | None = None) -> None:
     assert reply.json()["choices"][0]["message"]["content"] == REPLY_TEXT
     if rid is not None:
         assert reply.header(b"x-request-id") == rid
+
+
+#: The body of every answer a :class:`RawServer` gives to a request but HEAD.
+RAW_ANSWER = json.dumps({"object": "chat.completion", "choices": []}).encode()
+
+
+class _RawUpstream(Protocol):
+    """Reads requests (Content-Length bodies) and answers or hangs up."""
+
+    def __init__(self, server: RawServer) -> None:
+        self.server = server
+        self.buffer = b""
+        self.served = 0
+
+    def connectionMade(self) -> None:
+        self.server.connections += 1
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            head, sep, rest = self.buffer.partition(b"\r\n\r\n")
+            if not sep:
+                return
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if len(rest) < length:
+                return
+            self.buffer = rest[length:]
+            self.server.requests.append(head.split(b"\r\n", 1)[0])
+            if self.served >= self.server.answers_per_connection:
+                self.transport.loseConnection()  # read it, never answer
+                return
+            self.served += 1
+            if head.startswith(b"HEAD "):
+                # The length of what a GET would get, and no body.
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
+                continue
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(RAW_ANSWER), RAW_ANSWER)
+            )
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.server.closed += 1
+
+
+class RawServer(Factory):
+    """An upstream answering ``answers_per_connection`` requests a connection.
+
+    Attributes:
+        requests: The request line of every request it read.
+        connections: Connections accepted.
+        closed: Connections closed.
+    """
+
+    def __init__(self, answers_per_connection: int) -> None:
+        self.answers_per_connection = answers_per_connection
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self.closed = 0
+
+    def buildProtocol(self, addr: Any) -> _RawUpstream:
+        return _RawUpstream(self)

@@ -1,4 +1,5 @@
-"""Protection over loopback: client IPs, rate limits, keys, limits, timeouts."""
+"""Protection over loopback: client addresses, rate limits, keys, body limits,
+the connection cap."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import pytest
 import pytest_twisted
 from twisted.web.client import ResponseFailed
 
+from conftest import timeout
 from helpers import collect, fetch, header, raw_connect, send
+from raw_http import http
 
 WAIT = 10.0
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
@@ -184,3 +187,31 @@ async def test_body_at_the_limit_passes(reactor, upstreams, proxies, client):
     assert response.code == 200
 
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_connections_holds_and_a_waiting_client_is_served_later(
+    reactor, upstreams, proxies
+) -> None:
+    """Past max_connections the daemon stops accepting; it resumes on a close."""
+    _, base = await upstreams.start()
+    proxy = await proxies.start(f'target_map:\n  "/v1/": "{base}"\nmax_connections: 3\n')
+    site = proxies.sites[-1]
+    holders = [await raw_connect(reactor, proxy, http(b"GET", b"/v1/models")) for _ in range(3)]
+    for peer in holders:
+        await timeout(peer.wait_for(b'"object": "list"'), reactor)
+    assert site.open_connections == 3
+    # The listening port stops reading: a fourth connection waits in the
+    # listen queue.
+    port = proxies.ports[-1]
+    assert port not in reactor.getReaders()
+    waiting = await raw_connect(reactor, proxy, http(b"GET", b"/v1/models"))
+    holders[0].transport.loseConnection()
+    await timeout(holders[0].closed, reactor)
+    await timeout(waiting.wait_for(b'"object": "list"'), reactor)
+    assert site.open_connections <= 3
+    registry = proxies.gateways[-1].metrics.registry
+    assert registry.get_sample_value("llmproxy_max_connections_reached_total") >= 1
+    for peer in [*holders[1:], waiting]:
+        peer.transport.loseConnection()
+        await timeout(peer.closed, reactor)

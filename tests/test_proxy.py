@@ -1,4 +1,4 @@
-"""The proxy end to end over loopback: routing, streaming, errors, ids."""
+"""Forwarding end to end over loopback: routing, streaming, headers, errors, ids."""
 
 from __future__ import annotations
 
@@ -202,6 +202,22 @@ async def test_response_hop_by_hop_headers_dropped(reactor, upstreams, proxies) 
 
 
 @pytest_twisted.ensureDeferred
+async def test_head_keeps_the_upstreams_content_length(
+    reactor, raw_servers, proxies, client
+) -> None:
+    """A HEAD answer carries the length the upstream gave, and no body."""
+    server, base = await raw_servers(answers_per_connection=100)
+    proxy = await proxies.start(f'target_map:\n  "/v1/": "{base}"\n')
+    for _ in range(2):  # the kept-alive connection stays usable after a HEAD
+        head, nothing = await fetch(client, reactor, proxy + "/v1/files/f1", method=b"HEAD")
+        assert head.code == 200
+        assert nothing == b""
+        assert header(head, "content-length") == "1234"
+    assert server.requests == [b"HEAD /v1/files/f1 HTTP/1.1"] * 2
+    assert server.connections == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_client_disconnect_closes_upstream_within_a_second(
     reactor, upstreams, proxies
 ) -> None:
@@ -365,6 +381,42 @@ async def test_upstream_errors_pass_through(reactor, upstreams, proxies, client)
     )
     assert response.code == 429
     assert "error" in json.loads(data)
+
+
+class _BrokenRouter:
+    """A router with a bug: every lookup raises."""
+
+    def route(self, path: bytes, model: str | None) -> Any:
+        raise RuntimeError("a bug in routing")
+
+    def pools(self) -> list[Any]:
+        return []
+
+
+@pytest.mark.allow_logged_failures
+@pytest_twisted.ensureDeferred
+async def test_a_bug_in_the_proxy_is_a_json_500_and_the_daemon_goes_on(
+    reactor, upstreams, proxies, client, fail_on_logged_failures
+) -> None:
+    """An exception inside the proxy resource answers an OpenAI-shaped 500."""
+    _, base = await upstreams.start()
+    proxy = await proxies.start(f'target_map:\n  "/v1/": "{base}"\n')
+    root = proxies.roots[-1]
+    router, root.proxy.router = root.proxy.router, _BrokenRouter()
+    response, body = await fetch(
+        client, reactor, proxy + "/v1/chat/completions", CHAT,
+        headers={"X-Request-ID": "bug-1"},
+    )
+    assert response.code == 500
+    assert header(response, "content-type") == "application/json"
+    error = json.loads(body)["error"]
+    assert error["type"] == "server_error"
+    assert "Traceback" not in body.decode() and "a bug in routing" not in error["message"]
+    assert header(response, "x-request-id") == "bug-1"
+    assert [e["request_id"] for e in fail_on_logged_failures] == ["bug-1"]
+    root.proxy.router = router
+    response, _ = await fetch(client, reactor, proxy + "/v1/chat/completions", CHAT)
+    assert response.code == 200
 
 
 def parse_raw(raw: bytes) -> tuple[dict[str, str], bytes]:

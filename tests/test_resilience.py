@@ -1,4 +1,11 @@
-"""Resilience over loopback: retries, passive health, aliases, fallbacks."""
+"""Resilience over loopback: upstream failures, retries, passive health,
+aliases, fallbacks.
+
+Besides scripted twisted.web upstreams, raw-socket upstreams misbehave the way
+real ones do (closing a kept-alive connection after reading a request); the
+tests check what the client and the upstream each saw: a request the upstream
+may have received is never sent twice, except as a counted retry.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +15,12 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.web.client import ResponseFailed
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from conftest import timeout
 from helpers import collect, fetch, header, send
 from llmproxy.web import build_admin_resource
 
@@ -185,3 +193,190 @@ async def test_readyz_lists_pools_and_their_health(reactor, upstreams, proxies, 
     pools = {p["pool"]: p["upstreams"] for p in json.loads(data)["pools"]}
     health = {u["url"]: u["healthy"] for u in pools["/v1/"]}
     assert health == {dead: False, live_url: True}
+
+
+# -- a head, then a close; an answer that is legitimately empty ---------------
+
+
+class _ScriptedBytes(Protocol):
+    """Reads one request head, then plays its server's script."""
+
+    def __init__(self, server: ScriptedBytes) -> None:
+        self.server = server
+        self.buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        if b"\r\n\r\n" not in self.buffer:
+            return
+        self.server.requests += 1
+        self.transport.write(self.server.answer)
+        if self.server.close:
+            self.transport.loseConnection()
+        self.buffer = b""
+
+
+class ScriptedBytes(Factory):
+    """A raw upstream that answers every request with the same bytes.
+
+    Unlike :class:`Scripted` it can send what twisted.web never would: a head
+    promising a body, then a close.
+
+    Attributes:
+        requests: Requests received.
+    """
+
+    def __init__(self, answer: bytes, close: bool) -> None:
+        self.answer = answer
+        self.close = close
+        self.requests = 0
+
+    def buildProtocol(self, addr: Any) -> _ScriptedBytes:
+        return _ScriptedBytes(self)
+
+
+@pytest.fixture
+def scripted_bytes(loopback: Any) -> Any:
+    """A factory of :class:`ScriptedBytes` upstreams on loopback."""
+
+    async def start(answer: bytes, close: bool = True) -> tuple[ScriptedBytes, str]:
+        server = ScriptedBytes(answer, close)
+        return server, await loopback(server)
+
+    return start
+
+
+HEAD_THEN_DEATH = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_then_close_is_a_502_with_one_upstream(
+    reactor, scripted_bytes, proxies, client, access
+) -> None:
+    """A head and no body is a failure before the first byte, recorded so."""
+    _, base = await scripted_bytes(HEAD_THEN_DEATH)
+    proxy = await proxies.start(f'target_map:\n  "/v1/": "{base}"\n')
+    response, body = await fetch(client, reactor, proxy + "/v1/chat/completions", CHAT)
+    assert response.code == 502, body
+    assert json.loads(body)["error"]["type"] == "upstream_error"
+    assert header(response, "content-type") == "application/json"
+    await timeout(access.wait(1), reactor)
+    assert access[0]["status"] == 502
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_then_close_is_retried_on_another_upstream(
+    reactor, scripted_bytes, upstreams, proxies, client, access
+) -> None:
+    """With a second upstream the client gets its answer, on attempt 2."""
+    dying, dying_base = await scripted_bytes(HEAD_THEN_DEATH)
+    _, good_base = await upstreams.start()
+    proxy = await proxies.start(
+        f'target_map:\n  "/v1/": {{urls: ["{dying_base}", "{good_base}"]}}\n'
+    )
+    response, body = await fetch(client, reactor, proxy + "/v1/chat/completions", CHAT)
+    assert response.code == 200, body
+    assert json.loads(body)["object"] == "chat.completion"
+    assert header(response, "x-llmproxy-upstream-attempts") == "2"
+    assert dying.requests == 1
+    await timeout(access.wait(1), reactor)
+    assert access[0]["status"] == 200 and access[0]["attempts"] == 2
+
+
+@pytest.mark.parametrize(
+    "answer, method, status",
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", b"POST", 200),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", b"POST", 204),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", b"HEAD", 200),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_legitimately_empty_answer_is_passed_on(
+    reactor, scripted_bytes, proxies, client, answer: bytes, method: bytes, status: int
+) -> None:
+    """An empty body that is the whole answer is no failure."""
+    server, base = await scripted_bytes(answer)
+    proxy = await proxies.start(f'target_map:\n  "/v1/": "{base}"\n')
+    response, body = await fetch(client, reactor, proxy + "/v1/x", CHAT if method == b"POST"
+                                 else None, method=method)
+    assert response.code == status
+    assert body == b""
+    assert server.requests == 1
+
+
+# -- a request the upstream read, then a hang-up -----------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_post_read_then_dropped_on_a_reused_connection_is_sent_once(
+    reactor, raw_servers, proxies, client, access
+) -> None:
+    """A POST the upstream read before hanging up is a 502, never a resend."""
+    server, base = await raw_servers(answers_per_connection=1)
+    proxy = await proxies.start(
+        f'target_map:\n  "/v1/": {{urls: ["{base}"], retries: 0}}\n'
+    )
+    response, _ = await fetch(client, reactor, proxy + "/v1/chat/completions", CHAT)
+    assert response.code == 200
+    response, body = await fetch(client, reactor, proxy + "/v1/chat/completions", CHAT)
+    assert response.code == 502, body
+    assert json.loads(body)["error"]["type"] == "upstream_error"
+    assert header(response, "x-llmproxy-upstream-attempts") == "1"
+    assert server.requests == [b"POST /v1/chat/completions HTTP/1.1"] * 2
+    assert server.connections == 1, "the second POST went out on the kept-alive connection"
+    await timeout(access.wait(2), reactor)
+    assert [r["status"] for r in access] == [200, 502]
+
+
+@pytest_twisted.ensureDeferred
+async def test_post_dropped_by_one_upstream_is_a_counted_retry_on_the_next(
+    reactor, raw_servers, proxies, client, access
+) -> None:
+    """With a second upstream, the retry is visible: attempts say 2."""
+    flaky, flaky_base = await raw_servers(answers_per_connection=1)
+    steady, steady_base = await raw_servers(answers_per_connection=100)
+    proxy = await proxies.start(
+        f'target_map:\n  "/warm/": "{flaky_base}"\n'
+        f'  "/v1/": {{urls: ["{flaky_base}", "{steady_base}"]}}\n'
+    )
+    # Leave a kept-alive connection to the flaky upstream in the pool.
+    response, _ = await fetch(client, reactor, proxy + "/warm/chat/completions", CHAT)
+    assert response.code == 200
+    response, body = await fetch(client, reactor, proxy + "/v1/chat/completions", CHAT)
+    assert response.code == 200, body
+    assert header(response, "x-llmproxy-upstream-attempts") == "2"
+    assert flaky.requests == [
+        b"POST /warm/chat/completions HTTP/1.1", b"POST /v1/chat/completions HTTP/1.1"
+    ]
+    assert steady.requests == [b"POST /v1/chat/completions HTTP/1.1"]
+    await timeout(access.wait(2), reactor)
+    assert access[-1]["attempts"] == 2
+
+
+# -- failing before anything is sent ---------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_error_while_sending_after_the_decision_is_a_prompt_502(
+    reactor, proxies, client, access
+) -> None:
+    """A destination whose TLS name cannot be encoded fails at once as a 502.
+
+    The upstream name resolves (through the test resolver) into
+    direct_networks, so the request is decided direct, then the TLS endpoint
+    for a name with ``_`` (which IDNA refuses) cannot be made.
+    """
+    proxies.resolver.hosts["bad_name.internal.test"] = ["127.0.0.1"]
+    proxy = await proxies.start(
+        'target_map:\n  "/v1/": "https://bad_name.internal.test:9"\n'
+        'proxy_url: "http://127.0.0.1:9"\ndirect_networks: ["127.0.0.0/8"]\n'
+        "timeouts: {response_header: 60}\n"
+    )
+    started = reactor.seconds()
+    response, body = await fetch(client, reactor, proxy + "/v1/chat/completions", CHAT)
+    assert response.code == 502, body
+    assert reactor.seconds() - started < 5
+    assert json.loads(body)["error"]["code"] == "upstream_failed"
+    await timeout(access.wait(1), reactor)
+    assert access[0]["egress"] is None and access[0]["status"] == 502

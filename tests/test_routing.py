@@ -1,17 +1,27 @@
-"""Unit tests for :mod:`llmproxy.routing`: paths and models to upstream pools."""
+"""Routing: paths and models to upstream pools.
+
+Unit tests for :mod:`llmproxy.routing`, and one end to end on a running
+daemon: a huge body is routed by the model it names last, in bounded memory.
+"""
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
+
+from helpers import fetch
+from test_tap import WAIT, free_port, spawn_twistd
 
 from llmproxy.config import RouteConfig, parse_config_text
 from llmproxy.routing import MAX_COOLDOWN, Route, Router, UpstreamPool, extract_model
@@ -920,3 +930,55 @@ def test_random_operations_keep_the_invariants(
             assert entry["healthy"] is (entry["ejected_until"] is None)
             assert cooldown <= entry["cooldown"] <= max(MAX_COOLDOWN, cooldown)
     assert [entry["url"] for entry in pool.state()] == list(dict.fromkeys(urls))
+
+
+# --------------------------------------------------------------------------
+# End to end: a body that could take the process
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+@pytest_twisted.ensureDeferred
+async def test_a_huge_body_of_tiny_objects_routes_by_its_last_model(
+    reactor, upstreams, client, tmp_path: Path
+) -> None:
+    """16 MiB of tiny objects with ``model`` last: routed by it, memory bounded."""
+    default, default_base = await upstreams.start()
+    big, big_base = await upstreams.start()
+    port = free_port()
+    config = tmp_path / "config.yml"
+    config.write_text(
+        f'listen: "tcp:{port}:interface=127.0.0.1"\nadmin_listen: null\n'
+        f'log: {{file: null, access: false}}\nmax_body_bytes: 33554432\n'
+        f'target_map:\n  "/v1/": "{default_base}"\n'
+        f'model_routes:\n  "big-model": "{big_base}"\n'
+    )
+    process = spawn_twistd(reactor, config, tmp_path)
+    try:
+        await process.wait_for(b"starting on %d" % port).addTimeout(WAIT, reactor)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        response, _ = await fetch(client, reactor, url, CHAT)  # warm up
+        assert response.code == 200
+        before = _peak_rss_mb(process.transport.pid)
+        size = 16 * 1024 * 1024
+        body = b'{"messages": [' + b"{}," * (size // 3) + b'{}], "model": "big-model"}'
+        response, _ = await fetch(client, reactor, url, body,
+                                  headers={"Content-Type": "application/json"})
+        assert response.code == 200
+        assert big.requests and len(big.requests[-1].body) == len(body)
+        assert not any(len(r.body) == len(body) for r in default.requests)
+        grown = _peak_rss_mb(process.transport.pid) - before
+        assert grown < 5 * size / 2**20, f"peak RSS grew by {grown:.0f} MB"
+    finally:
+        process.transport.signalProcess("TERM")
+        await process.ended.addTimeout(WAIT, reactor)

@@ -1,10 +1,15 @@
-"""Hostile input from raw sockets, hypothesis-driven.
+"""What the front end accepts and refuses, sent over raw sockets.
 
-Every test starts one proxy (``/v1/`` routed to a fake upstream) and sends
-generated hostile requests over fresh TCP connections: malformed request
-lines, conflicting Content-Length and Transfer-Encoding, bad chunk sizes,
-huge headers, non-UTF-8 paths, absolute-form targets, dot segments and odd
-Host headers. After each one it checks that:
+Malformed request lines, conflicting Content-Length and Transfer-Encoding,
+bad chunk sizes, huge headers and oversized heads, non-UTF-8 paths,
+foreign request targets (absolute-form, CONNECT, ``*``, ``OPTIONS *``), dot
+segments plain and in disguise, odd Host headers, and the reason phrases of
+the answers. Each test runs the whole proxy on loopback and talks to it over
+raw sockets, where a well-behaved client library would hide what happens.
+
+The hypothesis-driven families share one proxy per test (the ``gateway``
+fixture: ``/v1/`` routed to a fake upstream) and send it generated hostile
+requests over fresh TCP connections. After each one they check that:
 
 * the answer is a 4xx (or, where Twisted drops such input, no answer and a
   closed connection), never a 2xx or 5xx, and nothing was logged as a failure;
@@ -22,13 +27,16 @@ that test's examples.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import attrs
+import pytest
 import pytest_twisted
+from conftest import timeout
 from helpers import raw_connect
 from hypothesis import (
     HealthCheck,
@@ -39,6 +47,7 @@ from hypothesis import (
     settings,
 )
 from hypothesis import strategies as st
+from raw_http import http
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -697,3 +706,77 @@ async def test_odd_host_headers_are_replaced(gateway: Gateway, payload: bytes) -
 async def test_malformed_host_lines(gateway: Gateway, payload: bytes) -> None:
     """A Host header line that is not a valid header gets a 400."""
     assert_4xx(*await attack(gateway, payload))
+
+
+# --------------------------------------------------------------------------
+# Specific refusals and answers
+
+
+def status_line(data: bytes) -> bytes:
+    """The first line of a response."""
+    return data.split(b"\r\n", 1)[0]
+
+
+def json_error(data: bytes) -> dict[str, Any]:
+    """The OpenAI-shaped error in a raw response."""
+    return json.loads(data.partition(b"\r\n\r\n")[2])["error"]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [b"/v1/..;/admin", b"/v1/%2e%2e;/admin", b"/v1/%25252e%25252e/admin",
+     b"/v1/..;jsessionid=1/admin", b"/v1/%2e%2e%3b/admin"],
+)
+@pytest_twisted.ensureDeferred
+async def test_dot_segments_in_disguise_are_refused(
+    reactor, upstreams, proxies, target: bytes
+) -> None:
+    """``..;``, ``%2e%2e;`` and triple-encoded dots get 400; nothing goes upstream."""
+    upstream, base = await upstreams.start()
+    proxy = await proxies.start(f'target_map:\n  "/v1/": "{base}"\n')
+    peer = await raw_connect(reactor, proxy, http(b"GET", target))
+    await timeout(peer.wait_for(b"}}"), reactor)
+    assert status_line(peer.received) == b"HTTP/1.1 400 Bad Request"
+    assert json_error(peer.received)["code"] == "invalid_path"
+    assert not upstream.requests
+    peer.transport.loseConnection()
+
+
+@pytest.mark.parametrize(
+    "request_bytes, expected, code",
+    [
+        (b"GET /v1/" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+         b"HTTP/1.1 414 URI Too Long", "uri_too_long"),
+        (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
+         b"HTTP/1.1 431 Request Header Fields Too Large", "headers_too_large"),
+        (b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"
+         + b"".join(b"X-H%d: %s\r\n" % (i, b"a" * 1000) for i in range(20)) + b"\r\n",
+         b"HTTP/1.1 431 Request Header Fields Too Large", "headers_too_large"),
+    ],
+    ids=["long-request-line", "long-header", "many-headers"],
+)
+@pytest_twisted.ensureDeferred
+async def test_oversized_heads_are_answered_before_the_close(
+    reactor, upstreams, proxies, request_bytes: bytes, expected: bytes, code: str
+) -> None:
+    """A head over the limits gets 414 or 431 with a JSON error, then a close."""
+    upstream, base = await upstreams.start()
+    proxy = await proxies.start(f'target_map:\n  "/v1/": "{base}"\n')
+    peer = await raw_connect(reactor, proxy, request_bytes)
+    await timeout(peer.closed, reactor)
+    assert status_line(peer.received) == expected
+    assert json_error(peer.received)["code"] == code
+    assert not upstream.requests
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_429_says_too_many_requests(reactor, upstreams, proxies) -> None:
+    """Every status llmproxy produces has its standard reason phrase."""
+    _, base = await upstreams.start()
+    proxy = await proxies.start(
+        f'target_map:\n  "/v1/": "{base}"\nrate_limit: {{rate: 0.001, burst: 1}}\n'
+    )
+    peer = await raw_connect(reactor, proxy, http(b"GET", b"/v1/models") * 2)
+    await timeout(peer.wait_for(b"rate_limited"), reactor)
+    assert b"HTTP/1.1 429 Too Many Requests\r\n" in peer.received
+    peer.transport.loseConnection()
