@@ -18,7 +18,7 @@ import pytest_twisted
 from conftest import AccessRecords, timeout
 from raw_http import Gateway, Gateways, Peer, Reply, assert_chat, chat, chat_body, http
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import deferLater
 
 from llmproxy.testing.upstream import REPLY_TEXT, UpstreamRequest
 
@@ -51,22 +51,6 @@ async def _in_flight(gw: Gateway) -> Peer:
     peer.transport.write(chat("busy", b"X-Fake-Header-Delay: 5"))
     await timeout(arrived, gw.gateways.reactor)
     return peer
-
-
-async def _until_stalled(record: UpstreamRequest, reactor: Any) -> None:
-    """Wait until the fake upstream has sent no body byte for 0.25 s (or is done)."""
-    last, still = -1, 0
-
-    def check() -> None:
-        nonlocal last, still
-        still = still + 1 if record.bytes_sent == last else 0
-        last = record.bytes_sent
-        if still >= 5 or record.done.called:
-            loop.stop()
-
-    loop = LoopingCall(check)
-    loop.clock = reactor
-    await timeout(loop.start(0.05), reactor)
 
 
 @pytest_twisted.ensureDeferred
@@ -397,7 +381,7 @@ async def test_slow_reader_gets_a_large_body_whole(gateways: Gateways) -> None:
     peer.transport.write(http(b"GET", b"/v1/big", b"", b"X-Fake-Body-Bytes: %d" % size,
                               b"X-Fake-Content-Length: 1", b"Connection: close"))
     seen = await timeout(arrived, gateways.reactor)
-    await _until_stalled(seen, gateways.reactor)
+    await timeout(seen.paused, gateways.reactor)  # backpressure reached the upstream
     assert seen.bytes_sent < size and not seen.done.called
     assert len(peer.received) == 0
     peer.transport.resumeProducing()
