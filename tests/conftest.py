@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from raw_http import Gateways, RawServer
+from raw_http import Gateways, ScriptedBytes, RawServer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.logger import globalLogPublisher
@@ -221,3 +221,14 @@ async def gateways(reactor: Any, upstreams: Any, proxies: Any) -> AsyncIterator[
     harness = Gateways(reactor, upstreams, proxies)
     yield harness
     await harness.close()
+
+
+@pytest.fixture
+def scripted_bytes(loopback: Any) -> Any:
+    """A factory of :class:`ScriptedBytes` upstreams on loopback."""
+
+    async def start(answer: bytes, close: bool | str = True) -> tuple[ScriptedBytes, str]:
+        server = ScriptedBytes(answer, close)
+        return server, await loopback(server)
+
+    return start

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import struct
 from typing import Any
 
 import attrs
@@ -284,3 +286,47 @@ class RawServer(Factory):
 
     def buildProtocol(self, addr: Any) -> _RawUpstream:
         return _RawUpstream(self)
+
+
+class _ScriptedBytes(Protocol):
+    """Reads one request head, then plays its server's script."""
+
+    def __init__(self, server: ScriptedBytes) -> None:
+        self.server = server
+        self.buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        if b"\r\n\r\n" not in self.buffer:
+            return
+        self.server.requests += 1
+        self.transport.write(self.server.answer)
+        if self.server.close == "reset":
+            # Linger 0: the close after the flush is a reset, not a FIN.
+            self.transport.getHandle().setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            self.transport.loseConnection()
+        elif self.server.close:
+            self.transport.loseConnection()
+        self.buffer = b""
+
+
+class ScriptedBytes(Factory):
+    """A raw upstream that answers every request with the same bytes.
+
+    It can send what twisted.web never would: a head promising a body, then
+    a close; a body with neither a length nor chunking, ended by a close
+    (``close=True``, a FIN) or a reset (``close="reset"``).
+
+    Attributes:
+        requests: Requests received.
+    """
+
+    def __init__(self, answer: bytes, close: bool | str) -> None:
+        self.answer = answer
+        self.close = close
+        self.requests = 0
+
+    def buildProtocol(self, addr: Any) -> _ScriptedBytes:
+        return _ScriptedBytes(self)

@@ -141,6 +141,81 @@ async def test_mid_stream_abort_is_not_retried(reactor, upstreams, proxies, clie
     assert len(one.requests) + len(two.requests) == 1
 
 
+# -- a body ended by a close: whole, or cut short --------------------------
+
+ONE_EVENT = b'data: {"choices": [{"delta": {"content": "Hel"}}]}\n\n'
+CLOSE_DELIMITED = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+
+
+@pytest.mark.parametrize("ending", ["reset", True], ids=["reset", "close"])
+@pytest_twisted.ensureDeferred
+async def test_a_close_delimited_stream_cut_short_is_cut_short_for_the_client(
+    reactor, scripted_bytes, proxies, client, access, ending: bool | str
+) -> None:
+    """An event stream with neither a length nor chunking, ended by a reset
+    or a close after one event, reaches the client without its final chunk
+    (truncated, as a cut chunked stream does) and is recorded as an upstream
+    failure, never as ``ok``."""
+    _, base = await scripted_bytes(CLOSE_DELIMITED + ONE_EVENT, close=ending)
+    proxy = await proxies.start(f'target_map:\n  "/v1/": "{base}"\n')
+    response = await send(client, reactor, proxy + "/v1/chat/completions",
+                          {**CHAT, "stream": True})
+    assert response.code == 200
+    body = collect(response)
+    with pytest.raises(ResponseFailed):
+        await body.done.addTimeout(WAIT, reactor)
+    assert b"".join(body.chunks) == ONE_EVENT
+    await timeout(access.wait(1), reactor)
+    assert access[0]["outcome"] == "upstream_aborted"
+    assert access[0]["error_code"] == "upstream_aborted"
+
+
+@pytest.mark.parametrize(
+    "content_type, body",
+    [
+        (b"text/event-stream", ONE_EVENT + b"data: [DONE]\n\n"),
+        (b"text/event-stream", b'event: message_stop\ndata: {"type": "message_stop"}\n\n'),
+        (b"application/json", b'{"object": "chat.completion", "choices": []}\n'),
+    ],
+    ids=["openai-done", "anthropic-stop", "json"],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_close_delimited_body_that_ends_whole_is_whole(
+    reactor, scripted_bytes, proxies, client, access, content_type: bytes, body: bytes
+) -> None:
+    """A body ended by a close whose last bytes end it (a stream's final
+    event, a JSON document's closing brace) is passed on as complete."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: " + content_type + b"\r\n\r\n"
+    _, base = await scripted_bytes(head + body, close=True)
+    proxy = await proxies.start(f'target_map:\n  "/v1/": "{base}"\n')
+    response, received = await fetch(client, reactor, proxy + "/v1/chat/completions", CHAT)
+    assert response.code == 200
+    assert received == body
+    await timeout(access.wait(1), reactor)
+    assert access[0]["outcome"] == "ok"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_close_delimited_stream_that_stalls_is_cut_off_as_truncated(
+    reactor, scripted_bytes, proxies, client, access
+) -> None:
+    """An event stream of unknown length that goes silent is cut off at
+    ``stream_idle`` and reaches the client truncated: Twisted reports the
+    close that ends it like any other end of such a body, and it is not
+    taken for a whole one."""
+    _, base = await scripted_bytes(CLOSE_DELIMITED + ONE_EVENT, close=False)
+    proxy = await proxies.start(
+        f'target_map:\n  "/v1/": "{base}"\ntimeouts: {{stream_idle: 0.2}}\n'
+    )
+    response = await send(client, reactor, proxy + "/v1/chat/completions",
+                          {**CHAT, "stream": True})
+    body = collect(response)
+    with pytest.raises(ResponseFailed):
+        await body.done.addTimeout(WAIT, reactor)
+    await timeout(access.wait(1), reactor)
+    assert access[0]["error_code"] == "stream_idle"
+
+
 @pytest_twisted.ensureDeferred
 async def test_alias_and_fallback_rewrite_only_the_model(
     reactor, scripted, upstreams, proxies, client, access
@@ -196,54 +271,6 @@ async def test_readyz_lists_pools_and_their_health(reactor, upstreams, proxies, 
 
 
 # -- a head, then a close; an answer that is legitimately empty ---------------
-
-
-class _ScriptedBytes(Protocol):
-    """Reads one request head, then plays its server's script."""
-
-    def __init__(self, server: ScriptedBytes) -> None:
-        self.server = server
-        self.buffer = b""
-
-    def dataReceived(self, data: bytes) -> None:
-        self.buffer += data
-        if b"\r\n\r\n" not in self.buffer:
-            return
-        self.server.requests += 1
-        self.transport.write(self.server.answer)
-        if self.server.close:
-            self.transport.loseConnection()
-        self.buffer = b""
-
-
-class ScriptedBytes(Factory):
-    """A raw upstream that answers every request with the same bytes.
-
-    Unlike :class:`Scripted` it can send what twisted.web never would: a head
-    promising a body, then a close.
-
-    Attributes:
-        requests: Requests received.
-    """
-
-    def __init__(self, answer: bytes, close: bool) -> None:
-        self.answer = answer
-        self.close = close
-        self.requests = 0
-
-    def buildProtocol(self, addr: Any) -> _ScriptedBytes:
-        return _ScriptedBytes(self)
-
-
-@pytest.fixture
-def scripted_bytes(loopback: Any) -> Any:
-    """A factory of :class:`ScriptedBytes` upstreams on loopback."""
-
-    async def start(answer: bytes, close: bool = True) -> tuple[ScriptedBytes, str]:
-        server = ScriptedBytes(answer, close)
-        return server, await loopback(server)
-
-    return start
 
 
 HEAD_THEN_DEATH = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"

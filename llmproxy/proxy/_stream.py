@@ -10,6 +10,7 @@ nobody wants.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IPushProducer, IReactorTime
@@ -46,7 +47,11 @@ class StreamToClient(Protocol):
     """Receives an upstream response body and writes it to the client.
 
     When the body ends, its owner (the request's exchange) hears how:
-    ``body_done()``, or ``body_failed(reason, idled_out)``.
+    ``body_done()``, or ``body_failed(reason, idled_out)``. A body with
+    neither a length nor chunking ends when the upstream closes, and Twisted
+    cannot tell a whole one from one cut short (``PotentialDataLoss``
+    either way): it counts as whole only when its last bytes end what it is
+    (:func:`ends_whole`), else as broken off.
     """
 
     def __init__(self, exchange: BodyOwner, clock: IReactorTime, idle: float) -> None:
@@ -71,6 +76,8 @@ class StreamToClient(Protocol):
         # (resetting a DelayedCall per chunk costs far more).
         self.last = 0.0
         self.idled_out = False
+        # The body's last two chunks, for a body that ends with a close.
+        self.tail = (b"", b"")
 
     def connectionMade(self) -> None:
         """Become the client's producer, or stop at once if it left."""
@@ -113,6 +120,7 @@ class StreamToClient(Protocol):
     def dataReceived(self, data: bytes) -> None:
         """Pass a chunk on to the client (and to the usage reader)."""
         self.last = self.clock.seconds()
+        self.tail = (self.tail[1], data)
         if not self.exchange.done:
             self.record["bytes_out"] += len(data)
             reader = self.meter.reader
@@ -133,10 +141,40 @@ class StreamToClient(Protocol):
             self.producing = False
             if not exchange.done:
                 self.request.unregisterProducer()
-        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
+        if reason.check(ResponseDone) or (
+            reason.check(PotentialDataLoss) and not self.idled_out
+            and ends_whole(b"".join(self.tail), self.record["stream"])
+        ):
             exchange.body_done()
         else:
             exchange.body_failed(reason, self.idled_out)
+
+
+#: What ends an event stream: OpenAI's ``[DONE]``, Anthropic's
+#: ``message_stop`` or ``error``, the Responses API's final events.
+_STREAM_ENDS = re.compile(
+    rb"data: ?\[DONE\]|event: ?(message_stop|error|response\.(completed|failed|incomplete))"
+    rb'|"type": ?"(message_stop|error|response\.(completed|failed|incomplete))"'
+)
+
+
+def ends_whole(tail: bytes, event_stream: bool) -> bool:
+    """Whether a body ended by a close ends as a whole one does.
+
+    Args:
+        tail: The body's last bytes (its last two chunks).
+        event_stream: Whether it is ``text/event-stream``.
+
+    Returns:
+        For an event stream, whether its last event is one that ends a
+        stream; for anything else, whether it ends with a JSON document's
+        closing ``}`` or ``]``.
+    """
+    tail = tail.rstrip()
+    if event_stream:
+        last_event = max(tail.rfind(b"\n\n"), tail.rfind(b"\r\r"), tail.rfind(b"\r\n\r\n"))
+        return _STREAM_ENDS.search(tail, last_event + 1) is not None
+    return tail[-1:] in (b"}", b"]")
 
 
 @implementer(IPushProducer)
