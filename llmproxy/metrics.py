@@ -224,6 +224,13 @@ class Metrics:
             ["route"],
             registry=r,
         )
+        self.stale_retries = Counter(
+            "llmproxy_upstream_stale_retries",
+            "Requests sent once more on a new connection after a pooled connection "
+            "closed before answering them, by upstream.",
+            ["upstream"],
+            registry=r,
+        )
         self.ejections = Counter(
             "llmproxy_upstream_ejections",
             "Upstreams taken out of rotation after consecutive failures.",

@@ -15,15 +15,20 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import succeed
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.logger import globalLogPublisher
-from twisted.internet.testing import MemoryReactorClock
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 
 from certs import issue, make_ca, server_context_factory, write_pem
 from forward_proxies import MiniProxy, start_tinyproxy
 from helpers import collect, fetch, send
 from llmproxy.config import parse_config_text
-from llmproxy.egress import Egress, NoProxy
+from llmproxy.egress import ConnectionWatch, Egress, NoProxy
 from llmproxy.resolver import ResolvingReactor
 from llmproxy.testing.resolver import FakeResolver
 from llmproxy.testing.upstream import make_site
@@ -526,3 +531,85 @@ async def test_connect_timeout_is_504(reactor, proxies, client) -> None:
     error = json.loads(body)["error"]
     assert error["code"] == "upstream_connect_timeout"
     assert "0.5 s" in error["message"]
+
+
+# -- pooled connections an upstream closes ------------------------------------
+
+
+class _MemoryEndpoint:
+    """Connects each protocol to a new StringTransport, at once."""
+
+    def __init__(self) -> None:
+        self.connections: list[tuple[Any, Any]] = []
+
+    def connect(self, factory: Any) -> Any:
+        address = IPv4Address("TCP", "127.0.0.1", 80)
+        protocol = factory.buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        protocol.makeConnection(transport)
+        self.connections.append((protocol, transport))
+        return succeed(protocol)
+
+
+def _keep_alive_agent(clock: Any) -> tuple[Any, Any, _MemoryEndpoint]:
+    """A real Agent and pool over watched in-memory connections."""
+    watch = ConnectionWatch(clock, idle_timeout=50)
+    memory = _MemoryEndpoint()
+
+    class Endpoints:
+        def endpointForURI(self, uri: Any) -> Any:
+            return watch.wrap(memory)
+
+    pool = HTTPConnectionPool(clock, persistent=True)
+    return Agent.usingEndpointFactory(clock, Endpoints(), pool=pool), watch, memory
+
+
+def _answer(protocol: Any, keep_alive: bytes = b"") -> None:
+    protocol.dataReceived(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + keep_alive + b"\r\n{}"
+    )
+
+
+def test_an_upstreams_keep_alive_timeout_closes_its_idle_pooled_connection() -> None:
+    """A connection whose upstream said ``Keep-Alive: timeout=5`` is closed a
+    second before that when idle in the pool, and the next request gets a new
+    connection; one without the header stays for the pool's own timeout."""
+    clock = MemoryReactorClock()
+    agent, watch, memory = _keep_alive_agent(clock)
+    agent.request(b"GET", b"http://up.test/a")
+    protocol, transport = memory.connections[0]
+    _answer(protocol, b"Keep-Alive: timeout=5, max=100\r\n")
+    clock.advance(3.9)
+    assert not transport.disconnecting
+    clock.advance(0.1)
+    assert transport.disconnecting, "closed 1 s before the upstream's 5 s"
+    assert watch.closed_idle == 1
+    protocol.connectionLost(Failure(ConnectionDone()))
+    agent.request(b"GET", b"http://up.test/b")
+    assert len(memory.connections) == 2 and watch.made == 2
+
+    # Without the header: kept for the pool's idle timeout.
+    protocol, transport = memory.connections[1]
+    _answer(protocol)
+    clock.advance(49)
+    assert not transport.disconnecting
+
+
+def test_a_busy_connection_is_not_closed_by_its_keep_alive_timer() -> None:
+    """The idle timer counts only while the connection waits in the pool: a
+    request in progress past the timeout keeps its connection."""
+    clock = MemoryReactorClock()
+    agent, watch, memory = _keep_alive_agent(clock)
+    agent.request(b"GET", b"http://up.test/a")
+    protocol, transport = memory.connections[0]
+    _answer(protocol, b"Keep-Alive: timeout=5\r\n")
+    clock.advance(2)
+    agent.request(b"GET", b"http://up.test/b")  # reuses it
+    assert len(memory.connections) == 1
+    clock.advance(10)
+    assert not transport.disconnecting, "in use: not idle"
+    _answer(protocol)
+    clock.advance(3.9)
+    assert not transport.disconnecting
+    clock.advance(0.1)
+    assert transport.disconnecting

@@ -18,8 +18,8 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer
 from zope.interface.verify import verifyObject
 
 from llmproxy.config import parse_config_text
-from llmproxy.egress import ConnectTunnelEndpoint, Egress
-from llmproxy.proxy import BytesProducer, Watched
+from llmproxy.egress import BytesProducer, ConnectTunnelEndpoint, Egress
+from llmproxy.proxy import Watched
 from llmproxy.logs import RotatingJSONLog, console_observer
 from llmproxy.resolver import CachingResolver, ResolvingReactor
 from llmproxy.testing.resolver import FakeResolver

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.web.client import ResponseFailed
@@ -336,10 +337,12 @@ async def test_a_legitimately_empty_answer_is_passed_on(
 
 
 @pytest_twisted.ensureDeferred
-async def test_post_read_then_dropped_on_a_reused_connection_is_sent_once(
+async def test_a_post_met_by_a_stale_pooled_connection_is_sent_once_more_on_a_new_one(
     reactor, raw_servers, proxies, client, access
 ) -> None:
-    """A POST the upstream read before hanging up is a 502, never a resend."""
+    """An upstream that closes a kept-alive connection after reading a POST
+    (a stale connection: closed before a single response byte) gets the POST
+    once more on a new connection: counted (attempts 2), never more."""
     server, base = await raw_servers(answers_per_connection=1)
     proxy = await proxies.start(
         f'target_map:\n  "/v1/": {{urls: ["{base}"], retries: 0}}\n'
@@ -347,20 +350,88 @@ async def test_post_read_then_dropped_on_a_reused_connection_is_sent_once(
     response, _ = await fetch(client, reactor, proxy + "/v1/chat/completions", CHAT)
     assert response.code == 200
     response, body = await fetch(client, reactor, proxy + "/v1/chat/completions", CHAT)
+    assert response.code == 200, body
+    assert header(response, "x-llmproxy-upstream-attempts") == "2"
+    assert server.requests == [b"POST /v1/chat/completions HTTP/1.1"] * 3
+    assert server.connections == 2, "the resend went out on a new connection"
+    await timeout(access.wait(2), reactor)
+    assert [(r["status"], r["attempts"]) for r in access] == [(200, 1), (200, 2)]
+    registry = proxies.gateways[-1].metrics.registry
+    assert registry.get_sample_value(
+        "llmproxy_upstream_stale_retries_total", {"upstream": base}
+    ) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_resend_after_a_stale_connection_happens_once(
+    reactor, raw_servers, proxies, client, access
+) -> None:
+    """When the resend on a new connection fails too, the client gets a 502
+    counting both attempts; nothing is sent a third time."""
+    server, base = await raw_servers(answers_per_connection=1)
+    proxy = await proxies.start(
+        f'target_map:\n  "/v1/": {{urls: ["{base}"], retries: 0}}\n'
+    )
+    response, _ = await fetch(client, reactor, proxy + "/v1/chat/completions", CHAT)
+    assert response.code == 200
+    server.answers_per_connection = 0  # from now on: read, then hang up
+    response, body = await fetch(client, reactor, proxy + "/v1/chat/completions", CHAT)
     assert response.code == 502, body
     assert json.loads(body)["error"]["type"] == "upstream_error"
-    assert header(response, "x-llmproxy-upstream-attempts") == "1"
-    assert server.requests == [b"POST /v1/chat/completions HTTP/1.1"] * 2
-    assert server.connections == 1, "the second POST went out on the kept-alive connection"
+    assert header(response, "x-llmproxy-upstream-attempts") == "2"
+    assert server.requests == [b"POST /v1/chat/completions HTTP/1.1"] * 3
     await timeout(access.wait(2), reactor)
-    assert [r["status"] for r in access] == [200, 502]
+    assert access[-1]["attempts"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_post_on_a_new_connection_that_is_dropped_is_not_resent(
+    reactor, raw_servers, proxies, client, access
+) -> None:
+    """A new connection closed before answering is the upstream failing, not
+    a stale connection: the POST is sent once (then retried only on another
+    upstream, as the route allows)."""
+    server, base = await raw_servers(answers_per_connection=0)
+    proxy = await proxies.start(
+        f'target_map:\n  "/v1/": {{urls: ["{base}"], retries: 0}}\n'
+    )
+    response, body = await fetch(client, reactor, proxy + "/v1/chat/completions", CHAT)
+    assert response.code == 502, body
+    assert header(response, "x-llmproxy-upstream-attempts") == "1"
+    assert server.requests == [b"POST /v1/chat/completions HTTP/1.1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_closing_after_every_answer_loses_no_request(
+    reactor, raw_servers, proxies, client, access
+) -> None:
+    """An upstream that closes its connection after every answer without
+    saying ``Connection: close`` costs no request at 16 at once: each one
+    that meets a connection closed under it is sent once more."""
+    server, base = await raw_servers(answers_per_connection=1)
+    proxy = await proxies.start(
+        f'target_map:\n  "/v1/": {{urls: ["{base}"], retries: 0}}\n'
+    )
+
+    async def one(n: int) -> int:
+        response, _ = await fetch(client, reactor, proxy + "/v1/chat/completions", CHAT)
+        return response.code
+
+    for _ in range(10):
+        codes = await gatherResults(
+            [Deferred.fromCoroutine(one(i)) for i in range(16)]
+        ).addTimeout(WAIT, reactor)
+        assert codes == [200] * 16
+    assert len(server.requests) <= 2 * 160
 
 
 @pytest_twisted.ensureDeferred
 async def test_post_dropped_by_one_upstream_is_a_counted_retry_on_the_next(
     reactor, raw_servers, proxies, client, access
 ) -> None:
-    """With a second upstream, the retry is visible: attempts say 2."""
+    """With a second upstream, a POST that two connections to the first one
+    failed (the stale pooled one, then a new one) is answered by the second:
+    attempts say 3."""
     flaky, flaky_base = await raw_servers(answers_per_connection=1)
     steady, steady_base = await raw_servers(answers_per_connection=100)
     proxy = await proxies.start(
@@ -370,15 +441,16 @@ async def test_post_dropped_by_one_upstream_is_a_counted_retry_on_the_next(
     # Leave a kept-alive connection to the flaky upstream in the pool.
     response, _ = await fetch(client, reactor, proxy + "/warm/chat/completions", CHAT)
     assert response.code == 200
+    flaky.answers_per_connection = 0
     response, body = await fetch(client, reactor, proxy + "/v1/chat/completions", CHAT)
     assert response.code == 200, body
-    assert header(response, "x-llmproxy-upstream-attempts") == "2"
+    assert header(response, "x-llmproxy-upstream-attempts") == "3"
     assert flaky.requests == [
-        b"POST /warm/chat/completions HTTP/1.1", b"POST /v1/chat/completions HTTP/1.1"
+        b"POST /warm/chat/completions HTTP/1.1", *[b"POST /v1/chat/completions HTTP/1.1"] * 2
     ]
     assert steady.requests == [b"POST /v1/chat/completions HTTP/1.1"]
     await timeout(access.wait(2), reactor)
-    assert access[-1]["attempts"] == 2
+    assert access[-1]["attempts"] == 3
 
 
 # -- failing before anything is sent ---------------------------------------------

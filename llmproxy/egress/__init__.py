@@ -12,19 +12,24 @@ fails with.
 
 from __future__ import annotations
 
-from llmproxy.egress._agent import DIRECT, PROXY, Egress, RoutedResponse, close_pool
+from llmproxy.egress._agent import DIRECT, PROXY, Egress, close_pool
 from llmproxy.egress._connect import ConnectTunnelEndpoint, TunnelError, TunnelTimeout
 from llmproxy.egress._endpoints import DirectEndpoints, TunnelEndpoints, tls_policy
+from llmproxy.egress._keepalive import ConnectionWatch
 from llmproxy.egress._noproxy import NoProxy
+from llmproxy.egress._way import BytesProducer, RoutedResponse, StaleConnectionRetried
 
 __all__ = [
     "DIRECT",
     "PROXY",
+    "BytesProducer",
     "ConnectTunnelEndpoint",
+    "ConnectionWatch",
     "DirectEndpoints",
     "Egress",
     "NoProxy",
     "RoutedResponse",
+    "StaleConnectionRetried",
     "TunnelEndpoints",
     "TunnelError",
     "TunnelTimeout",

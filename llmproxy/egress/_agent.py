@@ -20,10 +20,11 @@ Each response is a :class:`RoutedResponse` that says which way it went and
 where it connected. :class:`Egress` is also a Twisted service: stopping it
 closes the pools' idle connections.
 
-A request is never sent twice behind the caller's back: Twisted's Agent
-resends only a body-less idempotent request on a reused connection, and
-:meth:`Egress.request` resends only a request that provably never left
-(:class:`~twisted.web.client.RequestNotSent`).
+A request is sent a second time only when it provably never left
+(:class:`~twisted.web.client.RequestNotSent`), or once, counted, when a
+stale pooled connection closed before answering it (see
+:class:`~llmproxy.egress._way.Way`); Twisted's Agent itself resends only a
+body-less idempotent request on a reused connection.
 """
 
 from __future__ import annotations
@@ -35,22 +36,20 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.logger import Logger
-from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
-from twisted.web.client import URI, Agent, HTTPConnectionPool, ProxyAgent, RequestNotSent
+from twisted.web.client import URI, Agent, HTTPConnectionPool, ProxyAgent
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from twisted.web.iweb import IAgent, IBodyProducer
 from zope.interface import implementer
 
 from llmproxy.config import Config
 from llmproxy.egress._connect import ProxyURL, host_port
 from llmproxy.egress._endpoints import DirectEndpoints, TunnelEndpoints, tls_policy
+from llmproxy.egress._keepalive import ConnectionWatch
 from llmproxy.egress._noproxy import NoProxy
+from llmproxy.egress._way import RoutedResponse, Way
 from llmproxy.net import NetworkSet, parse_ip
 from llmproxy.resolver import CachingResolver, ResolvingReactor
-
-log = Logger(namespace="llmproxy.egress")
 
 #: Seconds that closing the pools may take before the daemon stops anyway.
 CLOSE_TIMEOUT = 5.0
@@ -60,22 +59,6 @@ PROXY = "proxy"
 
 #: The pools, one per way out.
 POOLS = ("direct", "proxy", "tunnel")
-
-
-class RoutedResponse(proxyForInterface(IResponse, "response")):  # type: ignore[misc]
-    """An upstream response that knows how it was reached.
-
-    Attributes:
-        response: Twisted's response.
-        egress: ``direct`` or ``proxy``.
-        address: ``host:port`` the connection went to: the upstream's when
-            direct, the proxy's otherwise.
-    """
-
-    def __init__(self, response: IResponse, egress: str, address: str) -> None:
-        self.response = response
-        self.egress = egress
-        self.address = address
 
 
 @attrs.frozen
@@ -165,9 +148,15 @@ class Egress(Service):
         policy = tls_policy(config.tls)
         self.pools = {name: self._pool() for name in POOLS}
         timeout = config.timeouts.connect
-        self.direct_endpoints = DirectEndpoints(connecting, policy, timeout)
-        self._direct = Agent.usingEndpointFactory(
-            reactor, self.direct_endpoints, pool=self.pools["direct"]
+        #: Counts the connections made; closes idle ones an upstream said
+        #: it would close (Keep-Alive: timeout=N).
+        self.watch = ConnectionWatch(reactor, config.pool.idle_timeout)
+        self.direct_endpoints = DirectEndpoints(connecting, policy, timeout, self.watch)
+        self._direct = Way(
+            DIRECT,
+            Agent.usingEndpointFactory(reactor, self.direct_endpoints, pool=self.pools["direct"]),
+            Agent.usingEndpointFactory(reactor, self.direct_endpoints, pool=self._fresh_pool()),
+            self.watch,
         )
         self.no_proxy = NoProxy(config.no_proxy)
         self.direct_networks = NetworkSet(config.direct_networks)
@@ -183,13 +172,26 @@ class Egress(Service):
                 creator = policy.creatorForNetloc(proxy.host.encode("ascii"), proxy.port)
                 endpoint = wrapClientTLS(creator, endpoint)
             self.proxy_endpoint = endpoint
-            self._proxy_http = ProxyAgent(endpoint, reactor, pool=self.pools["proxy"])
+            watched = self.watch.wrap(endpoint)
+            self._proxy_http = Way(
+                PROXY,
+                ProxyAgent(watched, reactor, pool=self.pools["proxy"]),
+                ProxyAgent(watched, reactor, pool=self._fresh_pool()),
+                self.watch,
+            )
             self.tunnel_endpoints = TunnelEndpoints(
-                reactor, endpoint, proxy.name, proxy.authorization, policy, timeout
+                reactor, endpoint, proxy.name, proxy.authorization, policy, timeout, self.watch
             )
-            self._tunnel = Agent.usingEndpointFactory(
-                reactor, self.tunnel_endpoints, pool=self.pools["tunnel"]
+            self._tunnel = Way(
+                PROXY,
+                Agent.usingEndpointFactory(reactor, self.tunnel_endpoints, pool=self.pools["tunnel"]),
+                Agent.usingEndpointFactory(reactor, self.tunnel_endpoints, pool=self._fresh_pool()),
+                self.watch,
             )
+
+    def _fresh_pool(self) -> HTTPConnectionPool:
+        """A pool that keeps nothing: a new connection for every request."""
+        return HTTPConnectionPool(self.reactor, persistent=False)
 
     def _pool(self) -> HTTPConnectionPool:
         pool = HTTPConnectionPool(self.reactor, persistent=True)
@@ -315,32 +317,14 @@ class Egress(Service):
         producer: IBodyProducer | None,
     ) -> Deferred[RoutedResponse]:
         if way == DIRECT:
-            agent: Any = self._direct
-            address = origin.address
-        else:
-            assert self.proxy is not None
-            address = self.proxy.name
-            if origin.scheme == b"https":
-                agent = self._tunnel
-            else:
-                agent = self._proxy_http
-                if self.proxy.authorization is not None:
-                    headers = headers.copy()
-                    headers.setRawHeaders(b"proxy-authorization", [self.proxy.authorization])
-
-        def unsent(failure: Failure) -> Deferred[RoutedResponse]:
-            # The pooled connection was found unusable before a byte of the
-            # request was written: it never left, so one more try is safe.
-            failure.trap(RequestNotSent)
-            log.debug("request to {address} not sent on a pooled connection; "
-                      "sending it on another", address=address)
-            return _attempt(agent, method, uri, headers, producer).addCallback(
-                RoutedResponse, way, address
-            )
-
-        return _attempt(agent, method, uri, headers, producer).addCallbacks(
-            RoutedResponse, unsent, callbackArgs=(way, address)
-        )
+            return self._direct.send(origin.address, method, uri, headers, producer)
+        assert self.proxy is not None
+        if origin.scheme == b"https":
+            return self._tunnel.send(self.proxy.name, method, uri, headers, producer)
+        if self.proxy.authorization is not None:
+            headers = headers.copy()
+            headers.setRawHeaders(b"proxy-authorization", [self.proxy.authorization])
+        return self._proxy_http.send(self.proxy.name, method, uri, headers, producer)
 
     def stopService(self) -> Deferred[None]:
         """Close every pool's idle connections (bounded in time).
@@ -351,21 +335,6 @@ class Egress(Service):
         super().stopService()
         closing = [close_pool(pool, self.reactor) for pool in self.pools.values()]
         return gatherResults(closing).addCallback(lambda _: None)
-
-
-def _attempt(
-    agent: IAgent, method: bytes, uri: bytes, headers: Headers,
-    producer: IBodyProducer | None,
-) -> Deferred[IResponse]:
-    """``agent.request``, with anything it raises as the Deferred's failure.
-
-    An endpoint that cannot be made (a TLS name the IDNA rules refuse, say)
-    raises inside ``Agent.request``.
-    """
-    try:
-        return agent.request(method, uri, headers, producer)
-    except Exception:
-        return fail()
 
 
 def close_pool(pool: HTTPConnectionPool, reactor: Any) -> Deferred[None]:

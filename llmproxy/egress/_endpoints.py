@@ -33,6 +33,7 @@ from zope.interface import implementer
 
 from llmproxy.config import TLSConfig
 from llmproxy.egress._connect import ConnectTunnelEndpoint
+from llmproxy.egress._keepalive import ConnectionWatch
 from llmproxy.net import parse_ip
 
 __all__ = ["DirectEndpoints", "TunnelEndpoints", "tls_policy"]
@@ -107,7 +108,8 @@ class DirectEndpoints:
     MAX = 1024
 
     def __init__(
-        self, reactor: Any, policy: BrowserLikePolicyForHTTPS, timeout: float
+        self, reactor: Any, policy: BrowserLikePolicyForHTTPS, timeout: float,
+        watch: ConnectionWatch | None = None,
     ) -> None:
         """Set up the factory.
 
@@ -115,10 +117,12 @@ class DirectEndpoints:
             reactor: Connects (and resolves, for HostnameEndpoint).
             policy: The TLS policy for https upstreams.
             timeout: The connect timeout in seconds.
+            watch: Counts and watches the connections made, if given.
         """
         self._reactor = reactor
         self._policy = policy
         self._timeout = timeout
+        self._watch = watch
         self.table = _EndpointTable(self.MAX)
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
@@ -143,7 +147,7 @@ class DirectEndpoints:
             endpoint = TCP6ClientEndpoint(self._reactor, host, port, timeout=self._timeout)
         if uri.scheme == b"https":
             endpoint = wrapClientTLS(self._policy.creatorForNetloc(uri.host, port), endpoint)
-        return endpoint
+        return endpoint if self._watch is None else self._watch.wrap(endpoint)
 
 
 @implementer(IAgentEndpointFactory)
@@ -166,6 +170,7 @@ class TunnelEndpoints:
         authorization: bytes | None,
         policy: BrowserLikePolicyForHTTPS,
         timeout: float,
+        watch: ConnectionWatch | None = None,
     ) -> None:
         """Set up the factory.
 
@@ -176,6 +181,7 @@ class TunnelEndpoints:
             authorization: The ``Proxy-Authorization`` value, if any.
             policy: The TLS policy for the upstreams.
             timeout: Seconds the proxy may take to answer CONNECT.
+            watch: Counts and watches the connections made, if given.
         """
         self._reactor = reactor
         self._proxy_endpoint = proxy_endpoint
@@ -183,6 +189,7 @@ class TunnelEndpoints:
         self._authorization = authorization
         self._policy = policy
         self._timeout = timeout
+        self._watch = watch
         self.table = _EndpointTable(self.MAX)
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
@@ -200,4 +207,5 @@ class TunnelEndpoints:
             self._reactor, self._proxy_endpoint, self._proxy_name, _host(uri), uri.port,
             self._authorization, self._timeout,
         )
-        return wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), tunnel)
+        endpoint = wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), tunnel)
+        return endpoint if self._watch is None else self._watch.wrap(endpoint)

@@ -11,7 +11,7 @@ OpenAI-shaped JSON errors (:func:`send_error`, :func:`error_body`).
 from __future__ import annotations
 
 from llmproxy.proxy._access import ACCESS_FORMAT
-from llmproxy.proxy._attempt import Attempt, BytesProducer
+from llmproxy.proxy._attempt import Attempt
 from llmproxy.proxy._errors import error_body, reason_phrase, send_error, write_raw_error
 from llmproxy.proxy._admit import Guard
 from llmproxy.proxy._exchange import Exchange
@@ -25,7 +25,6 @@ __all__ = [
     "ACCESS_FORMAT",
     "HOP_BY_HOP",
     "Attempt",
-    "BytesProducer",
     "Exchange",
     "Guard",
     "ProxyResource",

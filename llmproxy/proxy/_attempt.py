@@ -12,45 +12,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
-from zope.interface import implementer
+from twisted.web.iweb import IAgent, IResponse
 
+from llmproxy.egress import BytesProducer
 from llmproxy.proxy._errors import ResponseHeaderTimeout
 from llmproxy.proxy._stream import Discard
 from llmproxy.routing import UpstreamPool
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body already in memory, written in one piece.
-
-    The body was read (and size-limited) by twisted.web before the request
-    was routed, so it is written synchronously: the agent sends it with a
-    Content-Length and never holds a second copy.
-    """
-
-    def __init__(self, body: bytes) -> None:
-        """Wrap ``body``."""
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        """Write the whole body."""
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        """Nothing to pause: the body is written in one piece."""
-
-    def resumeProducing(self) -> None:
-        """Nothing to resume: the body is written in one piece."""
-
-    def stopProducing(self) -> None:
-        """Nothing to stop: the body is written in one piece."""
 
 
 def _header_timeout(result: Any, timeout: float) -> Failure:

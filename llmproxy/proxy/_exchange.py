@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
+from llmproxy.egress import StaleConnectionRetried
 from llmproxy.proxy._access import emit, new_record, note_response
 from llmproxy.proxy._admit import Refusal, bucket_of, identify, refusal_for
 from llmproxy.proxy._attempt import Attempt
@@ -51,7 +52,8 @@ from llmproxy.proxy._headers import (
 from llmproxy.proxy._host import Host
 from llmproxy.proxy._stream import StreamToClient
 from llmproxy.proxy._targets import upstream_retry_after, with_model
-from llmproxy.routing import Tries, extract_model
+from llmproxy.proxy._retries import Retries
+from llmproxy.routing import extract_model
 
 log = Logger(namespace="llmproxy.proxy")
 
@@ -97,10 +99,7 @@ class Exchange:
         self.done = False
         self._gone = False
         self.meter = Meter(proxy.access_log or proxy.metrics is not None, None, None)
-        # The attempts: what is left to try, how many went out.
-        self._tries: Tries | None = None
-        self._attempts = 0
-        self._waited = False
+        self._retries: Retries | None = None
         self._attempt: Attempt | None = None
         self._retry_timer: Any = None
         self._stream: StreamToClient | None = None
@@ -164,15 +163,12 @@ class Exchange:
             )
             return
         self.record["route"] = route.path_key
-        self._tries = Tries(router, route.pool, route.fallbacks)
+        self._retries = Retries(router, route, self.rid, self.record, self.proxy.metrics)
         if route.rewrite_model is not None:
-            self._switch_model(route.rewrite_model)
+            # An alias: the body names the real model upstream.
+            self.body = with_model(self.body, route.rewrite_model)
+            self.record["model"] = route.rewrite_model
         self._send()
-
-    def _switch_model(self, model: str) -> None:
-        """Send ``model`` upstream instead of the client's (alias, fallback)."""
-        self.body = with_model(self.body, model)
-        self.record["model"] = model
 
     # -- attempts ------------------------------------------------------------
 
@@ -181,11 +177,10 @@ class Exchange:
         self._retry_timer = None
         if self.done:
             return
-        assert self._tries is not None
-        proxy, pool = self.proxy, self._tries.pool
-        url = self._tries.next_url(url)
-        self._attempts += 1
-        self.record["upstream"] = url
+        retries = self._retries
+        assert retries is not None
+        proxy, pool = self.proxy, retries.pool
+        url = retries.next_url(url)
         attempt = self._attempt = Attempt(pool, url)
         headers = upstream_headers(self.request, self.rid, pool, proxy.guard.keys is not None)
         agent = proxy.via_agents.get(pool.via, proxy.agent)
@@ -197,52 +192,36 @@ class Exchange:
                           errbackArgs=(attempt,))
         sent.addErrback(self.bug)
 
-    def _another_try(self) -> bool:
+    def _another_try(self, attempt: Attempt, reason: str) -> bool:
         """Whether another upstream is left (a fallback model's, maybe)."""
-        assert self._tries is not None
-        another = self._tries.another()
-        if isinstance(another, str):
-            log.info(
-                "request {request_id}: every upstream of {model} failed; falling back "
-                "to {fallback}",
-                request_id=self.rid, model=self.record.get("model"), fallback=another,
-            )
-            self._switch_model(another)
-            self.record["fallback"] = True
-            if self.proxy.metrics is not None:
-                self.proxy.metrics.fallbacks.labels(another).inc()
-        return bool(another)
-
-    def _count_failure(self, attempt: Attempt) -> None:
-        """Tell the pool ``attempt``'s upstream failed (counting an ejection)."""
-        if attempt.failed() and self.proxy.metrics is not None:
-            self.proxy.metrics.ejections.labels(attempt.url).inc()
-
-    def _retry(self, attempt: Attempt, reason: str) -> None:
-        log.info(
-            "request {request_id}: attempt {attempt} to {upstream} failed ({reason}); "
-            "trying another upstream",
-            request_id=self.rid, attempt=self._attempts, upstream=attempt.url, reason=reason,
-        )
-        if self.proxy.metrics is not None:
-            self.proxy.metrics.retries.labels(self.record["route"] or "none").inc()
-        self._send()
+        retries = self._retries
+        assert retries is not None
+        model = retries.model
+        if not retries.another(attempt, reason):
+            return False
+        if retries.model != model:
+            self.body = with_model(self.body, retries.model)
+        return True
 
     def _headed(self, response: IResponse, attempt: Attempt) -> None:
         """The response head arrived: retry, wait, or pass it on."""
+        retries = self._retries
+        assert retries is not None
+        if getattr(response, "retried", False):
+            retries.stale_resend(attempt)
         if self.done:
             attempt.discard(response)
             return
         if response.code in attempt.pool.retry_on:
-            self._count_failure(attempt)
-            if self._another_try():
+            retries.failed(attempt)
+            if self._another_try(attempt, f"status {response.code}"):
                 attempt.discard(response)
-                self._retry(attempt, f"status {response.code}")
+                self._send()
                 return
             wait = upstream_retry_after(response)
-            if wait is not None and wait <= self.proxy.max_retry_wait and not self._waited:
+            if wait is not None and wait <= self.proxy.max_retry_wait and not retries.waited:
                 # Nobody else to ask: honour a short Retry-After, once.
-                self._waited = True
+                retries.waited = True
                 attempt.discard(response)
                 log.info("request {request_id}: {upstream} asked to retry in {wait} s",
                          request_id=self.rid, upstream=attempt.url, wait=wait)
@@ -261,13 +240,18 @@ class Exchange:
         self.request.setResponseCode(
             response.code, response.phrase or reason_phrase(response.code)
         )
-        copy_response_headers(response, self.request, self.rid, self._attempts)
+        assert self._retries is not None
+        copy_response_headers(response, self.request, self.rid, self._retries.attempts)
         self._response = response
         self._stream = StreamToClient(self, proxy.clock, proxy.timeouts.stream_idle)
         response.deliverBody(self._stream)
 
     def _failed(self, failure: Failure, attempt: Attempt, classified: Any = None) -> None:
         """The attempt failed before the response's first byte."""
+        retries = self._retries
+        assert retries is not None
+        if failure.check(StaleConnectionRetried):
+            retries.stale_resend(attempt)
         attempt.end()
         if self.done:
             if not failure.check(CancelledError):
@@ -277,12 +261,12 @@ class Exchange:
         status, code, message = classified or classify_failure(
             failure, attempt.url, self.proxy.timeouts
         )
-        self._count_failure(attempt)
+        retries.failed(attempt)
         # Not retried after the header timeout: the client waited long enough.
-        if not failure.check(ResponseHeaderTimeout) and self._another_try():
-            self._retry(attempt, message)
+        if not failure.check(ResponseHeaderTimeout) and self._another_try(attempt, message):
+            self._send()
             return
-        self.request.responseHeaders.setRawHeaders(ATTEMPTS_HEADER, [b"%d" % self._attempts])
+        self.request.responseHeaders.setRawHeaders(ATTEMPTS_HEADER, [b"%d" % retries.attempts])
         log.warn("request {request_id} to {upstream} failed: {message}",
                  request_id=self.rid, upstream=attempt.url, message=message)
         self._answer_error(status, message, "upstream_error", code)
@@ -353,7 +337,7 @@ class Exchange:
         proxy, record = self.proxy, self.record
         record["outcome"] = outcome
         record["latency_ms"] = self.elapsed_ms()
-        record["attempts"] = self._attempts
+        record["attempts"] = self._retries.attempts if self._retries is not None else 0
         if error_code is not None:
             record["error_code"] = error_code
         self.meter.settle(record, outcome)
