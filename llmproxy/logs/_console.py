@@ -1,4 +1,9 @@
-"""Level filtering and the readable console observer."""
+"""Level filtering and the readable console observer.
+
+The console observer writes one line per event, with control characters
+and text the stream cannot encode escaped (see :class:`Escaper`), so that
+client text in a field never forges or hides a line.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,11 @@ import sys
 from collections.abc import Callable
 from typing import IO
 
-from twisted.logger import (
-    ILogObserver,
-    LogEvent,
-    LogLevel,
-    formatTime,
-    textFileLogObserver,
-)
+from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, formatTime
 from zope.interface import implementer
 
-from llmproxy.logs._lines import ACCESS_NAMESPACE
+from llmproxy.logs._escape import Escaper
+from llmproxy.logs._lines import ACCESS_NAMESPACE, safe_repr
 
 #: The level names accepted by :func:`level_filtered`, lowest first.
 LEVELS = ("debug", "info", "warn", "error", "critical")
@@ -81,6 +81,13 @@ def console_observer(
 ) -> ILogObserver:
     """Readable one-line-per-event text output, filtered by level.
 
+    Each event is Twisted's classic ``{time} [{system}] {message}`` line,
+    with control characters, line separators, bidi overrides, surrogates
+    and whatever the stream's encoding cannot hold written as escapes
+    (``\\r``, ``\\n``, ``\\x1b``, ``\\u2028``, ``\\udc80``). A failure's
+    traceback follows on continuation lines, escaped too, each starting
+    with a tab.
+
     Args:
         level: One of :data:`LEVELS`.
         stream: Where to write; standard output by default.
@@ -97,20 +104,37 @@ def console_observer(
 
 @implementer(ILogObserver)
 class _Console:
-    """Twisted's classic text lines, with a fast path for access records."""
+    """Twisted's classic text lines, one per event, escaped where unsafe.
+
+    Each event is ``{time} [{system}] {message}``, as twisted.logger's
+    ``formatEventAsClassicLogText`` writes it, with a fast path for access
+    records. The line is escaped first (:class:`Escaper`), so it stays one
+    line whatever its fields hold. A failure's traceback follows on
+    continuation lines, each escaped the same way and starting with a tab,
+    as Twisted indents them: none can pass for an event line.
+    """
 
     def __init__(self, stream: IO[str], access: bool = True) -> None:
         self._stream = stream
         self._access = access
-        self._text = textFileLogObserver(stream)
+        self._escaper = Escaper(getattr(stream, "encoding", None))
+        self._narrow = self._escaper.narrow
         self._second: int | None = None
         self._stamp = ""
 
-    def _time(self, when: float) -> str:
-        """formatTime(when), which has one-second resolution, cached."""
-        second = int(when)
-        if second != self._second:
-            self._second, self._stamp = second, formatTime(second)
+    def _time(self, when: object) -> str:
+        """formatTime(when), which has one-second resolution, cached.
+
+        Anything but a finite number of seconds gives ``-``.
+        """
+        if not isinstance(when, (int, float)):
+            return "-"
+        try:
+            second = int(when)
+            if second != self._second:
+                self._second, self._stamp = second, formatTime(second)
+        except (ValueError, OverflowError, OSError):
+            return "-"
         return self._stamp
 
     def __call__(self, event: LogEvent) -> None:
@@ -119,14 +143,65 @@ class _Console:
                 return
             try:
                 text = event["log_format"].format(**event)
-                line = f"{self._time(event['log_time'])} [{ACCESS_NAMESPACE}#info] {text}\n"
+                if not text.isprintable() or (self._narrow and not text.isascii()):
+                    text = self._escaper.escape(text)
+                stamp = self._time(event["log_time"])
+                line = f"{stamp} [{ACCESS_NAMESPACE}#info] {text}\n"
             except Exception:  # noqa: BLE001 - anything odd takes the slow path
-                self._text(event)
-                return
+                line = self._format(event)
+        else:
+            line = self._format(event)
+        if line:
             self._stream.write(line)
             self._stream.flush()
-            return
-        self._text(event)
+
+    def _format(self, event: LogEvent) -> str | None:
+        """An event as escaped classic log text.
+
+        Args:
+            event: Any event.
+
+        Returns:
+            The text to write, or None when the event has neither a message
+            nor a failure (Twisted prints nothing for those either).
+        """
+        message = formatEvent(event)
+        failure = event.get("log_failure")
+        if not message and failure is None:
+            return None
+        line = self._escaper.safe(
+            f"{self._time(event.get('log_time'))} [{_system(event)}] {message}"
+        )
+        if failure is None:
+            return line + "\n"
+        try:
+            traceback = failure.getTraceback()
+        except Exception as e:  # noqa: BLE001 - the event is still printed
+            traceback = f"(UNABLE TO OBTAIN TRACEBACK FROM EVENT): {safe_repr(e)}"
+        safe = self._escaper.safe
+        parts = traceback.split("\n")
+        return line + "".join(f"\n\t{safe(part)}" for part in parts) + "\n"
+
+
+def _system(event: LogEvent) -> str:
+    """The ``[system]`` of a classic log line, by Twisted's documented rule.
+
+    Args:
+        event: Any event.
+
+    Returns:
+        ``log_system`` if set, else ``{log_namespace}#{level name}``, each
+        ``-`` when missing; ``UNFORMATTABLE`` when that cannot be made.
+    """
+    try:
+        system = event.get("log_system")
+        if system is not None:
+            return str(system)
+        level = event.get("log_level")
+        name = "-" if level is None else level.name
+        return f"{event.get('log_namespace', '-')}#{name}"
+    except Exception:  # noqa: BLE001 - the event is still printed
+        return "UNFORMATTABLE"
 
 
 def console_observer_factory(level: str) -> Callable[[], ILogObserver]:
