@@ -18,17 +18,21 @@ import pytest_twisted
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
 from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import globalLogPublisher
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
+
+from zope.interface import implementer
 
 from certs import issue, make_ca, server_context_factory, write_pem
 from forward_proxies import MiniProxy, start_tinyproxy
 from helpers import collect, fetch, send
 from llmproxy.config import parse_config_text
-from llmproxy.egress import ConnectionWatch, Egress, NoProxy
+from llmproxy.egress import ConnectionWatch, DirectEndpoints, Egress, NoProxy, TLSSetupError
 from llmproxy.resolver import ResolvingReactor
 from llmproxy.testing.resolver import FakeResolver
 from llmproxy.testing.upstream import make_site
@@ -613,3 +617,58 @@ def test_a_busy_connection_is_not_closed_by_its_keep_alive_timer() -> None:
     assert not transport.disconnecting
     clock.advance(0.1)
     assert transport.disconnecting
+
+
+# -- TLS that cannot be set up, or never finishes ------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_handshake_that_never_finishes_is_a_prompt_504(
+    reactor, proxies, client, loopback, access
+) -> None:
+    """An https upstream that accepts TCP and then says nothing: the
+    handshake is bounded by ``timeouts.connect``, not the 900 s response
+    timeout, and the access record says why."""
+    silent = await loopback(Factory.forProtocol(Protocol))
+    port = silent.rsplit(":", 1)[1]
+    proxy = await proxies.start(
+        f'target_map:\n  "/v1/": "https://127.0.0.1:{port}"\ntimeouts: {{connect: 0.3}}\n'
+    )
+    started = reactor.seconds()
+    response, body = await fetch(client, reactor, proxy + "/v1/chat/completions", CHAT)
+    assert reactor.seconds() - started < 5
+    assert response.code == 504, body
+    error = json.loads(body)["error"]
+    assert error["code"] == "upstream_connect_timeout"
+    assert "TLS handshake with 127.0.0.1:" in error["message"]
+    await access.wait(1).addTimeout(10, reactor)
+    assert "did not finish within 0.3 s" in access[-1]["error"]
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _BrokenCreator:
+    """A TLS connection creator that fails as pyOpenSSL does under a sandbox
+    forbidding writable-executable memory."""
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:
+        raise MemoryError("Cannot allocate write+execute memory for ffi.callback()")
+
+
+class _BrokenPolicy:
+    def creatorForNetloc(self, hostname: bytes, port: int) -> _BrokenCreator:
+        return _BrokenCreator()
+
+
+def test_tls_that_cannot_be_set_up_fails_at_once_naming_why() -> None:
+    """A TLS setup error (here the sandbox's MemoryError) fails the request
+    before any connection is tried, with what went wrong, instead of an
+    unhandled error in the reactor and a request left waiting."""
+    clock = MemoryReactorClock()
+    endpoints = DirectEndpoints(clock, _BrokenPolicy(), 10.0)
+    with pytest.raises(TLSSetupError) as raised:
+        endpoints.endpointForURI(URI.fromBytes(b"https://api.external.test/v1"))
+    assert "TLS setup for api.external.test:443 failed" in str(raised.value)
+    assert "write+execute" in str(raised.value)
+    assert clock.tcpClients == []
+    # Plain http needs no TLS.
+    endpoints.endpointForURI(URI.fromBytes(b"http://api.external.test/v1"))

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from llmproxy.egress._agent import DIRECT, PROXY, Egress, close_pool
 from llmproxy.egress._connect import ConnectTunnelEndpoint, TunnelError, TunnelTimeout
-from llmproxy.egress._endpoints import DirectEndpoints, TunnelEndpoints, tls_policy
-from llmproxy.egress._keepalive import ConnectionWatch
+from llmproxy.egress._endpoints import DirectEndpoints, TLSSetupError, TunnelEndpoints, tls_policy
+from llmproxy.egress._keepalive import ConnectionWatch, TLSHandshakeTimeout
 from llmproxy.egress._noproxy import NoProxy
 from llmproxy.egress._way import BytesProducer, RoutedResponse, StaleConnectionRetried
 
@@ -30,6 +30,8 @@ __all__ = [
     "NoProxy",
     "RoutedResponse",
     "StaleConnectionRetried",
+    "TLSHandshakeTimeout",
+    "TLSSetupError",
     "TunnelEndpoints",
     "TunnelError",
     "TunnelTimeout",

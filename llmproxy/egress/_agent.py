@@ -44,7 +44,7 @@ from zope.interface import implementer
 
 from llmproxy.config import Config
 from llmproxy.egress._connect import ProxyURL, host_port
-from llmproxy.egress._endpoints import DirectEndpoints, TunnelEndpoints, tls_policy
+from llmproxy.egress._endpoints import DirectEndpoints, TunnelEndpoints, tls_policy, tried
 from llmproxy.egress._keepalive import ConnectionWatch
 from llmproxy.egress._noproxy import NoProxy
 from llmproxy.egress._way import RoutedResponse, Way
@@ -168,11 +168,13 @@ class Egress(Service):
             endpoint: IStreamClientEndpoint = HostnameEndpoint(
                 connecting, proxy.host, proxy.port, timeout=timeout
             )
+            handshake = None
             if proxy.scheme == "https":
                 creator = policy.creatorForNetloc(proxy.host.encode("ascii"), proxy.port)
-                endpoint = wrapClientTLS(creator, endpoint)
+                endpoint = wrapClientTLS(tried(creator, proxy.name), endpoint)
+                handshake = (proxy.name, timeout)
             self.proxy_endpoint = endpoint
-            watched = self.watch.wrap(endpoint)
+            watched = self.watch.wrap(endpoint, handshake)
             self._proxy_http = Way(
                 PROXY,
                 ProxyAgent(watched, reactor, pool=self.pools["proxy"]),

@@ -25,18 +25,48 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import platformTrust
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS, SchemeNotSupported
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from llmproxy.config import TLSConfig
-from llmproxy.egress._connect import ConnectTunnelEndpoint
+from llmproxy.egress._connect import ConnectTunnelEndpoint, host_port
 from llmproxy.egress._keepalive import ConnectionWatch
 from llmproxy.net import parse_ip
 
-__all__ = ["DirectEndpoints", "TunnelEndpoints", "tls_policy"]
+__all__ = ["DirectEndpoints", "TLSSetupError", "TunnelEndpoints", "tls_policy"]
+
+
+class TLSSetupError(ConnectError):
+    """TLS to an upstream could not even be set up (no connection tried)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args and self.args[0] else "TLS setup failed"
+
+
+def tried(creator: IOpenSSLClientConnectionCreator, name: str) -> IOpenSSLClientConnectionCreator:
+    """``creator``, once it made one TLS connection object (no socket).
+
+    What can go wrong setting up TLS (a CA file OpenSSL refuses, a callback
+    pyOpenSSL cannot allocate under a sandbox) then fails here, at once,
+    instead of inside the reactor once TCP is up, where nothing would
+    report it to the request.
+
+    Raises:
+        TLSSetupError: Naming ``name`` and what OpenSSL or pyOpenSSL said.
+    """
+    probe = TLSMemoryBIOFactory(creator, True, Factory.forProtocol(Protocol)).buildProtocol(None)
+    try:
+        creator.clientConnectionForTLS(probe)
+    except Exception as e:
+        text = " ".join(str(e).split())[:300] or type(e).__name__
+        raise TLSSetupError(string=f"TLS setup for {name} failed: {text}") from None
+    return creator
 
 
 @implementer(IOpenSSLTrustRoot)
@@ -145,9 +175,14 @@ class DirectEndpoints:
             endpoint = TCP4ClientEndpoint(self._reactor, host, port, timeout=self._timeout)
         else:
             endpoint = TCP6ClientEndpoint(self._reactor, host, port, timeout=self._timeout)
-        if uri.scheme == b"https":
-            endpoint = wrapClientTLS(self._policy.creatorForNetloc(uri.host, port), endpoint)
-        return endpoint if self._watch is None else self._watch.wrap(endpoint)
+        if uri.scheme != b"https":
+            return endpoint if self._watch is None else self._watch.wrap(endpoint)
+        name = host_port(host, port)
+        endpoint = wrapClientTLS(tried(self._policy.creatorForNetloc(uri.host, port), name),
+                                 endpoint)
+        if self._watch is None:
+            return endpoint
+        return self._watch.wrap(endpoint, (name, self._timeout))
 
 
 @implementer(IAgentEndpointFactory)
@@ -207,5 +242,9 @@ class TunnelEndpoints:
             self._reactor, self._proxy_endpoint, self._proxy_name, _host(uri), uri.port,
             self._authorization, self._timeout,
         )
-        endpoint = wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), tunnel)
-        return endpoint if self._watch is None else self._watch.wrap(endpoint)
+        name = host_port(_host(uri), uri.port)
+        creator = tried(self._policy.creatorForNetloc(uri.host, uri.port), name)
+        endpoint = wrapClientTLS(creator, tunnel)
+        if self._watch is None:
+            return endpoint
+        return self._watch.wrap(endpoint, (name, self._timeout))

@@ -1,5 +1,5 @@
-"""Upstream connections watched: how many were made, and idle ones an upstream
-said it would close.
+"""Upstream connections watched: how many were made, TLS handshakes in time,
+and idle ones an upstream said it would close.
 
 An upstream may announce how long it keeps an idle connection open
 (``Keep-Alive: timeout=N``). Twisted's client keeps that header to itself
@@ -13,7 +13,11 @@ in the pool, closes it a second before the upstream would. The pool never
 hands out a connection in Twisted's ``CONNECTION_LOST`` state, so a
 connection closed this way is never used again. It also counts the
 connections made, so that a caller can tell a request that went out on a
-new connection from one that went out on a pooled one.
+new connection from one that went out on a pooled one, and bounds a TLS
+connection's handshake by the connect timeout: Twisted's TLS endpoint
+reports a connection as made once TCP is up, so a handshake that never
+finishes would otherwise hold the request until its response-header
+timeout. The connection then fails with :class:`TLSHandshakeTimeout`.
 """
 
 from __future__ import annotations
@@ -22,9 +26,16 @@ import re
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IReactorTime
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 #: The most bytes of a connection's first response head read for Keep-Alive.
@@ -35,6 +46,13 @@ MARGIN = 1.0
 _TIMEOUT = re.compile(rb"(?im)^keep-alive[ \t]*:[^\r\n]*?\btimeout[ \t]*=[ \t]*(\d{1,6})")
 #: The state of an HTTP11ClientProtocol that the pool may hand out.
 _IDLE = "QUIESCENT"
+
+
+class TLSHandshakeTimeout(ConnectError):
+    """A TLS handshake with an upstream did not finish in time."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args and self.args[0] else "the TLS handshake did not finish in time"
 
 
 class ConnectionWatch:
@@ -58,18 +76,30 @@ class ConnectionWatch:
         self.made = 0
         self.closed_idle = 0
 
-    def wrap(self, endpoint: IStreamClientEndpoint) -> IStreamClientEndpoint:
-        """``endpoint``, with the connections it makes counted and watched."""
-        return _WatchedEndpoint(endpoint, self)
+    def wrap(
+        self, endpoint: IStreamClientEndpoint, handshake: tuple[str, float] | None = None
+    ) -> IStreamClientEndpoint:
+        """``endpoint``, with the connections it makes counted and watched.
+
+        Args:
+            endpoint: Makes the connections.
+            handshake: For a TLS endpoint, the destination's name and the
+                seconds its handshake may take.
+        """
+        return _WatchedEndpoint(endpoint, self, handshake)
 
 
 @implementer(IStreamClientEndpoint)
 class _WatchedEndpoint:
     """Makes connections through another endpoint, counting and watching them."""
 
-    def __init__(self, endpoint: IStreamClientEndpoint, watch: ConnectionWatch) -> None:
+    def __init__(
+        self, endpoint: IStreamClientEndpoint, watch: ConnectionWatch,
+        handshake: tuple[str, float] | None,
+    ) -> None:
         self._endpoint = endpoint
         self._watch = watch
+        self._handshake = handshake
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         """Connect ``protocolFactory``'s protocol behind a watching wrapper.
@@ -79,7 +109,7 @@ class _WatchedEndpoint:
             wrapper), as the pool expects.
         """
         self._watch.made += 1
-        wrapping = _WatchingFactory(protocolFactory, self._watch)
+        wrapping = _WatchingFactory(protocolFactory, self._watch, self._handshake)
         return self._endpoint.connect(wrapping).addCallback(_unwrapped)
 
 
@@ -90,9 +120,13 @@ def _unwrapped(wrapper: Any) -> IProtocol:
 class _WatchingFactory(WrappingFactory):
     """Builds :class:`_Watching` wrappers around the pool's protocols."""
 
-    def __init__(self, wrappedFactory: IProtocolFactory, watch: ConnectionWatch) -> None:
+    def __init__(
+        self, wrappedFactory: IProtocolFactory, watch: ConnectionWatch,
+        handshake: tuple[str, float] | None,
+    ) -> None:
         super().__init__(wrappedFactory)
         self.watch = watch
+        self.handshake = handshake
 
     def buildProtocol(self, addr: Any) -> _Watching | None:
         """Wrap the pool's protocol for this connection."""
@@ -100,9 +134,11 @@ class _WatchingFactory(WrappingFactory):
         return None if wrapped is None else _Watching(self, wrapped)
 
 
+@implementer(IHandshakeListener)
 class _Watching(ProtocolWrapper):
-    """A connection's transport for the HTTP client, closing it when idle
-    past what the upstream announced."""
+    """A connection's transport for the HTTP client: it bounds the TLS
+    handshake, and closes the connection when idle past what the upstream
+    announced."""
 
     factory: _WatchingFactory
 
@@ -111,6 +147,32 @@ class _Watching(ProtocolWrapper):
         self._head: bytes | None = b""  # None once the first head was read
         self._limit: float | None = None
         self._timer: Any = None
+        self._handshake_timer: Any = None
+        self._failure: Failure | None = None
+
+    def makeConnection(self, transport: Any) -> None:
+        """The connection is up; with TLS, its handshake starts its clock."""
+        handshake = self.factory.handshake
+        if handshake is not None:
+            self._handshake_timer = self.factory.watch.clock.callLater(
+                handshake[1], self._handshake_too_slow
+            )
+        super().makeConnection(transport)
+
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake finished: stop its clock."""
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+
+    def _handshake_too_slow(self) -> None:
+        self._handshake_timer = None
+        assert self.factory.handshake is not None
+        name, seconds = self.factory.handshake
+        self._failure = Failure(TLSHandshakeTimeout(
+            string=f"the TLS handshake with {name} did not finish within {seconds:g} s"
+        ))
+        self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         """Pass the bytes on; read Keep-Alive from the first head; arm the
@@ -149,8 +211,10 @@ class _Watching(ProtocolWrapper):
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Any) -> None:
-        """Stop the idle timer; the pool's protocol hears of the loss."""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        super().connectionLost(reason)
+        """Stop the timers; the pool's protocol hears of the loss (or of the
+        handshake that took too long)."""
+        for timer in (self._timer, self._handshake_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._handshake_timer = None
+        super().connectionLost(self._failure or reason)

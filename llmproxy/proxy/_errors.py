@@ -18,7 +18,7 @@ from twisted.web.client import (
 from twisted.web.server import Request
 
 from llmproxy.config import TimeoutsConfig
-from llmproxy.egress import TunnelError, TunnelTimeout
+from llmproxy.egress import TLSHandshakeTimeout, TLSSetupError, TunnelError, TunnelTimeout
 
 
 class ResponseHeaderTimeout(Exception):
@@ -177,6 +177,10 @@ def classify_failure(
         )
     found = causes(failure)
     for cause in found:
+        if cause.check(TLSSetupError):
+            return 502, "upstream_tls_error", str(cause.value)
+        if cause.check(TLSHandshakeTimeout):
+            return 504, "upstream_connect_timeout", str(cause.value)
         if cause.check(TunnelTimeout):
             return 504, "upstream_proxy_timeout", str(cause.value)
         if cause.check(TunnelError):

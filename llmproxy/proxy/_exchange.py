@@ -269,6 +269,7 @@ class Exchange:
         self.request.responseHeaders.setRawHeaders(ATTEMPTS_HEADER, [b"%d" % retries.attempts])
         log.warn("request {request_id} to {upstream} failed: {message}",
                  request_id=self.rid, upstream=attempt.url, message=message)
+        self.record["error"] = message
         self._answer_error(status, message, "upstream_error", code)
 
     # -- stream --------------------------------------------------------------
