@@ -281,16 +281,18 @@ class Daemon(MultiService):
             # After the children started, so that the log file has it too
             # (nothing is accepted before the reactor runs).
             _raise_open_file_limit(self.reactor)
-            # The reactor installs its own handlers while it starts; ours
-            # replace them once it has.
-            self.reactor.callLater(0, self._install_signals)
+            # At once (the listeners are up: a signal may come now), and
+            # again once the reactor, starting, has installed its own.
+            self._install_signals()
+            self.reactor.addSystemEventTrigger("after", "startup", self._install_signals)
 
     def _install_signals(self) -> None:
-        """Handle SIGTERM and SIGHUP, remembering the handlers replaced."""
+        """Handle SIGTERM and SIGHUP, remembering the handlers first replaced."""
         if not self.running:
             return
         for number, handler in ((signal.SIGTERM, self._on_term), (signal.SIGHUP, self._on_hup)):
-            self._previous[number] = signal.signal(number, handler)
+            previous = signal.signal(number, handler)
+            self._previous.setdefault(number, previous)
 
     def _on_term(self, number: int, frame: Any) -> None:
         """SIGTERM: schedule a graceful stop."""
