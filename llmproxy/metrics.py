@@ -155,6 +155,12 @@ class Metrics:
         ejections: Upstreams taken out of rotation, by upstream.
         fallbacks: Requests sent to a fallback model, by that model.
         rate_limited: Requests refused by the rate limit.
+        client_connections: Client connections open now.
+        connection_limit_reached: Times accepting paused at max_connections.
+        connections_refused: Connections closed at accept, by the limit
+            reached.
+        idle_connections_closed: Idle connections closed to make room, by
+            the limit reached.
         store_errors: Limit store failures, by operation.
         budget_tokens: Tokens counted against budgets, by key name.
         budget_refused: Requests refused over budget, by key name.
@@ -253,6 +259,20 @@ class Metrics:
         self.connection_limit_reached = Counter(
             "llmproxy_max_connections_reached",
             "Times max_connections was reached and accepting paused.",
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "llmproxy_connections_refused",
+            "Client connections closed as soon as they were accepted, by the limit "
+            "reached (per_client, max_connections).",
+            ["reason"],
+            registry=r,
+        )
+        self.idle_connections_closed = Counter(
+            "llmproxy_idle_connections_closed",
+            "Idle keep-alive client connections closed to make room for a new one, "
+            "by the limit reached (per_client, max_connections).",
+            ["reason"],
             registry=r,
         )
         self.store_errors = Counter(

@@ -11,11 +11,13 @@ agent's recorded requests and moves time with :meth:`MemoryGateway.advance`.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from raw_http import Reply, parse_reply
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionLost
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
@@ -38,6 +40,7 @@ class Client:
         self.protocol = protocol
         self.transport = transport
         self._offset = 0
+        self._lost = False
 
     def send(self, data: bytes) -> None:
         """Bytes from the client."""
@@ -71,8 +74,42 @@ class Client:
 
     def leave(self) -> None:
         """The client drops the connection."""
+        self._lost = True
         self.transport.disconnected = True
         self.protocol.connectionLost(Failure(ConnectionLost()))
+
+    def close_completes(self) -> None:
+        """The close the gateway asked for is done: the protocol hears of it
+        (a StringTransport only records that a close was asked for)."""
+        assert self.closed, "the gateway did not close this connection"
+        if not self._lost:
+            self._lost = True
+            self.transport.disconnected = True
+            self.protocol.connectionLost(Failure(ConnectionDone()))
+
+    def proxy_header_names(self, host: str) -> None:
+        """Act as a PROXY protocol wrapper that has read a header naming
+        ``host``: the connection's peer is ``host`` from now on."""
+        self.transport.peerAddr = IPv4Address("TCP", host, next(_ports))
+
+
+class FakePort:
+    """A listening port: whether it accepts, as the Site set it.
+
+    Attributes:
+        reading: Whether the port accepts connections.
+    """
+
+    def __init__(self) -> None:
+        self.reading = True
+
+    def stopReading(self) -> None:
+        """Stop accepting."""
+        self.reading = False
+
+    def startReading(self) -> None:
+        """Accept again."""
+        self.reading = True
 
 
 class MemoryGateway:
@@ -112,6 +149,13 @@ class MemoryGateway:
         protocol.makeConnection(transport)
         return Client(protocol, transport)
 
+    def listen(self) -> FakePort:
+        """A listening port the Site pauses and resumes (as the daemon's
+        listeners let it)."""
+        port = FakePort()
+        self.site.watch_port(port)
+        return port
+
     def advance(self, seconds: float) -> None:
         """Move the clock (running what falls due)."""
         self.clock.advance(seconds)
@@ -128,3 +172,21 @@ def post(path: bytes = b"/v1/chat/completions", body: bytes = b'{"model": "m"}',
     lines = [b"POST %s HTTP/1.1" % path, b"Host: gw.test", b"Content-Type: application/json",
              b"Content-Length: %d" % len(body), *headers]
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+@contextmanager
+def memory_gateways() -> Iterator[Callable[..., MemoryGateway]]:
+    """``make(config)`` builds MemoryGateways, all closed when the block ends
+    (for a test's fixture)."""
+    made: list[MemoryGateway] = []
+
+    def make(config: str = ONE_UPSTREAM) -> MemoryGateway:
+        gateway = MemoryGateway(config)
+        made.append(gateway)
+        return gateway
+
+    try:
+        yield make
+    finally:
+        for gateway in made:
+            gateway.close()

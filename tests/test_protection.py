@@ -193,13 +193,18 @@ async def test_body_at_the_limit_passes(reactor, upstreams, proxies, client):
 async def test_max_connections_holds_and_a_waiting_client_is_served_later(
     reactor, upstreams, proxies
 ) -> None:
-    """Past max_connections the daemon stops accepting; it resumes on a close."""
-    _, base = await upstreams.start()
+    """At max_connections with none idle (each holds a request in flight)
+    the daemon stops accepting; it resumes on a close."""
+    upstream, base = await upstreams.start()
     proxy = await proxies.start(f'target_map:\n  "/v1/": "{base}"\nmax_connections: 3\n')
     site = proxies.sites[-1]
-    holders = [await raw_connect(reactor, proxy, http(b"GET", b"/v1/models")) for _ in range(3)]
-    for peer in holders:
-        await timeout(peer.wait_for(b'"object": "list"'), reactor)
+    holders = []
+    for _ in range(3):
+        arrived = upstream.next_request()
+        holders.append(await raw_connect(
+            reactor, proxy, http(b"GET", b"/v1/models", b"", b"X-Fake-Header-Delay: 30")
+        ))
+        await timeout(arrived, reactor)
     assert site.open_connections == 3
     # The listening port stops reading: a fourth connection waits in the
     # listen queue.

@@ -533,6 +533,13 @@ _host_values = st.one_of(
 )
 
 
+#: A valid Host value (RFC 9110 7.2): uri-host [":" port] as RFC 3986 3.2.2
+#: spells it (an IP literal in brackets, or a reg-name or IPv4 address).
+_VALID_HOST = re.compile(
+    rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?"
+)
+
+
 @st.composite
 def odd_hosts(draw: st.DrawFn) -> bytes:
     """A valid ``GET /v1/models`` with zero, one or several odd Host headers."""
@@ -690,10 +697,19 @@ async def test_encoded_control_bytes(
 @HOSTILE
 @given(payload=odd_hosts())
 @pytest_twisted.ensureDeferred
-async def test_odd_host_headers_are_replaced(gateway: Gateway, payload: bytes) -> None:
-    """Odd Host values on a valid request: forwarded (200) to the configured
-    upstream with the upstream's own Host, never used to pick a destination."""
-    status, received = await attack(gateway, payload, forwarded=1)
+async def test_odd_host_headers_are_replaced_or_refused(gateway: Gateway, payload: bytes) -> None:
+    """Odd Host values on a valid request, never used to pick a destination:
+    exactly one valid Host is forwarded (200) to the configured upstream
+    with the upstream's own Host; none, several or an invalid one get a 400
+    (RFC 9112, section 3.2) and nothing is forwarded."""
+    sent = payload.replace(SENTINEL, gateway.sentinel)
+    values = [line[len(b"Host: "):].strip(b" \t")
+              for line in sent.split(b"\r\n") if line.startswith(b"Host: ")]
+    one_valid = len(values) == 1 and _VALID_HOST.fullmatch(values[0]) is not None
+    status, received = await attack(gateway, payload, forwarded=1 if one_valid else 0)
+    if not one_valid:
+        assert status == 400, received[:300]
+        return
     assert status == 200, received[:300]
     record = list(gateway.upstream.requests)[-2]  # the one before the liveness check
     assert record.uri == b"/v1/models"

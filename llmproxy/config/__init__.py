@@ -251,6 +251,7 @@ def parse_config(
         max_retry_wait=_seconds(top, "max_retry_wait", 2.0),
         workers=top.get("workers", _positive_int) or 1,
         max_connections=top.get("max_connections", _positive_int),
+        max_connections_per_client=top.get("max_connections_per_client", _positive_int),
         source=source,
     )
 
@@ -284,6 +285,7 @@ _TOP_KEYS = (
     "workers",
     "backlog",
     "max_connections",
+    "max_connections_per_client",
 )
 
 

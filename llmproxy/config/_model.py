@@ -306,6 +306,8 @@ class Config:
             opens it, the others adopt it).
         max_connections: Open client connections per process at most; None
             for what the open-file limit allows.
+        max_connections_per_client: Open connections per client address
+            and process at most; None for a share of ``max_connections``.
         max_retry_wait: Longest Retry-After honoured before retrying the
             same upstream when no other is left.
         source: Where the config came from (a file name), for messages.
@@ -339,6 +341,7 @@ class Config:
     max_retry_wait: float = 2.0
     workers: int = 1
     max_connections: int | None = None
+    max_connections_per_client: int | None = None
     source: str = "<config>"
 
 

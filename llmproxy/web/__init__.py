@@ -13,7 +13,12 @@ from __future__ import annotations
 from llmproxy.web._admin import build_admin_resource
 from llmproxy.web._metrics import MetricsResource
 from llmproxy.web._root import RootResource
-from llmproxy.web._site import LLMProxySite, build_site, default_max_connections
+from llmproxy.web._site import (
+    LLMProxySite,
+    build_site,
+    default_max_connections,
+    default_max_connections_per_client,
+)
 
 __all__ = [
     "LLMProxySite",
@@ -22,4 +27,5 @@ __all__ = [
     "build_admin_resource",
     "build_site",
     "default_max_connections",
+    "default_max_connections_per_client",
 ]

@@ -1,41 +1,56 @@
-"""The Site the daemon listens with, and what it refuses before ``render``.
+"""The Site the daemon listens with: client connections and their limits.
 
-twisted.web's ``Site`` and ``HTTPChannel`` parse every request; the
-subclasses here only add limits a gateway facing untrusted clients needs,
-through their public hooks:
+:class:`LLMProxySite` is twisted.web's ``Site`` with the channel and request
+of :mod:`llmproxy.web._channel` (what is refused before ``render``), and the
+connection limits a gateway facing untrusted clients needs:
 
-- :class:`_LimitedRequest`: a body over ``max_body_bytes`` gets 413 before
-  it is all read; bodies are never parsed as forms.
-- :class:`_GuardedChannel`: a request must arrive whole within
-  ``timeouts.request_read`` of its first byte (408 otherwise), and a request
-  line or head over the limits gets 414 or 431, each as a JSON error,
-  instead of a silent close.
-- :class:`LLMProxySite`: at ``max_connections`` open client connections the
-  listening ports stop accepting until some close; the connections the
-  daemon has keep being served.
+- ``max_connections_per_client``: a client address with that many open
+  connections gets its oldest idle keep-alive connection closed to make
+  room for a new one, or, with none idle, the new one closed at once.
+- ``max_connections``: at the limit the oldest idle keep-alive connection
+  is closed to make room; with none idle the listening ports stop accepting
+  until one closes or becomes idle, and the connections the daemon has
+  keep being served.
+
+Refusals are counted (``llmproxy_connections_refused_total``,
+``llmproxy_idle_connections_closed_total``) and logged at most once every
+:data:`LOG_EVERY` seconds, never once per connection.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.logger import Logger
-from twisted.web.http import HTTPChannel
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger, LogLevel
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Site
 
 from llmproxy.config import Config
-from llmproxy.proxy import request_id_for, send_error, write_raw_error
+from llmproxy.net import NetworkSet, parse_ip
+from llmproxy.web._channel import GuardedChannel, LimitedRequest, Refusal
+from llmproxy.web._connections import ConnectionTable
+from llmproxy.web._root import RootResource
 
-__all__ = ["LLMProxySite", "build_site", "default_max_connections"]
+__all__ = [
+    "LLMProxySite",
+    "build_site",
+    "default_max_connections",
+    "default_max_connections_per_client",
+]
 
 log = Logger(namespace="llmproxy.web")
 
 #: Open files kept back from client connections by the default
 #: max_connections: listening sockets, log files, DNS, the admin listener.
 RESERVED_FILES = 64
-#: Seconds between two "max_connections reached" log lines.
+#: Seconds between two log lines about the same connection limit.
 LOG_EVERY = 10.0
+#: The default max_connections_per_client is max_connections divided by
+#: this, and at least :data:`MIN_PER_CLIENT`.
+PER_CLIENT_SHARE = 16
+MIN_PER_CLIENT = 8
 
 
 def default_max_connections() -> int:
@@ -57,164 +72,69 @@ def default_max_connections() -> int:
     return max(1, (soft - RESERVED_FILES) // 2)
 
 
-class _LimitedRequest(Request):
-    """A request whose body may not exceed the site's ``max_body_bytes``.
+def default_max_connections_per_client(max_connections: int) -> int:
+    """The default share of ``max_connections`` one client address may hold.
 
-    twisted.web reads a whole body before ``render``: a declared
-    Content-Length over the limit is refused before any of it is read, and a
-    chunked body as soon as it passes the limit, with a 413 JSON error and a
-    closed connection.
+    Args:
+        max_connections: The site's connection limit.
+
+    Returns:
+        ``max_connections // PER_CLIENT_SHARE``, at least
+        :data:`MIN_PER_CLIENT`.
+    """
+    return max(MIN_PER_CLIENT, max_connections // PER_CLIENT_SHARE)
+
+
+def is_proxy_protocol(description: str | None) -> bool:
+    """Whether a server endpoint string is a PROXY protocol (``haproxy:``) one.
+
+    Args:
+        description: A Twisted server endpoint string, or None.
+
+    Returns:
+        True when its first part is ``haproxy``.
+    """
+    if description is None:
+        return False
+    return description.split(":", 1)[0].strip().lower() == "haproxy"
+
+
+class _Throttled:
+    """A log line written at most once every :data:`LOG_EVERY` seconds.
+
+    Each line says (as ``count``) how many times it happened since the
+    previous line, itself included.
     """
 
-    _refused = False
-    _received = 0
+    def __init__(self, clock: IReactorTime, level: LogLevel, text: str) -> None:
+        self._clock = clock
+        self._level = level
+        self._text = text
+        self._count = 0
+        self._last: float | None = None
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # A proxy forwards bodies as they are: never parse them as forms
-        # (that costs every JSON POST a MIME header parse, and every
-        # multipart upload a full parse).
-        kwargs.setdefault("parsePOSTFormSubmission", False)
-        super().__init__(*args, **kwargs)
-
-    def process(self) -> None:
-        """Refuse ``OPTIONS *`` (and any ``*`` target): nothing to proxy."""
-        if self.path == b"*":
-            rid = request_id_for(self.getHeader(b"x-request-id"))
-            send_error(
-                self, 400, "the '*' request target is not supported",
-                "invalid_request_error", "invalid_path", rid,
-            )
+    def __call__(self, **fields: Any) -> None:
+        self._count += 1
+        now = self._clock.seconds()
+        if self._last is not None and now - self._last < LOG_EVERY:
             return
-        super().process()
-
-    def _limit(self) -> int | None:
-        return getattr(getattr(self.channel, "site", None), "max_body_bytes", None)
-
-    def gotLength(self, length: int | None) -> None:
-        limit = self._limit()
-        if length is not None and limit is not None and length > limit:
-            self._refuse(limit)
-            return
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._refused:
-            return
-        self._received += len(data)
-        limit = self._limit()
-        if limit is not None and self._received > limit:
-            self._refuse(limit)
-            return
-        super().handleContentChunk(data)
-
-    def _refuse(self, limit: int) -> None:
-        self._refused = True
-        rid = request_id_for(self.getHeader(b"x-request-id"))
-        write_raw_error(
-            self.channel.transport, 413,
-            f"request body larger than max_body_bytes ({limit} bytes)",
-            "invalid_request_error", "body_too_large", rid,
-        )
-        log.info("refused a request body over max_body_bytes; request_id={request_id}",
-                 request_id=rid)
-
-
-class _GuardedChannel(HTTPChannel):
-    """twisted.web's channel, with a deadline per request and answers for
-    heads too large.
-
-    The deadline starts at a request's first byte, when no earlier request
-    of the connection is still being answered, and ends once the request
-    (head and body) is in: a client sending one byte a second cannot
-    hold a connection for as long as it likes (every byte resets
-    twisted.web's idle timeout, but not this).
-    """
-
-    site: LLMProxySite
-    _deadline: Any = None
-    _head_bytes = 0
-    _refused = False
-    _counted = False
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self._counted = True
-        self.site.connection_opened()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._refused:
-            return
-        if self._deadline is None and not self.requests:
-            limit = self.site.request_read
-            if limit is not None:
-                self._deadline = self.callLater(limit, self._too_slow)
-        super().dataReceived(data)
-
-    def lineReceived(self, line: bytes) -> None:
-        # Count the head as twisted.web does, and answer 431 before its
-        # own limit would close the connection with a bare 400.
-        size = self._head_bytes = self._head_bytes + len(line)
-        if size > self.totalHeadersSize:
-            self._refuse(431, "request headers larger than "
-                         f"{self.totalHeadersSize} bytes", "headers_too_large")
-            return
-        super().lineReceived(line)
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        # twisted.web makes a request's Request at its request line: none
-        # yet means the request line is the one too long.
-        if not self.requests:
-            self._refuse(414, f"request line longer than {self.MAX_LENGTH} bytes",
-                         "uri_too_long")
-        else:
-            self._refuse(431, f"a request header line longer than {self.MAX_LENGTH} bytes",
-                         "headers_too_large")
-
-    def allContentReceived(self) -> None:
-        self._end_of_request()
-        super().allContentReceived()
-
-    def connectionLost(self, reason: Any) -> None:
-        self._end_of_request()
-        super().connectionLost(reason)
-        if self._counted:
-            self._counted = False
-            self.site.connection_closed()
-
-    def _end_of_request(self) -> None:
-        if self._deadline is not None:
-            if self._deadline.active():
-                self._deadline.cancel()
-            self._deadline = None
-        self._head_bytes = 0
-
-    def _too_slow(self) -> None:
-        self._deadline = None
-        self._refuse(
-            408, f"the request did not arrive within {self.site.request_read:g} s "
-            "(timeouts.request_read)", "request_timeout",
-        )
-
-    def _refuse(self, status: int, message: str, code: str) -> None:
-        """Answer with a JSON error and close; read nothing more."""
-        if self._refused:
-            return
-        self._refused = True
-        self._end_of_request()
-        rid = request_id_for(None)
-        log.info("refused a request ({status} {code}) from {peer}; request_id={request_id}",
-                 status=status, code=code, peer=str(self.transport.getPeer()),
-                 request_id=rid)
-        self.setTimeout(None)
-        write_raw_error(self.transport, status, message, "invalid_request_error", code, rid)
+        log.emit(self._level, self._text, count=self._count, **fields)
+        self._count = 0
+        self._last = now
 
 
 class LLMProxySite(Site):
     """The Site llmproxy listens with.
 
     No tracebacks, the body size limit, the request deadline and the
-    connection limit. Listeners call :meth:`watch_port` with each port
+    connection limits. Listeners call :meth:`watch_port` with each port
     they open, so that the site can pause it at ``max_connections``.
+
+    A connection counts against its client address: the TCP peer's, or,
+    with ``proxy_protocol``, the address the PROXY header names, known at
+    the connection's first request byte (until then it counts only towards
+    ``max_connections``). Peers in ``trusted_proxies`` count against no
+    client.
 
     Attributes:
         max_body_bytes: The largest request body accepted.
@@ -222,24 +142,54 @@ class LLMProxySite(Site):
             limit).
         max_connections: Open client connections at most (None: derived
             from the open-file limit at the first connection).
-        open_connections: Client connections open now.
+        max_connections_per_client: Open connections per client address at
+            most (None: derived from ``max_connections``).
+        proxy_protocol: Whether the site listens behind a PROXY protocol
+            wrapper (``haproxy:``), whose header names the client.
+        trusted_proxies: Peers counted against no client (reverse proxies
+            in front, speaking for many clients).
+        connections: The open connections, per client, idle or not.
     """
 
     displayTracebacks = False
-    requestFactory = _LimitedRequest
-    protocol = _GuardedChannel
+    requestFactory = LimitedRequest
+    protocol = GuardedChannel
     max_body_bytes: int | None = None
     request_read: float | None = None
     max_connections: int | None = None
+    max_connections_per_client: int | None = None
+    proxy_protocol = False
+    trusted_proxies = NetworkSet(())
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.open_connections = 0
+        self.connections: ConnectionTable[GuardedChannel] = ConnectionTable()
         self._ports: list[Any] = []
         self._paused = False
-        self._last_logged: float | None = None
+        self._log_paused = _Throttled(
+            self.reactor, LogLevel.warn,
+            "max_connections ({limit}) reached with no idle connection: not "
+            "accepting new connections until some close ({count} times since "
+            "the last such line)",
+        )
+        self._log_refused = _Throttled(
+            self.reactor, LogLevel.warn,
+            "max_connections_per_client ({limit}) reached: closed {count} new "
+            "connection(s) since the last such line, the latest from {client}",
+        )
+        self._log_closed_idle = _Throttled(
+            self.reactor, LogLevel.info,
+            "closed {count} idle keep-alive connection(s) to make room for new "
+            "ones since the last such line (the latest for {reason})",
+        )
 
-    def log(self, request: Request) -> None:
+    @property
+    def open_connections(self) -> int:
+        """Client connections open now (those being closed to make room
+        excluded)."""
+        return self.connections.open
+
+    def log(self, request: Any) -> None:
         """Nothing: each proxied request logs one access record of its own."""
 
     def watch_port(self, port: Any) -> None:
@@ -251,44 +201,179 @@ class LLMProxySite(Site):
         if port in self._ports:
             self._ports.remove(port)
 
+    def client_of(self, address: IAddress) -> str | None:
+        """The client address a connection from ``address`` counts against.
+
+        Args:
+            address: A peer address.
+
+        Returns:
+            The IP address in canonical form (IPv4-mapped IPv6 as IPv4);
+            None for a peer in ``trusted_proxies`` or one without an IP
+            address (a UNIX socket).
+        """
+        host = getattr(address, "host", None)
+        if not isinstance(host, str):
+            return None
+        ip = parse_ip(host)
+        if ip is None or (self.trusted_proxies and ip in self.trusted_proxies):
+            return None
+        return str(ip)
+
+    def buildProtocol(self, addr: IAddress) -> Protocol:
+        """A channel for a new connection, or a :class:`Refusal` closing it.
+
+        Past ``max_connections_per_client`` (for that client) or
+        ``max_connections``, the oldest idle keep-alive connection (of that
+        client, or of anyone) is closed to make room; with none idle, the
+        new connection is refused. A listening port accepts several
+        connections in one go, so the last few of a burst may find the
+        limit reached before the port is paused.
+
+        A refused connection still gets a protocol (one that closes it),
+        never None: a wrapping factory (TLS, the PROXY protocol) cannot
+        wrap None.
+
+        Args:
+            addr: The peer's address (a balancer's, behind the PROXY
+                protocol).
+
+        Returns:
+            The protocol for the connection.
+        """
+        client = None if self.proxy_protocol else self.client_of(addr)
+        if client is not None and not self._room_for(client):
+            return Refusal()
+        if self.connections.open >= self._limit():
+            oldest = self.connections.oldest_idle()
+            if oldest is None:
+                self._pause()
+                self._count_refused("max_connections")
+                return Refusal()
+            self._close_idle(oldest, "max_connections")
+        channel = super().buildProtocol(addr)
+        channel.client = client
+        return channel
+
+    def client_known(self, channel: GuardedChannel) -> bool:
+        """Count a PROXY protocol connection against the client its header
+        names (the channel's peer by its first request byte).
+
+        Args:
+            channel: The connection.
+
+        Returns:
+            False when the client is at ``max_connections_per_client`` with
+            no idle connection: the channel must close.
+        """
+        client = self.client_of(channel.transport.getPeer())
+        if client is None or not channel.counted:
+            return True
+        if not self._room_for(client):
+            return False
+        channel.client = client
+        self.connections.add_client(client)
+        return True
+
+    def connection_opened(self, channel: GuardedChannel) -> None:
+        """A channel started; pause accepting at the limit with none idle.
+
+        Args:
+            channel: The new connection's channel.
+        """
+        channel.counted = True
+        self.connections.opened(channel.client)
+        metrics = self._metrics()
+        if metrics is not None:
+            metrics.client_connections.inc()
+        self._update_accepting()
+
+    def connection_idle(self, channel: GuardedChannel) -> None:
+        """A channel waits for its next request: it may be closed for room.
+
+        Args:
+            channel: The channel, kept alive after a response.
+        """
+        if channel.counted:
+            self.connections.became_idle(channel, channel.client)
+            self._update_accepting()
+
+    def connection_busy(self, channel: GuardedChannel) -> None:
+        """An idle channel got the first byte of its next request.
+
+        Args:
+            channel: The channel, reading a request again.
+        """
+        if channel.counted:
+            self.connections.became_busy(channel, channel.client)
+            self._update_accepting()
+
+    def connection_closed(self, channel: GuardedChannel) -> None:
+        """A channel ended; accept again when there is room.
+
+        Args:
+            channel: The closed connection's channel.
+        """
+        if channel.counted:
+            self._release(channel)
+            self._update_accepting()
+
     def _limit(self) -> int:
         if self.max_connections is None:
             self.max_connections = default_max_connections()
         return self.max_connections
 
-    def buildProtocol(self, addr: Any) -> Any:
-        """A channel for a new connection; None (closing it) past the limit.
+    def _per_client_limit(self) -> int:
+        if self.max_connections_per_client is None:
+            self.max_connections_per_client = default_max_connections_per_client(
+                self._limit())
+        return self.max_connections_per_client
 
-        A listening port accepts several connections in one go, so the last
-        few of a burst may find the limit reached before the port is paused.
-        """
-        if self.open_connections >= self._limit():
-            self._pause()
-            return None
-        return super().buildProtocol(addr)
+    def _room_for(self, client: str) -> bool:
+        """Whether ``client`` may open one more connection, closing its
+        oldest idle one if that makes room."""
+        limit = self._per_client_limit()
+        if self.connections.count(client) < limit:
+            return True
+        oldest = self.connections.oldest_idle(client)
+        if oldest is not None:
+            self._close_idle(oldest, "per_client")
+            return True
+        self._count_refused("per_client")
+        self._log_refused(limit=limit, client=client)
+        return False
 
-    def connection_opened(self) -> None:
-        """A channel started; pause accepting at the limit."""
-        self.open_connections += 1
-        metrics = self._metrics()
-        if metrics is not None:
-            metrics.client_connections.inc()
-        if self.open_connections >= self._limit():
-            self._pause()
-
-    def connection_closed(self) -> None:
-        """A channel ended; accept again below the limit."""
-        self.open_connections -= 1
+    def _release(self, channel: GuardedChannel) -> None:
+        channel.counted = False
+        self.connections.closed(channel, channel.client)
         metrics = self._metrics()
         if metrics is not None:
             metrics.client_connections.dec()
-        if self._paused and self.open_connections < self._limit():
-            self._paused = False
-            for port in self._ports:
-                port.startReading()
+
+    def _close_idle(self, channel: GuardedChannel, reason: str) -> None:
+        self._release(channel)
+        channel.close_idle()
+        metrics = self._metrics()
+        if metrics is not None:
+            metrics.idle_connections_closed.labels(reason).inc()
+        self._log_closed_idle(reason=reason)
+
+    def _count_refused(self, reason: str) -> None:
+        metrics = self._metrics()
+        if metrics is not None:
+            metrics.connections_refused.labels(reason).inc()
 
     def _metrics(self) -> Any:
         return getattr(self.resource, "metrics", None)
+
+    def _update_accepting(self) -> None:
+        full = self.connections.open >= self._limit() and not self.connections.idle
+        if full:
+            self._pause()
+        elif self._paused:
+            self._paused = False
+            for port in self._ports:
+                port.startReading()
 
     def _pause(self) -> None:
         if self._paused:
@@ -299,14 +384,7 @@ class LLMProxySite(Site):
         metrics = self._metrics()
         if metrics is not None:
             metrics.connection_limit_reached.inc()
-        now = self.reactor.seconds()
-        if self._last_logged is None or now - self._last_logged >= LOG_EVERY:
-            self._last_logged = now
-            log.warn(
-                "max_connections ({limit}) reached: not accepting new connections "
-                "until some close",
-                limit=self._limit(),
-            )
+        self._log_paused(limit=self._limit())
 
 
 def build_site(config: Config, reactor: Any, resource: Resource) -> LLMProxySite:
@@ -316,7 +394,8 @@ def build_site(config: Config, reactor: Any, resource: Resource) -> LLMProxySite
         config: The validated configuration.
         reactor: The reactor.
         resource: The root resource (:class:`~llmproxy.web.RootResource`,
-            or the admin resource).
+            served on ``listen``), or the admin resource (on
+            ``admin_listen``).
 
     Returns:
         The Site to listen with.
@@ -325,4 +404,8 @@ def build_site(config: Config, reactor: Any, resource: Resource) -> LLMProxySite
     site.max_body_bytes = config.max_body_bytes
     site.request_read = config.timeouts.request_read
     site.max_connections = config.max_connections
+    site.max_connections_per_client = config.max_connections_per_client
+    site.trusted_proxies = NetworkSet(config.trusted_proxies)
+    listen = config.listen if isinstance(resource, RootResource) else config.admin_listen
+    site.proxy_protocol = is_proxy_protocol(listen)
     return site
