@@ -31,7 +31,7 @@ from twisted.logger import Logger, globalLogBeginner
 from twisted.python.failure import Failure
 
 from llmproxy import logs
-from llmproxy.app import build_daemon, log_file_of
+from llmproxy.app import build_daemon
 from llmproxy.config import Config, ConfigError, load_config
 from llmproxy.daemon import Daemon, Listener, one_line_exit
 from llmproxy.metrics import MULTIPROC_DIR_ENV, forget_process, multiprocess_possible

@@ -22,7 +22,7 @@ needs, through their public hooks:
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
@@ -32,8 +32,28 @@ from twisted.web.server import Request
 
 from llmproxy.proxy import request_id_for, send_error, write_raw_error
 
-if TYPE_CHECKING:
-    from llmproxy.web._site import LLMProxySite
+
+
+class ChannelHost(TypingProtocol):
+    """What a :class:`GuardedChannel` needs of its Site."""
+
+    proxy_protocol: bool
+    request_read: float | None
+
+    def client_known(self, channel: GuardedChannel) -> bool:
+        """The channel's client is known now (a PROXY header was read)."""
+
+    def connection_opened(self, channel: GuardedChannel) -> None:
+        """A connection was made."""
+
+    def connection_idle(self, channel: GuardedChannel) -> None:
+        """A connection waits for its next request."""
+
+    def connection_busy(self, channel: GuardedChannel) -> None:
+        """A connection's next request began."""
+
+    def connection_closed(self, channel: GuardedChannel) -> None:
+        """A connection closed."""
 
 __all__ = ["GuardedChannel", "LimitedRequest", "Refusal"]
 
@@ -155,7 +175,7 @@ class GuardedChannel(HTTPChannel):
         counted: Whether the Site counts the connection as open.
     """
 
-    site: LLMProxySite
+    site: ChannelHost  # the LLMProxySite
     client: str | None = None
     counted = False
     _phase = _NEW

@@ -1,4 +1,5 @@
-"""The open client connections: how many each client has, which are idle.
+"""The open client connections: how many each client has, which are idle;
+the limits' defaults, and their throttled log lines.
 
 :class:`ConnectionTable` is the Site's bookkeeping behind
 ``max_connections`` and ``max_connections_per_client``. It holds no socket
@@ -12,9 +13,100 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-__all__ = ["ConnectionTable"]
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger, LogLevel
+
+__all__ = [
+    "ConnectionTable",
+    "Throttled",
+    "default_max_connections",
+    "default_max_connections_per_client",
+    "is_proxy_protocol",
+]
+
+log = Logger(namespace="llmproxy.web")
+
+#: Open files kept back from client connections by the default
+#: max_connections: listening sockets, log files, DNS, the admin listener.
+RESERVED_FILES = 64
+#: Seconds between two log lines about the same connection limit.
+LOG_EVERY = 10.0
+#: The default max_connections_per_client is max_connections divided by
+#: this, and at least :data:`MIN_PER_CLIENT`.
+PER_CLIENT_SHARE = 16
+MIN_PER_CLIENT = 8
+
+
+def default_max_connections() -> int:
+    """What the open-file limit allows: each client connection may hold an
+    upstream connection too, and a few files are kept for the rest.
+
+    Returns:
+        ``(soft open-file limit - RESERVED_FILES) // 2``, at least 1; 100,000
+        where the limit is unknown or unlimited.
+    """
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 100_000
+    if soft == resource.RLIM_INFINITY:
+        return 100_000
+    return max(1, (soft - RESERVED_FILES) // 2)
+
+
+def default_max_connections_per_client(max_connections: int) -> int:
+    """The default share of ``max_connections`` one client address may hold.
+
+    Args:
+        max_connections: The site's connection limit.
+
+    Returns:
+        ``max_connections // PER_CLIENT_SHARE``, at least
+        :data:`MIN_PER_CLIENT`.
+    """
+    return max(MIN_PER_CLIENT, max_connections // PER_CLIENT_SHARE)
+
+
+def is_proxy_protocol(description: str | None) -> bool:
+    """Whether a server endpoint string is a PROXY protocol (``haproxy:``) one.
+
+    Args:
+        description: A Twisted server endpoint string, or None.
+
+    Returns:
+        True when its first part is ``haproxy``.
+    """
+    if description is None:
+        return False
+    return description.split(":", 1)[0].strip().lower() == "haproxy"
+
+
+class Throttled:
+    """A log line written at most once every :data:`LOG_EVERY` seconds.
+
+    Each line says (as ``count``) how many times it happened since the
+    previous line, itself included.
+    """
+
+    def __init__(self, clock: IReactorTime, level: LogLevel, text: str) -> None:
+        self._clock = clock
+        self._level = level
+        self._text = text
+        self._count = 0
+        self._last: float | None = None
+
+    def __call__(self, **fields: Any) -> None:
+        self._count += 1
+        now = self._clock.seconds()
+        if self._last is not None and now - self._last < LOG_EVERY:
+            return
+        log.emit(self._level, self._text, count=self._count, **fields)
+        self._count = 0
+        self._last = now
 
 C = TypeVar("C", bound=Hashable)
 
