@@ -154,3 +154,75 @@ async def test_an_alias_rewrites_only_the_model_through_the_daemon(
                                   headers={"Content-Type": "application/json"})
         assert response.code == 200
         assert upstream.requests[-1].body == body.replace(b'"alias"', b'"real-model"', 1)
+
+
+class _Consumer:
+    """A consumer whose buffer fills: it pauses its producer past a size."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.data = bytearray()
+        self.producer: Any = None
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        assert isinstance(data, bytes)
+        self.data += data
+        if len(self.data) >= self.room:
+            self.producer.pauseProducing()
+
+    def drain(self) -> None:
+        """Take what was written; let the producer go on."""
+        self.room = len(self.data) + 256 * 1024
+        self.producer.resumeProducing()
+
+
+def test_a_large_rewritten_body_is_written_as_the_connection_takes_it() -> None:
+    """A 2 MiB body with its model replaced is written in chunks, pausing
+    when the connection's buffer is full, never copied whole; what arrives is
+    the client's body with only the model changed, and it can be written
+    again from the start (a resend)."""
+    from llmproxy.proxy import Body
+
+    raw = b'{"messages": [' + b"{}, " * (512 * 1024) + b'{}], "model": "alias"}'
+    body = Body(raw)
+    body.set_model("real-model")
+    producer = body.producer()
+    expected = raw.replace(b'"alias"', b'"real-model"')
+    assert producer is not None and producer.length == len(expected)
+    for _ in range(2):  # a resend writes it all again
+        consumer = _Consumer(room=256 * 1024)
+        consumer.registerProducer(producer, True)
+        done = producer.startProducing(consumer)
+        rounds = 0
+        while not done.called:
+            assert len(consumer.data) < consumer.room + 64 * 1024, "paused when full"
+            consumer.drain()
+            rounds += 1
+        assert rounds > 4
+        assert bytes(consumer.data) == expected
+
+
+def test_a_stopped_body_writes_nothing_more_and_never_finishes() -> None:
+    """A request given up mid-body: the producer stops writing and its
+    Deferred never fires (IBodyProducer's contract)."""
+    from llmproxy.proxy import Body
+
+    raw = b'{"model": "alias", "pad": "' + b"x" * (1024 * 1024) + b'"}'
+    body = Body(raw)
+    body.set_model("real-model")
+    producer = body.producer()
+    assert producer is not None
+    consumer = _Consumer(room=128 * 1024)
+    consumer.registerProducer(producer, True)
+    done = producer.startProducing(consumer)
+    written = len(consumer.data)
+    producer.stopProducing()
+    producer.resumeProducing()
+    assert len(consumer.data) == written
+    assert not done.called

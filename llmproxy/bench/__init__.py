@@ -48,7 +48,9 @@ RSS after a warm-up and its peak while the bodies went through (growth in
 MB and as a multiple of the body size), the small requests' latency p50,
 p99 and max with the bodies and in a baseline phase as long right after,
 the stall other clients see (that max minus the baseline p50) and the
-bodies' own latency. It runs no wrk and ignores ``--connections``,
+bodies' own latency. With ``--alias`` the bodies name an alias of
+``big-model`` (``model_aliases``), so the proxy also writes the model into
+each. It runs no wrk and ignores ``--connections``,
 ``--duration`` and ``--repeat``.
 
 ``--workers N`` (``nonstream`` and ``sse``; 1 to 64, default 1) gives the

@@ -78,6 +78,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         metavar="MIB",
                         help=f"hostile-body: each body's size in MiB, 1 to {MAX_BODY_MIB} "
                              "(default 32)")
+    parser.add_argument("--alias", action="store_true",
+                        help="hostile-body: the bodies name an alias of the routed model "
+                        "(model_aliases), so the proxy writes the model into each")
     parser.add_argument("--bodies", type=_whole_number(MAX_BODIES), default=3,
                         help=f"hostile-body: bodies sent one after another, 1 to "
                              f"{MAX_BODIES} (default 3)")

@@ -39,6 +39,9 @@ from llmproxy.bench._servers import _start_proxy, _start_upstream
 
 #: The model the hostile bodies name: a key of the proxy's ``model_routes``.
 HOSTILE_MODEL = "big-model"
+#: With ``--alias``, the name the bodies give instead: an alias of
+#: :data:`HOSTILE_MODEL`, which the proxy writes into each body.
+HOSTILE_ALIAS = "big-alias"
 #: The largest body ``--body-mib`` takes, in MiB.
 MAX_BODY_MIB = 256
 #: The most bodies ``--bodies`` takes.
@@ -47,19 +50,19 @@ MAX_BODIES = 20
 _MIB = 1024 * 1024
 _PATH = "/v1/chat/completions"
 _HEAD = b'{"messages": ['
-_TAIL = b'], "model": "' + HOSTILE_MODEL.encode("ascii") + b'"}'
 #: Small requests only, before the daemon's RSS is read (s).
 _WARM_UP = 1.0
 #: Between the last body's answer and the baseline phase (s).
 _SETTLE = 0.5
 
 
-def hostile_body(size: int) -> bytes:
+def hostile_body(size: int, model: str = HOSTILE_MODEL) -> bytes:
     """A JSON body of exactly ``size`` bytes: as many empty objects as fit,
     then the top-level ``model`` last, so a reader must get past them all.
 
     Args:
         size: The body's length in bytes, at least 40.
+        model: The model it names.
 
     Returns:
         ``{"messages": [{}, {}, ...], "model": "big-model"}``, padded with
@@ -68,21 +71,26 @@ def hostile_body(size: int) -> bytes:
     Raises:
         ValueError: ``size`` is too small for one object and the model.
     """
-    room = size - len(_HEAD) - len(_TAIL)
+    tail = b'], "model": "' + model.encode("ascii") + b'"}'
+    room = size - len(_HEAD) - len(tail)
     if room < 2:
-        raise ValueError(f"a hostile body needs at least {len(_HEAD) + len(_TAIL) + 2} bytes")
+        raise ValueError(f"a hostile body needs at least {len(_HEAD) + len(tail) + 2} bytes")
     objects = (room + 2) // 4  # "{}" and then ", {}" each
     items = b"{}" + b", {}" * (objects - 1)
-    return b"".join([_HEAD, items, b" " * (room - len(items)), _TAIL])
+    return b"".join([_HEAD, items, b" " * (room - len(items)), tail])
 
 
-def _hostile_config(upstream_port: int, body_bytes: int) -> list[str]:
+def _hostile_config(upstream_port: int, body_bytes: int, alias: bool = False) -> list[str]:
     """The proxy's config lines beyond the usual: a model route (so that it
-    looks for ``model``) and a body limit the bodies fit under."""
-    return [
+    looks for ``model``), with ``alias`` an alias of it, and a body limit
+    the bodies fit under."""
+    lines = [
         f'model_routes: {{"{HOSTILE_MODEL}": "http://127.0.0.1:{upstream_port}"}}',
         f"max_body_bytes: {max(64 * _MIB, body_bytes + _MIB)}",
     ]
+    if alias:
+        lines.append(f'model_aliases: {{"{HOSTILE_ALIAS}": "{HOSTILE_MODEL}"}}')
+    return lines
 
 
 class _SmallRequests(threading.Thread):
@@ -173,9 +181,11 @@ def _run_hostile(args: argparse.Namespace, work: Path, proxy_core: int | None,
     reset after the warm-up when Linux allows it, so it is the peak while
     the bodies went through.
     """
-    body = hostile_body(args.body_mib * _MIB)
+    alias = getattr(args, "alias", False)
+    body = hostile_body(args.body_mib * _MIB, HOSTILE_ALIAS if alias else HOSTILE_MODEL)
     results: dict[str, Any] = {
         "scenario": args.scenario,
+        "alias": alias,
         "pinned": proxy_core is not None,
         "python": _interpreter(),
         "body_mib": args.body_mib,
@@ -191,7 +201,7 @@ def _run_hostile(args: argparse.Namespace, work: Path, proxy_core: int | None,
         _wait_listening(upstream_port, upstream, work / "upstream.log")
         port = _free_port()
         proxy = _start_proxy(work, port, upstream_port, proxy_core,
-                             _hostile_config(upstream_port, len(body)))
+                             _hostile_config(upstream_port, len(body), alias))
         try:
             # The load runs beside the upstream, never on the proxy's core.
             with _pinned(other_core):

@@ -196,7 +196,8 @@ def _hostile_report(results: dict[str, Any]) -> str:
              else "since start (VmHWM could not be reset)")
     lines = [
         f"scenario hostile-body, {results['bodies']} bodies of {results['body_mib']} MiB "
-        f"one after another ({results['objects_per_body']:,} empty objects each, model last), "
+        f"one after another ({results['objects_per_body']:,} empty objects each, model last"
+        f"{', an alias the proxy rewrites' if results.get('alias') else ''}), "
         f"proxy pinned to one core: {results['pinned']}, upstream: {results['upstream']}, "
         f"{_describe(results['python'])}",
         f"daemon RSS: {rss['before_mb']} MB after warm-up, peak {rss['peak_mb']} MB {since} "

@@ -17,12 +17,14 @@ from llmproxy.egress._connect import ConnectTunnelEndpoint, TunnelError, TunnelT
 from llmproxy.egress._endpoints import DirectEndpoints, TLSSetupError, TunnelEndpoints, tls_policy
 from llmproxy.egress._keepalive import ConnectionWatch, TLSHandshakeTimeout
 from llmproxy.egress._noproxy import NoProxy
-from llmproxy.egress._way import BytesProducer, RoutedResponse, StaleConnectionRetried
+from llmproxy.egress._body import BytesProducer, Patch
+from llmproxy.egress._way import RoutedResponse, StaleConnectionRetried
 
 __all__ = [
     "DIRECT",
     "PROXY",
     "BytesProducer",
+    "Patch",
     "ConnectTunnelEndpoint",
     "ConnectionWatch",
     "DirectEndpoints",

@@ -25,9 +25,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IConsumer
 from twisted.logger import Logger
 from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
@@ -38,8 +37,8 @@ from twisted.web.client import (
 )
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
-from zope.interface import implementer
 
+from llmproxy.egress._body import BytesProducer
 from llmproxy.egress._keepalive import ConnectionWatch
 
 log = Logger(namespace="llmproxy.egress")
@@ -72,35 +71,6 @@ class RoutedResponse(proxyForInterface(IResponse, "response")):  # type: ignore[
 class StaleConnectionRetried(ResponseNeverReceived):
     """A request retried after a stale pooled connection failed again: its
     ``reasons`` are why the retry failed."""
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body already in memory, written in one piece.
-
-    The body was read (and size-limited) before the request was sent, so
-    it is written synchronously: the agent sends it with a Content-Length.
-    It can be written again, which lets a :class:`Way` resend it.
-    """
-
-    def __init__(self, body: bytes) -> None:
-        """Wrap ``body``."""
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        """Write the whole body."""
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        """Nothing to pause: the body is written in one piece."""
-
-    def resumeProducing(self) -> None:
-        """Nothing to resume: the body is written in one piece."""
-
-    def stopProducing(self) -> None:
-        """Nothing to stop: the body is written in one piece."""
 
 
 def _closed_before_answering(failure: Failure) -> bool:

@@ -18,13 +18,15 @@ from llmproxy.proxy._exchange import Exchange
 from llmproxy.proxy._headers import HOP_BY_HOP
 from llmproxy.proxy._resource import ProxyResource
 from llmproxy.proxy._stream import Watched
-from llmproxy.proxy._targets import request_id_for, with_model
+from llmproxy.proxy._body import Body, with_model
+from llmproxy.proxy._targets import request_id_for
 from llmproxy.proxy._usage import Usage, UsageReader
 
 __all__ = [
     "ACCESS_FORMAT",
     "HOP_BY_HOP",
     "Attempt",
+    "Body",
     "Exchange",
     "Guard",
     "ProxyResource",

@@ -16,9 +16,8 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IResponse
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 
-from llmproxy.egress import BytesProducer
 from llmproxy.proxy._errors import ResponseHeaderTimeout
 from llmproxy.proxy._stream import Discard
 from llmproxy.routing import UpstreamPool
@@ -59,7 +58,7 @@ class Attempt:
         method: bytes,
         uri: bytes,
         headers: Headers,
-        body: bytes,
+        producer: IBodyProducer | None,
         timeout: float,
         clock: IReactorTime,
     ) -> Deferred[IResponse]:
@@ -70,7 +69,7 @@ class Attempt:
             method: The HTTP method.
             uri: The absolute URI.
             headers: The request headers.
-            body: The request body (none is sent if empty).
+            producer: Writes the request body, if there is one.
             timeout: Seconds the head may take (``timeouts.response_header``).
             clock: For the timeout.
 
@@ -78,7 +77,6 @@ class Attempt:
             Fires with the response, or fails with why not
             (:class:`ResponseHeaderTimeout` when the time ran out).
         """
-        producer = BytesProducer(body) if body else None
         try:
             sent = agent.request(method, uri, headers, producer)
         except Exception:

@@ -34,6 +34,7 @@ from llmproxy.egress import StaleConnectionRetried
 from llmproxy.proxy._access import emit, new_record, note_response
 from llmproxy.proxy._admit import Refusal, bucket_of, identify, refusal_for
 from llmproxy.proxy._attempt import Attempt
+from llmproxy.proxy._body import Body
 from llmproxy.proxy._errors import (
     ResponseHeaderTimeout,
     classify_failure,
@@ -51,9 +52,8 @@ from llmproxy.proxy._headers import (
 )
 from llmproxy.proxy._host import Host
 from llmproxy.proxy._stream import StreamToClient
-from llmproxy.proxy._targets import upstream_retry_after, with_model
+from llmproxy.proxy._targets import upstream_retry_after
 from llmproxy.proxy._retries import Retries
-from llmproxy.routing import extract_model
 
 log = Logger(namespace="llmproxy.proxy")
 
@@ -90,7 +90,7 @@ class Exchange:
         self.rid = rid
         self.path = path
         self.target = target
-        self.body = body
+        self.body = Body(body)
         self.started = proxy.clock.seconds()
         self.record = new_record(rid, request.method, path)
         self.record["bytes_in"] = len(body)
@@ -153,7 +153,7 @@ class Exchange:
 
     def _route(self) -> None:
         router = self.proxy.router
-        model = extract_model(self.body) if router.uses_model else None
+        model = self.body.model() if router.uses_model else None
         self.record["model"] = model
         route = router.route(self.path, model)
         if route is None:
@@ -166,7 +166,7 @@ class Exchange:
         self._retries = Retries(router, route, self.rid, self.record, self.proxy.metrics)
         if route.rewrite_model is not None:
             # An alias: the body names the real model upstream.
-            self.body = with_model(self.body, route.rewrite_model)
+            self.body.set_model(route.rewrite_model)
             self.record["model"] = route.rewrite_model
         self._send()
 
@@ -186,7 +186,7 @@ class Exchange:
         agent = proxy.via_agents.get(pool.via, proxy.agent)
         sent = attempt.send(
             agent, self.request.method, url.encode("ascii") + self.target, headers,
-            self.body, proxy.timeouts.response_header, proxy.clock,
+            self.body.producer(), proxy.timeouts.response_header, proxy.clock,
         )
         sent.addCallbacks(self._headed, self._failed, callbackArgs=(attempt,),
                           errbackArgs=(attempt,))
@@ -200,7 +200,7 @@ class Exchange:
         if not retries.another(attempt, reason):
             return False
         if retries.model != model:
-            self.body = with_model(self.body, retries.model)
+            self.body.set_model(retries.model)
         return True
 
     def _headed(self, response: IResponse, attempt: Attempt) -> None:

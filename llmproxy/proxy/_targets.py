@@ -1,7 +1,7 @@
 """The request's id and target: what is checked, encoded or rewritten.
 
-Request ids, the request target's checks and encoding, the model rewrite of
-a JSON body, and an upstream's ``Retry-After``.
+Request ids, the request target's checks and encoding, and an upstream's
+``Retry-After``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from urllib.parse import quote_from_bytes, unquote_to_bytes
 from twisted.web.iweb import IResponse
 
 from llmproxy.proxy._headers import header
-from llmproxy.routing import find_members, replace_value
 
 _MAX_REQUEST_ID = 128
 
@@ -149,15 +148,3 @@ def upstream_retry_after(response: IResponse) -> float | None:
     except ValueError:
         return None
     return seconds if seconds is not None and seconds >= 0 else None
-
-
-def with_model(body: bytes, model: str) -> bytes:
-    """The body with its top-level ``model`` string replaced in place.
-
-    Every other byte stays as the client sent it; a body without a
-    top-level string ``model`` (not JSON, say) is returned unchanged.
-    """
-    member = find_members(body, ("model",)).get("model")
-    if member is None or member.end is None or body[member.start:member.start + 1] != b'"':
-        return body
-    return replace_value(body, member, model)

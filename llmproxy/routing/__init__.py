@@ -16,6 +16,7 @@ from llmproxy.routing._model import (
     extract_model,
     find_members,
     replace_value,
+    string_value,
 )
 from llmproxy.routing._router import Route, Router
 from llmproxy.routing._tries import Tries
@@ -31,4 +32,5 @@ __all__ = [
     "extract_model",
     "find_members",
     "replace_value",
+    "string_value",
 ]

@@ -27,7 +27,14 @@ from functools import lru_cache
 
 import attrs
 
-__all__ = ["MAX_CANDIDATES", "Member", "extract_model", "find_members", "replace_value"]
+__all__ = [
+    "MAX_CANDIDATES",
+    "Member",
+    "extract_model",
+    "find_members",
+    "replace_value",
+    "string_value",
+]
 
 # Placeholders for escaped backslashes and quotes: the same length, so that
 # positions in the copy are positions in the body, and neither a quote nor a
@@ -135,6 +142,15 @@ def find_members(body: bytes, keys: tuple[str, ...], start: int | None = None) -
         if looked > MAX_CANDIDATES:
             return {}
         candidate = match.start()
+        if neutral.count(b'"', pos, candidate) == 0:
+            # No string in between (a run of empty objects, say): count the
+            # brackets in place, without copying the segment.
+            depth += _brackets_in(neutral, pos, candidate)
+            pos = match.end()
+            if depth == 1:
+                _note(neutral, pos, match, found)
+            match = pattern.search(neutral, pos)
+            continue
         skeleton = _skeleton(neutral[pos:candidate])
         if skeleton.count(b'"') % 2:
             # Inside a string (only in a body that is not JSON): resume after
@@ -149,16 +165,28 @@ def find_members(body: bytes, keys: tuple[str, ...], start: int | None = None) -
         depth += _depth_change(skeleton)
         pos = match.end()
         if depth == 1:
-            colon = pos
-            while neutral[colon:colon + 1] and neutral[colon] in _WHITESPACE:
-                colon += 1
-            if neutral[colon:colon + 1] == b":":
-                value_at = colon + 1
-                while neutral[value_at:value_at + 1] and neutral[value_at] in _WHITESPACE:
-                    value_at += 1
-                found[match.group(1).decode("ascii")] = value_at
+            _note(neutral, pos, match, found)
         match = pattern.search(neutral, pos)
     return {k: Member(at, _value_end(neutral, at)) for k, at in found.items()}
+
+
+def _brackets_in(data: bytes, start: int, end: int) -> int:
+    """Brackets opened minus closed in ``data[start:end]`` (no copy made)."""
+    return (data.count(b"{", start, end) + data.count(b"[", start, end)
+            - data.count(b"}", start, end) - data.count(b"]", start, end))
+
+
+def _note(neutral: bytes, after_key: int, match: re.Match[bytes], found: dict[str, int]) -> None:
+    """Note where the value of the key just matched starts, if it is a key
+    (followed by a colon) and not a string value that looks like one."""
+    colon = after_key
+    while neutral[colon:colon + 1] and neutral[colon] in _WHITESPACE:
+        colon += 1
+    if neutral[colon:colon + 1] == b":":
+        value_at = colon + 1
+        while neutral[value_at:value_at + 1] and neutral[value_at] in _WHITESPACE:
+            value_at += 1
+        found[match.group(1).decode("ascii")] = value_at
 
 
 def _value_end(neutral: bytes, at: int) -> int | None:
@@ -197,6 +225,11 @@ def _decoded_string(body: bytes, member: Member) -> str | None:
     return value
 
 
+def string_value(body: bytes, member: Member) -> str | None:
+    """A member's value if it is a JSON string (else None)."""
+    return _decoded_string(body, member)
+
+
 def extract_model(body: bytes) -> str | None:
     """Read the ``model`` of a JSON request body without changing the body.
 
@@ -227,4 +260,5 @@ def replace_value(body: bytes, member: Member, value: object) -> bytes:
     """
     assert member.end is not None
     encoded = json.dumps(value, separators=(",", ":")).encode("ascii")
-    return body[:member.start] + encoded + body[member.end:]
+    view = memoryview(body)  # one copy of the body, not three
+    return b"".join((view[:member.start], encoded, view[member.end:]))
