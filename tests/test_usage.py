@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 import itertools
 import json
 from collections.abc import Iterable, Sequence
@@ -222,12 +223,17 @@ def _read(
         **kwargs: ``max_line`` / ``tail_bytes`` for the reader.
 
     Returns:
-        The usage found.
+        The token counts found (prompt, completion, total).
     """
     reader = UsageReader(content_type, content_encoding, **kwargs)
     for chunk in _split(body, cuts):
         reader.feed(chunk)
-    return reader.finish()
+    return _counts(reader.finish())
+
+
+def _counts(usage: Usage) -> Usage:
+    """``usage``'s prompt, completion and total counts alone."""
+    return Usage(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
 
 
 def _split(body: bytes, cuts: Iterable[int]) -> list[bytes]:
@@ -406,7 +412,7 @@ def test_huge_json_body_is_read_in_bounded_memory() -> None:
         reader.feed(chunk)
         assert reader.buffered <= tail_bytes + largest
         assert reader.buffered <= tail_bytes
-    assert reader.finish() == Usage(1000, 1250000, 1251000)
+    assert _counts(reader.finish()) == Usage(1000, 1250000, 1251000)
 
 
 def test_huge_json_body_in_one_chunk() -> None:
@@ -419,7 +425,7 @@ def test_huge_json_body_in_one_chunk() -> None:
     reader = UsageReader(None, tail_bytes=1024)
     reader.feed(body)
     assert reader.buffered == 1024
-    assert reader.finish() == Usage(1, 2, 3)
+    assert _counts(reader.finish()) == Usage(1, 2, 3)
 
 
 def test_usage_cut_off_by_the_tail_is_not_found() -> None:
@@ -532,7 +538,7 @@ def test_long_line_is_dropped() -> None:
             for chunk in _split(stream, cuts):
                 reader.feed(chunk)
                 assert reader.buffered <= 400
-            assert reader.finish() == Usage(1, 2, 3)
+            assert _counts(reader.finish()) == Usage(1, 2, 3)
 
 
 def test_line_of_exactly_max_line_is_kept() -> None:
@@ -548,11 +554,81 @@ def test_line_of_exactly_max_line_is_kept() -> None:
 # -- bodies that are not read ------------------------------------------------
 
 
-def test_gzip_encoding_is_ignored() -> None:
-    """Compressed bodies are not read, JSON or event stream."""
-    assert _read(gzip.compress(OPENAI_CHAT), JSON, b"gzip") == Usage()
+def test_unknown_encodings_are_not_read() -> None:
+    """A body in an encoding other than gzip or deflate is not read."""
     assert _read(OPENAI_STREAM, SSE, b"br") == Usage()
+    assert _read(OPENAI_CHAT, JSON, b"zstd") == Usage()
     assert _read(OPENAI_CHAT, JSON, b"Identity") == Usage(19, 10, 29)
+
+
+@pytest.mark.parametrize(
+    "encoding, compress",
+    [
+        (b"gzip", gzip.compress),
+        (b"x-gzip", gzip.compress),
+        (b"deflate", zlib.compress),
+        (b"deflate", lambda data: zlib.compress(data)[2:-4]),  # raw deflate
+    ],
+    ids=["gzip", "x-gzip", "deflate", "raw-deflate"],
+)
+def test_compressed_bodies_are_read_inflated_on_the_side(encoding: bytes, compress: Any) -> None:
+    """gzip and deflate bodies, JSON or event stream, fed in any pieces, give
+    the usage the plain body gives.
+
+    Args:
+        encoding: The Content-Encoding.
+        compress: How the upstream compressed the body.
+    """
+    for body, content_type, counts in (
+        (OPENAI_CHAT, JSON, Usage(19, 10, 29)),
+        (OPENAI_STREAM, SSE, Usage(17, 27, 44)),
+    ):
+        packed = compress(body)
+        assert _read(packed, content_type, encoding) == counts
+        assert _read(packed, content_type, encoding, cuts=_bytewise(packed)) == counts
+
+
+def test_a_compression_bomb_is_not_read_past_its_bound() -> None:
+    """A body inflating past the bound is given up (no usage), in bounded
+    memory, without inflating it all."""
+    from llmproxy.proxy import _usage
+
+    bomb = gzip.compress(b"{" + b" " * (_usage.MAX_INFLATED + 1024) + b'"usage": {}}')
+    reader = UsageReader(JSON, b"gzip")
+    for at in range(0, len(bomb), 65536):
+        reader.feed(bomb[at:at + 65536])
+        assert reader.buffered <= 64 * 1024
+    assert reader.finish() == Usage()
+
+
+def test_the_cached_input_and_the_model_the_upstream_names_are_read() -> None:
+    """OpenAI's cached prompt tokens (chat and Responses), Anthropic's cache
+    reads, and the model the upstream names in the body or the usage
+    event."""
+    chat = json.dumps({
+        "id": "c", "object": "chat.completion", "model": "gpt-4o-2024-08-06", "choices": [],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 5, "total_tokens": 105,
+                  "prompt_tokens_details": {"cached_tokens": 64}},
+    }).encode()
+    reader = UsageReader(JSON)
+    reader.feed(chat)
+    usage = reader.finish()
+    assert (usage.cached_tokens, usage.model) == (64, "gpt-4o-2024-08-06")
+    reader = UsageReader(SSE)
+    reader.feed(ANTHROPIC_STREAM)
+    usage = reader.finish()
+    assert usage.model is not None and usage.model.startswith("claude")
+    assert usage.cached_tokens is not None
+
+
+def test_generated_text_is_counted_when_asked() -> None:
+    """With count_text, the characters of an event stream's text deltas
+    (OpenAI content, Anthropic text) are counted; usage lines are not."""
+    reader = UsageReader(SSE, count_text=True)
+    for piece in (b"Hel", b"lo, ", b"world"):
+        reader.feed(_sse(_chat_chunk(piece.decode())))
+    assert reader.text_chars == len("Hello, world")
+    assert UsageReader(SSE).text_chars == 0
 
 
 @pytest.mark.parametrize(
@@ -564,16 +640,16 @@ def test_other_content_types_are_ignored(content_type: bytes) -> None:
     reader = UsageReader(content_type)
     reader.feed(OPENAI_CHAT)
     assert reader.buffered == 0
-    assert reader.finish() == Usage()
+    assert _counts(reader.finish()) == Usage()
 
 
 def test_finish_is_final() -> None:
     """finish() may be called again; chunks after it are ignored."""
     reader = UsageReader(JSON)
     reader.feed(OPENAI_EMBEDDINGS)
-    assert reader.finish() == Usage(8, None, 8)
+    assert _counts(reader.finish()) == Usage(8, None, 8)
     reader.feed(ANTHROPIC_MESSAGE)
-    assert reader.finish() == Usage(8, None, 8)
+    assert _counts(reader.finish()) == Usage(8, None, 8)
     assert reader.buffered == 0
 
 

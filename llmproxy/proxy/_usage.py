@@ -20,22 +20,43 @@ Two body shapes are understood:
   ``"usage": {...}`` object in that tail is cut out by brace matching and
   decoded.
 
-Compressed bodies (any ``Content-Encoding`` but ``identity``) and other media
-types are not read. Nothing here raises on bad input: an unreadable body
-simply yields an empty :class:`Usage`. This module is pure logic, with no I/O
-and no reactor.
+A body compressed with ``gzip`` or ``deflate`` is inflated on the side, a
+bounded piece at a time (the client still gets the bytes the upstream sent),
+up to :data:`MAX_INFLATED` bytes; other encodings and media types are not
+read. The model the upstream names in the usage-bearing event (or the JSON
+body) is kept too. With ``count_text`` an event stream's generated text is
+counted (the characters of its content, text, reasoning and thinking
+deltas), for an estimate when a stream ends without usage. Nothing here
+raises on bad input: an unreadable body simply yields an empty
+:class:`Usage`. This module is pure logic, with no I/O and no reactor.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import zlib
 from typing import Any
 
 import attrs
 
 from llmproxy.proxy._usage_fields import USAGE_KEY, fields_from_tail, fields_of
+from llmproxy.routing import extract_model
 
 __all__ = ["Usage", "UsageReader"]
+
+#: The most bytes a compressed body is inflated to; past it, it is not read.
+MAX_INFLATED = 64 * 1024 * 1024
+#: Inflated bytes made from one piece of input at a time.
+_INFLATE_STEP = 256 * 1024
+#: The bytes at a JSON body's start kept for its ``model``.
+_HEAD_BYTES = 2048
+#: A generated text in an event: OpenAI chat deltas, the Responses API's
+#: text deltas, Anthropic's text and thinking deltas.
+_TEXT = re.compile(
+    rb'"(?:content|text|reasoning_content|reasoning|thinking|delta|partial_json)"'
+    rb'[ \t]*:[ \t]*"((?:[^"\\]|\\.)*)"'
+)
 
 _EVENT_STREAM = b"text/event-stream"
 _JSON = b"application/json"
@@ -53,11 +74,16 @@ class Usage:
             embeddings).
         total_tokens: Tokens billed in all; the reported total, or the sum of
             the other two when both are known; ``None`` otherwise.
+        cached_tokens: Tokens of the input read from a cache (part of
+            ``prompt_tokens``), if reported.
+        model: The model the upstream says answered, if it said.
     """
 
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
+    cached_tokens: int | None = None
+    model: str | None = None
 
 
 class UsageReader:
@@ -71,7 +97,10 @@ class UsageReader:
     Args:
         content_type: The response's ``Content-Type`` value, or ``None``.
         content_encoding: The response's ``Content-Encoding`` value, or
-            ``None``. Anything but ``identity`` turns the reader off.
+            ``None``: ``gzip`` and ``deflate`` are inflated on the side,
+            anything else but ``identity`` turns the reader off.
+        count_text: Count an event stream's generated text
+            (:attr:`text_chars`).
         max_line: The longest event-stream line kept, in bytes without its
             line ending; longer lines are dropped.
         tail_bytes: How many bytes at the end of a JSON body are kept.
@@ -85,6 +114,7 @@ class UsageReader:
         content_type: bytes | None,
         content_encoding: bytes | None = None,
         *,
+        count_text: bool = False,
         max_line: int = 1 << 20,
         tail_bytes: int = 64 * 1024,
     ) -> None:
@@ -94,7 +124,24 @@ class UsageReader:
             raise ValueError("tail_bytes must be positive")
         self._max_line = max_line
         self._tail_bytes = tail_bytes
-        self._mode = _mode_for(content_type, content_encoding)
+        self._mode = _mode_for(content_type)
+        self._inflater: Any = None
+        self._inflated = 0
+        encoding = (content_encoding or b"").strip().lower()
+        if encoding in (b"gzip", b"x-gzip", b"deflate"):
+            self._inflater = zlib.decompressobj(31 if encoding != b"deflate" else 15)
+            # "deflate" may come without zlib's header: the input is kept
+            # until the first inflated byte, to start again raw if need be.
+            self._deflate_start: bytearray | None = (
+                bytearray() if encoding == b"deflate" else None
+            )
+        elif encoding and encoding != b"identity":
+            self._mode = None
+        self._count_text = count_text and self._mode == "sse"
+        #: Characters of generated text seen (with ``count_text``).
+        self.text_chars = 0
+        self._model: str | None = None
+        self._head = bytearray()
         # Event streams: the unfinished last line and the line-splitting state.
         self._partial = bytearray()
         self._overflow = False  # the current line outgrew max_line: skip it
@@ -116,9 +163,18 @@ class UsageReader:
         Args:
             chunk: The bytes, exactly as they are passed on to the client.
         """
-        if self._result is not None or not chunk:
+        if self._result is not None or not chunk or self._mode is None:
             return
+        if self._inflater is not None:
+            self._feed_compressed(chunk)
+        else:
+            self._feed(chunk)
+
+    def _feed(self, chunk: bytes) -> None:
         if self._mode == "sse":
+            if self._count_text and chunk.find(b'"') >= 0:
+                for text in _TEXT.finditer(chunk):
+                    self.text_chars += len(text.group(1))
             if (
                 chunk[-1:] == b"\n"
                 # find, not `in`: on CPython 3.11 `bytes in bytes` raises
@@ -131,7 +187,37 @@ class UsageReader:
                 return
             self._feed_sse(chunk)
         elif self._mode == "json":
+            if len(self._head) < _HEAD_BYTES:
+                self._head += chunk[:_HEAD_BYTES - len(self._head)]
             self._feed_json(chunk)
+
+    def _feed_compressed(self, chunk: bytes) -> None:
+        """Inflate a compressed chunk a bounded piece at a time and read it."""
+        start = self._deflate_start
+        if start is not None:
+            start += chunk
+            if len(start) > _INFLATE_STEP:
+                self._deflate_start = None  # it inflates: keep no more
+        inflater = self._inflater
+        data = chunk
+        try:
+            while data and self._mode is not None:
+                piece = inflater.decompress(data, _INFLATE_STEP)
+                data = inflater.unconsumed_tail
+                self._inflated += len(piece)
+                if self._inflated > MAX_INFLATED:
+                    self._mode = None  # a bomb, or far too big to read
+                    return
+                if piece:
+                    self._deflate_start = None
+                    self._feed(piece)
+        except zlib.error:
+            if start is not None and self._inflated == 0:
+                # "deflate" sent raw, without zlib's header: start again.
+                self._inflater, self._deflate_start = zlib.decompressobj(-15), None
+                self._feed_compressed(bytes(start))
+            else:
+                self._mode = None
 
     def finish(self) -> Usage:
         """End the body and return the usage found in it.
@@ -147,9 +233,11 @@ class UsageReader:
                 # Be lenient about a missing final line end.
                 if self._partial and not self._overflow:
                     self._line(bytes(self._partial))
-                usage = _to_usage(self._fields)
+                usage = _to_usage(self._fields, self._model)
             elif self._mode == "json":
-                usage = _to_usage(fields_from_tail(bytes(self._tail)))
+                head = bytes(self._head)
+                model = extract_model(head) if head.find(b'"model"') >= 0 else None
+                usage = _to_usage(fields_from_tail(bytes(self._tail)), model)
             else:
                 usage = Usage()
             self._result = usage
@@ -279,22 +367,20 @@ class UsageReader:
         for holder in (event.get("message"), event.get("response"), event):
             if isinstance(holder, dict):
                 self._fields.update(fields_of(holder.get("usage")))
+                model = holder.get("model")
+                if isinstance(model, str) and model:
+                    self._model = model
 
 
-def _mode_for(content_type: bytes | None, content_encoding: bytes | None) -> str | None:
-    """Choose how a body with these headers is read.
+def _mode_for(content_type: bytes | None) -> str | None:
+    """Choose how a body of this type is read.
 
     Args:
         content_type: The ``Content-Type`` value, or ``None``.
-        content_encoding: The ``Content-Encoding`` value, or ``None``.
 
     Returns:
         ``"sse"``, ``"json"``, or ``None`` for a body that is not read.
     """
-    if content_encoding is not None:
-        encoding = content_encoding.strip().lower()
-        if encoding and encoding != b"identity":
-            return None
     if content_type is None:
         return "json"
     media_type = content_type.split(b";", 1)[0].strip().lower()
@@ -320,14 +406,16 @@ def _loads(data: bytes) -> Any:
         return None
 
 
-def _to_usage(fields: dict[str, int]) -> Usage:
+def _to_usage(fields: dict[str, int], model: str | None = None) -> Usage:
     """Map OpenAI or Anthropic usage counts to a :class:`Usage`.
 
     OpenAI names win over Anthropic ones. Anthropic's cache tokens are not
-    part of its ``input_tokens``, so they are added to the prompt.
+    part of its ``input_tokens``, so they are added to the prompt (and its
+    cache reads are the cached input).
 
     Args:
         fields: Valid token counts by their upstream names.
+        model: The model the upstream named.
 
     Returns:
         The usage.
@@ -343,4 +431,6 @@ def _to_usage(fields: dict[str, int]) -> Usage:
     total = fields.get("total_tokens")
     if total is None and prompt is not None and completion is not None:
         total = prompt + completion
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
+    cached = fields.get("cached_tokens", fields.get("cache_read_input_tokens"))
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total,
+                 cached_tokens=cached, model=model)

@@ -78,6 +78,14 @@ def fields_of(usage: object) -> dict[str, int]:
         count = _count(usage.get(key))
         if count is not None:
             fields[key] = count
+    # Cached input: OpenAI chat's prompt_tokens_details, the Responses
+    # API's input_tokens_details.
+    for details in ("prompt_tokens_details", "input_tokens_details"):
+        nested = usage.get(details)
+        if isinstance(nested, dict):
+            count = _count(nested.get("cached_tokens"))
+            if count is not None:
+                fields["cached_tokens"] = count
     return fields
 
 
