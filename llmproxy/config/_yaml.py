@@ -5,7 +5,8 @@ from __future__ import annotations
 import yaml
 
 from llmproxy.config._model import ConfigError
-from llmproxy.config._values import _join
+from llmproxy.config._secrets import HIDDEN_KEY
+from llmproxy.config._values import _key_path
 
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -24,13 +25,14 @@ def _check_duplicates(node: yaml.Node, path: str) -> None:
             if isinstance(key_node, yaml.ScalarNode):
                 key = str(key_node.value)
                 line = key_node.start_mark.line + 1
+                where = _key_path(path, key)
                 if key in seen:
+                    what = "duplicate key" if where != path else f"a key {HIDDEN_KEY} given twice"
                     raise ConfigError(
-                        _join(path, key),
-                        f"duplicate key (lines {seen[key]} and {line}); give it once",
+                        where, f"{what} (lines {seen[key]} and {line}); give it once"
                     )
                 seen[key] = line
-                _check_duplicates(value_node, _join(path, key))
+                _check_duplicates(value_node, where)
             else:
                 _check_duplicates(value_node, path)
     elif isinstance(node, yaml.SequenceNode):

@@ -1,0 +1,317 @@
+"""The config against hostile input: no message shows a secret.
+
+No message ever quotes a value under a secret key (a route's ``api_key``, a
+client key, ``proxy_url``, ``rate_limit.store``) or a keys-file line; each
+is checked through :func:`parse_config_text`, :func:`load_config` and the
+real ``twistd llmproxy --check``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+from llmproxy.config import ConfigError, load_config, parse_config_text
+from test_ops import check
+
+#: The smallest valid config: one path mapped to one base URL.
+MINIMAL = 'target_map:\n  "/v1/": "http://up.example"\n'
+
+
+def refused(text: str, environ: Mapping[str, str] | None = None) -> ConfigError:
+    """Parse a config that must be refused, and return the error.
+
+    Args:
+        text: The YAML document.
+        environ: The variables ``${NAME}`` may use (none by default).
+
+    Returns:
+        The ConfigError raised, checked to be one line.
+    """
+    with pytest.raises(ConfigError) as info:
+        parse_config_text(text, environ={} if environ is None else environ)
+    assert "\n" not in str(info.value)
+    return info.value
+
+
+def assert_check_refuses(tmp_path: Path, text: str, key: str) -> str:
+    """Run the real ``--check`` on a config it must refuse.
+
+    Args:
+        tmp_path: Where the config file is written.
+        text: The config.
+        key: The key path the one-line error must name.
+
+    Returns:
+        Everything the command printed (stdout and stderr).
+    """
+    result = check(tmp_path, text)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout == ""
+    line = result.stderr.strip()
+    assert "\n" not in line, result.stderr
+    assert line.startswith(f"llmproxy: config error: {key}: "), line
+    return result.stdout + result.stderr
+
+
+# -- secrets are never shown -------------------------------------------------
+
+#: Where a secret can be written: (YAML with ``{secret}`` in place of the
+#: value, the key path an error about it names).
+SECRET_PLACES = [
+    (MINIMAL + "model_routes:\n  gpt-4: {urls: [http://a], api_key: {secret}}\n",
+     "model_routes.gpt-4.api_key"),
+    ('target_map:\n  "/v1/": {urls: [http://a], api_key: {secret}}\n',
+     'target_map["/v1/"].api_key'),
+    (MINIMAL + "auth: {keys: [{secret}]}\n", "auth.keys[0]"),
+    (MINIMAL + "auth: {keys: [{key: {secret}, name: team-a}]}\n", "auth.keys[0].key"),
+    (MINIMAL + "proxy_url: {secret}\n", "proxy_url"),
+    (MINIMAL + "rate_limit: {rate: 1, store: {secret}}\n", "rate_limit.store"),
+]
+SECRET_IDS = ["route-api_key", "target_map-api_key", "client-key", "client-key-mapping",
+              "proxy_url", "store"]
+
+#: Secrets YAML reads as numbers, and every form in which a message could
+#: show them.
+NUMBER_SECRETS = [
+    ("918273645546372819", ("918273645546372819",)),
+    ("0x5EC12E7C0FFEE", ("5EC12E7C0FFEE", "5ec12e7c0ffee", str(0x5EC12E7C0FFEE))),
+    ("1_234_567_890_123", ("1_234_567_890_123", "1234567890123")),
+    ("190:20:30", ("190:20:30", str((190 * 60 + 20) * 60 + 30))),
+]
+
+
+def place(template: str, secret: str) -> str:
+    """Put a secret into one of the :data:`SECRET_PLACES` templates.
+
+    Args:
+        template: A config with ``{secret}`` in it.
+        secret: The YAML text of the value.
+
+    Returns:
+        The config.
+    """
+    return template.replace("{secret}", secret)
+
+
+@pytest.mark.parametrize("template, key", SECRET_PLACES, ids=SECRET_IDS)
+@pytest.mark.parametrize("secret, shown", NUMBER_SECRETS, ids=["int", "hex", "underscores",
+                                                                "sexagesimal"])
+def test_a_number_under_a_secret_key_is_not_shown(
+    template: str, key: str, secret: str, shown: tuple[str, ...]
+) -> None:
+    """A secret YAML reads as a number is refused without its value.
+
+    Args:
+        template: Where the secret is written.
+        key: The key path the error names.
+        secret: The YAML text of the secret.
+        shown: Every form of it that must not appear.
+    """
+    err = refused(place(template, secret))
+
+    assert err.key == key
+    assert "got an integer (value hidden: it is a secret)" in err.message
+    for text in shown:
+        assert text not in str(err)
+
+
+@pytest.mark.parametrize("template, key", SECRET_PLACES, ids=SECRET_IDS)
+def test_a_secret_is_not_shown_by_load_config(tmp_path: Path, template: str, key: str) -> None:
+    """The same through :func:`load_config`, from a file on disk.
+
+    Args:
+        tmp_path: A fresh directory.
+        template: Where the secret is written.
+        key: The key path the error names.
+    """
+    path = tmp_path / "config.yml"
+    path.write_text(place(template, "918273645546372819"))
+
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), environ={})
+
+    assert info.value.key == key
+    assert "918273645546372819" not in str(info.value)
+
+
+@pytest.mark.parametrize("template, key", SECRET_PLACES, ids=SECRET_IDS)
+def test_check_does_not_print_a_secret(tmp_path: Path, template: str, key: str) -> None:
+    """``--check`` refuses a number under each secret key without printing it.
+
+    Args:
+        tmp_path: A fresh directory.
+        template: Where the secret is written.
+        key: The key path the error names.
+    """
+    output = assert_check_refuses(tmp_path, place(template, "0x5EC12E7C0FFEE"), key)
+
+    assert "value hidden: it is a secret" in output
+    for text in ("5EC12E7C0FFEE", "5ec12e7c0ffee", str(0x5EC12E7C0FFEE)):
+        assert text not in output
+
+
+@pytest.mark.parametrize("template, key", SECRET_PLACES, ids=SECRET_IDS)
+def test_a_bad_variable_name_in_a_secret_is_not_shown(template: str, key: str) -> None:
+    """``${...}`` expansion: an invalid variable name in a secret is not quoted.
+
+    Args:
+        template: Where the secret is written.
+        key: The key path the error names.
+    """
+    err = refused(place(template, '"sk-${live 5ecret}"'))
+
+    assert err.key == key
+    assert err.message == "not a valid variable name in ${...}: (value hidden: it is a secret)"
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        (SECRET_PLACES[0][0], "expected a string, got an integer (value hidden: it is a secret)"),
+        (SECRET_PLACES[2][0], "expected a key (a string) or a mapping with 'key', "
+                              "got an integer (value hidden: it is a secret)"),
+    ],
+    ids=["api_key", "client-key"],
+)
+def test_a_number_for_a_secret_says_what_was_expected(template: str, message: str) -> None:
+    """The whole message for a number given as an ``api_key`` or client key.
+
+    Args:
+        template: Where the secret is written.
+        message: The message expected.
+    """
+    assert refused(place(template, "918273645546372819")).message == message
+
+
+def test_a_bad_variable_name_elsewhere_is_shown() -> None:
+    """Only secrets are hidden: a bad ``${...}`` in ``listen`` is quoted."""
+    err = refused(MINIMAL + 'listen: "tcp:${no good}"\n')
+
+    assert err.message == "not a valid variable name in ${...}: '${no good}'"
+
+
+def test_values_under_other_keys_are_still_shown() -> None:
+    """A wrong value under a key that is not a secret is quoted as before."""
+    err = refused(MINIMAL + "model_routes:\n  gpt-4: {urls: [http://a], retries: many}\n")
+
+    assert err.key == "model_routes.gpt-4.retries"
+    assert err.message == "expected an integer >= 0, got a string 'many'"
+
+
+def test_a_secret_from_the_environment_with_a_line_break_is_not_shown() -> None:
+    """An ``api_key`` whose variable holds a line break is refused, unquoted."""
+    err = refused(
+        MINIMAL + "model_routes:\n  gpt-4: {urls: [http://a], api_key: '${KEY}'}\n",
+        environ={"KEY": "sk-live-5ecret\r\nX-Injected: 1"},
+    )
+
+    assert err.key == "model_routes.gpt-4.api_key"
+    assert "5ecret" not in str(err) and "Injected" not in str(err)
+
+
+@pytest.mark.parametrize(
+    "auth, key, problem",
+    [
+        ("auth:\n  keys:\n    - sk-live-5ecret: team-a\n", "auth.keys[0]", "an unknown key"),
+        ("auth:\n  keys: [a]\n  sk-live-5ecret: team-a\n", "auth", "an unknown key"),
+        ("auth:\n  keys:\n    - {key: a, sk-live-5ecret: 1, sk-live-5ecret: 2}\n",
+         "auth.keys[0]", "given twice (lines 5 and 5)"),
+        ("auth:\n  keys:\n    - {5918273645546372819: team-a}\n", "auth.keys[0]",
+         "keys must be strings, got an integer (value hidden: it is a secret)"),
+        ("auth:\n  keys:\n    - {sk-live-5ecret: '${UNSET}'}\n", "auth.keys[0]",
+         "environment variable UNSET is not set"),
+        ("auth:\n  keys: sk-live-5ecret\n", "auth.keys",
+         "expected a list, got a string (value hidden: it is a secret)"),
+        ("auth: sk-live-5ecret\n", "auth",
+         "expected a mapping, got a string (value hidden: it is a secret)"),
+    ],
+    ids=["entry-as-mapping-key", "auth-key", "duplicate", "number-key", "unset-below",
+         "keys-not-a-list", "auth-not-a-mapping"],
+)
+def test_a_key_written_where_a_name_goes_is_not_shown(auth: str, key: str, problem: str) -> None:
+    """A client key written as a mapping key (``- sk-...: team``) or in place
+    of a section is refused without naming it, even in the key path.
+
+    Args:
+        auth: The ``auth`` section.
+        key: The key path the error names.
+        problem: What the message says.
+    """
+    err = refused(MINIMAL + auth)
+
+    assert err.key == key
+    assert problem in err.message
+    assert "5ecret" not in str(err) and "918273645546372819" not in str(err)
+
+
+def test_a_misspelt_client_key_field_is_named() -> None:
+    """A key that looks like a field name is named, with a suggestion."""
+    err = refused(MINIMAL + "auth: {keys: [{key: a, nmae: team-a}]}\n")
+
+    assert err.key == "auth.keys[0].nmae"
+    assert "did you mean 'name'?" in err.message
+
+
+def test_a_password_in_a_base_url_is_not_shown() -> None:
+    """A base URL's ``user:password@`` is hidden in an error about its port."""
+    err = refused('target_map:\n  "/v1/": "http://user:5ecret-pw@up.example:99999"\n')
+
+    assert err.message == "port out of range (1-65535) in 'http://***@up.example:99999'"
+
+
+#: Keys file lines with text after the key that must never be shown.
+BAD_KEY_LINES = [
+    ("sk-live-5ecret def-5ecret", "after the key, expected name=NAME"),
+    ("sk-live-5ecret name=x extra-5ecret", "after the key, expected name=NAME"),
+    ("sk-live-5ecret\tname=team budget=lots-5ecret", "budget: expected TOKENS/PER"),
+    ("sk-live-5ecret name=bad/5ecret", "name: a key name is"),
+]
+
+
+def keys_file_config(tmp_path: Path, line: str) -> str:
+    """Write a keys file whose third line is ``line``; return a config using it.
+
+    Args:
+        tmp_path: Where the keys file is written.
+        line: The keys file's third line.
+
+    Returns:
+        A config naming the keys file.
+    """
+    keys = tmp_path / "keys"
+    keys.write_text(f"# team keys\nsk-good-key name=good\n{line}\n")
+    return MINIMAL + f'auth: {{keys_file: "{keys}"}}\n'
+
+
+@pytest.mark.parametrize("line, problem", BAD_KEY_LINES)
+def test_a_keys_file_line_is_never_quoted(tmp_path: Path, line: str, problem: str) -> None:
+    """A bad keys file line is named by number, and nothing on it is shown.
+
+    Args:
+        tmp_path: A fresh directory.
+        line: The bad line.
+        problem: What the message says.
+    """
+    err = refused(keys_file_config(tmp_path, line))
+
+    assert err.key == "auth.keys_file"
+    assert f"{str(tmp_path / 'keys')!r}, line 3: {problem}" in err.message
+    assert "5ecret" not in str(err) and "sk-live" not in str(err)
+
+
+@pytest.mark.parametrize("line, problem", BAD_KEY_LINES[:2])
+def test_check_does_not_print_a_keys_file_line(tmp_path: Path, line: str, problem: str) -> None:
+    """``--check`` on a bad keys file line prints its number, not its text.
+
+    Args:
+        tmp_path: A fresh directory.
+        line: The bad line.
+        problem: What the message says.
+    """
+    output = assert_check_refuses(tmp_path, keys_file_config(tmp_path, line), "auth.keys_file")
+
+    assert "line 3: " + problem in output
+    assert "5ecret" not in output and "sk-live" not in output
