@@ -1,19 +1,27 @@
-"""The config against hostile input: no message shows a secret.
+"""The config against hostile input: secrets and YAML bombs.
 
-No message ever quotes a value under a secret key (a route's ``api_key``, a
-client key, ``proxy_url``, ``rate_limit.store``) or a keys-file line; each
-is checked through :func:`parse_config_text`, :func:`load_config` and the
-real ``twistd llmproxy --check``.
+Two promises, each checked through :func:`parse_config_text`,
+:func:`load_config` and the real ``twistd llmproxy --check``:
+
+- no message ever quotes a value under a secret key (a route's ``api_key``,
+  a client key, ``proxy_url``, ``rate_limit.store``) or a keys-file line;
+- a YAML document is bounded (size, aliases, what aliases expand to,
+  nesting) before anything walks or builds it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import signal
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import FrameType
 
 import pytest
+import yaml
 
-from llmproxy.config import ConfigError, load_config, parse_config_text
+from llmproxy.config import Config, ConfigError, load_config, parse_config_text
 from test_ops import check
 
 #: The smallest valid config: one path mapped to one base URL.
@@ -315,3 +323,191 @@ def test_check_does_not_print_a_keys_file_line(tmp_path: Path, line: str, proble
 
     assert "line 3: " + problem in output
     assert "5ecret" not in output and "sk-live" not in output
+
+
+# -- YAML bounds -------------------------------------------------------------
+
+
+def laugh_bomb(levels: int) -> str:
+    """A "billion laughs" config: each level lists the previous one ten times.
+
+    Args:
+        levels: How many levels (the last expands to 10**(levels - 1) laughs).
+
+    Returns:
+        The YAML text, with the bomb under ``no_proxy``.
+    """
+    lines = ["no_proxy:", '  - &l0 ["lol"]']
+    for i in range(1, levels):
+        lines.append(f"  - &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]")
+    return MINIMAL + "\n".join(lines) + "\n"
+
+
+class Overtime(Exception):
+    """Raised by :func:`deadline` when the time is up."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Interrupt the block with :class:`Overtime` after ``seconds``.
+
+    A refusal that regressed to walking an exponential document would
+    otherwise hang the test run instead of failing it.
+
+    Args:
+        seconds: Wall-clock time the block may take.
+
+    Yields:
+        Nothing; the block runs under a SIGALRM timer.
+    """
+
+    def expire(signum: int, frame: FrameType | None) -> None:
+        raise Overtime(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_laugh_bomb_is_refused_before_it_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 10-level laugh bomb is refused without building the document.
+
+    Args:
+        monkeypatch: Replaces the loader's construct_document with a spy.
+    """
+    built: list[object] = []
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    construct = loader.construct_document
+    monkeypatch.setattr(
+        loader, "construct_document", lambda self, node: built.append(node) or construct(self, node)
+    )
+    parse_config_text(MINIMAL, environ={})
+    assert len(built) == 1, "the spy sees documents being built"
+
+    started = time.perf_counter()
+    with deadline(5):
+        err = refused(laugh_bomb(10))
+    elapsed = time.perf_counter() - started
+
+    assert err.key == "<config>"
+    assert err.message == "aliases expand the YAML document by more than 10,000 nodes"
+    assert len(built) == 1
+    assert elapsed < 0.5, "the refusal costs what the text does, not what it expands to"
+
+
+def test_check_refuses_a_laugh_bomb_naming_the_file(tmp_path: Path) -> None:
+    """``--check`` refuses a laugh bomb with one line naming the file."""
+    output = assert_check_refuses(tmp_path, laugh_bomb(10), str(tmp_path / "config.yml"))
+
+    assert "aliases expand the YAML document by more than 10,000 nodes" in output
+
+
+def routes_sharing_one(aliases: int, urls: int) -> str:
+    """A config whose model routes all alias the first one.
+
+    The first route is a mapping of ``urls`` URLs: ``urls + 3`` nodes, each
+    alias adding as many.
+
+    Args:
+        aliases: How many further routes alias it.
+        urls: How many URLs it has.
+
+    Returns:
+        The YAML text.
+    """
+    listed = ", ".join(f"http://u{i}.example" for i in range(urls))
+    lines = [f"  m0: &route {{urls: [{listed}]}}"]
+    lines += [f"  m{i}: *route" for i in range(1, aliases + 1)]
+    return MINIMAL + "model_routes:\n" + "\n".join(lines) + "\n"
+
+
+def test_aliases_may_add_ten_thousand_nodes_and_no_more() -> None:
+    """100 aliases of a 100-node route add 10,000 nodes: accepted; one URL
+    more each (10,100): refused."""
+    config = parse_config_text(routes_sharing_one(100, 97), environ={})
+    assert len(config.model_routes) == 101
+    assert config.model_routes["m100"] == config.model_routes["m0"]
+
+    err = refused(routes_sharing_one(100, 98))
+    assert err.message == "aliases expand the YAML document by more than 10,000 nodes"
+
+
+def test_at_most_a_thousand_aliases() -> None:
+    """1,000 aliases load; 1,001 are refused."""
+    config = parse_config_text(routes_sharing_one(1000, 1), environ={})
+    assert len(config.model_routes) == 1001
+
+    err = refused(routes_sharing_one(1001, 1))
+    assert err.message == "the YAML document has more than 1,000 aliases"
+
+
+def test_anchors_and_merges_still_load() -> None:
+    """A route used twice, and a merge key overriding one field, load."""
+    config: Config = parse_config_text(
+        'target_map:\n'
+        '  "/a/": &shared {urls: ["http://a.example"], via: direct}\n'
+        '  "/b/": *shared\n'
+        '  "/c/": {<<: *shared, via: auto}\n',
+        environ={},
+    )
+
+    assert config.target_map["/b/"] == config.target_map["/a/"]
+    assert config.target_map["/c/"].urls == ("http://a.example",)
+    assert config.target_map["/c/"].via == "auto"
+
+
+def test_a_recursive_alias_is_refused() -> None:
+    """An alias inside the node it names is a ConfigError, not a RecursionError."""
+    with deadline(5):
+        err = refused(MINIMAL + "no_proxy: &loop [a, *loop]\n")
+
+    assert err.message == (
+        "an alias refers to the node holding it (anchored at line 3): "
+        "a config cannot be recursive"
+    )
+
+
+@pytest.mark.parametrize("depth, accepted", [(60, True), (70, False)])
+def test_nesting_is_bounded(depth: int, accepted: bool) -> None:
+    """Nesting up to 64 levels is read; deeper is refused, never a RecursionError.
+
+    Args:
+        depth: How many lists are nested under ``no_proxy``.
+        accepted: Whether the document passes the bound.
+    """
+    text = MINIMAL + "no_proxy: " + "[" * depth + "]" * depth + "\n"
+    if accepted:
+        # Past the bound, the value is refused for what it is.
+        assert "expected a string" in refused(text).message
+    else:
+        assert refused(text).message == "the YAML document is nested more than 64 levels deep"
+
+
+def test_a_document_over_one_mebibyte_is_refused() -> None:
+    """1 MiB is read; one byte more is refused, as text or as bytes."""
+    padding = "#" * (1024 * 1024 - len(MINIMAL) - 1) + "\n"
+    assert parse_config_text(MINIMAL + padding, environ={}).target_map
+
+    for text in (MINIMAL + padding + "#", (MINIMAL + padding + "#").encode()):
+        with pytest.raises(ConfigError) as info:
+            parse_config_text(text, environ={}, source="big.yml")
+        assert str(info.value) == "big.yml: larger than 1 MiB: a config file is never that big"
+
+
+def test_a_multibyte_document_is_measured_in_bytes() -> None:
+    """Text is measured in UTF-8 bytes: 600,000 two-byte characters are too many."""
+    err = refused(MINIMAL + "# " + "é" * 600_000 + "\n")
+
+    assert "larger than 1 MiB" in err.message
+
+
+def test_load_config_reads_at_most_one_mebibyte() -> None:
+    """An endless file (/dev/zero) is refused after 1 MiB, not read forever."""
+    with pytest.raises(ConfigError) as info:
+        load_config("/dev/zero", environ={})
+
+    assert str(info.value) == "/dev/zero: larger than 1 MiB: a config file is never that big"
