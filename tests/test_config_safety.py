@@ -1,8 +1,10 @@
-"""The config against hostile input: secrets and YAML bombs.
+"""The config against hostile or broken input: CA files, secrets, YAML bombs.
 
-Two promises, each checked through :func:`parse_config_text`,
+Three promises, each checked through :func:`parse_config_text`,
 :func:`load_config` and the real ``twistd llmproxy --check``:
 
+- ``tls.ca_file`` is parsed when the config loads, certificate by
+  certificate, so a file OpenSSL could not load never reaches run time;
 - no message ever quotes a value under a secret key (a route's ``api_key``,
   a client key, ``proxy_url``, ``rate_limit.store``) or a keys-file line;
 - a YAML document is bounded (size, aliases, what aliases expand to,
@@ -12,6 +14,7 @@ Two promises, each checked through :func:`parse_config_text`,
 from __future__ import annotations
 
 import contextlib
+import datetime
 import signal
 import time
 from collections.abc import Iterator, Mapping
@@ -20,7 +23,12 @@ from types import FrameType
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
+from certs import make_ca
 from llmproxy.config import Config, ConfigError, load_config, parse_config_text
 from test_ops import check
 
@@ -62,6 +70,192 @@ def assert_check_refuses(tmp_path: Path, text: str, key: str) -> str:
     assert "\n" not in line, result.stderr
     assert line.startswith(f"llmproxy: config error: {key}: "), line
     return result.stdout + result.stderr
+
+
+# -- tls.ca_file -------------------------------------------------------------
+
+
+def ca_config(path: Path, *pems: bytes) -> str:
+    """Write a CA file and return a config naming it.
+
+    Args:
+        path: The CA file to write.
+        *pems: Its contents, concatenated.
+
+    Returns:
+        A config whose ``tls.ca_file`` is the file.
+    """
+    path.write_bytes(b"".join(pems))
+    return MINIMAL + f'tls: {{ca_file: "{path}"}}\n'
+
+
+def expired_ca_pem() -> bytes:
+    """A self-signed CA certificate whose validity ended yesterday.
+
+    Returns:
+        The certificate, PEM-encoded.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "expired test CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=30))
+        .not_valid_after(now - datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def test_a_bundle_with_comments_loads(tmp_path: Path) -> None:
+    """Three certificates with text around them (as in distribution bundles),
+    CRLF line ends in one, and an expired CA all load."""
+    first, second, third = (make_ca(f"CA {i}").cert_pem for i in range(3))
+    text = ca_config(
+        tmp_path / "ca.pem",
+        b"# Issuer: CA 0\n", first, b"\nsome words\n", second.replace(b"\n", b"\r\n"),
+        third, expired_ca_pem(),
+    )
+
+    config = parse_config_text(text, environ={})
+
+    assert config.tls.ca_file == str(tmp_path / "ca.pem")
+
+
+def test_a_begin_marker_alone_is_refused(tmp_path: Path) -> None:
+    """The issue's file: only ``-----BEGIN CERTIFICATE-----``."""
+    text = ca_config(tmp_path / "ca.pem", b"-----BEGIN CERTIFICATE-----\n")
+
+    err = refused(text)
+
+    assert err.key == "tls.ca_file"
+    assert err.message == (
+        f"{str(tmp_path / 'ca.pem')!r}: certificate 1 of 1 (line 1) is truncated: "
+        "no '-----END CERTIFICATE-----' line"
+    )
+
+
+def test_a_certificate_cut_before_the_next_is_truncated(tmp_path: Path) -> None:
+    """A certificate whose END line is missing is truncated, even though the
+    next certificate's END line follows."""
+    first, second = (make_ca(f"CA {i}").cert_pem for i in range(2))
+    cut = b"".join(first.splitlines(keepends=True)[:4])
+    text = ca_config(tmp_path / "ca.pem", cut, second)
+
+    err = refused(text)
+
+    assert "certificate 1 of 2 (line 1) is truncated" in err.message
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda pem: pem.replace(b"M", b"!", 1), "is not valid base64"),
+        (lambda pem: b"".join(pem.splitlines(keepends=True)[i] for i in (0, 1, 2, -1)),
+         "is not a valid X.509 certificate ("),
+        (lambda pem: b"-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n", "is empty"),
+        (lambda pem: b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+         "is not a valid X.509 certificate ("),
+    ],
+    ids=["garbled", "cut-short", "empty", "not-x509"],
+)
+def test_a_damaged_certificate_is_named(tmp_path: Path, damage: object, problem: str) -> None:
+    """The second of three certificates, damaged: the message says which one
+    (its number and line) and what is wrong.
+
+    Args:
+        tmp_path: A fresh directory.
+        damage: Turns a good PEM certificate into a bad one.
+        problem: What the message must say about it.
+    """
+    first, second, third = (make_ca(f"CA {i}").cert_pem for i in range(3))
+    text = ca_config(tmp_path / "ca.pem", first, damage(second), third)  # type: ignore[operator]
+
+    err = refused(text)
+
+    assert err.key == "tls.ca_file"
+    line = first.count(b"\n") + 1
+    assert err.message.startswith(
+        f"{str(tmp_path / 'ca.pem')!r}: certificate 2 of 3 (line {line}) {problem}"
+    ), err.message
+
+
+@pytest.mark.parametrize("with_certificate", [False, True], ids=["alone", "after-a-cert"])
+def test_a_private_key_is_refused(tmp_path: Path, with_certificate: bool) -> None:
+    """A private key in a CA file is refused, alone or after a certificate.
+
+    Args:
+        tmp_path: A fresh directory.
+        with_certificate: Whether a good certificate comes first.
+    """
+    ca = make_ca()
+    pems = (ca.cert_pem, ca.key_pem) if with_certificate else (ca.key_pem,)
+    text = ca_config(tmp_path / "ca.pem", *pems)
+
+    err = refused(text)
+
+    assert err.key == "tls.ca_file"
+    number = "2 of 2" if with_certificate else "1 of 1"
+    assert f"PEM block {number} " in err.message
+    assert "is 'PRIVATE KEY', not a certificate" in err.message
+
+
+@pytest.mark.parametrize("contents", [b"", b"just some text\n"], ids=["empty", "text"])
+def test_a_file_without_pem_is_refused(tmp_path: Path, contents: bytes) -> None:
+    """No PEM block at all: the file holds no certificate.
+
+    Args:
+        tmp_path: A fresh directory.
+        contents: The whole file.
+    """
+    err = refused(ca_config(tmp_path / "ca.pem", contents))
+
+    assert err.key == "tls.ca_file"
+    assert err.message == f"{str(tmp_path / 'ca.pem')!r} holds no PEM certificate"
+
+
+def test_an_endless_ca_file_is_refused() -> None:
+    """A CA file is read up to 16 MiB: /dev/zero is refused, not read forever."""
+    err = refused(MINIMAL + 'tls: {ca_file: "/dev/zero"}\n')
+
+    assert err.key == "tls.ca_file"
+    assert "larger than 16 MiB" in err.message
+
+
+@pytest.mark.parametrize(
+    "contents, problem",
+    [
+        (b"-----BEGIN CERTIFICATE-----\n", "certificate 1 of 1 (line 1) is truncated"),
+        (None, "certificate 2 of 3 (line "),
+        (make_ca().key_pem, "PEM block 1 of 1 (line 1) is 'PRIVATE KEY'"),
+    ],
+    ids=["begin-only", "garbled", "private-key"],
+)
+def test_check_refuses_a_bad_ca_file(
+    tmp_path: Path, contents: bytes | None, problem: str
+) -> None:
+    """``twistd llmproxy --check`` exits 1 with one line for a bad CA file.
+
+    Args:
+        tmp_path: A fresh directory.
+        contents: The CA file (None: three certificates, the second garbled).
+        problem: What the line must say.
+    """
+    if contents is None:
+        first, second, third = (make_ca(f"CA {i}").cert_pem for i in range(3))
+        contents = first + second.replace(b"M", b"!", 1) + third
+    text = ca_config(tmp_path / "ca.pem", contents)
+
+    output = assert_check_refuses(tmp_path, text, "tls.ca_file")
+
+    assert problem in output
+    if problem.startswith("certificate 2"):
+        assert ") is not valid base64" in output
 
 
 # -- secrets are never shown -------------------------------------------------

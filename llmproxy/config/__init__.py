@@ -13,14 +13,16 @@ for ``auth.keys_file`` naming the line. :func:`parse_redis_url` and
 to the packages that use them.
 
 No message quotes a secret (``_secrets`` says which key paths hold one),
-and a YAML document is bounded (size, aliases, what they expand to,
-nesting) before it is walked or built.
+``tls.ca_file`` is parsed certificate by certificate, and a YAML document
+is bounded (size, aliases, what they expand to, nesting) before it is
+walked or built.
 
 This package imports no other llmproxy package. The implementation is split
 into private modules: ``_model`` (the attrs classes, :class:`ConfigError`,
 the defaults), ``_yaml`` (loading, bounds, duplicate keys), ``_values``
 (value converters), ``_secrets`` (secret key paths), ``_sections`` (section
-converters), ``_keys`` (``auth`` and keys files) and ``_redis_url``. Import everything from this package.
+converters), ``_ca_file`` (``tls.ca_file``), ``_keys`` (``auth`` and keys
+files) and ``_redis_url``. Import everything from this package.
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
 
     Raises:
         ConfigError: The file is missing, unreadable, larger than 1 MiB,
-            not YAML, or wrong; or so is the keys file.
+            not YAML, or wrong; or so is the keys file or ``tls.ca_file``.
     """
     try:
         with open(path, "rb") as f:

@@ -26,6 +26,7 @@ from llmproxy.config._model import (
     TimeoutsConfig,
     TLSConfig,
 )
+from llmproxy.config._ca_file import check_ca_file
 from llmproxy.config._redis_url import parse_redis_url
 from llmproxy.config._values import (
     _boolean,
@@ -196,14 +197,7 @@ def _tls(value: Any, path: str) -> TLSConfig:
     table.check_keys(("ca_file",))
     ca_file = table.get("ca_file", _string)
     if ca_file is not None:
-        key = _join(path, "ca_file")
-        try:
-            with open(ca_file, "rb") as f:
-                pem = f.read()
-        except OSError as e:
-            raise ConfigError(key, f"cannot read {ca_file!r}: {e.strerror}") from None
-        if b"-----BEGIN CERTIFICATE-----" not in pem:
-            raise ConfigError(key, f"{ca_file!r} holds no PEM certificate")
+        check_ca_file(ca_file, _join(path, "ca_file"))
     return TLSConfig(ca_file=ca_file)
 
 
