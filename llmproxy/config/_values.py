@@ -3,8 +3,12 @@
 Each converter takes a YAML value and its key path, and returns the
 validated value or raises :class:`~llmproxy.config.ConfigError` naming that
 path: strings, numbers, ports, endpoints, URLs, networks, booleans. Also the
-key-path helpers (:func:`_join`, :func:`_describe`), ``${NAME}`` expansion
+key-path helpers (:func:`_join`, :func:`_key_path`), ``${NAME}`` expansion
 and :class:`_Mapping`, a mapping being validated.
+
+A message quotes a value only through :func:`_shown` or :func:`_describe`,
+which hide it at a secret key path, and a URL only without its
+``user:password@``.
 """
 
 from __future__ import annotations
