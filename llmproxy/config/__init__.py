@@ -12,11 +12,17 @@ for ``auth.keys_file`` naming the line. :func:`parse_redis_url` and
 :func:`key_digest` say what ``rate_limit.store`` and a client key stand for,
 to the packages that use them.
 
+No message quotes a secret (``_secrets`` says which key paths hold one),
+``tls.ca_file`` is parsed certificate by certificate, and a YAML document
+is bounded (size, aliases, what they expand to, nesting) before it is
+walked or built.
+
 This package imports no other llmproxy package. The implementation is split
 into private modules: ``_model`` (the attrs classes, :class:`ConfigError`,
-the defaults), ``_yaml`` (loading, duplicate keys), ``_values`` (value
-converters), ``_sections`` (section converters), ``_keys`` (``auth`` and
-keys files) and ``_redis_url``. Import everything from this package.
+the defaults), ``_yaml`` (loading, bounds, duplicate keys), ``_values``
+(value converters), ``_secrets`` (secret key paths), ``_sections`` (section
+converters), ``_ca_file`` (``tls.ca_file``), ``_keys`` (``auth`` and keys
+files) and ``_redis_url``. Import everything from this package.
 """
 
 from __future__ import annotations
@@ -80,7 +86,14 @@ from llmproxy.config._values import (
     _positive_int,
     _proxy_url,
 )
-from llmproxy.config._yaml import _LOADER, _check_duplicates, _line_of
+from llmproxy.config._yaml import (
+    _LOADER,
+    MAX_BYTES,
+    _check_bounds,
+    _check_duplicates,
+    _check_size,
+    _line_of,
+)
 
 __all__ = [
     "dump_config",
@@ -116,12 +129,13 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
         names one) read.
 
     Raises:
-        ConfigError: The file is missing, unreadable, not YAML, or wrong;
-            or so is the keys file.
+        ConfigError: The file is missing, unreadable, larger than 1 MiB,
+            not YAML, or wrong; or so is the keys file or ``tls.ca_file``.
     """
     try:
         with open(path, "rb") as f:
-            text = f.read()
+            # One byte more than the limit, which parse_config_text refuses.
+            text = f.read(MAX_BYTES + 1)
     except OSError as e:
         raise ConfigError(path, f"cannot read config file: {e.strerror}") from None
     return parse_config_text(text, environ, source=path)
@@ -143,12 +157,15 @@ def parse_config_text(
         The validated configuration.
 
     Raises:
-        ConfigError: The text is not YAML, or the config is wrong.
+        ConfigError: The text is larger than 1 MiB, not YAML, too big once
+            its aliases are followed, or the config is wrong.
     """
+    _check_size(text, source)
     loader = _LOADER(text)
     try:
         node = loader.get_single_node()
         if node is not None:
+            _check_bounds(node, source)
             _check_duplicates(node, "")
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as e:

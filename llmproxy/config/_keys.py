@@ -125,6 +125,10 @@ def _client_key(value: Any, path: str) -> ClientKey:
     """One entry of ``auth.keys``: a key, or ``{key, name, budget}``."""
     if isinstance(value, str):
         return ClientKey(key=_key(value, path))
+    if not isinstance(value, dict):
+        raise ConfigError(
+            path, f"expected a key (a string) or a mapping with 'key', got {_describe(value, path)}"
+        )
     table = _Mapping(value, path)
     table.check_keys(("key", "name", "budget"))
     key = table.get("key", _key)
@@ -151,7 +155,8 @@ def _auth(value: Any, path: str) -> AuthConfig:
     table.check_keys(("keys", "keys_file"))
     listed = table.value.get("keys")
     if listed is not None and not isinstance(listed, list):
-        raise ConfigError(_join(path, "keys"), f"expected a list, got {_describe(listed)}")
+        keys_path = _join(path, "keys")
+        raise ConfigError(keys_path, f"expected a list, got {_describe(listed, keys_path)}")
     keys = tuple(
         _client_key(item, f"{_join(path, 'keys')}[{i}]") for i, item in enumerate(listed or ())
     )

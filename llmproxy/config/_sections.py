@@ -26,6 +26,7 @@ from llmproxy.config._model import (
     TimeoutsConfig,
     TLSConfig,
 )
+from llmproxy.config._ca_file import check_ca_file
 from llmproxy.config._redis_url import parse_redis_url
 from llmproxy.config._values import (
     _boolean,
@@ -45,7 +46,7 @@ def _route(value: Any, path: str) -> RouteConfig:
         return RouteConfig(urls=(_url(value, path),))
     if not isinstance(value, dict):
         raise ConfigError(
-            path, f"expected a URL or a mapping with 'urls', got {_describe(value)}"
+            path, f"expected a URL or a mapping with 'urls', got {_describe(value, path)}"
         )
     route = _Mapping(value, path)
     route.check_keys(
@@ -61,15 +62,15 @@ def _route(value: Any, path: str) -> RouteConfig:
     retries = route.value.get("retries")
     if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)
                                 or retries < 0):
-        raise ConfigError(
-            _join(path, "retries"), f"expected an integer >= 0, got {_describe(retries)}"
-        )
+        rpath = _join(path, "retries")
+        raise ConfigError(rpath, f"expected an integer >= 0, got {_describe(retries, rpath)}")
     retry_on = route.value.get("retry_on", [429, 500, 502, 503, 504])
     if not isinstance(retry_on, list) or not all(
         isinstance(c, int) and not isinstance(c, bool) and 100 <= c <= 599 for c in retry_on
     ):
+        rpath = _join(path, "retry_on")
         raise ConfigError(
-            _join(path, "retry_on"), f"expected a list of HTTP statuses, got {_describe(retry_on)}"
+            rpath, f"expected a list of HTTP statuses, got {_describe(retry_on, rpath)}"
         )
     eject_after = route.get("eject_after", _positive_int) or 5
     cooldown = route.get("cooldown", _number) or 30.0
@@ -99,7 +100,7 @@ def _route(value: Any, path: str) -> RouteConfig:
     if isinstance(urls, str):
         urls = [urls]
     if not isinstance(urls, list):
-        raise ConfigError(upath, f"expected a list of URLs, got {_describe(urls)}")
+        raise ConfigError(upath, f"expected a list of URLs, got {_describe(urls, upath)}")
     if not urls:
         raise ConfigError(upath, "must list at least one URL")
     parsed, weights = [], []
@@ -196,14 +197,7 @@ def _tls(value: Any, path: str) -> TLSConfig:
     table.check_keys(("ca_file",))
     ca_file = table.get("ca_file", _string)
     if ca_file is not None:
-        key = _join(path, "ca_file")
-        try:
-            with open(ca_file, "rb") as f:
-                pem = f.read()
-        except OSError as e:
-            raise ConfigError(key, f"cannot read {ca_file!r}: {e.strerror}") from None
-        if b"-----BEGIN CERTIFICATE-----" not in pem:
-            raise ConfigError(key, f"{ca_file!r} holds no PEM certificate")
+        check_ca_file(ca_file, _join(path, "ca_file"))
     return TLSConfig(ca_file=ca_file)
 
 
@@ -228,9 +222,8 @@ def _log(value: Any, path: str) -> LogConfig:
     backups = table.value.get("backups")
     if backups is not None and not (isinstance(backups, int) and not isinstance(backups, bool)
                                     and backups >= 0):
-        raise ConfigError(
-            _join(path, "backups"), f"expected an integer >= 0, got {_describe(backups)}"
-        )
+        bpath = _join(path, "backups")
+        raise ConfigError(bpath, f"expected an integer >= 0, got {_describe(backups, bpath)}")
     compress = table.get("compress", _boolean)
     access = table.get("access", _boolean)
     console_access = table.get("console_access", _boolean)
@@ -251,7 +244,7 @@ def _seconds(top: _Mapping, key: str, default: float) -> float:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ConfigError(key, f"expected seconds >= 0, got {_describe(value)}")
+        raise ConfigError(key, f"expected seconds >= 0, got {_describe(value, key)}")
     return float(value)
 
 
@@ -283,7 +276,7 @@ def _fallbacks(
         if isinstance(chain, str):
             chain = [chain]
         if not isinstance(chain, list):
-            raise ConfigError(key, f"expected a list of models, got {_describe(chain)}")
+            raise ConfigError(key, f"expected a list of models, got {_describe(chain, key)}")
         for i, other in enumerate(chain):
             other = _string(other, f"{key}[{i}]")
             if other not in models:

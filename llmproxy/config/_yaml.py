@@ -1,19 +1,127 @@
-"""YAML loading: the loader, duplicate-key detection and line numbers."""
+"""YAML loading: the loader, bounds on the document, duplicate keys, line numbers.
+
+A document is bounded before anything walks or builds it with its aliases
+followed: its size first, then the node graph the composer made (where an
+alias is one more reference to the node it names). That graph is walked
+once, each node once, so a "billion laughs" document costs what its text
+does, and is refused for what it would expand to.
+"""
 
 from __future__ import annotations
 
 import yaml
 
 from llmproxy.config._model import ConfigError
-from llmproxy.config._values import _join
+from llmproxy.config._secrets import HIDDEN_KEY
+from llmproxy.config._values import _key_path
 
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+#: The largest config accepted, in bytes (a config is a few KiB).
+MAX_BYTES = 1024 * 1024
+
+#: The most nodes (mappings, lists, keys, values) aliases may add to a
+#: document: its size with every alias replaced by a copy of what it names,
+#: less its size as written.
+MAX_ALIAS_NODES = 10_000
+
+#: The most aliases (``*name``, merges included) a document may hold.
+MAX_ALIASES = 1_000
+
+#: The deepest nesting, aliases followed (a config needs fewer than 10).
+MAX_DEPTH = 64
 
 
 def _line_of(text: str | bytes, position: int) -> int:
     """The 1-based line holding character ``position`` of ``text``."""
     newline = b"\n" if isinstance(text, bytes) else "\n"
     return text[:position].count(newline) + 1
+
+
+def _check_size(text: str | bytes, source: str) -> None:
+    """Refuse a document over :data:`MAX_BYTES` (UTF-8 bytes for text).
+
+    Args:
+        text: The document.
+        source: Its name, for the message.
+
+    Raises:
+        ConfigError: For ``source``: the document is too large.
+    """
+    size = len(text)
+    if isinstance(text, str) and size <= MAX_BYTES:
+        size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_BYTES:
+        raise ConfigError(
+            source, f"larger than {MAX_BYTES // 2**20} MiB: a config file is never that big"
+        )
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    """A node's children in document order (a mapping's keys and values)."""
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_bounds(root: yaml.Node, source: str) -> None:
+    """Refuse a composed document that is too big once aliases are followed.
+
+    Each node is visited once (iteratively, in post-order) and its size
+    and depth with aliases followed are computed from its children's, so
+    the cost is that of the text, whatever the document expands to.
+
+    Args:
+        root: The composed document.
+        source: Its name, for the message.
+
+    Raises:
+        ConfigError: For ``source``: aliases adding more than
+            :data:`MAX_ALIAS_NODES` nodes, more than :data:`MAX_ALIASES`
+            aliases, nesting deeper than :data:`MAX_DEPTH`, or an alias
+            inside the node it names.
+    """
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    references = 0
+    # (node, its children are done): each node is pushed False, then True.
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        children = _children(node)
+        if done:
+            open_nodes.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(child)] for child in children)
+            depth[id(node)] = 1 + max((depth[id(child)] for child in children), default=0)
+            if depth[id(node)] > MAX_DEPTH:
+                raise ConfigError(
+                    source, f"the YAML document is nested more than {MAX_DEPTH} levels deep"
+                )
+        elif id(node) in open_nodes:
+            # Pushed again from below itself: an alias to an ancestor.
+            raise ConfigError(
+                source,
+                f"an alias refers to the node holding it (anchored at line "
+                f"{node.start_mark.line + 1}): a config cannot be recursive",
+            )
+        elif id(node) not in size:
+            open_nodes.add(id(node))
+            references += len(children)
+            stack.append((node, True))
+            stack.extend((child, False) for child in reversed(children))
+    # Every node but the root is referenced once where it is written; any
+    # other reference is an alias.
+    aliases = references - (len(size) - 1)
+    if aliases > MAX_ALIASES:
+        raise ConfigError(source, f"the YAML document has more than {MAX_ALIASES:,} aliases")
+    if size[id(root)] - len(size) > MAX_ALIAS_NODES:
+        raise ConfigError(
+            source,
+            f"aliases expand the YAML document by more than {MAX_ALIAS_NODES:,} nodes",
+        )
 
 
 def _check_duplicates(node: yaml.Node, path: str) -> None:
@@ -24,13 +132,14 @@ def _check_duplicates(node: yaml.Node, path: str) -> None:
             if isinstance(key_node, yaml.ScalarNode):
                 key = str(key_node.value)
                 line = key_node.start_mark.line + 1
+                where = _key_path(path, key)
                 if key in seen:
+                    what = "duplicate key" if where != path else f"a key {HIDDEN_KEY} given twice"
                     raise ConfigError(
-                        _join(path, key),
-                        f"duplicate key (lines {seen[key]} and {line}); give it once",
+                        where, f"{what} (lines {seen[key]} and {line}); give it once"
                     )
                 seen[key] = line
-                _check_duplicates(value_node, _join(path, key))
+                _check_duplicates(value_node, where)
             else:
                 _check_duplicates(value_node, path)
     elif isinstance(node, yaml.SequenceNode):
