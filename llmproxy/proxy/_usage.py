@@ -35,20 +35,14 @@ from __future__ import annotations
 
 import json
 import re
-import zlib
 from typing import Any
 
-import attrs
-
-from llmproxy.proxy._usage_fields import USAGE_KEY, fields_from_tail, fields_of
+from llmproxy.proxy._inflate import MAX_INFLATED, Inflater
+from llmproxy.proxy._usage_fields import USAGE_KEY, Usage, fields_from_tail, fields_of, to_usage
 from llmproxy.routing import extract_model
 
-__all__ = ["Usage", "UsageReader"]
+__all__ = ["MAX_INFLATED", "Usage", "UsageReader"]
 
-#: The most bytes a compressed body is inflated to; past it, it is not read.
-MAX_INFLATED = 64 * 1024 * 1024
-#: Inflated bytes made from one piece of input at a time.
-_INFLATE_STEP = 256 * 1024
 #: The bytes at a JSON body's start kept for its ``model``.
 _HEAD_BYTES = 2048
 #: A generated text in an event: OpenAI chat deltas, the Responses API's
@@ -62,29 +56,6 @@ _EVENT_STREAM = b"text/event-stream"
 _JSON = b"application/json"
 _BOM = b"\xef\xbb\xbf"
 _CR = 0x0D
-
-@attrs.frozen
-class Usage:
-    """Token counts an upstream reported for one response.
-
-    Attributes:
-        prompt_tokens: Tokens in the input, cached input included; ``None``
-            if not reported.
-        completion_tokens: Tokens generated; ``None`` if not reported (as for
-            embeddings).
-        total_tokens: Tokens billed in all; the reported total, or the sum of
-            the other two when both are known; ``None`` otherwise.
-        cached_tokens: Tokens of the input read from a cache (part of
-            ``prompt_tokens``), if reported.
-        model: The model the upstream says answered, if it said.
-    """
-
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    total_tokens: int | None = None
-    cached_tokens: int | None = None
-    model: str | None = None
-
 
 class UsageReader:
     """Reads token usage from a response body, chunk by chunk.
@@ -125,16 +96,10 @@ class UsageReader:
         self._max_line = max_line
         self._tail_bytes = tail_bytes
         self._mode = _mode_for(content_type)
-        self._inflater: Any = None
-        self._inflated = 0
+        self._inflater: Inflater | None = None
         encoding = (content_encoding or b"").strip().lower()
-        if encoding in (b"gzip", b"x-gzip", b"deflate"):
-            self._inflater = zlib.decompressobj(31 if encoding != b"deflate" else 15)
-            # "deflate" may come without zlib's header: the input is kept
-            # until the first inflated byte, to start again raw if need be.
-            self._deflate_start: bytearray | None = (
-                bytearray() if encoding == b"deflate" else None
-            )
+        if Inflater.reads(encoding):
+            self._inflater = Inflater(encoding)
         elif encoding and encoding != b"identity":
             self._mode = None
         self._count_text = count_text and self._mode == "sse"
@@ -192,32 +157,14 @@ class UsageReader:
             self._feed_json(chunk)
 
     def _feed_compressed(self, chunk: bytes) -> None:
-        """Inflate a compressed chunk a bounded piece at a time and read it."""
-        start = self._deflate_start
-        if start is not None:
-            start += chunk
-            if len(start) > _INFLATE_STEP:
-                self._deflate_start = None  # it inflates: keep no more
-        inflater = self._inflater
-        data = chunk
-        try:
-            while data and self._mode is not None:
-                piece = inflater.decompress(data, _INFLATE_STEP)
-                data = inflater.unconsumed_tail
-                self._inflated += len(piece)
-                if self._inflated > MAX_INFLATED:
-                    self._mode = None  # a bomb, or far too big to read
-                    return
-                if piece:
-                    self._deflate_start = None
-                    self._feed(piece)
-        except zlib.error:
-            if start is not None and self._inflated == 0:
-                # "deflate" sent raw, without zlib's header: start again.
-                self._inflater, self._deflate_start = zlib.decompressobj(-15), None
-                self._feed_compressed(bytes(start))
-            else:
-                self._mode = None
+        """Inflate a compressed chunk, a bounded piece at a time, and read it."""
+        assert self._inflater is not None
+        for piece in self._inflater.inflate(chunk):
+            if self._mode is None:
+                return
+            self._feed(piece)
+        if self._inflater.failed:
+            self._mode = None
 
     def finish(self) -> Usage:
         """End the body and return the usage found in it.
@@ -233,11 +180,11 @@ class UsageReader:
                 # Be lenient about a missing final line end.
                 if self._partial and not self._overflow:
                     self._line(bytes(self._partial))
-                usage = _to_usage(self._fields, self._model)
+                usage = to_usage(self._fields, self._model)
             elif self._mode == "json":
                 head = bytes(self._head)
                 model = extract_model(head) if head.find(b'"model"') >= 0 else None
-                usage = _to_usage(fields_from_tail(bytes(self._tail)), model)
+                usage = to_usage(fields_from_tail(bytes(self._tail)), model)
             else:
                 usage = Usage()
             self._result = usage
@@ -404,33 +351,3 @@ def _loads(data: bytes) -> Any:
         return json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError):
         return None
-
-
-def _to_usage(fields: dict[str, int], model: str | None = None) -> Usage:
-    """Map OpenAI or Anthropic usage counts to a :class:`Usage`.
-
-    OpenAI names win over Anthropic ones. Anthropic's cache tokens are not
-    part of its ``input_tokens``, so they are added to the prompt (and its
-    cache reads are the cached input).
-
-    Args:
-        fields: Valid token counts by their upstream names.
-        model: The model the upstream named.
-
-    Returns:
-        The usage.
-    """
-    prompt = fields.get("prompt_tokens")
-    if prompt is None and "input_tokens" in fields:
-        prompt = (
-            fields["input_tokens"]
-            + fields.get("cache_creation_input_tokens", 0)
-            + fields.get("cache_read_input_tokens", 0)
-        )
-    completion = fields.get("completion_tokens", fields.get("output_tokens"))
-    total = fields.get("total_tokens")
-    if total is None and prompt is not None and completion is not None:
-        total = prompt + completion
-    cached = fields.get("cached_tokens", fields.get("cache_read_input_tokens"))
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total,
-                 cached_tokens=cached, model=model)

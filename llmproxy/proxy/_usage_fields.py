@@ -1,11 +1,14 @@
-"""Token counts out of JSON: a usage object's fields, and the last usage
-object in the tail of a JSON body (found without decoding the body)."""
+"""Token counts out of JSON: a usage object's fields, the last usage object in
+the tail of a JSON body (found without decoding the body), and the
+:class:`Usage` they make."""
 
 from __future__ import annotations
 
 import json
 import re
 from typing import Any
+
+import attrs
 
 #: ``"usage"``, optional JSON whitespace, ``:``, optional whitespace, ``{``.
 USAGE_KEY = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*\{')
@@ -167,3 +170,56 @@ def _object_end(data: bytes, start: int) -> int | None:
                     pos = match.end()
                     break
                 pos = match.end() + 1  # a backslash and the byte it escapes
+
+
+@attrs.frozen
+class Usage:
+    """Token counts an upstream reported for one response.
+
+    Attributes:
+        prompt_tokens: Tokens in the input, cached input included; ``None``
+            if not reported.
+        completion_tokens: Tokens generated; ``None`` if not reported (as for
+            embeddings).
+        total_tokens: Tokens billed in all; the reported total, or the sum of
+            the other two when both are known; ``None`` otherwise.
+        cached_tokens: Tokens of the input read from a cache (part of
+            ``prompt_tokens``), if reported.
+        model: The model the upstream says answered, if it said.
+    """
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    cached_tokens: int | None = None
+    model: str | None = None
+
+
+def to_usage(fields: dict[str, int], model: str | None = None) -> Usage:
+    """Map OpenAI or Anthropic usage counts to a :class:`Usage`.
+
+    OpenAI names win over Anthropic ones. Anthropic's cache tokens are not
+    part of its ``input_tokens``, so they are added to the prompt (and its
+    cache reads are the cached input).
+
+    Args:
+        fields: Valid token counts by their upstream names.
+        model: The model the upstream named.
+
+    Returns:
+        The usage.
+    """
+    prompt = fields.get("prompt_tokens")
+    if prompt is None and "input_tokens" in fields:
+        prompt = (
+            fields["input_tokens"]
+            + fields.get("cache_creation_input_tokens", 0)
+            + fields.get("cache_read_input_tokens", 0)
+        )
+    completion = fields.get("completion_tokens", fields.get("output_tokens"))
+    total = fields.get("total_tokens")
+    if total is None and prompt is not None and completion is not None:
+        total = prompt + completion
+    cached = fields.get("cached_tokens", fields.get("cache_read_input_tokens"))
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total,
+                 cached_tokens=cached, model=model)
