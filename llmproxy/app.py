@@ -108,6 +108,7 @@ class _Parts(MultiService):
             Router.from_config(config, clock=reactor), agent, reactor, config.timeouts,
             metrics, access_log=config.log.access, guard=guard,
             max_retry_wait=config.max_retry_wait, via_agents=via_agents, worker=worker,
+            stream_usage=getattr(config, "stream_usage", "budget"),
         )
 
 

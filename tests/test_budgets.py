@@ -85,27 +85,53 @@ async def test_a_spent_budget_refuses_with_insufficient_quota(
     assert all("key-a-secret" not in json.dumps(r, default=str) for r in access)
 
 
+def _events(body: bytes) -> list[Any]:
+    """The data of each event of an OpenAI stream (``[DONE]`` as a string)."""
+    events = []
+    for line in body.split(b"\n"):
+        if line.startswith(b"data: "):
+            data = line[6:]
+            events.append(data.decode() if data == b"[DONE]" else json.loads(data))
+    return events
+
+
 @pytest_twisted.ensureDeferred
-async def test_an_answer_without_usage_adds_nothing_and_is_counted(
+async def test_a_budgeted_stream_is_charged_without_stream_options_and_sees_no_usage(
     reactor, upstreams, proxies, client, access
 ) -> None:
-    """A stream without a usage event leaves the budget as it was."""
-    _, base = await upstreams.start()
-    proxy = await proxies.start(budget_config(base, tokens=TOKENS))
+    """A budgeted key streaming without ``stream_options`` is charged what
+    the stream used: the proxy asks the upstream for the usage, and takes the
+    usage-only event out of what the client gets, which is exactly the
+    stream it asked for."""
+    upstream, base = await upstreams.start()
+    proxy = await proxies.start(budget_config(base, tokens=TOKENS * 10))
     url = proxy + "/v1/chat/completions"
-    for _ in range(3):
-        response, _ = await fetch(client, reactor, url, {**CHAT, "stream": True},
-                                  headers=bearer("key-a-secret"))
-        assert response.code == 200
-    await timeout(access.wait(3), reactor)
+    response, body = await fetch(client, reactor, url, {**CHAT, "stream": True},
+                                 headers=bearer("key-a-secret"))
+    assert response.code == 200
+    events = _events(body)
+    assert events[-1] == "[DONE]"
+    assert all(e == "[DONE]" or e["choices"] for e in events), "no usage-only event"
+    assert all(e == "[DONE]" or e.get("usage") is None for e in events)
+    sent = json.loads(upstream.requests[-1].body)
+    assert sent["stream_options"] == {"include_usage": True}
+    await timeout(access.wait(1), reactor)
+    assert access[0]["total_tokens"] == TOKENS
     root = proxies.roots[-1]
-    registry = root.metrics.registry
-    assert registry.get_sample_value(
-        "llmproxy_budget_usage_missing_total", {"key": "team-a"}) == 3
     response, body = await admin_get(reactor, root, client, "/budgets")
     rows = {row["name"]: row for row in json.loads(body)["keys"]}
-    assert rows["team-a"]["used"] == 0 and rows["team-a"]["remaining"] == TOKENS
-    assert rows["team-b"]["budget"] is None
+    assert rows["team-a"]["used"] == TOKENS
+
+    # A client that asked for the usage gets its event, as the upstream sent it.
+    asked = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    response, body = await fetch(client, reactor, url, asked, headers=bearer("key-a-secret"))
+    usage = [e for e in _events(body) if e != "[DONE]" and not e["choices"]]
+    assert len(usage) == 1 and usage[0]["usage"]["total_tokens"] == TOKENS
+
+    # A key without a budget streams untouched (stream_usage: budget).
+    response, body = await fetch(client, reactor, url, {**CHAT, "stream": True},
+                                 headers=bearer("key-b-secret"))
+    assert "stream_options" not in json.loads(upstream.requests[-1].body)
 
 
 @pytest_twisted.ensureDeferred

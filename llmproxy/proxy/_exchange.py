@@ -52,6 +52,7 @@ from llmproxy.proxy._headers import (
 )
 from llmproxy.proxy._host import Host
 from llmproxy.proxy._stream import StreamToClient
+from llmproxy.proxy._usage_event import ask_stream_usage
 from llmproxy.proxy._targets import upstream_retry_after
 from llmproxy.proxy._retries import Retries
 
@@ -100,6 +101,7 @@ class Exchange:
         self._gone = False
         self.meter = Meter(proxy.access_log or proxy.metrics is not None, None, None)
         self._retries: Retries | None = None
+        self._usage_asked = False
         self._attempt: Attempt | None = None
         self._retry_timer: Any = None
         self._stream: StreamToClient | None = None
@@ -168,6 +170,10 @@ class Exchange:
             # An alias: the body names the real model upstream.
             self.body.set_model(route.rewrite_model)
             self.record["model"] = route.rewrite_model
+        self._usage_asked = ask_stream_usage(
+            self.body, self.path, route.pool.stream_usage or self.proxy.stream_usage,
+            self.meter.key is not None,
+        )
         self._send()
 
     # -- attempts ------------------------------------------------------------
@@ -183,6 +189,9 @@ class Exchange:
         url = retries.next_url(url)
         attempt = self._attempt = Attempt(pool, url)
         headers = upstream_headers(self.request, self.rid, pool, proxy.guard.keys is not None)
+        if self._usage_asked:
+            # The usage event is taken out of the stream: it must be plain.
+            headers.setRawHeaders(b"accept-encoding", [b"identity"])
         agent = proxy.via_agents.get(pool.via, proxy.agent)
         sent = attempt.send(
             agent, self.request.method, url.encode("ascii") + self.target, headers,
@@ -242,8 +251,11 @@ class Exchange:
         )
         assert self._retries is not None
         copy_response_headers(response, self.request, self.rid, self._retries.attempts)
+        drop = self._usage_asked and self.record["stream"]
+        if drop:
+            self.request.responseHeaders.removeHeader(b"content-length")
         self._response = response
-        self._stream = StreamToClient(self, proxy.clock, proxy.timeouts.stream_idle)
+        self._stream = StreamToClient(self, proxy.clock, proxy.timeouts.stream_idle, drop)
         response.deliverBody(self._stream)
 
     def _failed(self, failure: Failure, attempt: Attempt, classified: Any = None) -> None:

@@ -26,6 +26,7 @@ class Host(Protocol):
     access_log: bool
     guard: Guard
     max_retry_wait: float
+    stream_usage: str
     worker: int | None
 
     def finished(self, exchange: Any) -> None:

@@ -46,6 +46,9 @@ class ProxyResource(Resource):
         via_agents: The agents for routes that force their way out
             (``via: direct`` or ``proxy``); ``agent`` for any other.
         worker: The worker number put in access records (several workers).
+        stream_usage: When to ask an OpenAI stream for its usage
+            (``stream_usage``): ``budget``, ``always`` or ``never``; a
+            route's own setting wins.
         inflight: The requests being served now.
     """
 
@@ -63,6 +66,7 @@ class ProxyResource(Resource):
         max_retry_wait: float = 2.0,
         via_agents: Mapping[str, IAgent] | None = None,
         worker: int | None = None,
+        stream_usage: str = "budget",
     ) -> None:
         """Set up the proxy (see the class's attributes)."""
         super().__init__()
@@ -76,6 +80,7 @@ class ProxyResource(Resource):
         self.max_retry_wait = max_retry_wait
         self.via_agents = dict(via_agents or {})
         self.worker = worker
+        self.stream_usage = stream_usage
         self.inflight: set[Exchange] = set()
         self._drained: list[Deferred[None]] = []
 

@@ -23,6 +23,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from llmproxy.proxy._meter import Meter
+from llmproxy.proxy._usage_event import UsageEventFilter
 
 log = Logger(namespace="llmproxy.proxy")
 
@@ -54,16 +55,22 @@ class StreamToClient(Protocol):
     (:func:`ends_whole`), else as broken off.
     """
 
-    def __init__(self, exchange: BodyOwner, clock: IReactorTime, idle: float) -> None:
+    def __init__(
+        self, exchange: BodyOwner, clock: IReactorTime, idle: float,
+        drop_usage_event: bool = False,
+    ) -> None:
         """Set up the stream.
 
         Args:
             exchange: The request.
             clock: For the idle timer.
             idle: Seconds the upstream may stay silent (``stream_idle``).
+            drop_usage_event: Take the usage-only event out of the stream
+                (the proxy, not the client, asked for it).
         """
         self.exchange = exchange
         self.request = exchange.request
+        self.filter = UsageEventFilter(self.request.write) if drop_usage_event else None
         self.record = exchange.record
         self.meter = exchange.meter
         self.producing = False
@@ -126,7 +133,10 @@ class StreamToClient(Protocol):
             reader = self.meter.reader
             if reader is not None:
                 reader.feed(data)
-            self.request.write(data)
+            if self.filter is not None:
+                self.filter.feed(data)
+            else:
+                self.request.write(data)
 
     def stop(self) -> None:
         """Close the upstream connection: nobody reads this response."""
@@ -145,6 +155,8 @@ class StreamToClient(Protocol):
             reason.check(PotentialDataLoss) and not self.idled_out
             and ends_whole(b"".join(self.tail), self.record["stream"])
         ):
+            if self.filter is not None and not exchange.done:
+                self.filter.finish()
             exchange.body_done()
         else:
             exchange.body_failed(reason, self.idled_out)

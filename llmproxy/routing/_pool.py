@@ -77,6 +77,8 @@ class UpstreamPool:
         retry_on: Upstream statuses that count as a failed attempt.
         eject_after: Consecutive failures that eject a URL.
         cooldown: Seconds of the first ejection.
+        stream_usage: ``budget``, ``always`` or ``never`` (``stream_usage``)
+            for this route, or None for the config's.
         clock: Where time comes from (anything with ``seconds()``).
     """
 
@@ -95,6 +97,7 @@ class UpstreamPool:
     )
     eject_after: int = 5
     cooldown: float = 30.0
+    stream_usage: str | None = None
     clock: Clock = attrs.field(factory=ZeroClock, repr=False)
     _turn: int = attrs.field(default=0, init=False, repr=False)
     _health: dict[str, _Health] = attrs.field(init=False, repr=False)
@@ -146,6 +149,7 @@ class UpstreamPool:
             retry_on=route.retry_on,
             eject_after=route.eject_after,
             cooldown=route.cooldown,
+            stream_usage=getattr(route, "stream_usage", None),
             clock=clock,
         )
 
