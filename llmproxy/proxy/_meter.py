@@ -7,7 +7,7 @@ from typing import Any
 from llmproxy.limits import KeyInfo, Limits
 from llmproxy.proxy._usage import UsageReader
 
-_USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+_USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens")
 
 
 class Meter:
@@ -57,6 +57,8 @@ class Meter:
             value = getattr(usage, name)
             if value is not None:
                 record[name] = value
+        if usage.model is not None:
+            record["upstream_model"] = usage.model
         if self.key is not None and self._limits is not None and outcome != "error":
             if usage.prompt_tokens is None and usage.completion_tokens is None:
                 tokens = None

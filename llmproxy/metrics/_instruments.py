@@ -1,136 +1,30 @@
-"""Prometheus instruments (served by :class:`llmproxy.web.MetricsResource`).
+"""The Prometheus instruments and what one finished request counts in them.
 
 Every instrument lives in one :class:`Metrics` object with its own
 ``CollectorRegistry``, so that several proxies in one process (tests, an
-embedding app) never collide. Labels stay bounded: models that no route
-names count as ``other``, routes and upstreams come from the config, and
-client addresses are never labels.
-
-With ``workers: N`` above 1 the instruments use prometheus_client's
-multiprocess mode: each process writes its values to files in the
-directory named by :data:`MULTIPROC_DIR_ENV` (made per run by
-:mod:`llmproxy.workers`), and the first process's ``/metrics`` reads them
-all (:attr:`Metrics.multiprocess_dir`). prometheus_client chooses that mode
-once, when it is first imported (``prometheus_client.values.ValueClass``),
-so this module imports it lazily: only when the first :class:`Metrics` is
-built, after the daemon has set the variable.
-
-Importing this module has no side effects: no reactor is installed (the
-resource takes the reactor it runs on as an argument), and prometheus_client
-is not imported.
+embedding app) never collide. Labels stay bounded: request models that no
+route names count as ``other``, models upstreams report as the first
+``metrics.max_models`` names then ``other``, routes, upstreams, keys and
+priced models come from the config, and client addresses are never labels.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-import threading
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from llmproxy.config import Config
-
-if TYPE_CHECKING:
-    from prometheus_client.core import CounterMetricFamily
-
-__all__ = [
-    "MULTIPROC_DIR_ENV",
-    "Metrics",
-    "forget_process",
-    "multiprocess_possible",
-]
-
-#: The environment variable that puts prometheus_client in multiprocess mode
-#: (read when it is first imported, and when each value is created).
-MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+from llmproxy.metrics._labels import BoundedLabels, max_models_of
+from llmproxy.metrics._process import DNSCollector, multiprocess_dir_for
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 
-
-def multiprocess_possible() -> bool:
-    """Say whether prometheus_client can still run in multiprocess mode here.
-
-    Returns:
-        True when prometheus_client is not imported yet (setting
-        :data:`MULTIPROC_DIR_ENV` now is in time), or was imported in
-        multiprocess mode; False when it was imported without the variable
-        and keeps every value in this process's memory.
-    """
-    values = sys.modules.get("prometheus_client.values")
-    if values is None:
-        return True
-    return values.ValueClass is not values.MutexValue
-
-
-def forget_process(pid: int, path: str) -> None:
-    """Drop an ended process's live gauges from the shared metrics.
-
-    prometheus_client's ``mark_process_dead``: its ``livesum`` gauges (in
-    flight, connections) stop counting; its counters and histograms stay in
-    the sums.
-
-    Args:
-        pid: The process that ended.
-        path: The multiprocess directory.
-    """
-    from prometheus_client.multiprocess import mark_process_dead
-
-    mark_process_dead(pid, path)
-
-
-def _multiprocess_dir(config: Config) -> str | None:
-    """The multiprocess directory these instruments should use, if any.
-
-    Args:
-        config: ``workers`` above 1 asks for the shared files.
-
-    Returns:
-        The directory, when ``workers`` is above 1, :data:`MULTIPROC_DIR_ENV`
-        names a directory and prometheus_client runs in multiprocess mode;
-        else None (this process's values, served as they are).
-    """
-    if getattr(config, "workers", 1) <= 1:
-        return None
-    path = os.environ.get(MULTIPROC_DIR_ENV)
-    if not path or not os.path.isdir(path) or not multiprocess_possible():
-        return None
-    return path
-
-
-class _DNSCollector:
-    """Reports the caching resolver's hit and miss counters.
-
-    A prometheus_client collector (its ``Collector`` is a protocol: a
-    ``collect`` method is all it takes).
-    """
-
-    def __init__(self, resolver: Any) -> None:
-        self.resolver = resolver
-        self._base = {"hits": 0, "misses": 0}
-        self._seen: Any = None
-        # Scrapes run in the reactor's thread pool, possibly two at once.
-        self._lock = threading.Lock()
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        """Yield the hit and miss counters (monotonic across reloads)."""
-        from prometheus_client.core import CounterMetricFamily
-
-        with self._lock:
-            resolver = self.resolver
-            if resolver is not self._seen:
-                # A reload brought a new cache: keep the counters monotonic.
-                if self._seen is not None:
-                    for name in self._base:
-                        self._base[name] += getattr(self._seen, name, 0)
-                self._seen = resolver
-            hits = self._base["hits"] + getattr(resolver, "hits", 0)
-            misses = self._base["misses"] + getattr(resolver, "misses", 0)
-        yield CounterMetricFamily(
-            "llmproxy_dns_cache_hits", "DNS lookups answered from the cache.", value=hits
-        )
-        yield CounterMetricFamily(
-            "llmproxy_dns_cache_misses", "DNS lookups that needed a query.", value=misses
-        )
+#: The error codes of requests turned away before anything went upstream:
+#: counted in ``llmproxy_refused_total``, not as upstream errors.
+REFUSALS = frozenset({
+    "invalid_api_key", "rate_limited", "insufficient_quota", "limit_store_unavailable",
+    "model_not_allowed", "model_not_priced",
+})
 
 
 class Metrics:
@@ -149,7 +43,15 @@ class Metrics:
         ttfb: Time to the upstream's response headers, by route, model and
             upstream.
         inflight: Requests being proxied now.
-        tokens: Usage tokens, by type (prompt, completion) and model.
+        tokens: Usage tokens, by type (prompt, completion) and the model
+            the upstream reports (the first ``max_models`` names, then
+            ``other``).
+        key_tokens: Usage tokens, by key name and type.
+        refused: Requests turned away before anything went upstream, by
+            reason (the error code).
+        cost: USD spent (from ``prices``), by key name and priced model.
+        estimated_tokens: Tokens charged by estimate (no usage reported),
+            by key name.
         upstream_errors: Upstream failures, by kind and upstream.
         retries: Retries to another upstream, by route.
         ejections: Upstreams taken out of rotation, by upstream.
@@ -180,8 +82,10 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry(auto_describe=True)
-        self.multiprocess_dir = _multiprocess_dir(config)
+        self.multiprocess_dir = multiprocess_dir_for(config)
         self._models = frozenset(config.model_routes)
+        self._reported = BoundedLabels(max_models_of(config))
+        self._price_label: Callable[[str | None], str] = lambda model: "other"
         # Shared between workers, each instrument writes its values to this
         # process's files and is registered nowhere: the registry serves
         # what MultiProcessCollector reads from every worker's files.
@@ -220,8 +124,35 @@ class Metrics:
         )
         self.tokens = Counter(
             "llmproxy_tokens",
-            "Tokens reported by upstreams, by type (prompt, completion) and model.",
+            "Tokens reported by upstreams, by type (prompt, completion) and the "
+            "model the upstream reports.",
             ["type", "model"],
+            registry=r,
+        )
+        self.key_tokens = Counter(
+            "llmproxy_key_tokens",
+            "Tokens reported by upstreams for named client keys, by key and type.",
+            ["key", "type"],
+            registry=r,
+        )
+        self.refused = Counter(
+            "llmproxy_refused",
+            "Requests turned away before anything went upstream, by reason "
+            "(invalid_api_key, rate_limited, insufficient_quota, model_not_allowed, ...).",
+            ["reason"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "llmproxy_cost_usd",
+            "USD spent, from the configured prices, by key name and priced model.",
+            ["key", "model"],
+            registry=r,
+        )
+        self.estimated_tokens = Counter(
+            "llmproxy_budget_estimated_tokens",
+            "Tokens charged to keys' budgets by estimate (the answer reported no "
+            "usage), by key name.",
+            ["key"],
             registry=r,
         )
         self.retries = Counter(
@@ -307,21 +238,29 @@ class Metrics:
         # The DNS cache counters are read from this process's resolver at
         # scrape time, which the multiprocess files cannot sum: with workers
         # they are worker 1's (the only registry served is worker 1's).
-        self._dns = _DNSCollector(resolver)
+        self._dns = DNSCollector(resolver)
         self.registry.register(self._dns)
         # Labelled children by label values (bounded: the labels are).
         self._children: dict[tuple[str, str, str, str], tuple[Any, ...]] = {}
         self._errors: dict[tuple[str, str], Any] = {}
 
-    def configure(self, config: Config, resolver: Any = None) -> None:
-        """Follow a reloaded config: its models and its DNS cache.
+    def configure(
+        self, config: Config, resolver: Any = None,
+        price_label: Callable[[str | None], str] | None = None,
+    ) -> None:
+        """Follow a (reloaded) config: its models, its DNS cache, its prices.
 
         Args:
-            config: The new configuration.
-            resolver: The new caching resolver, if any.
+            config: The configuration.
+            resolver: The caching resolver, if any.
+            price_label: The cost metric's model label for a model (its
+                price-table entry, or ``other``).
         """
         self._models = frozenset(config.model_routes)
+        self._reported.limit = max_models_of(config)
         self._dns.resolver = resolver
+        if price_label is not None:
+            self._price_label = price_label
 
     def model_label(self, model: str | None) -> str:
         """The bounded label value for a request's model.
@@ -345,7 +284,7 @@ class Metrics:
         """Count one finished request from its access record.
 
         Args:
-            record: The access record's fields (see proxy/_exchange.py).
+            record: The access record's fields (see llmproxy/proxy/_access.py).
         """
         self.inflight.dec()
         route = record.get("route") or "none"
@@ -360,10 +299,8 @@ class Metrics:
                 self.requests.labels(route, model, upstream, status_class),
                 self.duration.labels(route, model),
                 self.ttfb.labels(route, model, upstream),
-                self.tokens.labels("prompt", model),
-                self.tokens.labels("completion", model),
             )
-        requests, duration, ttfb_histogram, prompt, completion = children
+        requests, duration, ttfb_histogram = children
         requests.inc()
         latency = record.get("latency_ms")
         if latency is not None:
@@ -373,14 +310,37 @@ class Metrics:
             ttfb_histogram.observe(ttfb / 1000.0)
         error = record.get("error_code")
         if error:
-            error_key = (error, upstream)
-            errors = self._errors.get(error_key)
-            if errors is None:
-                errors = self._errors[error_key] = self.upstream_errors.labels(error, upstream)
-            errors.inc()
-        count = record.get("prompt_tokens")
-        if count:
-            prompt.inc(count)
-        count = record.get("completion_tokens")
-        if count:
-            completion.inc(count)
+            if error in REFUSALS:
+                self.refused.labels(error).inc()
+            else:
+                error_key = (error, upstream)
+                errors = self._errors.get(error_key)
+                if errors is None:
+                    errors = self._errors[error_key] = self.upstream_errors.labels(
+                        error, upstream
+                    )
+                errors.inc()
+        prompt, completion = record.get("prompt_tokens"), record.get("completion_tokens")
+        if prompt or completion:
+            self._count_tokens(record, prompt or 0, completion or 0)
+
+    def _count_tokens(self, record: dict[str, Any], prompt: int, completion: int) -> None:
+        """Count a request's tokens (and cost) by model and by key."""
+        reported = self._reported.label(record.get("upstream_model") or record.get("model"))
+        if prompt:
+            self.tokens.labels("prompt", reported).inc(prompt)
+        if completion:
+            self.tokens.labels("completion", reported).inc(completion)
+        name = record.get("key_name")
+        if name is None:
+            return
+        if prompt:
+            self.key_tokens.labels(name, "prompt").inc(prompt)
+        if completion:
+            self.key_tokens.labels(name, "completion").inc(completion)
+        cost = record.get("cost_usd")
+        if cost:
+            priced = self._price_label(record.get("upstream_model") or record.get("model"))
+            self.cost.labels(name, priced).inc(cost)
+        if record.get("usage_estimated"):
+            self.estimated_tokens.labels(name).inc(prompt + completion)
