@@ -383,6 +383,24 @@ async def test_upstream_errors_pass_through(reactor, upstreams, proxies, client)
     assert "error" in json.loads(data)
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_server_header_names_llmproxy_without_a_version(
+    reactor, upstreams, proxies, client
+) -> None:
+    """Every answer says ``Server: llmproxy`` and no version: llmproxy's own
+    answers, and proxied ones (the upstream's ``Server`` is not passed on)."""
+    upstream, base, proxy = await one_proxy(upstreams, proxies)
+    for path, method, code in (
+        ("/v1/chat/completions", b"POST", 200),
+        ("/nowhere", b"POST", 404),
+        ("/healthz", b"GET", 200),
+    ):
+        response, _ = await fetch(client, reactor, proxy + path, CHAT, method=method)
+        assert response.code == code
+        assert response.headers.getRawHeaders(b"server") == [b"llmproxy"], path
+    assert upstream.requests, "the fake upstream answered the proxied one"
+
+
 class _BrokenRouter:
     """A router with a bug: every lookup raises."""
 

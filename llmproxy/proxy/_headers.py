@@ -49,6 +49,10 @@ _REQUEST_OWN_AND_CREDENTIALS = _REQUEST_OWN | frozenset(CREDENTIALS)
 # extended, not copied).
 _FORWARDING = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id"))
 
+# Response headers llmproxy writes itself (as nginx does): its own Server
+# and Date, never the upstream's.
+_RESPONSE_OWN = HOP_BY_HOP | {b"server", b"date"}
+
 #: The response header saying how many upstream attempts a request took.
 ATTEMPTS_HEADER = b"x-llmproxy-upstream-attempts"
 
@@ -140,7 +144,8 @@ def copy_response_headers(
 ) -> None:
     """Put an upstream response's head on the client's response.
 
-    End-to-end headers are copied; a known length is kept (Twisted's client
+    End-to-end headers are copied, except ``Server`` and ``Date``, which
+    are llmproxy's own (as with nginx); a known length is kept (Twisted's client
     keeps Content-Length out of ``response.headers`` except for HEAD), so
     that a body cut short upstream is visibly short for the client too.
 
@@ -151,7 +156,7 @@ def copy_response_headers(
         attempts: Upstream attempts made, for :data:`ATTEMPTS_HEADER`.
     """
     out = request.responseHeaders
-    for name, values in end_to_end(response.headers, HOP_BY_HOP):
+    for name, values in end_to_end(response.headers, _RESPONSE_OWN):
         out.setRawHeaders(name, values)
     if (
         response.length is not UNKNOWN_LENGTH
@@ -172,7 +177,7 @@ def undo_response_headers(response: IResponse, request: Request) -> None:
         request: The client's request, not yet written to.
     """
     out = request.responseHeaders
-    for name, _ in end_to_end(response.headers, HOP_BY_HOP):
+    for name, _ in end_to_end(response.headers, _RESPONSE_OWN):
         out.removeHeader(name)
     out.removeHeader(b"content-length")
     out.removeHeader(ATTEMPTS_HEADER)

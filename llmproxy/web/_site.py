@@ -48,6 +48,10 @@ __all__ = [
 
 log = Logger(namespace="llmproxy.web")
 
+#: The ``Server`` header of the answers llmproxy writes itself: no version
+#: to hand a scanner.
+SERVER = b"llmproxy"
+
 class LLMProxySite(Site):
     """The Site llmproxy listens with.
 
@@ -113,6 +117,17 @@ class LLMProxySite(Site):
         """Client connections open now (those being closed to make room
         excluded)."""
         return self.connections.open
+
+    def getResourceFor(self, request: Any) -> Any:
+        """Find the request's resource, naming llmproxy (without a version)
+        as the server instead of twisted.web's ``TwistedWeb/<version>``.
+
+        ``Request.process`` sets its own ``Server`` header just before
+        asking the site for the resource; an upstream's ``Server`` header
+        still replaces this one on proxied responses.
+        """
+        request.setHeader(b"server", SERVER)
+        return super().getResourceFor(request)
 
     def log(self, request: Any) -> None:
         """Nothing: each proxied request logs one access record of its own."""
