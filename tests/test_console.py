@@ -329,3 +329,6 @@ async def test_the_daemon_prints_forged_models_on_one_escaped_line(
     assert " model=lone-\\udc80 upstream=" in records[1]
     assert not [line for line in lines if line.startswith(FORGED_STAMP)]
     assert "Traceback" not in process.output.decode("utf-8")
+    # Each upstream connection's client factory starting and stopping is
+    # debug chatter, not info an operator reads.
+    assert "factory" not in process.output.decode("utf-8").lower(), lines

@@ -741,6 +741,15 @@ def test_level_filtering() -> None:
         "kept critical",
     ]
 
+    # Twisted's factory start/stop lines are info events taken as debug.
+    seen.clear()
+    factory = Logger(namespace="twisted.web.client._HTTP11ClientFactory")
+    for level in ("info", "debug"):
+        factory.observer = level_filtered(seen.append, level)
+        factory.info("Starting factory {factory!r}", factory=object())
+        factory.info("Stopping factory {factory!r}", factory=object())
+    assert [e["log_level"] for e in seen] == [LogLevel.info] * 2
+
     seen.clear()
     logger = Logger(
         namespace="tests.logs", observer=level_filtered(seen.append, "error")

@@ -58,21 +58,38 @@ def level_filtered(observer: ILogObserver, level: str) -> ILogObserver:
     return _LevelFilter(observer, parse_level(level))
 
 
+#: Twisted's factories log these at info level each time one starts or
+#: stops: for the Agent's client factories that is once per upstream
+#: connection, noise an operator cannot act on. They count as debug.
+FACTORY_CHATTER = frozenset(
+    ("Starting factory {factory!r}", "Stopping factory {factory!r}")
+)
+
+
 @implementer(ILogObserver)
 class _LevelFilter:
     """Passes on events at a level or above (cheaper than a predicate chain).
 
     twisted.logger's LogLevelFilterPredicate looks the level up per
     namespace for every event; llmproxy has one level for everything.
+    Twisted's factory start and stop lines (:data:`FACTORY_CHATTER`) are
+    taken as debug events.
     """
 
     def __init__(self, observer: ILogObserver, minimum: LogLevel) -> None:
         self._observer = observer
         order = list(LogLevel.iterconstants())
         self._allowed = frozenset(order[order.index(minimum):])
+        self._chatter = LogLevel.debug not in self._allowed
 
     def __call__(self, event: LogEvent) -> None:
-        if event.get("log_level") in self._allowed:
+        level = event.get("log_level")
+        if level in self._allowed:
+            if (
+                self._chatter and level is LogLevel.info
+                and event.get("log_format") in FACTORY_CHATTER
+            ):
+                return
             self._observer(event)
 
 
