@@ -296,7 +296,9 @@ def build_daemon(
     if listen_fd is None:
         listener: Listener = Listener(reactor, config.listen, site, "listen", listening)
     else:
-        listener = AdoptedListener(reactor, listen_fd, site, listening)
+        listener = AdoptedListener(
+            reactor, listen_fd, site, listening, proxy_protocol=site.proxy_protocol
+        )
     listener.setName("web")
     listener.setServiceParent(daemon)
     if config.admin_listen is not None and worker == 1:

@@ -20,8 +20,9 @@ from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.logger import Logger
+from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python.failure import Failure
 
 __all__ = [
@@ -117,9 +118,18 @@ class Listener(Service):
 
 
 class AdoptedListener(Listener):
-    """Serves on a listening socket inherited from the first worker."""
+    """Serves on a listening socket inherited from the first worker.
 
-    def __init__(self, reactor: Any, fd: int, factory: Any, on_listening: Callable[[], None]):
+    The socket is adopted through Twisted's ``AdoptedStreamServerEndpoint``,
+    wrapped in the PROXY protocol parser (``twisted.protocols.haproxy``)
+    when the first worker listens on a ``haproxy:`` endpoint, so that every
+    worker reads the header the balancer sends.
+    """
+
+    def __init__(
+        self, reactor: Any, fd: int, factory: Any, on_listening: Callable[[], None],
+        proxy_protocol: bool = False,
+    ):
         """Remember the socket.
 
         Args:
@@ -127,21 +137,31 @@ class AdoptedListener(Listener):
             fd: The inherited listening socket's file descriptor.
             factory: The protocol factory to serve.
             on_listening: Called once the port listens.
+            proxy_protocol: Whether connections start with a PROXY header
+                (the ``listen`` endpoint is ``haproxy:``).
         """
         self._reactor = reactor
         self._fd = fd
         self._factory = factory
         self._on_listening = on_listening
+        self._proxy_protocol = proxy_protocol
         self.port: Any = None
 
     def privilegedStartService(self) -> None:
-        """Adopt the inherited socket and close our copy of its descriptor."""
+        """Adopt the inherited socket (the endpoint closes our descriptor)."""
         Service.privilegedStartService(self)
         with socket.socket(fileno=os.dup(self._fd)) as inherited:
             family = inherited.family
-        self.port = self._reactor.adoptStreamPort(self._fd, family, self._factory)
+        endpoint: Any = AdoptedStreamServerEndpoint(self._reactor, self._fd, family)
+        if self._proxy_protocol:
+            endpoint = proxyEndpoint(endpoint)
+        outcome: list[Any] = []
+        endpoint.listen(self._factory).addBoth(outcome.append)
+        # Adopting is synchronous; a failure is raised to twistd.
+        if isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        self.port = outcome[0]
         _watch(self._factory, self.port)
-        os.close(self._fd)  # the port holds its own duplicate
         self._on_listening()
 
 

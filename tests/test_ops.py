@@ -124,10 +124,36 @@ async def test_tac_file_with_make_service(reactor: Any, tmp_path: Path, client: 
     assert code == 0, process.output.decode()
 
 
+def _access_counts(tmp_path: Path, needle: str = '"log_namespace": "llmproxy.access"') -> list[int]:
+    """How often ``needle`` is in worker 1's and worker 2's log files."""
+    return [
+        path.read_text().count(needle) if path.exists() else 0
+        for path in (tmp_path / "logs/llmproxy.log", tmp_path / "logs/llmproxy-worker2.log")
+    ]
+
+
+async def _until_both_workers_serve(
+    reactor: Any, tmp_path: Path, one: Any,
+    needle: str = '"log_namespace": "llmproxy.access"',
+) -> list[int]:
+    """Send rounds of 40 concurrent requests with ``one()`` (each returning
+    its status) until both workers' logs hold ``needle``; their counts."""
+    from twisted.internet.defer import gatherResults
+
+    for _ in range(5):
+        codes = await gatherResults(
+            [Deferred.fromCoroutine(one()) for _ in range(40)]
+        ).addTimeout(WAIT, reactor)
+        assert set(codes) == {200}
+        counts = _access_counts(tmp_path, needle)
+        if all(counts):
+            break
+    return counts
+
+
 @pytest_twisted.ensureDeferred
 async def test_two_workers_share_one_port(reactor: Any, tmp_path: Path) -> None:
     """workers: 2 serves one port from two processes; SIGTERM stops both, exit 0."""
-    from twisted.internet.defer import gatherResults
     from twisted.web.client import Agent, HTTPConnectionPool
 
     port, demo_port = free_port(), free_port()
@@ -144,19 +170,7 @@ async def test_two_workers_share_one_port(reactor: Any, tmp_path: Path) -> None:
             await collect(response).done.addTimeout(WAIT, reactor)
             return response.code
 
-        for _ in range(5):
-            codes = await gatherResults(
-                [Deferred.fromCoroutine(one()) for _ in range(40)]
-            ).addTimeout(WAIT, reactor)
-            assert set(codes) == {200}
-            counts = [
-                path.read_text().count('"log_namespace": "llmproxy.access"')
-                if path.exists() else 0
-                for path in (tmp_path / "logs/llmproxy.log",
-                             tmp_path / "logs/llmproxy-worker2.log")
-            ]
-            if all(counts):
-                break
+        counts = await _until_both_workers_serve(reactor, tmp_path, one)
         assert all(counts), f"both workers served: {counts}"
         worker2 = (tmp_path / "logs/llmproxy-worker2.log").read_text()
         assert '"worker": 2' in worker2
@@ -169,6 +183,41 @@ async def test_two_workers_share_one_port(reactor: Any, tmp_path: Path) -> None:
         await kill_if_running(process, reactor)
     assert code == 0, process.output.decode()
     assert b"worker 2 ended" in process.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_worker_reads_the_proxy_protocol_header(
+    reactor: Any, tmp_path: Path
+) -> None:
+    """workers: 2 on a ``haproxy:`` listener: both workers read the PROXY
+    header a balancer sends, and log the client it names."""
+    from helpers import raw_connect
+
+    port, demo_port = free_port(), free_port()
+    config = demo_config(tmp_path / "config.yml", port, demo_port, "workers: 2\n")
+    config.write_text(config.read_text().replace('listen: "tcp:', 'listen: "haproxy:tcp:'))
+    process = spawn_twistd(reactor, config, tmp_path)
+    try:
+        await process.wait_for(b"worker 2 serving").addTimeout(WAIT, reactor)
+        await process.wait_for(b"starting on %d" % port).addTimeout(WAIT, reactor)
+
+        async def one() -> int:
+            peer = await raw_connect(
+                reactor, f"http://127.0.0.1:{port}",
+                b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 80\r\n"
+                b"GET /v1/models HTTP/1.1\r\nHost: llmproxy\r\nConnection: close\r\n\r\n",
+            )
+            await peer.closed.addTimeout(WAIT, reactor)
+            return int(peer.received[9:12])
+
+        counts = await _until_both_workers_serve(
+            reactor, tmp_path, one, '"client_ip": "203.0.113.7"'
+        )
+        assert all(counts), f"both workers served, each naming the client: {counts}"
+        code = await terminate(process, reactor)
+    finally:
+        await kill_if_running(process, reactor)
+    assert code == 0, process.output.decode()
 
 
 def test_systemd_template_unit_verifies(tmp_path: Path) -> None:
