@@ -174,6 +174,87 @@ async def test_anthropic_stream_order(reactor: Any, served: Served, http: HTTPCl
     assert datas[6]["delta"]["stop_reason"] == "end_turn"
 
 
+RESPONSES = {"model": "gpt-x", "input": "say hello to me", "instructions": "be brief"}
+
+#: The event types of a Responses API stream of two text pieces, in order.
+RESPONSE_EVENTS = [
+    "response.created",
+    "response.in_progress",
+    "response.output_item.added",
+    "response.content_part.added",
+    "response.output_text.delta",
+    "response.output_text.delta",
+    "response.output_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "response.completed",
+]
+
+
+@pytest_twisted.ensureDeferred
+async def test_responses_json(reactor: Any, served: Served, http: HTTPClient) -> None:
+    """``POST /v1/responses`` answers a completed Responses API object."""
+    response = await post(reactor, http, base(served) + "/v1/responses", RESPONSES)
+    assert response.code == 200
+    assert response.headers.getRawHeaders("content-type") == ["application/json"]
+    body = await wait(reactor, response.json())
+    assert body["id"].startswith("resp_") and body["object"] == "response"
+    assert (body["status"], body["model"]) == ("completed", "gpt-x")
+    (item,) = body["output"]
+    assert item["type"] == "message" and item["id"].startswith("msg_")
+    assert (item["status"], item["role"]) == ("completed", "assistant")
+    assert item["content"] == [{"type": "output_text", "text": REPLY_TEXT, "annotations": []}]
+    assert body["usage"] == {
+        "input_tokens": 6,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": 6,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 12,
+    }
+    assert await wait(reactor, served[0].requests[-1].done) == "finished"
+
+
+@pytest_twisted.ensureDeferred
+async def test_responses_stream(reactor: Any, served: Served, http: HTTPClient) -> None:
+    """A Responses stream follows the documented event sequence, numbered,
+    and ends with the whole response and its usage."""
+    response = await post(
+        reactor,
+        http,
+        base(served) + "/v1/responses",
+        {**RESPONSES, "stream": True},
+        X_Fake_Chunks="2",
+        X_Fake_Chunk_Delay="0.01",
+    )
+    assert response.headers.getRawHeaders("content-type") == ["text/event-stream"]
+    events = sse(await wait(reactor, response.content()))
+    assert [name for name, _ in events] == RESPONSE_EVENTS
+    datas = [json.loads(data) for _, data in events]
+    assert [d["type"] for d in datas] == RESPONSE_EVENTS
+    assert [d["sequence_number"] for d in datas] == list(range(len(RESPONSE_EVENTS)))
+    assert datas[0]["response"]["status"] == "in_progress"
+    assert datas[0]["response"]["usage"] is None
+    assert "".join(d["delta"] for d in datas[4:6]) == REPLY_TEXT
+    assert datas[6]["text"] == REPLY_TEXT
+    done = datas[-1]["response"]
+    assert done["status"] == "completed" and done["output"] == [datas[8]["item"]]
+    assert done["output"][0]["content"][0]["text"] == REPLY_TEXT
+    assert done["usage"]["input_tokens"] == 6 and done["usage"]["total_tokens"] == 12
+
+
+@pytest_twisted.ensureDeferred
+async def test_responses_stream_abort(reactor: Any, served: Served, http: HTTPClient) -> None:
+    """X-Fake-Abort-After cuts a Responses stream after N text pieces."""
+    received: list[bytes] = []
+    payload = {**RESPONSES, "stream": True}
+    url = base(served) + "/v1/responses"
+    response = await post(reactor, http, url, payload, X_Fake_Abort_After="1")
+    with pytest.raises((ResponseFailed, PotentialDataLoss)):
+        await wait(reactor, treq.collect(response, received.append))
+    assert [name for name, _ in sse(b"".join(received))] == RESPONSE_EVENTS[:5]
+    assert await wait(reactor, served[0].requests[-1].done) == "aborted"
+
+
 @pytest_twisted.ensureDeferred
 async def test_echo(reactor: Any, served: Served, http: HTTPClient) -> None:
     """``/echo`` reflects the method, URI, raw headers and body."""
@@ -400,19 +481,22 @@ async def test_service(reactor: Any, http: HTTPClient) -> None:
     assert service.port is None and not service.running
 
 
-def _openai_calls(port: int) -> dict[str, Any]:
-    """Use the official openai SDK against the fake (runs in a thread)."""
+def _openai_client(port: int) -> Any:
+    """An official openai SDK client for ``port``, without retries or proxies."""
     import openai
 
-    http_client = openai.DefaultHttpxClient(trust_env=False)
-    client = openai.OpenAI(
+    return openai.OpenAI(
         base_url=f"http://127.0.0.1:{port}/v1",
         api_key="test",
         max_retries=0,
         timeout=10,
-        http_client=http_client,
+        http_client=openai.DefaultHttpxClient(trust_env=False),
     )
-    with client:
+
+
+def _openai_calls(port: int) -> dict[str, Any]:
+    """Use the official openai SDK against the fake (runs in a thread)."""
+    with _openai_client(port) as client:
         messages: Any = CHAT["messages"]
         completion = client.chat.completions.create(model="gpt-x", messages=messages)
         stream = client.chat.completions.create(
@@ -500,6 +584,64 @@ async def test_anthropic_sdk(reactor: Any, served: Served, sdk_port: int) -> Non
     final = result["final"]
     assert final.content[0].text == REPLY_TEXT and final.stop_reason == "end_turn"
     assert final.usage.output_tokens == 6
+
+
+def _openai_responses_calls(port: int) -> dict[str, Any]:
+    """Use the openai SDK's Responses API against ``port`` (runs in a thread)."""
+    with _openai_client(port) as client:
+        response = client.responses.create(model="gpt-x", input="say hello to me")
+        with client.responses.create(
+            model="gpt-x",
+            input="say hello to me",
+            stream=True,
+            extra_headers={"X-Fake-Chunks": "4"},
+        ) as stream:
+            events = list(stream)
+    return {"response": response, "events": events}
+
+
+@pytest_twisted.ensureDeferred
+async def test_openai_sdk_responses(reactor: Any, served: Served, sdk_port: int) -> None:
+    """The openai SDK's ``responses.create`` works, plain and streamed.
+
+    Directly from the fake, and with base_url pointed at llmproxy.
+    """
+    from openai.types.responses import ResponseCompletedEvent, ResponseTextDeltaEvent
+
+    result = await wait(reactor, deferToThread(_openai_responses_calls, sdk_port), 60)
+    response = result["response"]
+    assert response.output_text == REPLY_TEXT
+    assert (response.status, response.model) == ("completed", "gpt-x")
+    assert response.usage.input_tokens == 4 and response.usage.total_tokens == 10
+    events = result["events"]
+    deltas = [e.delta for e in events if isinstance(e, ResponseTextDeltaEvent)]
+    assert len(deltas) == 4 and "".join(deltas) == REPLY_TEXT
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    completed = events[-1]
+    assert isinstance(completed, ResponseCompletedEvent)
+    assert completed.response.output_text == REPLY_TEXT
+    assert completed.response.usage.output_tokens == 6
+    assert [json.loads(r.body).get("stream") for r in served[0].requests] == [None, True]
+
+
+@pytest_twisted.ensureDeferred
+async def test_responses_usage_through_llmproxy(
+    reactor: Any, served: Served, proxies: Any, access: Any, http: HTTPClient
+) -> None:
+    """llmproxy's access records carry a Responses API reply's token counts
+    and model, from a JSON body and from a stream's ``response.completed``."""
+    port = served[1].getHost().port
+    proxy = await proxies.start(f'target_map: {{"/v1/": "http://127.0.0.1:{port}"}}\n')
+    for payload in (RESPONSES, {**RESPONSES, "stream": True}):
+        response = await post(reactor, http, proxy + "/v1/responses", payload)
+        assert response.code == 200
+        await wait(reactor, response.content())
+    await wait(reactor, access.wait(2))
+    for record, streamed in zip(access, (False, True)):
+        assert record["path"] == "/v1/responses" and record["stream"] is streamed
+        assert record["upstream_model"] == "gpt-x"
+        assert (record["prompt_tokens"], record["completion_tokens"]) == (6, 6)
+        assert (record["total_tokens"], record["cached_tokens"]) == (12, 0)
 
 
 @pytest_twisted.ensureDeferred

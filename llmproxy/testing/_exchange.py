@@ -179,6 +179,7 @@ class Exchange:
             b"/v1/chat/completions": self._chat,
             b"/v1/embeddings": self._embeddings,
             b"/v1/messages": self._messages,
+            b"/v1/responses": self._responses,
         }
         if method == b"POST" and path in api:
             try:
@@ -212,6 +213,14 @@ class Exchange:
             self._stream(sse.message_events(message, self._controls.chunks))
         else:
             self._send_json(message)
+
+    def _responses(self, payload: dict[str, Any]) -> None:
+        serial, created = len(self.upstream.requests), int(self.reactor.seconds())
+        response = replies.response(payload, serial, created)
+        if payload.get("stream"):
+            self._stream(sse.response_events(response, self._controls.chunks))
+        else:
+            self._send_json(response)
 
     def _send_json(self, obj: object, status: int | None = None, abortable: bool = True) -> None:
         """Write a JSON body; under X-Fake-Abort-After, half of it, then abort."""

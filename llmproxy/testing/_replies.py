@@ -1,7 +1,8 @@
 """The fake upstream's canned JSON replies and the helpers behind them.
 
-Chat completions, Anthropic messages, embeddings, the model list, the echo
-and OpenAI-shaped errors, built as plain dicts from the request payload.
+Chat completions, Responses API responses, Anthropic messages, embeddings,
+the model list, the echo and OpenAI-shaped errors, built as plain dicts from
+the request payload.
 Private to the package: :mod:`~llmproxy.testing._exchange` and
 :mod:`~llmproxy.testing._sse` use the functions, and
 :mod:`llmproxy.testing.upstream` re-exports the constants.
@@ -125,6 +126,50 @@ def chat_completion(payload: dict[str, Any], serial: int, created: int) -> dict[
     choice = {"index": 0, "message": reply, "logprobs": None, "finish_reason": "stop"}
     base = chat_base(payload, serial, created)
     return {**base, "choices": [choice], "usage": chat_usage(payload)}
+
+
+def response(payload: dict[str, Any], serial: int, created: int) -> dict[str, Any]:
+    """A whole (completed) Responses API ``response`` object.
+
+    One assistant message holding :data:`REPLY_TEXT`; the usage counts the
+    words of ``input`` and ``instructions`` (at least 1) and of the reply.
+
+    Args:
+        payload: The request body.
+        serial: The number of requests recorded, for the ids.
+        created: The creation time, in whole seconds.
+    """
+    prompt = max(1, _words(payload.get("input")) + _words(payload.get("instructions")))
+    output = len(REPLY_TEXT.split())
+    text = {"type": "output_text", "text": REPLY_TEXT, "annotations": []}
+    item = {"type": "message", "id": f"msg_fake{serial:06d}", "status": "completed",
+            "role": "assistant", "content": [text]}
+    usage = {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": output,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": prompt + output,
+    }
+    instructions = payload.get("instructions")
+    return {
+        "id": f"resp_fake{serial:06d}",
+        "object": "response",
+        "created_at": created,
+        "status": "completed",
+        "error": None,
+        "incomplete_details": None,
+        "instructions": instructions if isinstance(instructions, str) else None,
+        "model": _model(payload),
+        "output": [item],
+        "parallel_tool_calls": True,
+        "temperature": 1.0,
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": 1.0,
+        "usage": usage,
+        "metadata": {},
+    }
 
 
 def embeddings(payload: dict[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """The fake upstream's server-sent event streams.
 
-Builds the OpenAI ``chat.completion.chunk`` stream and the Anthropic
-``messages`` stream as lists of encoded events, each marked as a content
-piece or not (``X-Fake-Abort-After`` counts content pieces). Private to
-the package: :mod:`~llmproxy.testing._exchange` writes them.
+Builds the OpenAI ``chat.completion.chunk`` stream, the OpenAI Responses
+API stream and the Anthropic ``messages`` stream as lists of encoded
+events, each marked as a content piece or not (``X-Fake-Abort-After``
+counts content pieces). Private to the package:
+:mod:`~llmproxy.testing._exchange` writes them.
 """
 
 from __future__ import annotations
@@ -78,5 +79,60 @@ def message_events(message: dict[str, Any], pieces: int) -> Events:
     sequence.append(("content_block_stop", {"index": 0}))
     sequence.append(("message_delta", {"delta": stop, "usage": {"output_tokens": output}}))
     sequence.append(("message_stop", {}))
-    piece = "content_block_delta"
-    return [(_sse({"type": n, **data}, n), n == piece) for n, data in sequence]
+    return _typed(sequence, "content_block_delta")
+
+
+def response_events(response: dict[str, Any], pieces: int) -> Events:
+    """A streamed Responses API response, from ``response.created`` to
+    ``response.completed`` (which carries the whole response and its usage).
+
+    Args:
+        response: The completed response, as
+            :func:`~llmproxy.testing._replies.response` builds it.
+        pieces: The number of ``response.output_text.delta`` pieces.
+
+    Returns:
+        The events, numbered by ``sequence_number``.
+    """
+    item = response["output"][0]
+    part = item["content"][0]
+    where = {"item_id": item["id"], "output_index": 0, "content_index": 0}
+    pending = {**response, "status": "in_progress", "output": [], "usage": None}
+    started = {**item, "status": "in_progress", "content": []}
+    sequence: list[tuple[str, dict[str, Any]]] = [
+        ("response.created", {"response": pending}),
+        ("response.in_progress", {"response": pending}),
+        ("response.output_item.added", {"output_index": 0, "item": started}),
+        ("response.content_part.added", {**where, "part": {**part, "text": ""}}),
+    ]
+    for text in split_reply(pieces):
+        sequence.append(("response.output_text.delta", {**where, "delta": text, "logprobs": []}))
+    sequence += [
+        ("response.output_text.done", {**where, "text": part["text"], "logprobs": []}),
+        ("response.content_part.done", {**where, "part": part}),
+        ("response.output_item.done", {"output_index": 0, "item": item}),
+        ("response.completed", {"response": response}),
+    ]
+    return _typed(sequence, "response.output_text.delta", numbered=True)
+
+
+def _typed(
+    sequence: list[tuple[str, dict[str, Any]]], piece: str, numbered: bool = False
+) -> Events:
+    """Encode ``(type, data)`` pairs as events named by their ``type``.
+
+    Args:
+        sequence: The events' types and the rest of their data.
+        piece: The type of the content pieces.
+        numbered: Whether each event's data carries its ``sequence_number``.
+
+    Returns:
+        The events.
+    """
+    events = []
+    for number, (name, data) in enumerate(sequence):
+        head: dict[str, Any] = {"type": name}
+        if numbered:
+            head["sequence_number"] = number
+        events.append((_sse({**head, **data}, name), name == piece))
+    return events

@@ -44,10 +44,11 @@ class FakeUpstream(Resource):
     """A leaf resource faking the OpenAI and Anthropic HTTP APIs.
 
     Routes (JSON replies unless streaming; ``model`` echoed from the body):
-    ``POST /v1/chat/completions`` and ``POST /v1/messages`` (SSE with
-    ``"stream": true``), ``POST /v1/embeddings`` (``encoding_format`` float or
-    base64), ``GET /v1/models``, any method on ``/echo[/...]`` (echoes method,
-    uri, headers and body); anything else is a 404 OpenAI-shaped error.
+    ``POST /v1/chat/completions``, ``POST /v1/responses`` and
+    ``POST /v1/messages`` (SSE with ``"stream": true``),
+    ``POST /v1/embeddings`` (``encoding_format`` float or base64),
+    ``GET /v1/models``, any method on ``/echo[/...]`` (echoes method, uri,
+    headers and body); anything else is a 404 OpenAI-shaped error.
 
     Control headers (invalid values get a 400 JSON error):
         X-Fake-Status: a non-2xx code answers with an OpenAI-shaped error;
