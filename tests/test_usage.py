@@ -631,6 +631,29 @@ def test_generated_text_is_counted_when_asked() -> None:
     assert UsageReader(SSE).text_chars == 0
 
 
+def test_a_responses_stream_counts_its_text_once() -> None:
+    """A Responses API stream's text is counted from its delta events only:
+    the done events and response.completed, which repeat it, add nothing."""
+    text = "Hello, world"
+    item = {"type": "message", "role": "assistant",
+             "content": [{"type": "output_text", "text": text}]}
+    events = [
+        ("response.created", {"response": {"output": [], "text": {"format": {}}}}),
+        *[("response.output_text.delta", {"delta": piece}) for piece in ("Hel", "lo, ", "world")],
+        ("response.output_text.done", {"text": text}),
+        ("response.content_part.done", {"part": item["content"][0]}),
+        ("response.output_item.done", {"item": item}),
+        ("response.completed", {"response": {"output": [item], "usage": {
+            "input_tokens": 3, "output_tokens": 4, "total_tokens": 7}}}),
+    ]
+    reader = UsageReader(SSE, count_text=True)
+    for name, data in events:
+        reader.feed(b"event: %s\ndata: %s\n\n" % (
+            name.encode(), json.dumps({"type": name, **data}).encode()))
+    assert reader.text_chars == len(text)
+    assert _counts(reader.finish()) == Usage(3, 4, 7)
+
+
 @pytest.mark.parametrize(
     "content_type",
     [b"audio/mpeg", b"application/octet-stream", b"text/plain", b"text/event-streamx"],

@@ -51,6 +51,11 @@ _TEXT = re.compile(
     rb'"(?:content|text|reasoning_content|reasoning|thinking|delta|partial_json)"'
     rb'[ \t]*:[ \t]*"((?:[^"\\]|\\.)*)"'
 )
+#: The Responses API's generated text: only its ``*.delta`` events' ``delta``
+#: (its ``*.done`` and ``response.completed`` events repeat the whole text).
+_RESPONSES_TEXT = re.compile(rb'"delta"[ \t]*:[ \t]*"((?:[^"\\]|\\.)*)"')
+#: What marks a Responses API event.
+_RESPONSES_EVENT = b'"response.'
 
 _EVENT_STREAM = b"text/event-stream"
 _JSON = b"application/json"
@@ -138,7 +143,8 @@ class UsageReader:
     def _feed(self, chunk: bytes) -> None:
         if self._mode == "sse":
             if self._count_text and chunk.find(b'"') >= 0:
-                for text in _TEXT.finditer(chunk):
+                texts = _RESPONSES_TEXT if chunk.find(_RESPONSES_EVENT) >= 0 else _TEXT
+                for text in texts.finditer(chunk):
                     self.text_chars += len(text.group(1))
             if (
                 chunk[-1:] == b"\n"
