@@ -93,34 +93,29 @@ def test_stream_load_generator_counts_refused_streams_as_aborted() -> None:
     assert _report._stream_summary(results)["aborted"] == 3
 
 
-def test_stream_load_generator_measures_cpu_only_at_full_concurrency() -> None:
+def test_stream_load_cpu_is_measured_only_at_full_concurrency() -> None:
     """The proxy's CPU is reported for the time every stream is open at
     once (from when the first would end to the last start), not averaged
-    with the ramp-up and ramp-down: a process busy throughout shows a full
-    core over that window, one asleep shows none."""
-    url = _refused_url()  # the schedule is what is measured, not the streams
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    # Blocked reading its stdin until we kill it.
-    asleep = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
-                              stdin=subprocess.PIPE)
-    try:
-        # Streams of 2 x 0.1 s start over 0.6 s: all overlap from 0.2 s on;
-        # the last starts at 0.6 * 29 / 30 = 0.58 s.
-        _, window = _streamload._streams(url, 30, 0.6, 2, 0.1, watch=busy.pid)
-        _, quiet = _streamload._streams(url, 30, 0.6, 2, 0.1, watch=asleep.pid)
-    finally:
-        busy.kill()
-        asleep.kill()
-        busy.wait()
-        asleep.wait()
-        asleep.stdin.close()
-    # About 0.38 s (the loop wakes at each start, every 20 ms), not the
-    # whole run's 0.58 s.
-    assert 0.3 <= window["seconds"] <= 0.5
-    assert window["cpu_seconds"] >= 0.5 * window["seconds"]
-    assert 0.3 <= quiet["seconds"] <= 0.5 and quiet["cpu_seconds"] < 0.05
+    with the ramp-up and ramp-down; driven by a fake clock and CPU."""
+    cpu = [0.0]
+    # 30 streams of 0.2 s start over 0.6 s: all overlap from 0.2 s to the
+    # last start, 0.6 * 29 / 30 = 0.58 s.
+    window = _streamload.FullConcurrency(10.0, 30, 0.6, 0.2, lambda: cpu[0])
+    for step in range(0, 80):  # the loop turns every 10 ms
+        now = 10.0 + step * 0.01
+        cpu[0] = step * 0.005 if now < 10.2 else 0.5 + (now - 10.2) * 0.9
+        window.tick(now)
+        if step == 30:
+            assert window.result() is None, "the window is still open"
+    result = window.result()
+    assert result is not None
+    assert result["seconds"] == pytest.approx(0.38, abs=0.011)
+    assert result["cpu_seconds"] == pytest.approx(0.9 * result["seconds"], abs=0.01)
     # Streams longer than the spread never all overlap: no window.
-    assert _streamload._streams(url, 3, 0.1, 2, 0.1, watch=os.getpid())[1] is None
+    never = _streamload.FullConcurrency(0.0, 3, 0.1, 0.2, lambda: 1.0)
+    for step in range(100):
+        never.tick(step * 0.01)
+    assert not never.exists and never.result() is None
 
 
 def test_percentile() -> None:

@@ -37,6 +37,51 @@ _BODY = json.dumps(
 ).encode()
 
 
+class FullConcurrency:
+    """The window in which every stream of a load is open at once, and a
+    process's CPU over it.
+
+    The window runs from when the first stream would end (one stream's
+    length after the first start) to the last start; it exists only when
+    the starts are spread over longer than a stream lasts. :meth:`tick` is
+    called with the time at each turn of the load's loop: it notes the CPU
+    on the first tick at or after each edge.
+
+    Args:
+        begin: When the first stream starts.
+        count: How many streams start, evenly over ``spread`` seconds.
+        spread: Seconds over which the streams start.
+        stream_seconds: How long each stream lasts.
+        cpu: The watched process's CPU seconds so far.
+    """
+
+    def __init__(self, begin: float, count: int, spread: float, stream_seconds: float,
+                 cpu: Any) -> None:
+        self.opens = begin + stream_seconds
+        self.closes = begin + spread * (count - 1) / max(count, 1)
+        self._cpu = cpu
+        self._marks: list[tuple[float, float]] = []
+
+    @property
+    def exists(self) -> bool:
+        """Whether the streams ever all overlap."""
+        return self.opens < self.closes
+
+    def tick(self, now: float) -> None:
+        """The load's loop turned at ``now``."""
+        marks = self._marks
+        if self.exists and len(marks) < 2 and now >= (self.closes if marks else self.opens):
+            marks.append((now, self._cpu()))
+
+    def result(self) -> dict | None:
+        """``{"seconds", "cpu_seconds"}`` over the window, once both edges
+        were seen; else None."""
+        if len(self._marks) < 2:
+            return None
+        (start, cpu_start), (end, cpu_end) = self._marks
+        return {"seconds": end - start, "cpu_seconds": cpu_end - cpu_start}
+
+
 def _streams(url: str, count: int, spread: float, chunks: int, delay: float,
              watch: int | None = None) -> tuple[list[dict], dict | None]:
     """Run the stream load on plain non-blocking sockets and one epoll.
@@ -68,12 +113,10 @@ def _streams(url: str, count: int, spread: float, chunks: int, delay: float,
     begin = clock()
     deadline = begin + spread + 30 + chunks * delay  # a stuck stream ends here
     started = 0
-    # The full-concurrency window: from when the first stream would end to
-    # the last start.
-    window_from = begin + chunks * delay
-    window_to = begin + spread * (count - 1) / max(count, 1)
-    marks: list[tuple[float, float]] = []  # (time, CPU) at each end
-    watching = watch is not None and window_from < window_to
+    window = None
+    if watch is not None:
+        window = FullConcurrency(begin, count, spread, chunks * delay,
+                                 lambda: cpu_seconds(watch))
 
     def end(fd: int, now: float) -> None:
         stream = streams.pop(fd)
@@ -87,8 +130,8 @@ def _streams(url: str, count: int, spread: float, chunks: int, delay: float,
 
     while started < count or streams:
         now = clock()
-        if watching and len(marks) < 2 and now >= (window_to if marks else window_from):
-            marks.append((now, cpu_seconds(watch)))
+        if window is not None:
+            window.tick(now)
         while started < count and begin + spread * started / count <= now:
             results.append({"ttfb_ms": None, "duration_ms": 0, "complete": False})
             try:  # out of file descriptors, say: this stream counts as aborted
@@ -144,10 +187,7 @@ def _streams(url: str, count: int, spread: float, chunks: int, delay: float,
             else:
                 end(fd, now)
     poller.close()
-    window = None
-    if len(marks) == 2:
-        window = {"seconds": marks[1][0] - marks[0][0], "cpu_seconds": marks[1][1] - marks[0][1]}
-    return results, window
+    return results, window.result() if window is not None else None
 
 
 async def _idle(reactor: Any, url: str, count: int, hold: float) -> dict:
