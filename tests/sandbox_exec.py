@@ -448,7 +448,7 @@ def main(argv: list[str], execv: Callable[[str, list[str]], Any] = os.execv) -> 
     if argv and argv[0].startswith("--mdwe="):
         mdwe = argv.pop(0).split("=", 1)[1]
     if len(argv) < 3 or argv[1] != "--" or mdwe not in ("seccomp", "prctl"):
-        print(__doc__.split("\n\n")[1], file=sys.stderr)
+        print("\n\n".join(__doc__.split("\n\n")[1:3]), file=sys.stderr)
         return 2
     if reason:
         print(reason)

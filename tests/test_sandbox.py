@@ -10,7 +10,8 @@ unit file, applies the seccomp filters systemd 252 derives from it
 bounding set and the umask, and execs twistd; a real client then asks for
 an https upstream behind the test CA. These tests skip only when
 ``/usr/bin/python3`` cannot import ``seccomp`` or the kernel has no seccomp
-filters; ``.ci/run`` installs ``python3-seccomp``.
+filters; ``.ci/run`` installs ``python3-seccomp`` and makes them fail
+instead.
 """
 
 from __future__ import annotations
@@ -69,8 +70,11 @@ def sandbox_unavailable() -> str | None:
 
 @pytest.fixture(scope="module")
 def sandbox() -> None:
-    """Skip unless seccomp filters can be applied here."""
+    """Skip unless seccomp filters can be applied here (fail instead where
+    ``LLMPROXY_REQUIRE_SANDBOX`` is set, as ``.ci/run`` does)."""
     reason = sandbox_unavailable()
+    if reason and os.environ.get("LLMPROXY_REQUIRE_SANDBOX"):
+        pytest.fail(f"seccomp sandbox unavailable: {reason}")
     if reason:
         pytest.skip(f"seccomp sandbox unavailable: {reason}")
 
