@@ -26,7 +26,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import TimeoutError
+from twisted.internet.defer import Deferred, TimeoutError, gatherResults
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from certs import issue, make_ca, write_pem
 from helpers import collect, fetch, header, send
@@ -390,3 +391,45 @@ async def test_memory_deny_write_execute_breaks_every_https_upstream(
     assert error["message"].startswith(f"TLS setup for 127.0.0.1:{upstream_port} failed")
     assert "write+execute memory" in error["message"]
     assert code in (0, "signal 15"), process.output.decode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_workers_under_the_unit_sandbox(
+    reactor: Any, sandbox: None, tmp_path: Path, pki: dict[str, Any],
+    tls_upstream: tuple[FakeUpstream, int],
+) -> None:
+    """``workers: 2`` under the unit's seccomp rules: the first process
+    starts the second (fork, exec, the shared socket), both answer from the
+    https upstream, and SIGTERM stops both."""
+    _, upstream_port = tls_upstream
+    port = free_port()
+    config = https_config(port, upstream_port, pki["ca_file"]) + "workers: 2\n"
+    process = await start_sandboxed(reactor, tmp_path, unit_text(), config, port)
+    agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+    try:
+        await process.wait_for(b"worker 2 serving").addTimeout(WAIT, reactor)
+        logs = [tmp_path / "logs/llmproxy.log", tmp_path / "logs/llmproxy-worker2.log"]
+        async def one() -> int:
+            response, body = await fetch(
+                agent, reactor, f"http://127.0.0.1:{port}/v1/chat/completions", CHAT,
+            )
+            return response.code
+
+        for _ in range(5):
+            codes = await gatherResults(
+                [Deferred.fromCoroutine(one()) for _ in range(20)]
+            ).addTimeout(WAIT, reactor)
+            assert set(codes) == {200}
+            served = [
+                path.read_text().count('"log_namespace": "llmproxy.access"')
+                if path.exists() else 0 for path in logs
+            ]
+            if all(served):
+                break
+        assert all(served), f"both workers served: {served}"
+        code = await terminate(process, reactor)
+    finally:
+        await kill_if_running(process, reactor)
+    assert code in (0, "signal 15"), process.output.decode()
+    assert b"worker 2 ended" in process.output
+    assert b"Traceback" not in process.output, process.output.decode()
