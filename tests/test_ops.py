@@ -94,6 +94,28 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     verify_units(tmp_path, "llmproxy.service", "llmproxy.socket")
 
 
+def test_documented_verify_works_on_a_fresh_clone(tmp_path: Path) -> None:
+    """docs/operations.md's verify command for a clone (no /opt/llmproxy yet)
+    passes, run as written from a clone with the quick start's .venv."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "install Debian's systemd package (for systemd-analyze)"
+    text = (ROOT / "docs/operations.md").read_text()
+    commands = [
+        line.strip() for line in text.splitlines()
+        if line.startswith("    ") and "mktemp" in line and "systemd-analyze verify" in line
+    ]
+    assert len(commands) == 1, commands
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    (clone / "etc").symlink_to(ROOT / "etc")
+    (clone / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    result = subprocess.run(
+        ["bash", "-c", commands[0]], cwd=str(clone), capture_output=True, text=True,
+        timeout=60, env={"PATH": f"{Path(analyze).parent}:/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 @pytest_twisted.ensureDeferred
 async def test_tac_file_with_make_service(reactor: Any, tmp_path: Path, client: Any) -> None:
     """A .tac file built on llmproxy.tap.makeService runs under twistd -y."""
