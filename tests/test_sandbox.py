@@ -10,8 +10,8 @@ unit file, applies the seccomp filters systemd 252 derives from it
 bounding set and the umask, and execs twistd; a real client then asks for
 an https upstream behind the test CA. These tests skip only when
 ``/usr/bin/python3`` cannot import ``seccomp`` or the kernel has no seccomp
-filters; ``.ci/run`` installs ``python3-seccomp`` and makes them fail
-instead.
+filters; the README's test command installs ``python3-seccomp``, and
+``.ci/run`` makes them fail instead.
 """
 
 from __future__ import annotations
