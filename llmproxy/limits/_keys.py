@@ -108,10 +108,6 @@ class KeyStore:
         """The keys that have a name, in configuration order."""
         return [info for _, info in self._entries if info.name is not None]
 
-    def infos(self) -> list[KeyInfo]:
-        """Every key's info, in configuration order."""
-        return [info for _, info in self._entries]
-
     def __len__(self) -> int:
         """Return how many distinct keys are accepted."""
         return len(self._entries)
