@@ -73,11 +73,10 @@ def build_guard(config: Config, clock: Any, metrics: Metrics | None = None) -> G
     """
     keys = KeyStore.from_config(config.auth) if config.auth is not None else None
     rate_limit = config.rate_limit
-    budgets = keys is not None and any(k.budget is not None for k in keys.named())
     return Guard(
         trusted=NetworkSet(config.trusted_proxies),
         keys=keys,
-        limits=Limits.from_config(rate_limit, budgets, clock, metrics),
+        limits=Limits.from_config(config, clock, metrics),
         limit_by_key=rate_limit is not None and rate_limit.key == "api_key",
     )
 

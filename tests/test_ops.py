@@ -52,7 +52,9 @@ def test_check_prints_the_effective_config_redacted(tmp_path: Path) -> None:
     assert effective["proxy_url"] == "http://user:***@proxy.example:3128"
     assert effective["target_map"]["/v1/"]["api_key"] == "***"
     assert effective["auth"]["keys"] == [
-        "***", {"key": "***", "name": "team-a", "budget": {"tokens": 1000, "per": "day"}}
+        "***",
+        {"key": "***", "name": "team-a", "budget": {"tokens": 1000, "per": "day", "reserve": 4096},
+         "models": None, "rate_limit": None},
     ]
     assert effective["rate_limit"]["store"] == "redis://:***@127.0.0.1:6399/0"
     assert effective["shutdown_grace"] == 30.0

@@ -10,7 +10,9 @@ The keys file named by ``auth.keys_file`` is read at load too: its
 entries are :attr:`AuthConfig.file_keys`, and its mistakes are ConfigErrors
 for ``auth.keys_file`` naming the line. :func:`parse_redis_url` and
 :func:`key_digest` say what ``rate_limit.store`` and a client key stand for,
-to the packages that use them.
+to the packages that use them; :func:`parse_key_line` reads one keys file
+line, :func:`find_price` finds the ``prices`` entry of a model, and
+:func:`config_warnings` says what ``--check`` warns about.
 
 No message quotes a secret (``_secrets`` says which key paths hold one),
 ``tls.ca_file`` is parsed certificate by certificate, and a YAML document
@@ -18,11 +20,13 @@ is bounded (size, aliases, what they expand to, nesting) before it is
 walked or built.
 
 This package imports no other llmproxy package. The implementation is split
-into private modules: ``_model`` (the attrs classes, :class:`ConfigError`,
-the defaults), ``_yaml`` (loading, bounds, duplicate keys), ``_values``
-(value converters), ``_secrets`` (secret key paths), ``_sections`` (section
-converters), ``_ca_file`` (``tls.ca_file``), ``_keys`` (``auth`` and keys
-files) and ``_redis_url``. Import everything from this package.
+into private modules: ``_model`` and ``_policy`` (the attrs classes,
+:class:`ConfigError`, the defaults), ``_yaml`` (loading, bounds, duplicate
+keys), ``_values`` (value converters), ``_secrets`` (secret key paths),
+``_sections`` (section converters), ``_ca_file`` (``tls.ca_file``),
+``_keys``, ``_key_fields`` and ``_keys_file`` (``auth``, client keys'
+policies and keys files), ``_prices`` (``prices``, ``stream_usage``),
+``_warnings`` and ``_redis_url``. Import everything from this package.
 """
 
 from __future__ import annotations
@@ -53,14 +57,22 @@ from llmproxy.config._model import DEFAULT_DIRECT_NETWORKS as DEFAULT_DIRECT_NET
 from llmproxy.config._model import LOG_LEVELS as LOG_LEVELS
 from llmproxy.config._model import STRATEGIES as STRATEGIES
 from llmproxy.config._model import VIA_CHOICES as VIA_CHOICES
-from llmproxy.config._model import BUDGET_PERIODS as BUDGET_PERIODS
-from llmproxy.config._model import AuthConfig as AuthConfig
-from llmproxy.config._model import BudgetConfig as BudgetConfig
-from llmproxy.config._model import ClientKey as ClientKey
 from llmproxy.config._model import LogConfig as LogConfig
 from llmproxy.config._model import TLSConfig as TLSConfig
-from llmproxy.config._keys import _auth, key_digest
+from llmproxy.config._policy import BUDGET_PERIODS as BUDGET_PERIODS
+from llmproxy.config._policy import BUDGET_UNITS as BUDGET_UNITS
+from llmproxy.config._policy import DEFAULT_RESERVE as DEFAULT_RESERVE
+from llmproxy.config._policy import STREAM_USAGE as STREAM_USAGE
+from llmproxy.config._policy import AuthConfig as AuthConfig
+from llmproxy.config._policy import BudgetConfig as BudgetConfig
+from llmproxy.config._policy import ClientKey as ClientKey
+from llmproxy.config._policy import KeyRateConfig as KeyRateConfig
+from llmproxy.config._policy import PriceConfig as PriceConfig
+from llmproxy.config._keys import auth_section
+from llmproxy.config._keys_file import key_digest, parse_key_line
+from llmproxy.config._prices import prices_section, stream_usage
 from llmproxy.config._redis_url import parse_redis_url
+from llmproxy.config._warnings import config_warnings, find_price
 from llmproxy.config._sections import (
     _admin_listen,
     _aliases,
@@ -96,7 +108,9 @@ from llmproxy.config._yaml import (
 )
 
 __all__ = [
+    "config_warnings",
     "dump_config",
+    "find_price",
     "Config",
     "ConfigError",
     "PoolConfig",
@@ -106,6 +120,7 @@ __all__ = [
     "key_digest",
     "load_config",
     "parse_config",
+    "parse_key_line",
     "parse_config_text",
     "parse_redis_url",
     "redact_url",
@@ -238,7 +253,7 @@ def parse_config(
                         "'proxy' needs proxy_url, which is not set",
                     )
     direct_networks = top.get("direct_networks", _networks)
-    auth = top.get("auth", _auth)
+    auth = top.get("auth", auth_section)
     rate_limit = top.get("rate_limit", _rate_limit)
     if rate_limit is not None and rate_limit.key == "api_key" and auth is None:
         raise ConfigError("rate_limit.key", "'api_key' needs auth (client keys), which is not set")
@@ -269,6 +284,8 @@ def parse_config(
         workers=top.get("workers", _positive_int) or 1,
         max_connections=top.get("max_connections", _positive_int),
         max_connections_per_client=top.get("max_connections_per_client", _positive_int),
+        prices=top.get("prices", prices_section) or MappingProxyType({}),
+        stream_usage=top.get("stream_usage", stream_usage) or "budget",
         source=source,
     )
 
@@ -303,6 +320,8 @@ _TOP_KEYS = (
     "backlog",
     "max_connections",
     "max_connections_per_client",
+    "prices",
+    "stream_usage",
 )
 
 

@@ -8,7 +8,11 @@ from typing import Any
 import attrs
 import yaml
 
-from llmproxy.config._model import ClientKey, Config, redact_url
+from llmproxy.config._model import Config, redact_url
+from llmproxy.config._policy import BudgetConfig, ClientKey
+
+#: Fields that say where something came from, not what it is.
+_NOT_SHOWN = ("source", "origin")
 
 
 def dump_config(config: Config) -> str:
@@ -19,22 +23,42 @@ def dump_config(config: Config) -> str:
 
     Returns:
         YAML text: every key with its value or default; the proxy password,
-        route api_keys and client keys shown as ``***``.
+        route api_keys and client keys (plain or ``key_sha256``) shown as
+        ``***``.
     """
     return yaml.safe_dump(_plain(config), sort_keys=False, default_flow_style=False)
+
+
+def _client_key(value: ClientKey) -> Any:
+    """A client key: ``***``, or its policy with the key as ``***``."""
+    policy = {
+        "name": value.name,
+        "budget": _plain(value.budget),
+        "models": _plain(value.models),
+        "rate_limit": _plain(value.rate_limit),
+    }
+    if all(v is None for v in policy.values()):
+        return "***"
+    return {"key": "***", **policy}
+
+
+def _budget(value: BudgetConfig) -> dict[str, Any]:
+    """A budget in its unit (tokens or usd), with its window and reserve."""
+    amount = {"tokens": value.tokens} if value.usd is None else {"usd": value.usd}
+    return {**amount, "per": value.per, "reserve": value.reserve}
 
 
 def _plain(value: Any, key: str = "") -> Any:
     """Turn config objects into YAML-able data, hiding secrets."""
     if isinstance(value, ClientKey):
-        if value.name is None and value.budget is None:
-            return "***"
-        return {"key": "***", "name": value.name, "budget": _plain(value.budget)}
+        return _client_key(value)
+    if isinstance(value, BudgetConfig):
+        return _budget(value)
     if attrs.has(type(value)):
         return {
             field.name: _plain(getattr(value, field.name), field.name)
             for field in attrs.fields(type(value))
-            if field.name != "source"
+            if field.name not in _NOT_SHOWN
         }
     if isinstance(value, Mapping):
         return {k: _plain(v, k) for k, v in value.items()}

@@ -1,8 +1,8 @@
 """The configuration's data model: the frozen attrs classes and their defaults.
 
 Also :class:`ConfigError` and :func:`redact_url` (which ``Config``'s repr
-uses). Everything here is re-exported by :mod:`llmproxy.config`; import it
-from there.
+uses). The client keys' and prices' classes are in ``_policy``. Everything
+here is re-exported by :mod:`llmproxy.config`; import it from there.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from types import MappingProxyType
 
 import attrs
 
+from llmproxy.config._policy import AuthConfig, PriceConfig
+
 __all__ = [
     "AUTH_HEADERS",
     "DEFAULT_ADMIN_LISTEN",
@@ -19,10 +21,6 @@ __all__ = [
     "LOG_LEVELS",
     "STRATEGIES",
     "VIA_CHOICES",
-    "BUDGET_PERIODS",
-    "AuthConfig",
-    "BudgetConfig",
-    "ClientKey",
     "Config",
     "ConfigError",
     "LogConfig",
@@ -73,6 +71,9 @@ class RouteConfig:
             rotation.
         cooldown: Seconds an ejected upstream waits for its trial request
             (doubling on each repeated ejection, up to 300).
+        stream_usage: ``budget``, ``always`` or ``never``: when a streamed
+            request is made to ask for a usage event; None for the top
+            level's ``stream_usage``.
     """
 
     urls: tuple[str, ...]
@@ -85,6 +86,7 @@ class RouteConfig:
     retry_on: tuple[int, ...] = (429, 500, 502, 503, 504)
     eject_after: int = 5
     cooldown: float = 30.0
+    stream_usage: str | None = None
 
 
 @attrs.frozen
@@ -109,41 +111,6 @@ class RateLimitConfig:
     store: str | None = attrs.field(default=None, repr=lambda url: redact_url(url))
     store_timeout: float = 0.05
     on_store_error: str = "allow"
-
-
-#: Budget windows (calendar, UTC).
-BUDGET_PERIODS = ("minute", "hour", "day", "month")
-
-
-@attrs.frozen
-class BudgetConfig:
-    """A client key's token budget.
-
-    Attributes:
-        tokens: Tokens (prompt + completion, as upstreams report them) per
-            window.
-        per: The calendar window in UTC: ``minute``, ``hour``, ``day`` or
-            ``month``.
-    """
-
-    tokens: int
-    per: str
-
-
-@attrs.frozen
-class ClientKey:
-    """One accepted client key.
-
-    Attributes:
-        key: The key, or ``sha256:`` and its digest (a secret; never shown).
-        name: A name for logs, metrics and ``/budgets`` (letters, digits,
-            ``.``, ``_``, ``-``), or None.
-        budget: The key's token budget, or None for no budget.
-    """
-
-    key: str = attrs.field(repr=lambda _: "***")
-    name: str | None = None
-    budget: BudgetConfig | None = None
 
 
 @attrs.frozen
@@ -239,32 +206,8 @@ class LogConfig:
     console_access: bool = False
 
 
-def _count_keys(keys: tuple[ClientKey, ...]) -> str:
-    """How many keys there are: the keys' repr, which never shows them."""
-    return f"<{len(keys)} keys>"
-
-
 DEFAULT_ADMIN_LISTEN = "tcp:9100:interface=127.0.0.1"
 AUTH_HEADERS = ("bearer", "x-api-key", "api-key", "none")
-
-
-@attrs.frozen
-class AuthConfig:
-    """Client keys.
-
-    Attributes:
-        keys: Accepted keys, with their names and budgets (secrets; never
-            shown).
-        keys_file: A file of keys, one a line (``sha256:<hex>`` for a
-            hash), optionally followed by ``name=NAME`` and
-            ``budget=TOKENS/PER``.
-        file_keys: The keys file's entries, read when the config was
-            loaded, in file order (secrets; never shown).
-    """
-
-    keys: tuple[ClientKey, ...] = attrs.field(default=(), repr=_count_keys)
-    keys_file: str | None = None
-    file_keys: tuple[ClientKey, ...] = attrs.field(default=(), repr=_count_keys)
 
 
 @attrs.frozen
@@ -310,6 +253,11 @@ class Config:
             and process at most; None for a share of ``max_connections``.
         max_retry_wait: Longest Retry-After honoured before retrying the
             same upstream when no other is left.
+        prices: Model name or glob -> price, in file order (an exact name
+            wins over a glob; among globs, the first that matches).
+        stream_usage: ``budget``, ``always`` or ``never``: when a streamed
+            request is made to ask for a usage event (routes may say
+            otherwise).
         source: Where the config came from (a file name), for messages.
     """
 
@@ -342,6 +290,8 @@ class Config:
     workers: int = 1
     max_connections: int | None = None
     max_connections_per_client: int | None = None
+    prices: Mapping[str, PriceConfig] = attrs.field(factory=lambda: MappingProxyType({}))
+    stream_usage: str = "budget"
     source: str = "<config>"
 
 

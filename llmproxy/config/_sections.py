@@ -27,6 +27,7 @@ from llmproxy.config._model import (
     TLSConfig,
 )
 from llmproxy.config._ca_file import check_ca_file
+from llmproxy.config._prices import stream_usage
 from llmproxy.config._redis_url import parse_redis_url
 from llmproxy.config._values import (
     _boolean,
@@ -51,7 +52,7 @@ def _route(value: Any, path: str) -> RouteConfig:
     route = _Mapping(value, path)
     route.check_keys(
         ("urls", "via", "api_key", "auth_header", "strategy", "retries", "retry_on",
-         "eject_after", "cooldown")
+         "eject_after", "cooldown", "stream_usage")
     )
     strategy = route.get("strategy", _string) or "round_robin"
     if strategy not in STRATEGIES:
@@ -127,6 +128,7 @@ def _route(value: Any, path: str) -> RouteConfig:
         retry_on=tuple(retry_on),
         eject_after=eject_after,
         cooldown=cooldown,
+        stream_usage=route.get("stream_usage", stream_usage),
     )
 
 

@@ -1,4 +1,4 @@
-"""Who is calling, are they allowed in, and how often.
+"""Who is calling, are they allowed in, how often, and at what cost.
 
 The policy is pure: no I/O, and no reading of the time but through the
 clocks it is given.
@@ -10,14 +10,20 @@ clocks it is given.
 * :class:`KeyStore` and :func:`presented_key`: client API keys (from an
   :class:`~llmproxy.config.AuthConfig`, keys file entries included),
   compared in constant time against stored SHA-256 digests and named by
-  non-secret ids (:class:`KeyInfo`).
-* :class:`Limits`: the rate limit and the token budgets of one request,
-  giving a :class:`Verdict` (:data:`ALLOWED`, or an outcome among
-  :data:`RATE_LIMITED`, :data:`OVER_BUDGET` and :data:`STORE_DOWN`), over
-  a store: :class:`MemoryStore` in this process, or :class:`RedisStore`
-  shared through Redis (the only I/O here; it fails with
-  :class:`StoreError`). Both stores are Twisted services.
-  :func:`budget_window` names the calendar window a budget counts in.
+  non-secret ids; each key's policy is a :class:`KeyInfo` (its models, its
+  own rate limit, its budget in tokens or US dollars).
+* :class:`Prices`: what a model's tokens cost, from ``prices``.
+* :class:`Limits`: one request's admission (:meth:`Limits.admit`: the key's
+  models, the rate limit, the key's budget, holding what an :class:`Ask`
+  may cost as a :class:`Reservation`) and its end (:meth:`Limits.settle`:
+  the hold let go, the :class:`Spend` charged), giving a :class:`Verdict`
+  (:data:`OK`, or an outcome among :data:`RATE_LIMITED`,
+  :data:`OVER_BUDGET`, :data:`STORE_DOWN`, :data:`NO_PRICE` and
+  :data:`MODEL_NOT_ALLOWED`) in an :class:`Admission`; over a store:
+  :class:`MemoryStore` in this process, or :class:`RedisStore` shared
+  through Redis (the only I/O here; it fails with :class:`StoreError`).
+  Both stores are Twisted services. :func:`budget_window` names the
+  calendar window a budget counts in.
 
 Importing this package does not import txredisapi (which installs the
 global reactor): a :class:`RedisStore` imports it when it is made.
@@ -26,34 +32,50 @@ global reactor): a :class:`RedisStore` imports it when it is made.
 from __future__ import annotations
 
 from llmproxy.limits._address import client_ip
-from llmproxy.limits._keys import KeyInfo, KeyStore, presented_key
-from llmproxy.limits._rate import RateLimiter, retry_after
-from llmproxy.limits._redis import RedisStore
-from llmproxy.limits._redis_client import StoreError
-from llmproxy.limits._store import (
+from llmproxy.limits._budget import (
     ALLOWED,
+    MODEL_NOT_ALLOWED,
+    NO_PRICE,
     OK,
     OVER_BUDGET,
     RATE_LIMITED,
     STORE_DOWN,
-    Limits,
-    MemoryStore,
+    Admission,
+    Ask,
+    Reservation,
+    Spend,
     Verdict,
     budget_window,
 )
+from llmproxy.limits._keys import KeyInfo, KeyStore, presented_key
+from llmproxy.limits._ledger import Ledger
+from llmproxy.limits._limits import Limits
+from llmproxy.limits._memory import MemoryStore
+from llmproxy.limits._prices import Prices
+from llmproxy.limits._rate import RateLimiter, retry_after
+from llmproxy.limits._redis import RedisStore
+from llmproxy.limits._redis_client import StoreError
 
 __all__ = [
     "ALLOWED",
+    "MODEL_NOT_ALLOWED",
+    "NO_PRICE",
     "OK",
     "OVER_BUDGET",
     "RATE_LIMITED",
     "STORE_DOWN",
+    "Admission",
+    "Ask",
     "KeyInfo",
     "KeyStore",
+    "Ledger",
     "Limits",
     "MemoryStore",
+    "Prices",
     "RateLimiter",
     "RedisStore",
+    "Reservation",
+    "Spend",
     "StoreError",
     "Verdict",
     "budget_window",

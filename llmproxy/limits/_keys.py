@@ -1,8 +1,9 @@
 """Client API keys: stored as SHA-256 digests, compared in constant time.
 
 :class:`KeyStore` holds the accepted keys (the config's ``auth`` section:
-its keys and its keys file's) and names them by non-secret ids;
-:func:`presented_key` finds the key a request carries.
+its keys and its keys file's) and names them by non-secret ids, with their
+policies (:class:`KeyInfo`); :func:`presented_key` finds the key a request
+carries.
 """
 
 from __future__ import annotations
@@ -10,28 +11,53 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Iterable
+from fnmatch import fnmatchcase
 
 import attrs
 from twisted.web.http_headers import Headers
 
-from llmproxy.config import AuthConfig, BudgetConfig, key_digest
+from llmproxy.config import AuthConfig, BudgetConfig, ClientKey, KeyRateConfig, key_digest
 
 __all__ = ["KeyInfo", "KeyStore", "presented_key"]
 
 
 @attrs.frozen
 class KeyInfo:
-    """What the proxy knows of an accepted key, without the key.
+    """What the proxy knows of an accepted key, without the key: its policy.
 
     Attributes:
         id: ``key-`` and the first 8 hex digits of the key's SHA-256.
         name: The configured name, or None.
-        budget: The key's token budget, or None.
+        budget: The key's budget (tokens or usd), or None.
+        models: The model names and globs the key may name, or None for
+            every model.
+        rate_limit: The key's own rate limit, or None for the global one.
     """
 
     id: str
     name: str | None = None
     budget: BudgetConfig | None = None
+    models: tuple[str, ...] | None = None
+    rate_limit: KeyRateConfig | None = None
+
+    @property
+    def label(self) -> str:
+        """The key as metrics and logs name it: its name, else its id."""
+        return self.name if self.name is not None else self.id
+
+    def allows(self, model: str | None) -> bool:
+        """Whether the key may use ``model``.
+
+        Args:
+            model: The model a request names, or None when it names none.
+
+        Returns:
+            True without ``models``, for a request naming no model, or when
+            a name or glob of ``models`` matches (case-sensitively).
+        """
+        if self.models is None or model is None:
+            return True
+        return any(fnmatchcase(model, pattern) for pattern in self.models)
 
 
 def _digest(key: str) -> bytes:
@@ -53,25 +79,28 @@ class KeyStore:
     caller's decision (``len(store) == 0`` means no keys are configured).
     """
 
-    def __init__(
-        self, digests: Iterable[bytes | tuple[bytes, str | None, BudgetConfig | None]]
-    ) -> None:
+    def __init__(self, digests: Iterable[bytes | tuple[bytes, ClientKey | None]]) -> None:
         """Store the digests.
 
         Args:
             digests: SHA-256 digests (32 bytes each) of the accepted keys,
-                or ``(digest, name, budget)``; duplicates are dropped (the
-                first wins).
+                or ``(digest, entry)`` where the config's entry gives the
+                key's name and policy (its ``key`` is not read);
+                duplicates are dropped (the first wins).
 
         Raises:
             ValueError: If a digest is not 32 bytes.
         """
         entries: dict[bytes, KeyInfo] = {}
         for item in digests:
-            digest, name, limit = item if isinstance(item, tuple) else (item, None, None)
+            digest, entry = item if isinstance(item, tuple) else (item, None)
             if len(digest) != hashlib.sha256().digest_size:
                 raise ValueError("a key digest must be 32 bytes (SHA-256)")
-            info = KeyInfo("key-" + digest.hex()[:8], name, limit)
+            key_id = "key-" + digest.hex()[:8]
+            if entry is None:
+                info = KeyInfo(key_id)
+            else:
+                info = KeyInfo(key_id, entry.name, entry.budget, entry.models, entry.rate_limit)
             entries.setdefault(bytes(digest), info)
         self._entries = tuple(entries.items())
 
@@ -106,7 +135,7 @@ class KeyStore:
                 never what it is) or a name used twice: mistakes the config
                 refuses, so only in an ``AuthConfig`` made by hand.
         """
-        digests: list[tuple[bytes, str | None, BudgetConfig | None]] = []
+        digests: list[tuple[bytes, ClientKey | None]] = []
         for where, entries in (("keys", auth.keys), ("file_keys", auth.file_keys)):
             for index, entry in enumerate(entries):
                 digest = key_digest(entry.key)
@@ -114,8 +143,8 @@ class KeyStore:
                     raise ValueError(
                         f"{where}[{index}]: expected a key or 'sha256:' and 64 hex digits"
                     )
-                digests.append((digest, entry.name, entry.budget))
-        names = [name for _, name, _ in digests if name is not None]
+                digests.append((digest, entry))
+        names = [entry.name for _, entry in digests if entry is not None and entry.name]
         for name in names:
             if names.count(name) > 1:
                 raise ValueError(f"key name {name!r} is used twice")
@@ -140,7 +169,7 @@ class KeyStore:
         Returns:
             The key's info: a stable non-secret id (``key-`` and the first 8
             hex digits of the key's SHA-256) for logs and rate limiting, its
-            name and budget; None when the key is missing or unknown.
+            name and policy; None when the key is missing or unknown.
         """
         if not presented:
             return None

@@ -34,7 +34,12 @@ from llmproxy.limits._redis_client import (
 )
 from llmproxy.limits._redis_scripts import (
     ADD_USAGE,
+    HELD,
+    RESERVE,
+    SETTLE,
     TAKE,
+    budget_numbers,
+    reserved,
     tokens_used,
     usage_added,
     wait_seconds,
@@ -71,8 +76,10 @@ class RedisStore(Service):
 
     The methods match :class:`~llmproxy.limits.MemoryStore`'s, but answer
     with Deferreds that fire within ``timeout`` seconds or fail with
-    :class:`StoreError`. Keys are ``{prefix}rl:{bucket}`` and
-    ``{prefix}budget:{name}:{window}`` (a name over 200 bytes is hashed).
+    :class:`StoreError`. Keys are ``{prefix}rl:{bucket}``,
+    ``{prefix}budget:{name}:{window}`` (a budget's counter), and
+    ``{prefix}held:{name}:{window}`` and ``{prefix}held-amounts:{name}:{window}``
+    (its reservations); a name over 200 bytes is hashed.
 
     As a service, it connects while running: :meth:`startService` begins
     connecting, :meth:`stopService` closes.
@@ -200,6 +207,81 @@ class RedisStore(Service):
         args = [str(tokens), str(math.ceil(expires_at))]
         return self._client.call(lambda redis: redis.eval(ADD_USAGE, [key], args), usage_added)
 
+    def reserve(
+        self, name: str, slot: str, rid: str, amount: int, limit: int, ttl: float,
+        keep_until: float,
+    ) -> Deferred[tuple[bool, int, int]]:
+        """Hold ``amount`` of a budget if it fits, in one script.
+
+        It fits when what is used, what is held and ``amount`` (at least 1)
+        together are at most ``limit``; reservations whose time is up are
+        dropped first. Two processes on one Redis cannot both take the last
+        of a budget: the script runs alone.
+
+        Args:
+            name: The key's name.
+            slot: The counter's window (see
+                :func:`~llmproxy.limits.budget_slot`).
+            rid: The reservation's id.
+            amount: What to hold (0 holds nothing but still needs 1 left).
+            limit: The budget.
+            ttl: Seconds the reservation lives unless settled (on Redis's
+                clock).
+            keep_until: Unix time until which the reservation keys are kept.
+
+        Returns:
+            A Deferred firing with ``(admitted, used, held)``, or failing
+            with :class:`StoreError`.
+        """
+        numbers = (amount, limit)
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in numbers):
+            return fail(StoreError("amounts must be integers"))
+        if not (_finite(ttl) and ttl > 0 and _finite(keep_until)):
+            return fail(StoreError("ttl and keep_until must be numbers of seconds"))
+        args = [rid, str(amount), str(limit), str(math.ceil(ttl * 1000)),
+                str(math.ceil(keep_until))]
+        keys = self._budget_keys(name, slot)
+        return self._client.call(lambda redis: redis.eval(RESERVE, keys, args), reserved)
+
+    def settle(
+        self, name: str, slot: str, rid: str, charge: int, keep_until: float
+    ) -> Deferred[tuple[int, int]]:
+        """Let go of a reservation (if still held) and count ``charge``, in one
+        script.
+
+        Args:
+            name: The key's name.
+            slot: The counter's window.
+            rid: The reservation's id.
+            charge: What the request cost, in the budget's unit.
+            keep_until: Unix time at which the counter goes.
+
+        Returns:
+            A Deferred firing with ``(used, held)`` afterwards, or failing
+            with :class:`StoreError`.
+        """
+        if not isinstance(charge, int) or isinstance(charge, bool) or charge < 0:
+            return fail(StoreError("the charge must be an integer, 0 or more"))
+        if not _finite(keep_until):
+            return fail(StoreError("keep_until must be a unix time"))
+        args = [rid, str(charge), str(math.ceil(keep_until))]
+        keys = self._budget_keys(name, slot)
+        return self._client.call(lambda redis: redis.eval(SETTLE, keys, args), budget_numbers)
+
+    def held(self, name: str, slot: str) -> Deferred[tuple[int, int]]:
+        """Read a budget, dropping reservations whose time is up.
+
+        Args:
+            name: The key's name.
+            slot: The counter's window.
+
+        Returns:
+            A Deferred firing with ``(used, held)``, or failing with
+            :class:`StoreError`.
+        """
+        keys = self._budget_keys(name, slot)
+        return self._client.call(lambda redis: redis.eval(HELD, keys, []), budget_numbers)
+
     def stopService(self) -> Deferred[None]:
         """Stop reconnecting and close the connection.
 
@@ -218,3 +300,17 @@ class RedisStore(Service):
     def _budget_key(self, name: str, window: str) -> bytes:
         """The Redis key of ``name``'s counter in ``window``."""
         return self._prefix + b"budget:" + _key_part(name) + b":" + _key_part(window)
+
+    def _budget_keys(self, name: str, slot: str) -> list[bytes]:
+        """The counter, reservations and amounts keys of ``name`` in ``slot``."""
+        part = _key_part(name) + b":" + _key_part(slot)
+        return [
+            self._prefix + b"budget:" + part,
+            self._prefix + b"held:" + part,
+            self._prefix + b"held-amounts:" + part,
+        ]
+
+
+def _finite(value: object) -> bool:
+    """Whether ``value`` is a finite number."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
