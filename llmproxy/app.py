@@ -42,7 +42,7 @@ from twisted.web.resource import Resource
 from llmproxy.config import Config, ConfigError, load_config
 from llmproxy.daemon import AdoptedListener, Daemon, Listener
 from llmproxy.egress import Egress
-from llmproxy.limits import KeyStore, Limits
+from llmproxy.limits import KeyStore, Limits, Prices
 from llmproxy.logs import file_log_service
 from llmproxy.metrics import Metrics
 from llmproxy.net import NetworkSet
@@ -98,16 +98,19 @@ class _Parts(MultiService):
             resolver = egress.resolver
         else:
             resolver = None
-        if metrics is not None:
-            metrics.configure(config, resolver)
         guard = build_guard(config, reactor, metrics)
         if guard.limits is not None:
             guard.limits.store.setServiceParent(self)
+            prices = guard.limits.prices
+        else:
+            prices = Prices.from_config(config.prices)
+        if metrics is not None:
+            metrics.configure(config, resolver, price_label=prices.label)
         self.proxy = ProxyResource(
             Router.from_config(config, clock=reactor), agent, reactor, config.timeouts,
             metrics, access_log=config.log.access, guard=guard,
             max_retry_wait=config.max_retry_wait, via_agents=via_agents, worker=worker,
-            stream_usage=getattr(config, "stream_usage", "budget"),
+            stream_usage=config.stream_usage, prices=prices if len(prices) else None,
         )
 
 

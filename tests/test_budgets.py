@@ -21,9 +21,16 @@ from llmproxy.config import ConfigError, parse_config_text
 from llmproxy.limits import KeyStore, budget_window
 from llmproxy.web import build_admin_resource
 
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "one two three four"}]}
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "one two three four"}],
+        "max_tokens": 6}
 # The fake upstream's usage for CHAT: 4 prompt words + its 6-word reply.
 TOKENS = 4 + 6
+
+
+def ask(body: dict[str, Any]) -> int:
+    """What a budgeted request for ``body`` holds while it runs: its input
+    (bytes / 4, rounded up) and its ``max_tokens``."""
+    return -(-len(json.dumps(body)) // 4) + body["max_tokens"]
 
 
 def budget_config(base: str, tokens: int, extra: str = "") -> str:
@@ -57,18 +64,21 @@ async def admin_get(reactor: Any, root: Any, client: Any, path: str) -> tuple[An
 async def test_a_spent_budget_refuses_with_insufficient_quota(
     reactor, upstreams, proxies, client, access
 ) -> None:
-    """Streamed and whole answers count; the next request gets 429 with Retry-After."""
+    """Streamed and whole answers count; a request the rest of the budget
+    cannot cover (what it may cost: its input and ``max_tokens``) gets 429
+    with Retry-After."""
     upstream, base = await upstreams.start()
-    proxy = await proxies.start(budget_config(base, tokens=2 * TOKENS))
+    streamed = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    # Room for the first two (the second holding its ask), not a third.
+    proxy = await proxies.start(budget_config(base, tokens=TOKENS + ask(streamed)))
     url = proxy + "/v1/chat/completions"
     response, _ = await fetch(client, reactor, url, CHAT, headers=bearer("key-a-secret"))
     assert response.code == 200
-    streamed = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
     response, body = await fetch(client, reactor, url, streamed, headers=bearer("key-a-secret"))
     assert response.code == 200 and b"[DONE]" in body
     await timeout(access.wait(2), reactor)
     sent = len(upstream.requests)
-    response, body = await fetch(client, reactor, url, CHAT, headers=bearer("key-a-secret"))
+    response, body = await fetch(client, reactor, url, streamed, headers=bearer("key-a-secret"))
     assert response.code == 429
     error = json.loads(body)["error"]
     assert error["type"] == "insufficient_quota" and error["code"] == "insufficient_quota"
@@ -151,7 +161,8 @@ async def test_budgets_lists_use_and_budget_per_named_key(
     rows = {row["name"]: row for row in json.loads(body)["keys"]}
     assert rows["team-a"]["used"] == TOKENS
     assert rows["team-a"]["remaining"] == 1000 - TOKENS
-    assert rows["team-a"]["budget"] == {"tokens": 1000, "per": "day"}
+    assert rows["team-a"]["budget"] == {"tokens": 1000, "per": "day", "reserve": 4096}
+    assert rows["team-a"]["unit"] == "tokens" and rows["team-a"]["reserved"] == 0
     assert rows["team-a"]["window"].startswith("day:")
     assert b"secret" not in body
 
@@ -268,18 +279,19 @@ async def test_a_reload_applies_new_budgets_and_keeps_what_was_used(
 ) -> None:
     """SIGHUP's new root: the changed budget applies, the use so far counts."""
     _, base = await upstreams.start()
-    proxy = await proxies.start(budget_config(base, tokens=TOKENS))
+    proxy = await proxies.start(budget_config(base, tokens=ask(CHAT)))
     url = proxy + "/v1/chat/completions"
     response, _ = await fetch(client, reactor, url, CHAT, headers=bearer("key-a-secret"))
     assert response.code == 200
     await timeout(access.wait(1), reactor)
     response, _ = await fetch(client, reactor, url, CHAT, headers=bearer("key-a-secret"))
     assert response.code == 429
-    bigger = parse_config_text(budget_config(base, tokens=3 * TOKENS), environ={})
+    bigger = parse_config_text(budget_config(base, tokens=2 * TOKENS + ask(CHAT)),
+                               environ={})
     proxies.gateways[-1].reload(bigger)
     codes = []
     for i in range(3):
         response, _ = await fetch(client, reactor, url, CHAT, headers=bearer("key-a-secret"))
         codes.append(response.code)
         await timeout(access.wait(3 + i), reactor)  # its usage is counted
-    assert codes == [200, 200, 429], "1 + 2 answers fit the new budget of 3"
+    assert codes == [200, 200, 429], "2 more answers fit the new budget"

@@ -23,8 +23,12 @@ from llmproxy.limits import RedisStore, budget_window
 from redis_server import RedisServer
 from redis_server import redis_server  # noqa: F401 (a fixture)
 
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "one two three four"}]}
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "one two three four"}],
+        "max_tokens": 6}
 TOKENS = 4 + 6  # the fake upstream's usage for CHAT
+#: What a budgeted CHAT holds while it runs: its input (bytes / 4) and
+#: max_tokens.
+ASK = -(-len(json.dumps(CHAT)) // 4) + 6
 
 
 def shared_config(base: str, store: str, extra: str = "", rate: str = "0.001") -> str:
@@ -92,7 +96,7 @@ async def test_two_proxies_share_a_keys_budget(
     _, base = await upstreams.start()
     keys = (
         "auth:\n  keys:\n"
-        f"    - {{key: key-a, name: team-a, budget: {{tokens: {2 * TOKENS}, per: day}}}}\n"
+        f"    - {{key: key-a, name: team-a, budget: {{tokens: {TOKENS + ASK}, per: day}}}}\n"
         "    - {key: key-b, name: team-b, budget: {tokens: 1000000, per: day}}\n"
     )
     config = shared_config(base, redis_server.url, rate="1000") + keys

@@ -144,7 +144,8 @@ class Metrics:
         )
         self.cost = Counter(
             "llmproxy_cost_usd",
-            "USD spent, from the configured prices, by key name and priced model.",
+            "USD spent, from the configured prices, by key name (none without a "
+            "named key) and priced model.",
             ["key", "model"],
             registry=r,
         )
@@ -209,7 +210,7 @@ class Metrics:
         self.store_errors = Counter(
             "llmproxy_limit_store_errors",
             "Rate-limit store calls that failed or timed out, by what was asked "
-            "(check, add_usage).",
+            "(check: admission, add_usage: settling, status: GET /budgets).",
             ["op"],
             registry=r,
         )
@@ -229,6 +230,26 @@ class Metrics:
             "llmproxy_budget_usage_missing",
             "Answers to keys with a budget that reported no token usage, by key name.",
             ["key"],
+            registry=r,
+        )
+        self.budget_usd = Counter(
+            "llmproxy_budget_usd",
+            "US dollars counted against client keys' money budgets, by key name.",
+            ["key"],
+            registry=r,
+        )
+        self.budget_unpriced = Counter(
+            "llmproxy_budget_unpriced",
+            "Answers to keys with a money budget charged nothing because no price "
+            "matched the model, by key name.",
+            ["key"],
+            registry=r,
+        )
+        self.key_refused = Counter(
+            "llmproxy_key_refused",
+            "Requests a key's policy refused, by key name and reason "
+            "(model_not_allowed, no_price).",
+            ["key", "reason"],
             registry=r,
         )
         if self.multiprocess_dir is not None:
@@ -325,22 +346,27 @@ class Metrics:
             self._count_tokens(record, prompt or 0, completion or 0)
 
     def _count_tokens(self, record: dict[str, Any], prompt: int, completion: int) -> None:
-        """Count a request's tokens (and cost) by model and by key."""
-        reported = self._reported.label(record.get("upstream_model") or record.get("model"))
-        if prompt:
-            self.tokens.labels("prompt", reported).inc(prompt)
-        if completion:
-            self.tokens.labels("completion", reported).inc(completion)
+        """Count a request's tokens (and cost) by model and by key.
+
+        Estimated tokens (``usage_estimated``: the answer reported none) are
+        counted apart, per key, never as tokens an upstream reported.
+        """
         name = record.get("key_name")
-        if name is None:
-            return
-        if prompt:
-            self.key_tokens.labels(name, "prompt").inc(prompt)
-        if completion:
-            self.key_tokens.labels(name, "completion").inc(completion)
+        model = record.get("upstream_model") or record.get("model")
+        if record.get("usage_estimated"):
+            if name is not None:
+                self.estimated_tokens.labels(name).inc(prompt + completion)
+        else:
+            reported = self._reported.label(model)
+            if prompt:
+                self.tokens.labels("prompt", reported).inc(prompt)
+            if completion:
+                self.tokens.labels("completion", reported).inc(completion)
+            if name is not None:
+                if prompt:
+                    self.key_tokens.labels(name, "prompt").inc(prompt)
+                if completion:
+                    self.key_tokens.labels(name, "completion").inc(completion)
         cost = record.get("cost_usd")
         if cost:
-            priced = self._price_label(record.get("upstream_model") or record.get("model"))
-            self.cost.labels(name, priced).inc(cost)
-        if record.get("usage_estimated"):
-            self.estimated_tokens.labels(name).inc(prompt + completion)
+            self.cost.labels(name or "none", self._price_label(model)).inc(cost)

@@ -9,6 +9,8 @@ import attrs
 from twisted.web.server import Request
 
 from llmproxy.limits import (
+    MODEL_NOT_ALLOWED,
+    NO_PRICE,
     OK,
     OVER_BUDGET,
     RATE_LIMITED,
@@ -99,27 +101,50 @@ def bucket_of(guard: Guard, address: str | None, key: KeyInfo | None) -> str:
     return address or "unknown"
 
 
-def refusal_for(verdict: Verdict, key: KeyInfo | None) -> Refusal | None:
+#: The longest model name an error message repeats whole.
+_SHOWN_MODEL = 100
+
+
+def refusal_for(verdict: Verdict, key: KeyInfo | None, model: str | None = None) -> Refusal | None:
     """What the client is told for a limit's verdict (None: let through).
 
     Args:
         verdict: The limits' verdict.
-        key: The client's key (named in a spent budget's message).
+        key: The client's key (named in a budget's or a policy's message).
+        model: The model the request asked for (named in a policy's
+            message).
 
     Returns:
-        A 429 for the rate limit or a spent budget, a 503 when the store
-        is down and ``on_store_error`` is ``deny``, else None.
+        A 403 for a model the key may not use (or, under a money budget,
+        one without a price), a 429 for the rate limit or a spent budget, a
+        503 when the store is down and ``on_store_error`` is ``deny``, else
+        None.
     """
-    if verdict.outcome == OK:
+    outcome = verdict.outcome
+    if outcome == OK:
         return None
+    name = key.name if key is not None else None
+    if model is not None and len(model) > _SHOWN_MODEL:
+        model = model[:_SHOWN_MODEL] + "..."
+    if outcome == MODEL_NOT_ALLOWED:
+        return Refusal(
+            403, f"the key {name!r} may not use the model {model!r}",
+            "invalid_request_error", "model_not_allowed",
+        )
+    if outcome == NO_PRICE:
+        return Refusal(
+            403, f"the model {model!r} has no price in llmproxy's prices, and the key "
+            f"{name!r} has a budget in US dollars: ask the operator to price it",
+            "invalid_request_error", "model_not_priced",
+        )
     seconds = retry_after(verdict.wait)
-    if verdict.outcome == RATE_LIMITED:
+    if outcome == RATE_LIMITED:
         return Refusal(429, f"rate limit exceeded: retry in {seconds} s", "rate_limit_error",
                        "rate_limited", seconds)
-    if verdict.outcome == OVER_BUDGET:
-        name = key.name if key is not None else None
+    if outcome == OVER_BUDGET:
         return Refusal(
-            429, f"the token budget of key {name!r} is spent: it renews in {seconds} s",
+            429, f"the budget of key {name!r} cannot cover this request: it renews in "
+            f"{seconds} s",
             "insufficient_quota", "insufficient_quota", seconds,
         )
     return Refusal(503, "the rate limit store is not answering; try again shortly",

@@ -32,6 +32,7 @@ from twisted.web.server import Request
 
 from llmproxy.egress import StaleConnectionRetried
 from llmproxy.proxy._access import emit, new_record, note_response
+from llmproxy.limits import Admission, Ask, KeyInfo
 from llmproxy.proxy._admit import Refusal, bucket_of, identify, refusal_for
 from llmproxy.proxy._attempt import Attempt
 from llmproxy.proxy._body import Body
@@ -42,7 +43,7 @@ from llmproxy.proxy._errors import (
     reason_phrase,
     send_error,
 )
-from llmproxy.proxy._meter import Meter
+from llmproxy.proxy._meter import Meter, ask_for
 from llmproxy.proxy._headers import (
     ATTEMPTS_HEADER,
     copy_response_headers,
@@ -99,7 +100,7 @@ class Exchange:
             self.record["worker"] = proxy.worker
         self.done = False
         self._gone = False
-        self.meter = Meter(proxy.access_log or proxy.metrics is not None, None, None)
+        self.meter = Meter(proxy.access_log or proxy.metrics is not None, proxy.prices)
         self._retries: Retries | None = None
         self._usage_asked = False
         self._attempt: Attempt | None = None
@@ -109,10 +110,10 @@ class Exchange:
         if proxy.metrics is not None:
             proxy.metrics.started()
 
-    # -- admit ---------------------------------------------------------------
+    # -- admit and route ----------------------------------------------------
 
     def start(self) -> None:
-        """Check the client's key and limits, then route and send."""
+        """Check the client's key, route, check its policy, then send."""
         guard = self.proxy.guard
         self.request.notifyFinish().addErrback(self._client_left)
         who = identify(guard, self.request, self.record)
@@ -120,29 +121,54 @@ class Exchange:
             self._refuse(who)
             return
         address, key = who
+        route = self._route(key)
+        if route is None:
+            return
         limits = guard.limits
         if limits is None:
-            self._route()
+            self._go(route)
             return
-        if key is not None and key.budget is not None:
-            self.meter = Meter(self.meter.wanted, key, limits)
-        verdict = limits.check(bucket_of(guard, address, key), key)
-        if isinstance(verdict, Deferred):
+        model = route.rewrite_model or self.record["model"]
+        ask = ask_for(self.body, key, model) if key is not None else None
+        admission = limits.admit(bucket_of(guard, address, key), key, ask)
+        if isinstance(admission, Deferred):
             # A shared store answers later (within rate_limit.store_timeout).
-            verdict.addCallback(self._admitted).addErrback(self.bug)
+            admission.addCallback(self._admitted, route, key, ask).addErrback(self.bug)
         else:
-            self._admitted(verdict)
+            self._admitted(admission, route, key, ask)
 
-    def _admitted(self, verdict: Any) -> None:
+    def _route(self, key: KeyInfo | None) -> Any:
+        """The request's route (None: answered 404), its model noted."""
+        router = self.proxy.router
+        policy = key is not None and (key.models is not None or key.budget is not None)
+        model = self.body.model() if router.uses_model or policy else None
+        self.record["model"] = model
+        route = router.route(self.path, model)
+        if route is None:
+            self._answer_error(
+                404, f"no route for path {self.path.decode('utf-8', 'replace')!r}",
+                "invalid_request_error", "route_not_found", code_in_record=False,
+            )
+        else:
+            self.record["route"] = route.path_key
+        return route
+
+    def _admitted(
+        self, admission: Admission, route: Any, key: KeyInfo | None, ask: Ask | None
+    ) -> None:
+        limits = self.proxy.guard.limits
+        assert limits is not None
         if self.done:
+            limits.settle(admission.reservation, None)  # the client left meanwhile
             return
-        refusal = refusal_for(verdict, self.meter.key)
-        if refusal is None:
-            self._route()
+        refusal = refusal_for(admission.verdict, key, ask.model if ask is not None else None)
+        if refusal is not None:
+            if refusal.code == "rate_limited" and self.proxy.metrics is not None:
+                self.proxy.metrics.rate_limited.inc()
+            self._refuse(refusal)
             return
-        if refusal.code == "rate_limited" and self.proxy.metrics is not None:
-            self.proxy.metrics.rate_limited.inc()
-        self._refuse(refusal)
+        self.meter.admitted(limits, key, ask, admission.reservation)
+        self._go(route)
 
     def _refuse(self, refusal: Refusal) -> None:
         if refusal.retry_after is not None:
@@ -151,23 +177,12 @@ class Exchange:
             )
         self._answer_error(refusal.status, refusal.message, refusal.type, refusal.code)
 
-    # -- route ---------------------------------------------------------------
-
-    def _route(self) -> None:
-        router = self.proxy.router
-        model = self.body.model() if router.uses_model else None
-        self.record["model"] = model
-        route = router.route(self.path, model)
-        if route is None:
-            self._answer_error(
-                404, f"no route for path {self.path.decode('utf-8', 'replace')!r}",
-                "invalid_request_error", "route_not_found", code_in_record=False,
-            )
-            return
-        self.record["route"] = route.path_key
-        self._retries = Retries(router, route, self.rid, self.record, self.proxy.metrics)
+    def _go(self, route: Any) -> None:
+        """Send the request on its route (an alias's real model in the body)."""
+        self._retries = Retries(
+            self.proxy.router, route, self.rid, self.record, self.proxy.metrics
+        )
         if route.rewrite_model is not None:
-            # An alias: the body names the real model upstream.
             self.body.set_model(route.rewrite_model)
             self.record["model"] = route.rewrite_model
         self._usage_asked = ask_stream_usage(
@@ -188,6 +203,7 @@ class Exchange:
         proxy, pool = self.proxy, retries.pool
         url = retries.next_url(url)
         attempt = self._attempt = Attempt(pool, url)
+        self.meter.sent = True
         headers = upstream_headers(self.request, self.rid, pool, proxy.guard.keys is not None)
         if self._usage_asked:
             # The usage event is taken out of the stream: it must be plain.
@@ -265,6 +281,7 @@ class Exchange:
         if failure.check(StaleConnectionRetried):
             retries.stale_resend(attempt)
         attempt.end()
+        self.meter.sent = False
         if self.done:
             if not failure.check(CancelledError):
                 log.debug("request {request_id} failed after its client left",

@@ -9,6 +9,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IAgent
 
 from llmproxy.config import TimeoutsConfig
+from llmproxy.limits import Prices
 from llmproxy.metrics import Metrics
 from llmproxy.proxy._admit import Guard
 from llmproxy.routing import Router
@@ -27,6 +28,7 @@ class Host(Protocol):
     guard: Guard
     max_retry_wait: float
     stream_usage: str
+    prices: Prices | None
     worker: int | None
 
     def finished(self, exchange: Any) -> None:

@@ -14,6 +14,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from llmproxy.config import TimeoutsConfig
+from llmproxy.limits import Prices
 from llmproxy.metrics import Metrics
 from llmproxy.proxy._errors import send_error
 from llmproxy.proxy._admit import Guard
@@ -49,6 +50,8 @@ class ProxyResource(Resource):
         stream_usage: When to ask an OpenAI stream for its usage
             (``stream_usage``): ``budget``, ``always`` or ``never``; a
             route's own setting wins.
+        prices: What models cost, for each record's ``cost_usd`` (None: no
+            prices).
         inflight: The requests being served now.
     """
 
@@ -67,6 +70,7 @@ class ProxyResource(Resource):
         via_agents: Mapping[str, IAgent] | None = None,
         worker: int | None = None,
         stream_usage: str = "budget",
+        prices: Prices | None = None,
     ) -> None:
         """Set up the proxy (see the class's attributes)."""
         super().__init__()
@@ -81,6 +85,7 @@ class ProxyResource(Resource):
         self.via_agents = dict(via_agents or {})
         self.worker = worker
         self.stream_usage = stream_usage
+        self.prices = prices
         self.inflight: set[Exchange] = set()
         self._drained: list[Deferred[None]] = []
 

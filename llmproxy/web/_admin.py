@@ -2,13 +2,13 @@
 
 Served on ``admin_listen`` (loopback by default), never on the public port:
 ``/readyz`` there lists every upstream's health, and ``/budgets`` every
-named key's use.
+named key's budget: used, reserved for requests in flight, and left, in
+tokens or US dollars.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
@@ -16,7 +16,6 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from llmproxy.limits import budget_window
 from llmproxy.web._metrics import MetricsResource
 from llmproxy.web._root import HEALTH, RootResource, json_body
 
@@ -54,47 +53,37 @@ class _Budgets(Resource):
         guard = self._root.proxy.guard
         keys = guard.keys.named() if guard.keys is not None else []
         limits = guard.limits
-        now = time.time()
         rows: list[dict[str, Any]] = []
         asked: list[Deferred[Any]] = []
         for key in keys:
             row: dict[str, Any] = {"name": key.name, "key": key.id, "budget": None}
             rows.append(row)
-            if key.budget is None or limits is None:
+            budget = key.budget
+            if budget is None or limits is None:
                 continue
-            window, ends = budget_window(key.budget.per, now)
-            row.update(budget={"tokens": key.budget.tokens, "per": key.budget.per},
-                       window=window, resets_at=ends, used=None)
-            used = limits.store.budget_used(key.name, window)
-            if isinstance(used, Deferred):
-                asked.append(used.addCallbacks(
-                    lambda n, row=row: row.update(used=n),
-                    lambda failure, row=row: row.update(error=_store_error(failure)),
+            row["budget"] = {budget.unit: budget.usd if budget.usd is not None
+                             else budget.tokens, "per": budget.per, "reserve": budget.reserve}
+            status = limits.status(key)
+            if isinstance(status, Deferred):
+                asked.append(status.addCallbacks(
+                    row.update, lambda failure, row=row: row.update(error=_store_error(failure)),
                 ))
             else:
-                row["used"] = used
+                row.update(status)
         if not asked:
-            return json_body(request, _budget_rows(rows))
+            return json_body(request, json.dumps({"keys": rows}).encode())
         gone: list[bool] = []
         request.notifyFinish().addBoth(lambda _: gone.append(True))
 
         def answer(_: Any) -> None:
             if not gone:
-                request.write(json_body(request, _budget_rows(rows)))
+                request.write(json_body(request, json.dumps({"keys": rows}).encode()))
                 request.finish()
 
         gatherResults(asked).addCallback(answer).addErrback(
             lambda failure: log.failure("/budgets failed", failure)
         )
         return NOT_DONE_YET
-
-
-def _budget_rows(rows: list[dict[str, Any]]) -> bytes:
-    """The ``/budgets`` body, with what is left of each budget."""
-    for row in rows:
-        if row["budget"] is not None and row.get("used") is not None:
-            row["remaining"] = max(0, row["budget"]["tokens"] - row["used"])
-    return json.dumps({"keys": rows}).encode()
 
 
 def _store_error(failure: Any) -> str:
