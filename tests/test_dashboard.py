@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -23,7 +22,6 @@ from twisted.internet.protocol import Factory
 
 from conftest import timeout
 from helpers import fetch
-from llmproxy.config import ConfigError, parse_config_text
 from llmproxy.web import build_site
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "etc" / "grafana" / "llmproxy.json"
@@ -34,18 +32,8 @@ METRIC = re.compile(r"\bllmproxy_[a-z0-9_]+")
 #: Sample names that only a rate() or increase() makes sense of.
 RATED = ("_total", "_bucket", "_sum", "_count")
 
-#: Queried by the dashboard and declared by /metrics, but no request can
-#: count them yet: the proxy never puts ``cost_usd`` (there is no ``prices``
-#: config) or ``usage_estimated`` in its access record. The loopback test
-#: checks that their families are declared and fails as soon as one of them
-#: gets a sample, or the config accepts ``prices``: then provoke them there
-#: and take them out of this set.
-NOT_YET_PROVOKED = frozenset({
-    "llmproxy_cost_usd_total",
-    "llmproxy_budget_estimated_tokens_total",
-})
-
-CHAT = {"model": "m-good", "messages": [{"role": "user", "content": "one two three four"}]}
+CHAT = {"model": "m-good", "messages": [{"role": "user", "content": "one two three four"}],
+        "max_tokens": 6}
 #: The fake upstream's usage for CHAT: 4 prompt words and its 6-word reply.
 TOKENS = 4 + 6
 
@@ -137,17 +125,10 @@ def test_the_metrics_it_queries_are_llmproxys() -> None:
         "llmproxy_upstream_ttfb_seconds_bucket", "llmproxy_tokens_total",
         "llmproxy_cost_usd_total", "llmproxy_budget_tokens_total",
         "llmproxy_upstream_ejections_total", "llmproxy_upstream_errors_total",
+        "llmproxy_budget_usd_total", "llmproxy_key_refused_total",
+        "llmproxy_budget_estimated_tokens_total",
     ):
         assert name in names
-    assert NOT_YET_PROVOKED <= names
-
-
-def test_prices_are_not_configurable_yet() -> None:
-    """The cost metric is set aside (NOT_YET_PROVOKED) because no config can
-    price a model. Once one can, this fails: provoke the cost in the
-    loopback test below instead."""
-    with pytest.raises(ConfigError, match="prices: unknown key"):
-        parse_config_text('target_map: {"/v1/": "http://up.test"}\nprices: {}\n', environ={})
 
 
 async def _closed_port(reactor: Any) -> str:
@@ -160,7 +141,8 @@ async def _closed_port(reactor: Any) -> str:
 
 def _config(good: str, dead: str, stale: str) -> str:
     """Routes that fail over, fall back, fail, and meet a stale connection;
-    one named key, and one with a budget of one CHAT."""
+    prices; a named key, one with a token budget for a few CHATs, and one
+    with a money budget and a models list."""
     return (
         f'target_map:\n  "/v1/": "{good}"\n'
         "model_routes:\n"
@@ -172,7 +154,10 @@ def _config(good: str, dead: str, stale: str) -> str:
         'fallbacks: {"m-main": "m-backup"}\n'
         "auth:\n  keys:\n"
         "    - {key: key-team-secret, name: team}\n"
-        f"    - {{key: key-capped-secret, name: capped, budget: {{tokens: {TOKENS}, per: day}}}}\n"
+        "    - {key: key-capped-secret, name: capped, budget: {tokens: 100, per: day}}\n"
+        "    - {key: key-wallet-secret, name: wallet, models: [m-good],"
+        " budget: {usd: 5, per: day}}\n"
+        'prices: {"m-*": {input: 1, output: 2}}\n'
     )
 
 
@@ -181,9 +166,9 @@ async def test_every_metric_the_dashboard_queries_is_served(
     reactor, upstreams, raw_servers, proxies, loopback, client, access
 ) -> None:
     """After requests that succeed, fail over to a fallback, fail upstream,
-    meet a stale pooled connection, spend a budget and are refused, every
-    metric the dashboard queries has a sample in ``/metrics`` (but those
-    set aside in NOT_YET_PROVOKED, which are declared)."""
+    meet a stale pooled connection, are charged by estimate, spend a token
+    and a money budget and are refused, every metric the dashboard queries
+    has a sample in ``/metrics``."""
     _, good = await upstreams.start()
     dead = await _closed_port(reactor)
     stale, stale_base = await raw_servers(answers_per_connection=1)
@@ -201,26 +186,25 @@ async def test_every_metric_the_dashboard_queries_is_served(
     # Refused by its one upstream (ejected), then answered by the fallback.
     assert await ask("key-team-secret", "m-main") == 200
     assert await ask("key-team-secret", "m-dead") == 502
-    # Answers without usage to a budgeted key; the second one is sent again
-    # after its pooled connection closed unanswered.
+    # Answers without usage to a budgeted key, charged by estimate; the
+    # second one is sent again after its pooled connection closed unanswered.
     assert await ask("key-capped-secret", "m-stale") == 200
     assert await ask("key-capped-secret", "m-stale") == 200
     assert stale.connections == 2
-    # Spends the budget; the next is refused over budget.
-    assert await ask("key-capped-secret", "m-good") == 200
-    assert await ask("key-capped-secret", "m-good") == 429
+    # Spends the budget; then one is refused over budget.
+    codes = [await ask("key-capped-secret", "m-good") for _ in range(10)]
+    assert 200 in codes and codes[-1] == 429, codes
+    # A money budget charged; a model outside the key's list refused.
+    assert await ask("key-wallet-secret", "m-good") == 200
+    assert await ask("key-wallet-secret", "m-dead") == 403
     assert await ask("not-a-key", "m-good") == 401
-    await timeout(access.wait(8), reactor)
+    await timeout(access.wait(7 + len(codes)), reactor)
 
     response, text = await fetch(client, reactor, admin + "/metrics", method=b"GET")
     assert response.code == 200
     families = list(text_string_to_metric_families(text.decode()))
     samples = {sample.name for family in families for sample in family.samples}
-    declared = {family.name for family in families}
 
     wanted = queried_metrics(load())
-    missing = sorted(wanted - NOT_YET_PROVOKED - samples)
+    missing = sorted(wanted - samples)
     assert not missing, f"queried by the dashboard, not in /metrics: {missing}"
-    for name in NOT_YET_PROVOKED:
-        assert name.removesuffix("_total") in declared, f"{name} is not declared"
-        assert name not in samples, f"{name} has a sample now: take it out of NOT_YET_PROVOKED"
