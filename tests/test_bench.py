@@ -437,6 +437,26 @@ def test_limit_store_config_passes_the_daemons_check(tmp_path, store: str,
         _limitstore.limit_config("redis")
 
 
+@pytest.mark.parametrize("store", _limitstore.LIMIT_STORES)
+def test_budget_config_gives_every_request_a_budget_no_load_spends(
+    tmp_path, store: str, capsys
+) -> None:
+    """--budget: the config loads with one named key whose token budget no
+    bench load spends, beside the store's rate limit; wrk's script sends
+    that key; other scenarios refuse the flag."""
+    path = tmp_path / "proxy.yml"
+    _servers._proxy_config(path, 8080, 9090, True,
+                           _limitstore.limit_config(store, 6390, budget=True))
+    config = load_config(str(path))
+    (key,) = config.auth.keys
+    assert key.name == "bench" and key.budget.tokens >= 10 ** 12
+    assert (config.rate_limit is None) == (store == "none")
+    assert _cli._parse_args(["--scenario", "sse", "--budget"]).budget
+    with pytest.raises(SystemExit):
+        bench.main(["--scenario", "streams", "--budget"])
+    assert "--budget applies to the nonstream and sse" in capsys.readouterr().err
+
+
 def test_redis_replies_and_info_are_read() -> None:
     """RESP: the command is an array of bulk strings; simple, integer and
     bulk replies are read, an error or a cut reply raises OSError; INFO's
@@ -697,8 +717,8 @@ def test_reference_runs_alternate_with_the_proxys_on_its_core(tmp_path, monkeypa
         return SimpleNamespace(pid=4242, argv=argv)
 
     def wrk(url: str, connections: int, seconds: float, chunks: int, core: Any,
-            work: Path) -> dict[str, Any]:
-        assert (connections, seconds, chunks, core) == (16, 5.0, 20, "1")
+            work: Path, budget: bool = False) -> dict[str, Any]:
+        assert (connections, seconds, chunks, core, budget) == (16, 5.0, 20, "1", False)
         kind = next(k for k in speeds if any(a.endswith(k) for a in started[-1]))
         return _wrk_run(speeds[kind] + len(started), 1000 / speeds[kind])
 
@@ -711,7 +731,7 @@ def test_reference_runs_alternate_with_the_proxys_on_its_core(tmp_path, monkeypa
     monkeypatch.setattr(_scenarios, "tree_cpu_seconds", lambda pids: float(next(cpu)))
     monkeypatch.setattr(_scenarios, "_peak_rss_mb", lambda pid: 50.0)
     monkeypatch.setattr(_scenarios, "_stop", lambda process: None)
-    args = SimpleNamespace(limit_store="none", workers=1, repeat=2, connections=16,
+    args = SimpleNamespace(limit_store="none", budget=False, workers=1, repeat=2, connections=16,
                            duration=5.0)
     results: dict[str, Any] = {"runs": {}}
     _scenarios._wrk_proxy_runs(args, results, tmp_path, 9999, 20, "0", "1", None, True)

@@ -35,7 +35,12 @@ starts once the proxy's store connection is up, and the bench fails unless
 Redis ran the rate-limit script for at least 90 % of the requests wrk
 counted (the proxy lets requests through while its store is down); the
 report gives the scripts and commands Redis ran. The report's first line
-and the JSON (``limit_store``, ``redis``) name the store.
+and the JSON (``limit_store``, ``redis``) name the store. ``--budget`` (the
+same scenarios) sends every request with a client key whose token budget no
+load spends, so that each request holds what it may cost at admission and
+settles it when it ends, in the ``--limit-store`` store (with ``none``, in
+the proxy's process without a rate limit): what a budget costs a request
+(``budget`` in the JSON).
 
 ``hostile-body`` measures what a huge body of tiny JSON objects costs the
 daemon, whose routing reads the body's top-level ``model`` (the config

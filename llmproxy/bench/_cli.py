@@ -88,6 +88,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="nonstream and sse: the proxy's rate limit (one that never "
                              "refuses): none (default), memory (in the process) or redis "
                              "(a local redis-server the bench starts)")
+    parser.add_argument("--budget", action="store_true",
+                        help="nonstream and sse: every request comes with a client key "
+                             "whose token budget no load spends, so each holds what it may "
+                             "cost and settles it, in the --limit-store store")
     parser.add_argument("--workers", type=_whole_number(MAX_WORKERS), default=1, metavar="N",
                         help="nonstream and sse: the proxy's processes (its config's "
                              f"workers), 1 to {MAX_WORKERS} (default 1), pinned to cores "
@@ -98,6 +102,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.limit_store != "none" and args.scenario not in _LIMITED_SCENARIOS:
         parser.error(f"argument --limit-store: {args.limit_store} applies to the "
                      f"{scenarios} scenarios only, not {args.scenario}")
+    if args.budget and args.scenario not in _LIMITED_SCENARIOS:
+        parser.error(f"argument --budget applies to the {scenarios} scenarios only, "
+                     f"not {args.scenario}")
     if args.workers != 1 and args.scenario not in _LIMITED_SCENARIOS:
         parser.error(f"argument --workers: {args.workers} workers apply to the "
                      f"{scenarios} scenarios only, not {args.scenario}")

@@ -39,27 +39,43 @@ MIN_SEEN = 0.9
 _SCRIPT_COMMANDS = ("eval", "evalsha", "eval_ro", "evalsha_ro")
 
 
-def limit_config(store: str, redis_port: int | None = None) -> list[str]:
-    """The proxy's config lines for a ``--limit-store`` choice.
+#: The bench's budgeted client key (``--budget``), and a budget no load spends.
+BUDGET_KEY = "bench-budget-key"
+BUDGET_TOKENS = 10 ** 15
+
+
+def limit_config(store: str, redis_port: int | None = None, budget: bool = False) -> list[str]:
+    """The proxy's config lines for a ``--limit-store`` choice (and ``--budget``).
 
     Args:
         store: ``none``, ``memory`` or ``redis``.
         redis_port: The local Redis's port (``redis`` only).
+        budget: Whether every request comes with :data:`BUDGET_KEY`, a named
+            key with a token budget no load spends: each request then holds
+            what it may cost at admission and settles it at its end, in the
+            store (``none``: in the process, with no rate limit).
 
     Returns:
-        No line for ``none``; else one ``rate_limit`` line that never
-        refuses, with ``store`` the local Redis's database 0 for ``redis``.
+        No line for ``none`` without a budget; else a ``rate_limit`` line
+        that never refuses, with ``store`` the local Redis's database 0 for
+        ``redis``, and with ``budget`` an ``auth`` line.
 
     Raises:
         ValueError: An unknown store, or ``redis`` without a port.
     """
+    lines = []
+    if budget:
+        lines.append(
+            f'auth: {{keys: [{{key: "{BUDGET_KEY}", name: bench, '
+            f"budget: {{tokens: {BUDGET_TOKENS}, per: month}}}}]}}"
+        )
     if store == "none":
-        return []
+        return lines
     limit = f"rate: {NEVER_REFUSES}, burst: {NEVER_REFUSES}"
     if store == "memory":
-        return [f"rate_limit: {{{limit}}}"]
+        return [*lines, f"rate_limit: {{{limit}}}"]
     if store == "redis" and redis_port is not None:
-        return [f'rate_limit: {{{limit}, store: "redis://127.0.0.1:{redis_port}/0"}}']
+        return [*lines, f'rate_limit: {{{limit}, store: "redis://127.0.0.1:{redis_port}/0"}}']
     raise ValueError(f"no config for limit store {store!r} (redis port {redis_port})")
 
 
@@ -196,7 +212,7 @@ def local_redis(work: Path, core: Cores) -> Iterator[dict[str, Any]]:
 
 
 def await_store(redis_port: int, proxy_port: int, path: str, body: str, log: Path,
-                tries: int = 50) -> int:
+                tries: int = 50, budget: bool = False) -> int:
     """Send requests through the proxy until Redis runs its rate-limit script.
 
     The proxy connects to its store in the background and lets requests
@@ -211,6 +227,8 @@ def await_store(redis_port: int, proxy_port: int, path: str, body: str, log: Pat
     """
     before = _redis_counts(redis_port)[0]
     headers = {"Content-Type": "application/json"}
+    if budget:
+        headers["Authorization"] = f"Bearer {BUDGET_KEY}"
     for _ in range(tries):
         conn = http.client.HTTPConnection("127.0.0.1", proxy_port, timeout=10)
         try:

@@ -221,15 +221,18 @@ def _hostile_report(results: dict[str, Any]) -> str:
 
 
 def _limit_store(results: dict[str, Any]) -> str:
-    """The rate-limit store a wrk scenario's proxy used, for its first line."""
+    """The rate-limit store a wrk scenario's proxy used, for its first line
+    (and the budgeted key, with ``--budget``)."""
     store = results.get("limit_store", "none")
+    budget = ", a budgeted key (a hold and a charge per request)" if results.get("budget") else ""
     if store == "none":
-        return "none (no rate limit)"
+        return ("none (no rate limit" + (", budgets in the process" if budget else "")
+                + ")" + budget)
     if store == "memory":
-        return "memory (a rate limit in the process)"
+        return "memory (a rate limit in the process)" + budget
     redis = results.get("redis")
     where = f", redis {redis['version']} on 127.0.0.1:{redis['port']}" if redis else ""
-    return f"{store} (a shared rate limit{where})"
+    return f"{store} (a shared rate limit{where})" + budget
 
 
 def per_cpu_second(requests_per_s: float, cpu_seconds: float, seconds: float) -> float | None:

@@ -27,6 +27,7 @@ from typing import Any
 
 from llmproxy.bench._hostile import _run_hostile
 from llmproxy.bench._limitstore import (
+    BUDGET_KEY,
     _redis_counts,
     await_store,
     check_seen,
@@ -70,7 +71,7 @@ wrk.method = "POST"
 wrk.body   = [[{body}]]
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["X-Fake-Chunks"] = "{chunks}"
-"""
+{auth}"""
 
 
 def _parse_latency(text: str) -> float:
@@ -82,9 +83,10 @@ def _parse_latency(text: str) -> float:
 
 
 def _wrk(url: str, connections: int, seconds: float, chunks: int, core: Cores,
-         workdir: Path) -> dict[str, Any]:
+         workdir: Path, budget: bool = False) -> dict[str, Any]:
     script = workdir / "post.lua"
-    script.write_text(_LUA.format(body=CHAT, chunks=chunks))
+    auth = f'wrk.headers["Authorization"] = "Bearer {BUDGET_KEY}"\n' if budget else ""
+    script.write_text(_LUA.format(body=CHAT, chunks=chunks, auth=auth))
     argv = [*_pin(core), "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s",
             "--latency", "-s", str(script), url]
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
@@ -123,7 +125,7 @@ def _wrk_proxy_runs(args: argparse.Namespace, results: dict[str, Any], work: Pat
     about every request; ``results["redis"]`` sums them up.
     """
     path = "/v1/chat/completions"
-    extra = limit_config(args.limit_store, redis["port"] if redis else None)
+    extra = limit_config(args.limit_store, redis["port"] if redis else None, args.budget)
     variants: list[tuple[str, bool | None]] = [(PROXY_ON, True), (PROXY_OFF, False)]
     if reference:
         variants.append((REFERENCE, None))
@@ -147,11 +149,12 @@ def _wrk_proxy_runs(args: argparse.Namespace, results: dict[str, Any], work: Pat
             pids = _await_workers(proxy, processes, log)
             scripts = commands = 0
             if store:
-                scripts = await_store(store["port"], port, path, CHAT, log)
+                scripts = await_store(store["port"], port, path, CHAT, log,
+                                      budget=args.budget)
                 commands = _redis_counts(store["port"])[1]
             cpu_before, wall_before = tree_cpu_seconds(pids), time.monotonic()
             run_result = _wrk(f"http://127.0.0.1:{port}{path}", args.connections,
-                              args.duration, chunks, other_core, work)
+                              args.duration, chunks, other_core, work, args.budget)
             cpu = tree_cpu_seconds(pids) - cpu_before
             # The CPU over the time it was measured in (wrk's start and end
             # included), not over --duration: a proxy pinned to one core
@@ -223,6 +226,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.limit_store == "redis" and redis_server() is None:
         raise SystemExit("bench: redis-server is not installed (apt-get install redis-server)")
     results["limit_store"] = args.limit_store
+    results["budget"] = args.budget
     # --workers: the proxy on cores 0..N-1, the load on the rest; with no
     # core left for the load nothing is pinned, and the report says so.
     proxy_core, other_core = core_plan(cores, args.workers)
