@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 
-from llmproxy.config import Config, ConfigError, load_config
+from llmproxy.config import Config, ConfigError, config_warnings, load_config
 from llmproxy.daemon import AdoptedListener, Daemon, Listener
 from llmproxy.egress import Egress
 from llmproxy.limits import KeyStore, Limits, Prices
@@ -208,9 +208,10 @@ class Gateway(MultiService):
             self.reload(config)
         except ConfigError as e:
             log.error("config reload refused, the running config stays in force: {error}",
-                      error=str(e))
+                      error=e.describe())
             return False
         log.info("config reloaded from {path}", path=path)
+        warn_about(config)
         return True
 
     def stopService(self) -> Deferred[Any]:
@@ -309,6 +310,12 @@ def build_daemon(
         admin.setName("admin")
         admin.setServiceParent(daemon)
     return daemon
+
+
+def warn_about(config: Config) -> None:
+    """Log what a valid config probably gets wrong (``--check``'s warnings)."""
+    for warning in config_warnings(config):
+        log.warn("config warning: {warning}", warning=warning)
 
 
 def log_file_of(path: str, worker: int) -> str:

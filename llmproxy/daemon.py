@@ -49,6 +49,21 @@ def one_line_exit(message: str) -> SystemExit:
     return SystemExit(f"llmproxy: {message}")
 
 
+def config_error_exit(error: Any) -> SystemExit:
+    """The exit for a bad config: one line for each of its mistakes.
+
+    Args:
+        error: A ConfigError (or ConfigErrors): each mistake names its key
+            path and, when the file has it, its line and column.
+
+    Returns:
+        The exception to raise: ``llmproxy: config error: ...`` lines.
+    """
+    return SystemExit("\n".join(
+        f"llmproxy: config error: {mistake.describe()}" for mistake in error.errors
+    ))
+
+
 def _watch(factory: Any, port: Any) -> None:
     """Let the Site pause ``port`` at max_connections (LLMProxySite)."""
     watch = getattr(factory, "watch_port", None)

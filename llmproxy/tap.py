@@ -13,8 +13,9 @@ from typing import Any
 from twisted.python import usage
 
 from llmproxy import logs
-from llmproxy.config import Config, ConfigError, dump_config, load_config
-from llmproxy.daemon import one_line_exit
+from llmproxy.config import Config, ConfigError, config_warnings, dump_config, load_config
+from llmproxy.daemon import config_error_exit
+from llmproxy.app import warn_about
 from llmproxy.workers import main_process
 
 __all__ = ["Options", "makeService"]
@@ -41,15 +42,22 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         """Load and validate the config file.
 
-        A bad config exits with one line naming the key; twistd's own
-        UsageError handling would print the whole usage text around it.
+        A bad config exits with one line for each mistake, naming its key
+        and its line and column; twistd's own UsageError handling would
+        print the whole usage text around it. ``--check`` also prints what
+        the config probably gets wrong (warnings: the exit status stays 0).
         """
         try:
             self.loaded: Config = load_config(self["config"])
         except ConfigError as e:
-            raise one_line_exit(f"config error: {e}") from None
+            raise config_error_exit(e) from None
         if self["check"]:
-            sys.stdout.write(f"# {self['config']}: valid\n")
+            warnings = config_warnings(self.loaded)
+            for warning in warnings:
+                sys.stderr.write(f"llmproxy: config warning: {warning}\n")
+            sys.stderr.flush()
+            sys.stdout.write(f"# {self['config']}: valid"
+                             + (f", {len(warnings)} warning(s)" if warnings else "") + "\n")
             sys.stdout.write(dump_config(self.loaded))
             sys.stdout.flush()
             raise SystemExit(0)
@@ -75,9 +83,10 @@ def makeService(options: Options) -> Any:
     from twisted.internet import reactor
 
     config = getattr(options, "loaded", None) or load_config(options["config"])
+    warn_about(config)
     try:
         daemon = main_process(config, reactor, options["config"])
     except ConfigError as e:
-        raise one_line_exit(f"config error: {e}") from None
+        raise config_error_exit(e) from None
     daemon.handle_signals = True
     return daemon

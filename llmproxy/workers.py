@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from llmproxy import logs
 from llmproxy.app import build_daemon
 from llmproxy.config import Config, ConfigError, load_config
-from llmproxy.daemon import Daemon, Listener, one_line_exit
+from llmproxy.daemon import Daemon, Listener, config_error_exit, one_line_exit
 from llmproxy.metrics import MULTIPROC_DIR_ENV, forget_process, multiprocess_possible
 
 __all__ = [
@@ -291,7 +291,7 @@ def worker_main(argv: list[str]) -> None:
     try:
         config = load_config(args.config)
     except ConfigError as e:
-        raise one_line_exit(f"config error: {e}") from None
+        raise config_error_exit(e) from None
     logs.twistd_console_level = config.log.level
     logs.twistd_console_access = config.log.console_access
     globalLogBeginner.beginLoggingTo(

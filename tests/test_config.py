@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from llmproxy.config import (
     Config,
     ConfigError,
+    ConfigErrors,
     PoolConfig,
     RateLimitConfig,
     RouteConfig,
@@ -719,3 +720,31 @@ def test_key_digest_reads_both_forms() -> None:
     assert key_digest("SHA256:" + digest.hex().upper()) == digest
     assert key_digest("sha256:" + digest.hex()[:-2]) is None
     assert key_digest("   ") is None
+
+
+def test_every_mistake_is_found_in_one_reading_with_its_place() -> None:
+    """Mistakes in two routes, a key entry and a section come back together,
+    in file order, each with its key path, line and column; a table whose
+    only entry is wrong is not also called missing."""
+    text = (
+        "target_map:\n"                             # 1
+        '  "/v1/": "ftp://nope"\n'                  # 2
+        "model_routes:\n"                           # 3
+        '  "m": {urls: ["http://a"], retries: -1}\n'  # 4
+        "auth:\n"                                   # 5
+        "  keys:\n"                                 # 6
+        "    - {key: k, name: 'bad name'}\n"        # 7
+        "timeouts: {connect: 0}\n"                  # 8
+    )
+    with pytest.raises(ConfigErrors) as raised:
+        parse_config_text(text, environ={})
+    found = [(e.key, e.line, e.column) for e in raised.value.errors]
+    assert found == [
+        ('target_map["/v1/"]', 2, 3),
+        ("model_routes.m.retries", 4, 29),
+        ("auth.keys[0].name", 7, 16),
+        ("timeouts.connect", 8, 12),
+    ]
+    assert raised.value.key == 'target_map["/v1/"]', "the first mistake's key"
+    assert str(raised.value).startswith('target_map["/v1/"]: not an http(s) URL')
+    assert str(raised.value).endswith("; timeouts.connect: must be a positive number, got 0")

@@ -324,3 +324,58 @@ async def test_socket_activation_with_two_instances(reactor: Any, tmp_path: Path
                 child.transport.signalProcess("KILL")
                 await child.ended.addTimeout(WAIT, reactor)
     assert codes == [0, 0]
+
+
+def test_check_reports_every_mistake_with_its_line_and_column(tmp_path: Path) -> None:
+    """Three mistakes, one --check run: three lines, each naming the key
+    path, its line and column, with today's hints; exit status 1. A
+    mistake that only follows from another (a misspelt ``urls`` is then
+    missing) is not reported again."""
+    result = check(tmp_path, (
+        "port: 70000\n"
+        "target_map:\n"
+        '  "/v1/": {url: "http://127.0.0.1:9"}\n'
+        "rate_limit:\n"
+        "  rate: 5\n"
+        "  burst: 0\n"
+        "model_aliass: {}\n"
+    ))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "llmproxy: config error: port: port out of range (1-65535): 70000 (line 1, column 1)",
+        'llmproxy: config error: target_map["/v1/"].url: unknown key; did you mean '
+        "'urls'? (known keys: urls, via, api_key, auth_header, strategy, retries, "
+        "retry_on, eject_after, cooldown, stream_usage) (line 3, column 12)",
+        "llmproxy: config error: rate_limit.burst: must be at least 1, got 0 "
+        "(line 6, column 3)",
+        "llmproxy: config error: model_aliass: unknown key; did you mean "
+        "'model_aliases'? (known keys: " + ", ".join(_top_keys()) + ") (line 7, column 1)",
+    ]
+
+
+def _top_keys() -> list[str]:
+    """The top-level keys, as an unknown key's message lists them."""
+    from llmproxy.config import _TOP_KEYS
+
+    return list(_TOP_KEYS)
+
+
+def test_check_warns_about_a_version_segment_given_twice(tmp_path: Path) -> None:
+    """A route whose key and URL both end in /v1 (and a model route whose
+    URL ends in the /v1 a target_map prefix starts with) is valid, with a
+    warning each on --check: requests would go to .../v1/v1/..."""
+    result = check(tmp_path, (
+        'target_map: {"/v1/": "https://api.openai.com/v1"}\n'
+        'model_routes: {"deepseek-chat": "https://api.deepseek.com/v1"}\n'
+    ))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"# {tmp_path / 'config.yml'}: valid, 2 warning(s)\n")
+    assert result.stderr.splitlines() == [
+        'llmproxy: config warning: target_map["/v1/"]: the path and the URL '
+        "'https://api.openai.com/v1' both end in /v1: requests under '/v1/' go to "
+        "https://api.openai.com/v1/v1/..., with /v1 twice; leave /v1 out of the URL",
+        "llmproxy: config warning: model_routes.deepseek-chat: the URL "
+        "'https://api.deepseek.com/v1' ends in /v1, and requests under '/v1/' keep "
+        "theirs: they go to https://api.deepseek.com/v1/v1/...; leave /v1 out of the URL",
+    ]

@@ -240,7 +240,7 @@ async def test_twistd_bad_config_exits_nonzero_with_one_line(
     code = await process.ended.addTimeout(WAIT, reactor)
     assert code != 0
     text = process.output.decode().strip()
-    assert text == "llmproxy: config error: port: port out of range (1-65535): 70000"
+    assert text == "llmproxy: config error: port: port out of range (1-65535): 70000 (line 1, column 1)"
 
 
 @pytest_twisted.ensureDeferred

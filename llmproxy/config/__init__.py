@@ -42,6 +42,7 @@ from llmproxy.config._dump import dump_config
 from llmproxy.config._model import (
     Config,
     ConfigError,
+    ConfigErrors,
     PoolConfig,
     RateLimitConfig,
     RouteConfig,
@@ -97,6 +98,9 @@ from llmproxy.config._values import (
     _port,
     _positive_int,
     _proxy_url,
+    checked,
+    collecting,
+    report,
 )
 from llmproxy.config._yaml import (
     _LOADER,
@@ -105,6 +109,8 @@ from llmproxy.config._yaml import (
     _check_duplicates,
     _check_size,
     _line_of,
+    key_marks,
+    located,
 )
 
 __all__ = [
@@ -113,6 +119,7 @@ __all__ = [
     "find_price",
     "Config",
     "ConfigError",
+    "ConfigErrors",
     "PoolConfig",
     "RateLimitConfig",
     "RouteConfig",
@@ -197,7 +204,12 @@ def parse_config_text(
         raise ConfigError(source, "invalid YAML: " + " ".join(str(e).split())) from None
     finally:
         loader.dispose()
-    return parse_config(data, environ, source=source)
+    try:
+        return parse_config(data, environ, source=source)
+    except ConfigError as e:
+        if node is None:
+            raise
+        raise located(e, key_marks(node)) from None
 
 
 def parse_config(
@@ -216,18 +228,32 @@ def parse_config(
         The validated configuration.
 
     Raises:
-        ConfigError: Naming the first key that is wrong.
+        ConfigError: Naming the key that is wrong; :class:`ConfigErrors`
+            when several are (each mistake is found, in one reading).
     """
     if data is None:
         raise ConfigError(source, "the config file is empty")
     env = os.environ if environ is None else environ
+    with collecting() as problems:
+        try:
+            fields = _fields(data, env, source)
+        except ConfigError as e:
+            report(e)
+    if problems:
+        raise problems[0] if len(problems) == 1 else ConfigErrors(problems)
+    return Config(**fields, source=source)
+
+
+def _fields(data: Any, env: Mapping[str, str], source: str) -> dict[str, Any]:
+    """The :class:`Config` fields of a document; mistakes are reported
+    (:func:`~llmproxy.config._values.report`) and read as absent."""
     top = _Mapping(_expand(data, "", env), "", source)
     top.check_keys(_TOP_KEYS)
 
     port = top.get("port", _port)
     listen = top.get("listen", _endpoint)
     if port is not None and listen is not None:
-        raise ConfigError("listen", "give either 'port' or 'listen', not both")
+        report(ConfigError("listen", "give either 'port' or 'listen', not both"))
     if listen is None:
         listen = f"tcp:{DEFAULT_PORT if port is None else port}"
     backlog = top.get("backlog", _positive_int) or DEFAULT_BACKLOG
@@ -235,30 +261,28 @@ def parse_config(
 
     target_map = top.get("target_map", _routes)
     if not target_map:
-        raise ConfigError(
-            "target_map", "required: at least one path mapped to a base URL"
-        )
-    for path in target_map:
+        report(ConfigError("target_map", "required: at least one path mapped to a base URL"))
+    for path in target_map or ():
         if not path.startswith("/"):
-            raise ConfigError(
-                _join("target_map", path), "a path must start with '/'"
-            )
+            report(ConfigError(_join("target_map", path), "a path must start with '/'"))
     proxy_url = top.get("proxy_url", _proxy_url)
     if proxy_url is None:
         for table in ("target_map", "model_routes"):
             for key, route in (top.get(table, _routes) or {}).items():
                 if route.via == "proxy":
-                    raise ConfigError(
+                    report(ConfigError(
                         _join(_join(table, key), "via"),
                         "'proxy' needs proxy_url, which is not set",
-                    )
+                    ))
     direct_networks = top.get("direct_networks", _networks)
     auth = top.get("auth", auth_section)
     rate_limit = top.get("rate_limit", _rate_limit)
     if rate_limit is not None and rate_limit.key == "api_key" and auth is None:
-        raise ConfigError("rate_limit.key", "'api_key' needs auth (client keys), which is not set")
+        report(ConfigError(
+            "rate_limit.key", "'api_key' needs auth (client keys), which is not set"
+        ))
     model_routes = top.get("model_routes", _routes) or MappingProxyType({})
-    return Config(
+    return dict(
         listen=listen,
         target_map=target_map,
         model_routes=model_routes,
@@ -272,21 +296,20 @@ def parse_config(
         dns_cache_ttl=top.get("dns_cache_ttl", _number) or 300.0,
         tls=top.get("tls", _tls) or TLSConfig(),
         log=top.get("log", _log) or LogConfig(),
-        admin_listen=_admin_listen(top),
+        admin_listen=checked(_admin_listen, top),
         metrics=True if top.get("metrics", _boolean) is None else top.value["metrics"],
         trusted_proxies=top.get("trusted_proxies", _networks) or (),
         auth=auth,
         max_body_bytes=top.get("max_body_bytes", _positive_int) or 32 * 1024 * 1024,
-        shutdown_grace=_seconds(top, "shutdown_grace", 30.0),
-        model_aliases=_aliases(top, model_routes),
-        fallbacks=_fallbacks(top, model_routes),
-        max_retry_wait=_seconds(top, "max_retry_wait", 2.0),
+        shutdown_grace=checked(_seconds, top, "shutdown_grace", 30.0),
+        model_aliases=checked(_aliases, top, model_routes),
+        fallbacks=checked(_fallbacks, top, model_routes),
+        max_retry_wait=checked(_seconds, top, "max_retry_wait", 2.0),
         workers=top.get("workers", _positive_int) or 1,
         max_connections=top.get("max_connections", _positive_int),
         max_connections_per_client=top.get("max_connections_per_client", _positive_int),
         prices=top.get("prices", prices_section) or MappingProxyType({}),
         stream_usage=top.get("stream_usage", stream_usage) or "budget",
-        source=source,
     )
 
 

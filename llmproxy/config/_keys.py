@@ -15,7 +15,7 @@ from llmproxy.config._key_fields import budget, key_name, key_rate, models
 from llmproxy.config._keys_file import key_digest, read_keys_file
 from llmproxy.config._model import ConfigError
 from llmproxy.config._policy import AuthConfig, ClientKey
-from llmproxy.config._values import _describe, _join, _Mapping, _string
+from llmproxy.config._values import _describe, _join, _Mapping, _string, checked
 
 __all__ = ["auth_section"]
 
@@ -98,12 +98,14 @@ def auth_section(value: Any, path: str) -> AuthConfig:
     if listed is not None and not isinstance(listed, list):
         keys_path = _join(path, "keys")
         raise ConfigError(keys_path, f"expected a list, got {_describe(listed, keys_path)}")
-    keys = tuple(
-        _client_key(item, f"{_join(path, 'keys')}[{i}]") for i, item in enumerate(listed or ())
-    )
+    entries = [
+        (i, checked(_client_key, item, f"{_join(path, 'keys')}[{i}]"))
+        for i, item in enumerate(listed or ())
+    ]
+    keys = tuple(k for _, k in entries if k is not None)
     seen: set[str] = set()
-    for i, k in enumerate(keys):
-        if k.name is not None:
+    for i, k in entries:
+        if k is not None and k.name is not None:
             if k.name in seen:
                 raise ConfigError(f"{_join(path, 'keys')}[{i}].name", f"{k.name!r} is used twice")
             seen.add(k.name)

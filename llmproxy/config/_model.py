@@ -42,10 +42,50 @@ class ConfigError(Exception):
         message: What is wrong with it.
     """
 
+    #: Where in the YAML file the key is (1-based), once known.
+    line: int | None = None
+    column: int | None = None
+
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"{key}: {message}")
         self.key = key
         self.message = message
+
+    @property
+    def errors(self) -> tuple[ConfigError, ...]:
+        """The mistakes this error reports: itself alone."""
+        return (self,)
+
+    def describe(self) -> str:
+        """``key: message``, then the place in the file when known."""
+        if self.line is None:
+            return str(self)
+        return f"{self} (line {self.line}, column {self.column})"
+
+
+class ConfigErrors(ConfigError):
+    """Several configuration mistakes, found in one reading of the file.
+
+    Its ``key`` and ``message`` are the first mistake's.
+
+    Attributes:
+        errors: Every mistake, in the order they were found.
+    """
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        first = errors[0]
+        super().__init__(first.key, first.message)
+        self._errors = tuple(errors)
+        self.args = ("; ".join(str(e) for e in errors),)
+
+    @property
+    def errors(self) -> tuple[ConfigError, ...]:
+        """Every mistake, in the order found."""
+        return self._errors
+
+    def describe(self) -> str:
+        """Every mistake, one a line."""
+        return "\n".join(e.describe() for e in self._errors)
 
 
 @attrs.frozen

@@ -31,6 +31,7 @@ from llmproxy.config._prices import stream_usage
 from llmproxy.config._redis_url import parse_redis_url
 from llmproxy.config._values import (
     _boolean,
+    checked,
     _describe,
     _endpoint,
     _join,
@@ -39,6 +40,7 @@ from llmproxy.config._values import (
     _positive_int,
     _string,
     _url,
+    report,
 )
 
 
@@ -137,8 +139,11 @@ def _routes(value: Any, path: str) -> Mapping[str, RouteConfig]:
     routes = {}
     for key, route in table.value.items():
         if not key:
-            raise ConfigError(_join(path, key), "an empty key is not allowed")
-        routes[key] = _route(route, _join(path, key))
+            report(ConfigError(_join(path, key), "an empty key is not allowed"))
+            continue
+        checked_route = checked(_route, route, _join(path, key))
+        if checked_route is not None:
+            routes[key] = checked_route
     return MappingProxyType(routes)
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, TypeVar
 from urllib.parse import SplitResult, quote, urlsplit
 
@@ -134,6 +136,71 @@ def _expand_string(value: str, path: str, env: Mapping[str, str]) -> str:
     return _ENV_PATTERN.sub(replace, value)
 
 
+class _Problems(list):  # type: ignore[type-arg]
+    """The mistakes found so far, and the key paths whose mistakes would
+    only follow from them (the key an unknown key was probably meant as)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.covered: set[str] = set()
+
+
+# The mistakes found so far while a whole config is read (None: raise the
+# first one found, as a converter called alone does).
+_PROBLEMS: ContextVar[_Problems | None] = ContextVar("llmproxy_config_problems", default=None)
+
+
+@contextmanager
+def collecting() -> Iterator[list[ConfigError]]:
+    """Read a config finding every mistake: :func:`report` and
+    :func:`checked` note them in the list this yields, and go on."""
+    problems = _Problems()
+    token = _PROBLEMS.set(problems)
+    try:
+        yield problems
+    finally:
+        _PROBLEMS.reset(token)
+
+
+def _follows(key: str, earlier: str) -> bool:
+    """Whether a mistake at ``key`` only follows from one at ``earlier``
+    (the same key, or one of its parents: a key found wrong counts as
+    absent from then on)."""
+    return earlier == key or earlier.startswith((key + ".", key + "["))
+
+
+def report(error: ConfigError, meant: str | None = None) -> None:
+    """Note a mistake and go on while :func:`collecting`; else raise it.
+
+    A mistake that follows from one noted already is dropped.
+
+    Args:
+        error: The mistake.
+        meant: The key path the mistaken key was probably meant as (an
+            unknown key's nearest known one): its own mistakes (it is
+            missing, say) follow from this one.
+    """
+    problems = _PROBLEMS.get()
+    if problems is None:
+        raise error
+    if error.key in problems.covered:
+        return
+    if not any(_follows(error.key, seen.key) for seen in problems):
+        problems.append(error)
+    if meant is not None:
+        problems.covered.add(meant)
+
+
+def checked(read: Callable[..., T], *args: Any) -> T | None:
+    """``read(*args)`` (a converter's ``value, path``, say), or None once
+    its mistake is reported."""
+    try:
+        return read(*args)
+    except ConfigError as e:
+        report(e)
+        return None
+
+
 class _Mapping:
     """A YAML mapping being validated, remembering its key path."""
 
@@ -154,13 +221,15 @@ class _Mapping:
                 allowed = ", ".join(known)
                 where = _key_path(self.path, key)
                 what = "unknown key" if where != self.path else f"an unknown key {HIDDEN_KEY}"
-                raise ConfigError(where, f"{what}{hint} (known keys: {allowed})")
+                report(ConfigError(where, f"{what}{hint} (known keys: {allowed})"),
+                       _join(self.path, close[0]) if close else None)
 
     def get(self, key: str, convert: Callable[[Any, str], T]) -> T | None:
-        """Convert one key's value, or return None when it is absent/null."""
+        """Convert one key's value, or return None when it is absent/null
+        (or wrong, once the mistake is reported: see :func:`report`)."""
         if key not in self.value or self.value[key] is None:
             return None
-        return convert(self.value[key], _join(self.path, key))
+        return checked(convert, self.value[key], _join(self.path, key))
 
 
 def _string(value: Any, path: str) -> str:

@@ -9,9 +9,11 @@ does, and is refused for what it would expand to.
 
 from __future__ import annotations
 
+import re
+
 import yaml
 
-from llmproxy.config._model import ConfigError
+from llmproxy.config._model import ConfigError, ConfigErrors
 from llmproxy.config._secrets import HIDDEN_KEY
 from llmproxy.config._values import _key_path
 
@@ -145,3 +147,67 @@ def _check_duplicates(node: yaml.Node, path: str) -> None:
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             _check_duplicates(item, f"{path}[{i}]")
+
+
+def key_marks(root: yaml.Node) -> dict[str, tuple[int, int]]:
+    """Where each key path of a (bounded) document is: its 1-based line and
+    column, at the key for a mapping's entry and at the item for a list's.
+
+    Key paths are spelled as messages spell them (``target_map["/v1/"]``,
+    ``auth.keys[0].name``); a secret mapping's keys share its path.
+
+    Args:
+        root: The composed document, checked by :func:`_check_bounds`.
+
+    Returns:
+        The places, by key path.
+    """
+    marks: dict[str, tuple[int, int]] = {}
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                where = path
+                if isinstance(key_node, yaml.ScalarNode):
+                    where = _key_path(path, str(key_node.value))
+                    mark = key_node.start_mark
+                    marks.setdefault(where, (mark.line + 1, mark.column + 1))
+                stack.append((value_node, where))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                where = f"{path}[{i}]"
+                marks.setdefault(where, (item.start_mark.line + 1, item.start_mark.column + 1))
+                stack.append((item, where))
+    return marks
+
+
+#: The last part of a key path: ``.name``, ``["key"]`` or ``[0]``.
+_LAST_PART = re.compile(r'(?:\.[A-Za-z0-9_-]+|\["(?:[^"\\]|\\.)*"\]|\[\d+\])\Z')
+
+
+def located(error: ConfigError, marks: dict[str, tuple[int, int]]) -> ConfigError:
+    """Give ``error`` (each of its mistakes) the line and column of its key
+    path, or of the nearest parent the file has.
+
+    Args:
+        error: A ConfigError (or ConfigErrors).
+        marks: :func:`key_marks` of the document.
+
+    Returns:
+        ``error``, its mistakes in file order when there are several.
+    """
+    for mistake in error.errors:
+        path = mistake.key
+        while path and path not in marks:
+            shorter = _LAST_PART.sub("", path)
+            if shorter == path:
+                break
+            path = shorter
+        if path in marks:
+            mistake.line, mistake.column = marks[path]
+    if len(error.errors) > 1:
+        return ConfigErrors(sorted(
+            error.errors, key=lambda e: (e.line is not None, e.line or 0, e.column or 0)
+        ))
+    return error
