@@ -16,6 +16,7 @@ from llmproxy.config import (
     Config,
     ConfigError,
     ConfigErrors,
+    dump_config,
     PoolConfig,
     RateLimitConfig,
     RouteConfig,
@@ -748,3 +749,21 @@ def test_every_mistake_is_found_in_one_reading_with_its_place() -> None:
     assert raised.value.key == 'target_map["/v1/"]', "the first mistake's key"
     assert str(raised.value).startswith('target_map["/v1/"]: not an http(s) URL')
     assert str(raised.value).endswith("; timeouts.connect: must be a positive number, got 0")
+
+
+def test_the_check_dump_names_only_keys_the_config_takes() -> None:
+    """--check's dump is a config itself: read back, it gives the same
+    routes (weighted URLs as ``{url, weight}``, no ``weights`` key)."""
+    text = (
+        'target_map:\n  "/v1/": {urls: [{url: "http://a", weight: 3}, "http://b"],'
+        " strategy: weighted}\n"
+        'model_routes: {"m": {urls: ["http://c"], retries: 0}}\n'
+        'prices: {"m*": {input: 1, output: 2}}\n'
+    )
+    config = parse_config_text(text, environ={})
+    dumped = dump_config(config)
+    assert "weights" not in dumped
+    again = parse_config_text(dumped, environ={})
+    assert again.target_map == config.target_map
+    assert again.model_routes == config.model_routes
+    assert again.prices == config.prices

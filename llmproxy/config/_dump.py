@@ -8,7 +8,7 @@ from typing import Any
 import attrs
 import yaml
 
-from llmproxy.config._model import Config, redact_url
+from llmproxy.config._model import Config, RouteConfig, redact_url
 from llmproxy.config._policy import BudgetConfig, ClientKey
 
 #: Fields that say where something came from, not what it is.
@@ -48,10 +48,26 @@ def _budget(value: BudgetConfig) -> dict[str, Any]:
     return {**amount, "per": value.per, "reserve": value.reserve}
 
 
+def _route(value: RouteConfig) -> dict[str, Any]:
+    """A route as it is written: weighted URLs as ``{url, weight}`` entries
+    (there is no ``weights`` key)."""
+    route = {
+        field.name: _plain(getattr(value, field.name), field.name)
+        for field in attrs.fields(RouteConfig) if field.name != "weights"
+    }
+    if value.weights is not None:
+        route["urls"] = [
+            {"url": url, "weight": weight} for url, weight in zip(value.urls, value.weights)
+        ]
+    return route
+
+
 def _plain(value: Any, key: str = "") -> Any:
     """Turn config objects into YAML-able data, hiding secrets."""
     if isinstance(value, ClientKey):
         return _client_key(value)
+    if isinstance(value, RouteConfig):
+        return _route(value)
     if isinstance(value, BudgetConfig):
         return _budget(value)
     if attrs.has(type(value)):

@@ -37,7 +37,7 @@ def _client_key(value: Any, path: str) -> ClientKey:
     hashed = table.get("key_sha256", _key_sha256)
     if key is not None and hashed is not None:
         raise ConfigError(_join(path, "key_sha256"), "give key or key_sha256, not both")
-    if key is None and hashed is None:
+    if table.value.get("key") is None and table.value.get("key_sha256") is None:
         raise ConfigError(
             _join(path, "key"), "required: the key (use ${ENV}), or key_sha256 (its SHA-256)"
         )
