@@ -767,3 +767,20 @@ def test_the_check_dump_names_only_keys_the_config_takes() -> None:
     assert again.target_map == config.target_map
     assert again.model_routes == config.model_routes
     assert again.prices == config.prices
+    assert (again.metrics, again.metrics_max_models) == (True, 100)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("metrics: false", (False, 100)),
+    ("metrics: true", (True, 100)),
+    ("metrics: {max_models: 20}", (True, 20)),
+    ("metrics: {enabled: false, max_models: 20}", (False, 20)),
+])
+def test_metrics_is_a_switch_or_a_mapping(text: str, expected: tuple[bool, int]) -> None:
+    """``metrics`` turns them on or off, or bounds the model names labelled."""
+    config = parse_config_text(f'target_map: {{"/": "http://a"}}\n{text}\n', environ={})
+    assert (config.metrics, config.metrics_max_models) == expected
+    with pytest.raises(ConfigError) as raised:
+        parse_config_text('target_map: {"/": "http://a"}\nmetrics: {max_models: 0}\n',
+                          environ={})
+    assert raised.value.key == "metrics.max_models"

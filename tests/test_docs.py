@@ -224,6 +224,7 @@ _PLACES: dict[str, tuple[str, str, str]] = {
     "log": (_TARGET + "log: {zz_unknown: 1}\n", "log.", "Keys"),
     "rate_limit": (_TARGET + "rate_limit: {zz_unknown: 1}\n", "rate_limit.", "Keys"),
     "auth": (_TARGET + "auth: {zz_unknown: 1}\n", "auth.", "Keys"),
+    "metrics": (_TARGET + "metrics: {zz_unknown: 1}\n", "metrics.", "Keys"),
     "route": ('target_map: {"/": {urls: ["http://u.example"], zz_unknown: 1}}\n', "", "Routes"),
     "URL entry": (
         'target_map: {"/": {urls: [{url: "http://u.example", zz_unknown: 1}]}}\n', "", "Routes"

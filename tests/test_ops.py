@@ -342,23 +342,20 @@ def test_check_reports_every_mistake_with_its_line_and_column(tmp_path: Path) ->
     ))
     assert result.returncode == 1
     assert result.stdout == ""
-    assert result.stderr.splitlines() == [
+    lines = result.stderr.splitlines()
+    assert lines[3].startswith(
+        "llmproxy: config error: model_aliass: unknown key; did you mean "
+        "'model_aliases'? (known keys: port, listen, proxy_url, "
+    ) and lines[3].endswith(", stream_usage) (line 7, column 1)")
+    assert lines[:3] == [
         "llmproxy: config error: port: port out of range (1-65535): 70000 (line 1, column 1)",
         'llmproxy: config error: target_map["/v1/"].url: unknown key; did you mean '
         "'urls'? (known keys: urls, via, api_key, auth_header, strategy, retries, "
         "retry_on, eject_after, cooldown, stream_usage) (line 3, column 12)",
         "llmproxy: config error: rate_limit.burst: must be at least 1, got 0 "
         "(line 6, column 3)",
-        "llmproxy: config error: model_aliass: unknown key; did you mean "
-        "'model_aliases'? (known keys: " + ", ".join(_top_keys()) + ") (line 7, column 1)",
     ]
-
-
-def _top_keys() -> list[str]:
-    """The top-level keys, as an unknown key's message lists them."""
-    from llmproxy.config import _TOP_KEYS
-
-    return list(_TOP_KEYS)
+    assert len(lines) == 4
 
 
 def test_check_warns_about_a_version_segment_given_twice(tmp_path: Path) -> None:

@@ -81,13 +81,13 @@ from llmproxy.config._sections import (
     _seconds,
     _log,
     _pool,
+    metrics_section,
     _rate_limit,
     _routes,
     _timeouts,
     _tls,
 )
 from llmproxy.config._values import (
-    _boolean,
     _endpoint,
     _expand,
     _join,
@@ -282,6 +282,7 @@ def _fields(data: Any, env: Mapping[str, str], source: str) -> dict[str, Any]:
             "rate_limit.key", "'api_key' needs auth (client keys), which is not set"
         ))
     model_routes = top.get("model_routes", _routes) or MappingProxyType({})
+    metrics = top.get("metrics", metrics_section) or (True, None)
     return dict(
         listen=listen,
         target_map=target_map,
@@ -297,7 +298,8 @@ def _fields(data: Any, env: Mapping[str, str], source: str) -> dict[str, Any]:
         tls=top.get("tls", _tls) or TLSConfig(),
         log=top.get("log", _log) or LogConfig(),
         admin_listen=checked(_admin_listen, top),
-        metrics=True if top.get("metrics", _boolean) is None else top.value["metrics"],
+        metrics=metrics[0],
+        metrics_max_models=metrics[1] or 100,
         trusted_proxies=top.get("trusted_proxies", _networks) or (),
         auth=auth,
         max_body_bytes=top.get("max_body_bytes", _positive_int) or 32 * 1024 * 1024,

@@ -26,7 +26,9 @@ def dump_config(config: Config) -> str:
         route api_keys and client keys (plain or ``key_sha256``) shown as
         ``***``.
     """
-    return yaml.safe_dump(_plain(config), sort_keys=False, default_flow_style=False)
+    plain = _plain(config)
+    plain["metrics"] = {"enabled": plain["metrics"], "max_models": plain.pop("metrics_max_models")}
+    return yaml.safe_dump(plain, sort_keys=False, default_flow_style=False)
 
 
 def _client_key(value: ClientKey) -> Any:

@@ -276,6 +276,8 @@ class Config:
         admin_listen: The endpoint serving /metrics, /healthz and /readyz,
             or None for none.
         metrics: Whether Prometheus metrics are collected.
+        metrics_max_models: How many distinct model names the token metrics
+            label (the first seen; later ones are ``other``).
         trusted_proxies: Peers whose X-Forwarded-For / X-Real-IP are
             believed.
         auth: Client keys, or None for an open proxy.
@@ -318,6 +320,7 @@ class Config:
     log: LogConfig = LogConfig()
     admin_listen: str | None = DEFAULT_ADMIN_LISTEN
     metrics: bool = True
+    metrics_max_models: int = 100
     trusted_proxies: tuple[str, ...] = ()
     auth: AuthConfig | None = None
     max_body_bytes: int = 32 * 1024 * 1024

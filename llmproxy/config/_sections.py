@@ -290,3 +290,17 @@ def _fallbacks(
                 raise ConfigError(f"{key}[{i}]", f"{other!r} is not a key of model_routes")
         fallbacks[model] = tuple(chain)
     return MappingProxyType(fallbacks)
+
+
+def metrics_section(value: Any, path: str) -> tuple[bool, int | None]:
+    """``metrics``: a boolean, or ``{max_models: N}`` (collected).
+
+    Returns:
+        Whether metrics are collected, and ``max_models`` if given.
+    """
+    if isinstance(value, bool):
+        return value, None
+    table = _Mapping(value, path)
+    table.check_keys(("enabled", "max_models"))
+    enabled = table.get("enabled", _boolean)
+    return enabled is not False, table.get("max_models", _positive_int)

@@ -17,11 +17,10 @@ prometheus_client is not imported.
 from __future__ import annotations
 
 from llmproxy.metrics._instruments import REFUSALS, Metrics
-from llmproxy.metrics._labels import DEFAULT_MAX_MODELS, BoundedLabels
+from llmproxy.metrics._labels import BoundedLabels
 from llmproxy.metrics._process import MULTIPROC_DIR_ENV, forget_process, multiprocess_possible
 
 __all__ = [
-    "DEFAULT_MAX_MODELS",
     "MULTIPROC_DIR_ENV",
     "REFUSALS",
     "BoundedLabels",

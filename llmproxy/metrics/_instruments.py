@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from llmproxy.config import Config
-from llmproxy.metrics._labels import BoundedLabels, max_models_of
+from llmproxy.metrics._labels import BoundedLabels
 from llmproxy.metrics._process import DNSCollector, multiprocess_dir_for
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
@@ -84,7 +84,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.multiprocess_dir = multiprocess_dir_for(config)
         self._models = frozenset(config.model_routes)
-        self._reported = BoundedLabels(max_models_of(config))
+        self._reported = BoundedLabels(config.metrics_max_models)
         self._price_label: Callable[[str | None], str] = lambda model: "other"
         # Shared between workers, each instrument writes its values to this
         # process's files and is registered nowhere: the registry serves
@@ -278,7 +278,7 @@ class Metrics:
                 price-table entry, or ``other``).
         """
         self._models = frozenset(config.model_routes)
-        self._reported.limit = max_models_of(config)
+        self._reported.limit = config.metrics_max_models
         self._dns.resolver = resolver
         if price_label is not None:
             self._price_label = price_label

@@ -3,16 +3,6 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
-
-#: Distinct model names upstreams report that get a label of their own.
-DEFAULT_MAX_MODELS = 100
-
-
-def max_models_of(config: Any) -> int:
-    """``metrics.max_models`` of a config (the default without one)."""
-    return getattr(config, "metrics_max_models", DEFAULT_MAX_MODELS)
-
 
 class BoundedLabels:
     """Gives each of the first ``limit`` distinct names its own label value,
