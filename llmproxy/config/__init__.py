@@ -98,10 +98,8 @@ from llmproxy.config._values import (
     _port,
     _positive_int,
     _proxy_url,
-    checked,
-    collecting,
-    report,
 )
+from llmproxy.config._problems import checked, collecting, report
 from llmproxy.config._yaml import (
     _LOADER,
     MAX_BYTES,

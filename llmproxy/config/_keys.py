@@ -15,7 +15,8 @@ from llmproxy.config._key_fields import budget, key_name, key_rate, models
 from llmproxy.config._keys_file import key_digest, read_keys_file
 from llmproxy.config._model import ConfigError
 from llmproxy.config._policy import AuthConfig, ClientKey
-from llmproxy.config._values import _describe, _join, _Mapping, _string, checked
+from llmproxy.config._problems import checked
+from llmproxy.config._values import _describe, _join, _Mapping, _string
 
 __all__ = ["auth_section"]
 

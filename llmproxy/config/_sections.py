@@ -29,9 +29,9 @@ from llmproxy.config._model import (
 from llmproxy.config._ca_file import check_ca_file
 from llmproxy.config._prices import stream_usage
 from llmproxy.config._redis_url import parse_redis_url
+from llmproxy.config._problems import checked, report
 from llmproxy.config._values import (
     _boolean,
-    checked,
     _describe,
     _endpoint,
     _join,
@@ -40,7 +40,6 @@ from llmproxy.config._values import (
     _positive_int,
     _string,
     _url,
-    report,
 )
 
 
