@@ -1,10 +1,11 @@
 """The configuration: YAML in, frozen attrs classes out.
 
-All validation lives here. Every mistake raises :class:`ConfigError` whose
+All validation lives here. A mistake is a :class:`ConfigError` whose
 message starts with the key path that is wrong, for instance
-``model_routes.gpt-4.urls[1]: not an http(s) URL: 'ftp://x'``, so that the
-daemon can print one line and exit before it listens. The rest of the code
-never sees raw dicts.
+``model_routes.gpt-4.urls[1]: not an http(s) URL: 'ftp://x'``, with its line
+and column in the file; a file with several is read whole and raises
+:class:`ConfigErrors` with each of them, so that the daemon can print them
+all and exit before it listens. The rest of the code never sees raw dicts.
 
 The keys file named by ``auth.keys_file`` is read at load too: its
 entries are :attr:`AuthConfig.file_keys`, and its mistakes are ConfigErrors
@@ -22,7 +23,9 @@ walked or built.
 This package imports no other llmproxy package. The implementation is split
 into private modules: ``_model`` and ``_policy`` (the attrs classes,
 :class:`ConfigError`, the defaults), ``_yaml`` (loading, bounds, duplicate
-keys), ``_values`` (value converters), ``_secrets`` (secret key paths),
+keys, where each key path is), ``_values`` (value converters),
+``_problems`` (every mistake found in one reading), ``_secrets`` (secret
+key paths),
 ``_sections`` (section converters), ``_ca_file`` (``tls.ca_file``),
 ``_keys``, ``_key_fields`` and ``_keys_file`` (``auth``, client keys'
 policies and keys files), ``_prices`` (``prices``, ``stream_usage``),
