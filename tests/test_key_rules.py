@@ -24,6 +24,7 @@ from policies import (
     KEY_B,
     KEY_F,
     KEY_H,
+    KEY_U,
     TEAM_B,
     TOKENS,
     URL,
@@ -167,3 +168,35 @@ async def test_hashed_keys_authenticate_and_never_show(
     for text in [json.dumps(r, default=str) for r in access] + refusals + [budgets, metrics]:
         no_secret_in(text)
     assert all(error_of(body)["code"] == "invalid_api_key" for body in refusals)
+
+
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_without_a_body_holds_and_costs_nothing(
+    reactor, upstreams, proxies, client, access, admins
+) -> None:
+    """Listing the models with a budgeted key: nothing is held or charged
+    (it generates nothing), and a budget in dollars does not ask the list
+    for a price; a body naming no model under such a budget is refused."""
+    fake, base = await upstreams.start()
+    team_u = f"{{key: {KEY_U}, name: team-u, budget: {{usd: 5, per: day}}}}"
+    proxy = await proxies.start(config(base, [team_a("{tokens: 1000, per: day}"), team_u],
+                                       'prices: {"m": {input: 1, output: 1}}\n'))
+    admin = await admins(proxies.gateways[-1])
+    for key in (KEY_A, KEY_U):
+        response, body = await fetch(client, reactor, proxy + "/v1/models", method=b"GET",
+                                     headers=bearer(key))
+        assert response.code == 200
+        assert json.loads(body)["object"] == "list"
+    await timeout(access.wait(2), reactor)
+    assert not any(r.get("usage_estimated") or r.get("total_tokens") for r in access)
+    rows, _ = await admin.budgets()
+    assert [(rows[n]["used"], rows[n]["reserved"]) for n in ("team-a", "team-u")] == [
+        (0, 0), (0, 0)]
+    no_model = {key: value for key, value in CHAT.items() if key != "model"}
+    response, body = await fetch(client, reactor, proxy + URL, no_model, headers=bearer(KEY_U))
+    assert response.code == 403
+    error = error_of(body)
+    assert error["code"] == "model_not_priced" and "None" not in error["message"]
+    assert len(fake.requests) == 2

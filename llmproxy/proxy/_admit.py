@@ -103,6 +103,9 @@ def bucket_of(guard: Guard, address: str | None, key: KeyInfo | None) -> str:
 
 #: The longest model name an error message repeats whole.
 _SHOWN_MODEL = 100
+#: Why a request whose model llmproxy cannot read is refused a key's policy.
+_UNREAD_MODEL = ('llmproxy cannot read which model this request names: send a JSON '
+                 'body with a top-level "model" string')
 
 
 def refusal_for(verdict: Verdict, key: KeyInfo | None, model: str | None = None) -> Refusal | None:
@@ -134,7 +137,9 @@ def refusal_for(verdict: Verdict, key: KeyInfo | None, model: str | None = None)
     if outcome == NO_PRICE:
         return Refusal(
             403, f"the model {model!r} has no price in llmproxy's prices, and the key "
-            f"{name!r} has a budget in US dollars: ask the operator to price it",
+            f"{name!r} has a budget in US dollars: ask the operator to price it"
+            if model is not None
+            else f"the key {name!r} has a budget in US dollars, and {_UNREAD_MODEL}",
             "invalid_request_error", "model_not_priced",
         )
     seconds = retry_after(verdict.wait)
