@@ -173,6 +173,33 @@ async def test_hashed_keys_authenticate_and_never_show(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_key_limited_to_models_cannot_hide_the_model(
+    reactor, upstreams, proxies, client, access
+) -> None:
+    """A body whose model the proxy cannot read (a key written with a JSON
+    escape, which the upstream decodes; a form) is refused to a key with
+    ``models``, since the upstream would read a model the key may not use;
+    a request without a body (listing the models) is not."""
+    fake, base = await upstreams.start()
+    proxy = await proxies.start(config(base, [team_a(more=', models: ["gpt-4o-mini"]')]))
+    escaped = json.dumps({**CHAT, "model": "gpt-4o"}).replace('"model"', '"mod\\u0065l"')
+    assert json.loads(escaped)["model"] == "gpt-4o"
+    form = b"model=gpt-4o&prompt=hello"
+    for body, kind in ((escaped.encode(), "application/json"),
+                       (form, "application/x-www-form-urlencoded")):
+        response, data = await fetch(client, reactor, proxy + URL, body,
+                                     headers=bearer(KEY_A, **{"Content-Type": kind}))
+        assert response.code == 403
+        error = error_of(data)
+        assert error["code"] == "model_not_allowed"
+        assert "None" not in error["message"]
+    assert len(fake.requests) == 0, "nothing went upstream"
+    response, _ = await fetch(client, reactor, proxy + "/v1/models", method=b"GET",
+                              headers=bearer(KEY_A))
+    assert response.code == 200
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_request_without_a_body_holds_and_costs_nothing(
     reactor, upstreams, proxies, client, access, admins
 ) -> None:

@@ -131,7 +131,8 @@ def refusal_for(verdict: Verdict, key: KeyInfo | None, model: str | None = None)
         model = model[:_SHOWN_MODEL] + "..."
     if outcome == MODEL_NOT_ALLOWED:
         return Refusal(
-            403, f"the key {name!r} may not use the model {model!r}",
+            403, f"the key {name!r} may not use the model {model!r}" if model is not None
+            else f"the key {name!r} may use only some models, and {_UNREAD_MODEL}",
             "invalid_request_error", "model_not_allowed",
         )
     if outcome == NO_PRICE:
