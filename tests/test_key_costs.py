@@ -18,7 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from conftest import timeout
-from helpers import fetch, header
+from helpers import fetch, header, raw_connect
 from llmproxy.testing.upstream import FakeUpstream
 from policies import (
     CHAT,
@@ -31,6 +31,7 @@ from policies import (
     config,
     error_of,
     no_secret_in,
+    raw_post,
     team_a,
     tokens_of,
 )
@@ -212,3 +213,32 @@ async def test_a_silent_redis_holds_nothing_up(
     assert fake_redis.commands, "the store was asked"
     rows, _ = await admin.budgets()
     assert rows["team-a"]["error"].startswith("store unavailable")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hold_the_store_grants_after_the_client_left_is_let_go(
+    reactor, upstreams, proxies, access, fake_redis: FakeRedis
+) -> None:
+    """The client hangs up while Redis has not answered its reservation
+    yet: once Redis grants the hold, the proxy lets it go at once (charging
+    nothing), and nothing goes upstream."""
+    fake, base = await upstreams.start()
+    proxy = await proxies.start(shared(base, fake_redis.url, "allow", store_timeout=5))
+    await timeout(proxies.roots[-1].proxy.guard.limits.store.when_connected(), reactor)
+    sent = len(fake_redis.commands)
+    leaving = await raw_connect(reactor, proxy, raw_post(URL, CHAT, bearer(KEY_A)))
+    await until(reactor, lambda: len(fake_redis.commands) > sent, "the reservation")
+    reserve = fake_redis.commands[sent]
+    leaving.transport.abortConnection()
+    await timeout(access.wait(1), reactor)
+    assert access[0]["outcome"] == "client_closed"
+    # Granted: admitted, nothing used, this hold the only one.
+    hold = reserve[7]
+    fake_redis.connections[-1].transport.write(b"*3\r\n:1\r\n:0\r\n:" + hold + b"\r\n")
+    await until(reactor, lambda: len(fake_redis.commands) > sent + 1, "the hold to be let go")
+    settle = fake_redis.commands[sent + 1]
+    # [EVAL, script, 3, the budget's three keys, the hold's id, ...]; a
+    # settle's next argument is the charge.
+    assert settle[3:6] == reserve[3:6], "the same budget's keys"
+    assert settle[6:8] == [reserve[6], b"0"], "that hold, charged nothing"
+    assert len(fake.requests) == 0

@@ -18,6 +18,7 @@ import json
 import zlib
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.web.resource import EncodingResourceWrapper
@@ -73,6 +74,35 @@ async def test_a_gzipped_answer_is_passed_on_as_sent_and_charged(
     assert not any(r.get("usage_estimated") for r in access)
     row = await admin.budget("team-a")
     assert (row["used"], row["reserved"]) == (10 * TOKENS, 0)
+
+
+@pytest.mark.parametrize("asked, sent", [(True, b"gzip"), (False, b"identity")])
+@pytest_twisted.ensureDeferred
+async def test_a_gzipped_stream_is_charged(
+    reactor, loopback, proxies, client, access, admins, asked: bool, sent: bytes
+) -> None:
+    """A budgeted stream from an upstream that gzips: when the client asked
+    for the usage, the gzipped stream passes as sent and its usage is read
+    inside; when the proxy asks for it, it asks for a plain stream, whose
+    usage event it takes out."""
+    fake = FakeUpstream(reactor)
+    base = await loopback(Site(EncodingResourceWrapper(fake, [GzipEncoderFactory()])))
+    proxy = await proxies.start(config(base, [team_a("{tokens: 100000, per: day}")]))
+    admin = await admins(proxies.gateways[-1])
+    body: dict[str, Any] = {**CHAT, "stream": True}
+    if asked:
+        body["stream_options"] = {"include_usage": True}
+    response, data = await fetch(client, reactor, proxy + URL, body,
+                                 headers=bearer(KEY_A, **{"Accept-Encoding": "gzip"}))
+    assert response.code == 200
+    assert fake.requests[-1].headers.getRawHeaders(b"accept-encoding") == [sent]
+    if asked:
+        assert header(response, "content-encoding") == "gzip"
+        data = gzip.decompress(data)
+    assert (b'"usage"' in data) is asked
+    await timeout(access.wait(1), reactor)
+    assert access[0]["total_tokens"] == TOKENS and not access[0].get("usage_estimated")
+    assert (await admin.budget("team-a"))["used"] == TOKENS
 
 
 #: Requests that fit in what is left of the budget in the burst tests.
