@@ -162,10 +162,12 @@ class Admin:
         self.reactor, self.client, self.url = reactor, client, url
 
     async def budgets(self) -> tuple[dict[str, dict[str, Any]], bytes]:
-        """``GET /budgets``: each named key's row by name, and the body."""
+        """``GET /budgets``: each named key's row by name, and the body
+        (checked to show no client key)."""
         response, body = await fetch(self.client, self.reactor, self.url + "/budgets",
                                      method=b"GET")
         assert response.code == 200
+        no_secret_in(body)
         return {row["name"]: row for row in json.loads(body)["keys"]}, body
 
     async def budget(self, name: str) -> dict[str, Any]:
@@ -173,11 +175,13 @@ class Admin:
         return (await self.budgets())[0][name]
 
     async def metrics(self) -> tuple[dict[tuple[str, tuple[tuple[str, str], ...]], float], str]:
-        """``GET /metrics``: the samples by name and sorted labels, and the text."""
+        """``GET /metrics``: the samples by name and sorted labels, and the
+        text (checked to show no client key)."""
         response, body = await fetch(self.client, self.reactor, self.url + "/metrics",
                                      method=b"GET")
         assert response.code == 200
         text = body.decode()
+        no_secret_in(text)
         samples = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
