@@ -52,7 +52,8 @@ def admitted(admission: Any) -> Admission:
     "models, model, allowed",
     [
         (None, "anything", True),
-        (("gpt-4o*",), None, True),
+        (None, None, True),
+        (("gpt-4o*",), None, False),
         (("gpt-4o*",), "gpt-4o-mini", True),
         (("gpt-4o*",), "gpt-4", False),
         (("gpt-4o*",), "GPT-4o", False),
@@ -65,8 +66,9 @@ def admitted(admission: Any) -> Admission:
 def test_a_key_allows_the_models_its_globs_match(
     models: tuple[str, ...] | None, model: str | None, allowed: bool
 ) -> None:
-    """No ``models``: everything; a request naming no model: allowed; globs
-    are case-sensitive fnmatch patterns.
+    """No ``models``: everything; with ``models``, a body whose model cannot
+    be read is refused (the upstream may read one); globs are
+    case-sensitive fnmatch patterns.
 
     Args:
         models: The key's ``models``.
@@ -176,7 +178,10 @@ def test_models_are_checked_first_and_take_no_token() -> None:
         answer = admitted(limits.admit(None, narrow, Ask("claude-3", 1, 1)))
         assert answer == Admission(Verdict(MODEL_NOT_ALLOWED))
     assert metrics.count("key_refused", "team-a", MODEL_NOT_ALLOWED) == 3
+    assert admitted(limits.admit(None, narrow, Ask(None, 1, 1))) == Admission(
+        Verdict(MODEL_NOT_ALLOWED)), "a body whose model cannot be read"
     assert admitted(limits.admit(None, narrow, Ask("gpt-4o", 1, 1))).verdict == Verdict(OK)
+    # No ask (a request without a body) names no model: only its rate limit.
     assert admitted(limits.admit(None, narrow, None)).verdict.outcome == RATE_LIMITED
 
 

@@ -49,15 +49,18 @@ class KeyInfo:
         """Whether the key may use ``model``.
 
         Args:
-            model: The model a request names, or None when it names none.
+            model: The model a request's body names, or None when the proxy
+                cannot read one (no top-level ``model`` string in a JSON
+                body: a form, or a key written with escapes, which the
+                upstream may still read as a model).
 
         Returns:
-            True without ``models``, for a request naming no model, or when
-            a name or glob of ``models`` matches (case-sensitively).
+            True without ``models``, or when a name or glob of ``models``
+            matches (case-sensitively); False for None with ``models``.
         """
-        if self.models is None or model is None:
+        if self.models is None:
             return True
-        return any(fnmatchcase(model, pattern) for pattern in self.models)
+        return model is not None and any(fnmatchcase(model, p) for p in self.models)
 
 
 def _digest(key: str) -> bytes:

@@ -172,7 +172,8 @@ class Limits:
     ) -> Admission | Deferred[Admission]:
         """Decide whether a request may go upstream, holding what it may cost.
 
-        In order: the key's ``models`` (:data:`MODEL_NOT_ALLOWED`); for a
+        In order: the key's ``models`` (:data:`MODEL_NOT_ALLOWED`; checked
+        only with an ask, since a request without one names no model); for a
         budget in dollars, the ask's model's price (:data:`NO_PRICE`); the
         key's own rate limit on the key's id, else the global one on
         ``bucket`` (:data:`RATE_LIMITED`); the key's budget
@@ -193,8 +194,7 @@ class Limits:
             key has a budget (one held in the store unless the store
             failed or nothing was asked).
         """
-        model = ask.model if ask is not None else None
-        if key is not None and not key.allows(model):
+        if key is not None and ask is not None and not key.allows(ask.model):
             self._count_refused(key, MODEL_NOT_ALLOWED)
             return Admission(Verdict(MODEL_NOT_ALLOWED))
         reservation = None

@@ -103,6 +103,9 @@ def bucket_of(guard: Guard, address: str | None, key: KeyInfo | None) -> str:
 
 #: The longest model name an error message repeats whole.
 _SHOWN_MODEL = 100
+#: Why a request whose model llmproxy cannot read is refused a key's policy.
+_UNREAD_MODEL = ('llmproxy cannot read which model this request names: send a JSON '
+                 'body with a top-level "model" string')
 
 
 def refusal_for(verdict: Verdict, key: KeyInfo | None, model: str | None = None) -> Refusal | None:
@@ -128,13 +131,16 @@ def refusal_for(verdict: Verdict, key: KeyInfo | None, model: str | None = None)
         model = model[:_SHOWN_MODEL] + "..."
     if outcome == MODEL_NOT_ALLOWED:
         return Refusal(
-            403, f"the key {name!r} may not use the model {model!r}",
+            403, f"the key {name!r} may not use the model {model!r}" if model is not None
+            else f"the key {name!r} may use only some models, and {_UNREAD_MODEL}",
             "invalid_request_error", "model_not_allowed",
         )
     if outcome == NO_PRICE:
         return Refusal(
             403, f"the model {model!r} has no price in llmproxy's prices, and the key "
-            f"{name!r} has a budget in US dollars: ask the operator to price it",
+            f"{name!r} has a budget in US dollars: ask the operator to price it"
+            if model is not None
+            else f"the key {name!r} has a budget in US dollars, and {_UNREAD_MODEL}",
             "invalid_request_error", "model_not_priced",
         )
     seconds = retry_after(verdict.wait)

@@ -37,7 +37,7 @@ def _tokens(size: int) -> int:
     return -(-size // BYTES_PER_TOKEN)
 
 
-def ask_for(body: Body, key: KeyInfo, model: str | None) -> Ask:
+def ask_for(body: Body, key: KeyInfo, model: str | None) -> Ask | None:
     """What a request may cost: its input (body bytes / 4) and its output
     cap (``max_tokens`` and the like), or the key's ``budget.reserve``.
 
@@ -47,8 +47,12 @@ def ask_for(body: Body, key: KeyInfo, model: str | None) -> Ask:
         model: The model the request goes upstream for.
 
     Returns:
-        The ask.
+        The ask; None for a request without a body (listing the models,
+        say), which generates nothing: it names no model, holds nothing and
+        is charged only what its answer reports.
     """
+    if not body.raw:
+        return None
     cap = body.output_cap()
     if cap is None:
         cap = key.budget.reserve if key.budget is not None else 0
