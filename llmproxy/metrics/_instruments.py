@@ -23,7 +23,7 @@ _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 #: counted in ``llmproxy_refused_total``, not as upstream errors.
 REFUSALS = frozenset({
     "invalid_api_key", "rate_limited", "insufficient_quota", "limit_store_unavailable",
-    "model_not_allowed", "model_not_priced",
+    "model_not_allowed", "model_not_priced", "route_not_found",
 })
 
 
@@ -333,6 +333,8 @@ class Metrics:
         if error:
             if error in REFUSALS:
                 self.refused.labels(error).inc()
+                if error == "rate_limited":
+                    self.rate_limited.inc()
             else:
                 error_key = (error, upstream)
                 errors = self._errors.get(error_key)

@@ -24,18 +24,22 @@ ACCESS_FORMAT = (
 )
 
 
-def new_record(rid: str, method: bytes, path: bytes) -> dict[str, Any]:
+def new_record(
+    rid: str, method: bytes, path: bytes, bytes_in: int = 0, worker: int | None = None
+) -> dict[str, Any]:
     """The fields of a request's access record before anything happened.
 
     Args:
         rid: The request id.
         method: The request method.
         path: The routed path.
+        bytes_in: The request body's size.
+        worker: The worker serving it (several workers), if any.
 
     Returns:
         A record to fill in as the request goes.
     """
-    return {
+    record: dict[str, Any] = {
         "request_id": rid,
         "client_ip": None,
         "method": method.decode("ascii", "replace"),
@@ -44,13 +48,16 @@ def new_record(rid: str, method: bytes, path: bytes) -> dict[str, Any]:
         "model": None,
         "upstream": None,
         "status": None,
-        "bytes_in": 0,
+        "bytes_in": bytes_in,
         "bytes_out": 0,
         "stream": False,
         "ttfb_ms": None,
         "egress": None,
         "address": None,
     }
+    if worker is not None:
+        record["worker"] = worker
+    return record
 
 
 def note_response(

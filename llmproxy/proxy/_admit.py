@@ -94,6 +94,13 @@ def identify(
     return address, key
 
 
+def no_route(path: bytes) -> Refusal:
+    """The 404 for a path no ``target_map`` entry matches."""
+    shown = path.decode("utf-8", "replace")
+    return Refusal(404, f"no route for path {shown!r}", "invalid_request_error",
+                   "route_not_found")
+
+
 def bucket_of(guard: Guard, address: str | None, key: KeyInfo | None) -> str:
     """The rate-limit bucket a client counts against: its key or address."""
     if guard.limit_by_key and key is not None:

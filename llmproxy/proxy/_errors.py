@@ -208,3 +208,12 @@ def classify_failure(
     return 502, "upstream_failed", (
         f"upstream {where} failed before responding: {describe_failure(failure)}"
     )
+
+
+def idle_before_body(url: str, stream_idle: float) -> tuple[int, str, str]:
+    """The error for an upstream that sent its head, then no body byte
+    within ``timeouts.stream_idle``: ``(status, code, message)``."""
+    return (504, "upstream_timeout", (
+        f"upstream {url} sent its response head, then no body byte for "
+        f"{stream_idle:g} s"
+    ))

@@ -2,18 +2,20 @@
 
 An :class:`Exchange` owns a request's whole life, in this order:
 
-1. **admit**: the client's key (401), then the rate limit and the key's
-   budget (429; 503 when a shared store is down and ``on_store_error`` is
-   ``deny``), which a shared store answers later;
-2. **route**: the pool for the path and the body's ``model`` (404 without
-   one), an alias's real model written into the body;
+1. **admit and route**: the client's key (401); the pool for the path and
+   the body's ``model`` (404 without one); the key's models (403), the
+   rate limit and the budget, holding what the request may cost (429; 503
+   when a shared store is down and ``on_store_error`` is ``deny``), which
+   a shared store answers later; an alias's real model written into the
+   body;
 3. **attempts**: each try is an :class:`~llmproxy.proxy._attempt.Attempt`.
    A failure before the response's first byte moves on to another URL, a
    fallback model's pool or a short ``Retry-After``, as far as the route
    allows; otherwise the client gets an OpenAI-shaped error;
 4. **stream**: the response goes to the client as it arrives;
 5. **finish**: :meth:`Exchange.finish` runs exactly once, with the outcome:
-   it settles the usage, logs the access record, counts the metrics and
+   it settles the cost (:class:`~llmproxy.proxy._meter.Meter`), logs the
+   access record, counts the metrics and
    tells the proxy resource the request is over.
 
 A client that leaves finishes the exchange at once (``client_closed``) and
@@ -33,13 +35,14 @@ from twisted.web.server import Request
 from llmproxy.egress import StaleConnectionRetried
 from llmproxy.proxy._access import emit, new_record, note_response
 from llmproxy.limits import Admission, Ask, KeyInfo
-from llmproxy.proxy._admit import Refusal, bucket_of, identify, refusal_for
+from llmproxy.proxy._admit import Refusal, bucket_of, identify, no_route, refusal_for
 from llmproxy.proxy._attempt import Attempt
 from llmproxy.proxy._body import Body
 from llmproxy.proxy._errors import (
     ResponseHeaderTimeout,
     classify_failure,
     describe_failure,
+    idle_before_body,
     reason_phrase,
     send_error,
 )
@@ -54,7 +57,6 @@ from llmproxy.proxy._headers import (
 from llmproxy.proxy._host import Host
 from llmproxy.proxy._stream import StreamToClient
 from llmproxy.proxy._usage_event import ask_stream_usage
-from llmproxy.proxy._targets import upstream_retry_after
 from llmproxy.proxy._retries import Retries
 
 log = Logger(namespace="llmproxy.proxy")
@@ -79,8 +81,7 @@ class Exchange:
         """Start following a request (nothing is sent yet: see :meth:`start`).
 
         Args:
-            proxy: The proxy resource: its settings, and whom to tell when
-                the request is over.
+            proxy: The proxy resource: its settings, whom to tell at the end.
             request: The client's request.
             rid: Its request id.
             path: The routed path, encoded.
@@ -94,10 +95,7 @@ class Exchange:
         self.target = target
         self.body = Body(body)
         self.started = proxy.clock.seconds()
-        self.record = new_record(rid, request.method, path)
-        self.record["bytes_in"] = len(body)
-        if proxy.worker is not None:
-            self.record["worker"] = proxy.worker
+        self.record = new_record(rid, request.method, path, len(body), proxy.worker)
         self.done = False
         self._gone = False
         self.meter = Meter(proxy.access_log or proxy.metrics is not None, proxy.prices)
@@ -145,10 +143,7 @@ class Exchange:
         self.record["model"] = model
         route = router.route(self.path, model)
         if route is None:
-            self._answer_error(
-                404, f"no route for path {self.path.decode('utf-8', 'replace')!r}",
-                "invalid_request_error", "route_not_found", code_in_record=False,
-            )
+            self._refuse(no_route(self.path))
         else:
             self.record["route"] = route.path_key
         return route
@@ -163,8 +158,6 @@ class Exchange:
             return
         refusal = refusal_for(admission.verdict, key, ask.model if ask is not None else None)
         if refusal is not None:
-            if refusal.code == "rate_limited" and self.proxy.metrics is not None:
-                self.proxy.metrics.rate_limited.inc()
             self._refuse(refusal)
             return
         self.meter.admitted(limits, key, ask, admission.reservation)
@@ -172,9 +165,7 @@ class Exchange:
 
     def _refuse(self, refusal: Refusal) -> None:
         if refusal.retry_after is not None:
-            self.request.responseHeaders.setRawHeaders(
-                b"retry-after", [b"%d" % refusal.retry_after]
-            )
+            self.request.setHeader(b"retry-after", b"%d" % refusal.retry_after)
         self._answer_error(refusal.status, refusal.message, refusal.type, refusal.code)
 
     def _go(self, route: Any) -> None:
@@ -243,13 +234,10 @@ class Exchange:
                 attempt.discard(response)
                 self._send()
                 return
-            wait = upstream_retry_after(response)
-            if wait is not None and wait <= self.proxy.max_retry_wait and not retries.waited:
-                # Nobody else to ask: honour a short Retry-After, once.
-                retries.waited = True
+            # Nobody else to ask: honour a short Retry-After, once.
+            wait = retries.wait_for(response, self.proxy.max_retry_wait, attempt.url)
+            if wait is not None:
                 attempt.discard(response)
-                log.info("request {request_id}: {upstream} asked to retry in {wait} s",
-                         request_id=self.rid, upstream=attempt.url, wait=wait)
                 self._retry_timer = self.proxy.clock.callLater(wait, self._send, attempt.url)
                 return
         else:
@@ -330,10 +318,7 @@ class Exchange:
             self.meter.forget()
             classified = None
             if idled_out:
-                classified = (504, "upstream_timeout", (
-                    f"upstream {attempt.url} sent its response head, then no "
-                    f"body byte for {self.proxy.timeouts.stream_idle:g} s"
-                ))
+                classified = idle_before_body(attempt.url, self.proxy.timeouts.stream_idle)
             self._failed(reason, attempt, classified)
             return
         attempt.end()
@@ -377,13 +362,11 @@ class Exchange:
             proxy.metrics.observe(record)
         proxy.finished(self)
 
-    def _answer_error(
-        self, status: int, message: str, type_: str, code: str, code_in_record: bool = True
-    ) -> None:
+    def _answer_error(self, status: int, message: str, type_: str, code: str) -> None:
         """Answer with an OpenAI-shaped error and finish."""
         self.record["status"] = status
         send_error(self.request, status, message, type_, code, self.rid)
-        self.finish("error", code if code_in_record else None)
+        self.finish("error", code)
 
     def _client_left(self, reason: Failure) -> None:
         """The client closed its connection before we finished: stop paying."""

@@ -12,9 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.logger import Logger
+from twisted.web.iweb import IResponse
 
 from llmproxy.metrics import Metrics
 from llmproxy.proxy._attempt import Attempt
+from llmproxy.proxy._targets import upstream_retry_after
 from llmproxy.routing import Router, Route, Tries, UpstreamPool
 
 log = Logger(namespace="llmproxy.proxy")
@@ -90,6 +92,17 @@ class Retries:
         if self._metrics is not None:
             self._metrics.retries.labels(self._record["route"] or "none").inc()
         return True
+
+    def wait_for(self, response: IResponse, longest: float, url: str) -> float | None:
+        """Seconds to wait before asking ``url`` again, as its ``Retry-After``
+        says: once per request, and only up to ``longest``; else None."""
+        wait = upstream_retry_after(response)
+        if wait is None or wait > longest or self.waited:
+            return None
+        self.waited = True
+        log.info("request {request_id}: {upstream} asked to retry in {wait} s",
+                 request_id=self._rid, upstream=url, wait=wait)
+        return wait
 
     def failed(self, attempt: Attempt) -> None:
         """Tell the pool ``attempt``'s upstream failed (counting an ejection)."""
