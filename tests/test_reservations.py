@@ -315,23 +315,6 @@ def test_a_reload_carries_holds_and_use_over() -> None:
     assert new.status(team)["used"] == 5 and new.status(team)["reserved"] == 0
 
 
-# --- before admit and settle -----------------------------------------------------
-
-
-def test_check_and_record_usage_work_over_admit_and_settle() -> None:
-    """check: a verdict, nothing held; record_usage: tokens charged, a
-    missing usage counted."""
-    limits, _, metrics = memory_limits(rate=100, burst=100)
-    team = key(tokens=10)
-    assert limits.check("1.2.3.4", team) == Verdict(OK)
-    limits.record_usage(team, 10)
-    limits.record_usage(team, None)
-    limits.record_usage(key(), 10)
-    assert limits.check("1.2.3.4", team).outcome == OVER_BUDGET
-    assert metrics.count("budget_usage_missing", "team-a") == 1
-    assert metrics.count("budget_tokens", "team-a") == 10
-
-
 def test_from_config_builds_limits_only_when_something_is_checked() -> None:
     """No rate limit and no policies: None; models alone are enough."""
     base = 'target_map: {"/": "http://a"}\n'

@@ -326,47 +326,6 @@ class Limits:
         """
         return self.ledger.status(key)
 
-    # -- the verdict alone, and a charge without a hold ----------------------
-
-    def check(self, bucket: str | None, key: KeyInfo | None) -> Verdict | Deferred[Verdict]:
-        """Take the client's token and check that its key's budget is not spent.
-
-        :meth:`admit` without an ask: nothing is held.
-
-        Args:
-            bucket: The client's rate-limit bucket, or None for no rate
-                limit.
-            key: The client's key, if any.
-
-        Returns:
-            The verdict, at once for the memory store, else a Deferred that
-            never fails.
-        """
-        admission = self.admit(bucket, key, None)
-        if isinstance(admission, Deferred):
-            return admission.addCallback(lambda done: done.verdict)
-        return admission.verdict
-
-    def record_usage(self, key: KeyInfo | None, tokens: int | None) -> None:
-        """Charge a finished response's tokens to its key's budget.
-
-        :meth:`settle` of a reservation that held nothing.
-
-        Args:
-            key: The client's key (nothing is counted without a budget).
-            tokens: Prompt plus completion tokens the upstream reported, or
-                None when the answer had no usage (counted in a metric).
-        """
-        if key is None or key.budget is None or key.name is None:
-            return
-        if tokens is None:
-            if self.metrics is not None:
-                self.metrics.budget_usage_missing.labels(key.label).inc()
-            return
-        if tokens <= 0:
-            return
-        self.settle(self._reservation(key, key.name, key.budget, None), Spend(None, tokens, 0))
-
     def close(self) -> Deferred[None] | None:
         """Stop the store's service (a reload retired this policy, or the
         daemon stops).

@@ -8,12 +8,12 @@ An :class:`Exchange` owns a request's whole life, in this order:
    when a shared store is down and ``on_store_error`` is ``deny``), which
    a shared store answers later; an alias's real model written into the
    body;
-3. **attempts**: each try is an :class:`~llmproxy.proxy._attempt.Attempt`.
+2. **attempts**: each try is an :class:`~llmproxy.proxy._attempt.Attempt`.
    A failure before the response's first byte moves on to another URL, a
    fallback model's pool or a short ``Retry-After``, as far as the route
    allows; otherwise the client gets an OpenAI-shaped error;
-4. **stream**: the response goes to the client as it arrives;
-5. **finish**: :meth:`Exchange.finish` runs exactly once, with the outcome:
+3. **stream**: the response goes to the client as it arrives;
+4. **finish**: :meth:`Exchange.finish` runs exactly once, with the outcome:
    it settles the cost (:class:`~llmproxy.proxy._meter.Meter`), logs the
    access record, counts the metrics and
    tells the proxy resource the request is over.
