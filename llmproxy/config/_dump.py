@@ -44,12 +44,6 @@ def _client_key(value: ClientKey) -> Any:
     return {"key": "***", **policy}
 
 
-def _budget(value: BudgetConfig) -> dict[str, Any]:
-    """A budget in its unit (tokens or usd), with its window and reserve."""
-    amount = {"tokens": value.tokens} if value.usd is None else {"usd": value.usd}
-    return {**amount, "per": value.per, "reserve": value.reserve}
-
-
 def _route(value: RouteConfig) -> dict[str, Any]:
     """A route as it is written: weighted URLs as ``{url, weight}`` entries
     (there is no ``weights`` key)."""
@@ -71,7 +65,7 @@ def _plain(value: Any, key: str = "") -> Any:
     if isinstance(value, RouteConfig):
         return _route(value)
     if isinstance(value, BudgetConfig):
-        return _budget(value)
+        return value.as_written()
     if attrs.has(type(value)):
         return {
             field.name: _plain(getattr(value, field.name), field.name)

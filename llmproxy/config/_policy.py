@@ -8,6 +8,8 @@ tokens cost, for budgets in dollars. Everything here is re-exported by
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 __all__ = [
@@ -71,6 +73,12 @@ class BudgetConfig:
     def unit(self) -> str:
         """``tokens`` or ``usd``."""
         return "tokens" if self.tokens is not None else "usd"
+
+    def as_written(self) -> dict[str, Any]:
+        """The budget as a config writes it: ``{tokens|usd, per, reserve}``
+        (for ``--check`` and ``/budgets``)."""
+        amount = self.tokens if self.usd is None else self.usd
+        return {self.unit: amount, "per": self.per, "reserve": self.reserve}
 
 
 @attrs.frozen

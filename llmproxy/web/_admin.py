@@ -61,8 +61,7 @@ class _Budgets(Resource):
             budget = key.budget
             if budget is None or limits is None:
                 continue
-            row["budget"] = {budget.unit: budget.usd if budget.usd is not None
-                             else budget.tokens, "per": budget.per, "reserve": budget.reserve}
+            row["budget"] = budget.as_written()
             status = limits.status(key)
             if isinstance(status, Deferred):
                 asked.append(status.addCallbacks(
